@@ -1,0 +1,40 @@
+# The two set-up commands are `make run` and `make test`; both create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint format services bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## run: start the embedded local stack in the foreground (Ctrl-C stops everything)
+run: $(STAMP)
+	$(BIN)/gateway-tap up
+
+## services: make sure the machine services the suite needs are up and installed
+services: $(STAMP)
+	bash scripts/ensure-services.sh
+
+## lint: ruff + mypy
+lint: $(STAMP)
+	$(BIN)/ruff check gateway_tap collectors schemas tests bench
+	$(BIN)/mypy
+
+## test: lint, then the whole suite against real servers
+test: $(STAMP) services lint
+	$(BIN)/python -m pytest -q -ra
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix gateway_tap collectors schemas tests bench
+	$(BIN)/ruff format gateway_tap collectors schemas tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

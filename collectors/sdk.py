@@ -1,0 +1,172 @@
+"""The collector SDK: what a plugin author subclasses to export events somewhere.
+
+Lifecycle (driven by the runtime, like Kafka Connect's SinkTask):
+
+1. the config is validated against :attr:`DataCollector.config_schema`;
+2. :meth:`DataCollector.initialize` is called once with the config and services;
+3. per batch, the batch handler of each event type is awaited
+   (:meth:`handle_proxy_log_batch`, ...), then :meth:`flush`;
+   only after ``flush`` returns are the batch's offsets committed;
+4. :meth:`close` on shutdown.
+
+Delivery is at-least-once: a batch may be handed over again after a crash or a
+rebalance, so sinks must be idempotent by ``event.id``.
+
+Errors a handler raises decide what the runtime does:
+
+- :class:`RetryLater`: a transient problem (sink down, timeout, 429). The runtime
+  retries the whole batch with backoff and pauses fetching; nothing is skipped.
+- :class:`BadEvent` (from a per-event handler) or :class:`BadEvents` (from a batch
+  handler): those events can never be handled. They go to the dead-letter topic
+  with the reason and the rest of the batch counts as handled.
+- anything else: treated as retriable (with a logged traceback); the runtime never
+  commits past an event that was not handled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from schemas import Analytics, BudgetUsage, Event, EventType, ProxyLog
+
+
+class CollectorError(Exception):
+    """Base of the errors a collector raises. ``retriable`` tells the runtime what to do."""
+
+    retriable: ClassVar[bool] = True
+
+
+class RetryLater(CollectorError):
+    """Transient failure: retry the batch later. ``retry_after`` (seconds) is a hint."""
+
+    retriable = True
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class BadEvent(CollectorError):
+    """This event can never be handled (raise from a per-event handler)."""
+
+    retriable = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadEvents(CollectorError):
+    """Some events of a batch can never be handled; every other event of the batch was.
+
+    :param rejected: event id -> reason.
+    """
+
+    retriable = False
+
+    def __init__(self, rejected: Mapping[str, str]) -> None:
+        super().__init__(f"{len(rejected)} bad event(s)")
+        self.rejected = dict(rejected)
+
+
+class ConfigError(ValueError):
+    """The collector's configuration is invalid; the message names the key path."""
+
+
+@dataclass
+class CollectorServices:
+    """What the runtime hands a collector at :meth:`DataCollector.initialize`.
+
+    :param name: the collector's name (as given to ``gateway-tap collect``).
+    :param logger: a logger bound to the collector.
+    :param metrics: a prometheus registry the collector may register its own metrics on.
+    :param kafka_prefix: topic prefix in use.
+    :param extras: runtime-specific services (e.g. a Kafka producer for alerts).
+    """
+
+    name: str
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    metrics: Any = None
+    kafka_prefix: str = "gateway"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DataCollector:
+    """Base class for collectors. Override any subset of the handlers.
+
+    :attr:`event_types` declares what the collector consumes; the runtime
+    subscribes only to those topics. When it is left empty it is derived from
+    which handlers the subclass overrides.
+    """
+
+    name: ClassVar[str] = ""
+    event_types: ClassVar[tuple[EventType, ...]] = ()
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object"}
+    """JSON Schema (draft 2020-12) of this collector's config; validated before initialize."""
+
+    config: dict[str, Any]
+    services: CollectorServices
+
+    async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
+        """Open connections, create files or tables. Called once, after config validation."""
+        self.config = config
+        self.services = services
+
+    # Per-event handlers, as in the seed's DataCollector.
+    async def handle_proxy_log(self, event: ProxyLog) -> None:
+        raise NotImplementedError
+
+    async def handle_analytics(self, event: Analytics) -> None:
+        raise NotImplementedError
+
+    async def handle_budget_usage(self, event: BudgetUsage) -> None:
+        raise NotImplementedError
+
+    # Batch handlers: default to looping over the per-event handler. Sinks override them for throughput.
+    async def handle_proxy_log_batch(self, events: Sequence[ProxyLog]) -> None:
+        await _loop(self.handle_proxy_log, events)
+
+    async def handle_analytics_batch(self, events: Sequence[Analytics]) -> None:
+        await _loop(self.handle_analytics, events)
+
+    async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
+        await _loop(self.handle_budget_usage, events)
+
+    async def flush(self) -> None:
+        """Make everything handed over so far durable. Offsets are committed after this returns."""
+
+    async def close(self) -> None:
+        """Release resources. Called once at shutdown, after the last flush."""
+
+    @classmethod
+    def consumed_types(cls) -> tuple[EventType, ...]:
+        """The event types this collector consumes (declared, or derived from overridden handlers)."""
+        if cls.event_types:
+            return cls.event_types
+        found: list[EventType] = []
+        for event_type in ("proxy_log", "analytics", "budget_usage"):
+            for method in (f"handle_{event_type}", f"handle_{event_type}_batch"):
+                if getattr(cls, method) is not getattr(DataCollector, method):
+                    found.append(event_type)  # type: ignore[arg-type]
+                    break
+        return tuple(found)
+
+    async def handle_batch(self, event_type: EventType, events: Sequence[Event]) -> None:
+        """Dispatch one batch of one event type to the matching batch handler."""
+        handler = getattr(self, f"handle_{event_type}_batch")
+        await handler(events)
+
+
+async def _loop(handler: Any, events: Sequence[Event]) -> None:
+    rejected: dict[str, str] = {}
+    for event in events:
+        try:
+            await handler(event)
+        except BadEvent as exc:
+            rejected[event.id] = exc.reason
+    if rejected:
+        raise BadEvents(rejected)

@@ -1,0 +1,3 @@
+from gateway_tap.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The ``gateway-tap`` command line.
+
+Each command imports its implementation lazily so ``gateway-tap --help`` stays
+fast and a command's dependencies load only when it runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from gateway_tap import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gateway-tap")
+def main() -> None:
+    """LLM gateway tap: proxy, hooks, Kafka events and the collectors that export them."""
+
+
+@main.command("mock-llm")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8090, show_default=True, type=int)
+@click.option("--latency-ms", default=0.0, show_default=True, help="Delay before every response.")
+@click.option("--chunk-delay-ms", default=0.0, show_default=True, help="Delay between streamed chunks.")
+@click.option("--error-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of requests answered with --error-status.")
+@click.option("--error-status", default=500, show_default=True, type=int)
+def mock_llm(host: str, port: int, latency_ms: float, chunk_delay_ms: float, error_rate: float,
+             error_status: int) -> None:
+    """Serve the deterministic mock OpenAI/Anthropic upstream."""
+    from gateway_tap.mock_llm import MockOptions, run
+
+    click.echo(f"mock LLM upstream on http://{host}:{port} (OpenAI /v1/chat/completions, Anthropic /v1/messages)")
+    run(host, port, MockOptions(latency_ms, chunk_delay_ms, error_rate, error_status))
+
+
+@main.command("hash-key")
+@click.argument("key", required=False)
+def hash_key(key: str | None) -> None:
+    """Print the sha256 hash to put in an app's ``key_hashes`` (generates a new key when none is given)."""
+    import hashlib
+    import secrets
+
+    if key is None:
+        key = "gt-" + secrets.token_urlsafe(32)
+        click.echo(f"key:  {key}")
+    click.echo(f"sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+
+
+@main.command("up")
+@click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(path_type=str),
+              help="Where the local stack keeps its data and logs.")
+@click.option("--kafka-port", default=9092, show_default=True, type=int)
+@click.option("--es-port", default=9200, show_default=True, type=int)
+@click.option("--mock-port", default=8090, show_default=True, type=int)
+def up(state_dir: str, kafka_port: int, es_port: int, mock_port: int) -> None:
+    """Start the embedded local stack in the foreground; Ctrl-C stops everything."""
+    from pathlib import Path
+
+    from gateway_tap.stack import LocalStack, run_stack
+
+    run_stack(LocalStack(Path(state_dir), kafka_port=kafka_port, es_port=es_port, mock_port=mock_port))

@@ -1,0 +1,298 @@
+"""Lifecycle of the local servers: the test fixtures, ``gateway-tap up`` and the
+benchmarks all start and stop them through this one module.
+
+- :class:`NoidaServer`: ``noida-db`` (PyPI), one binary speaking the Kafka and
+  Elasticsearch wire protocols.
+- :class:`ManagedProcess`: any child process (mock LLM, tap, collectors) with a
+  readiness probe and a clean stop (SIGINT/SIGTERM, then SIGKILL).
+- :func:`ensure_postgres`: start the machine's PostgreSQL cluster when it is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Self
+
+
+class StartupError(RuntimeError):
+    """A server did not become ready in time; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= int(resp.status) < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def kafka_metadata_ok(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when the broker answers a Kafka ApiVersions + Metadata round trip."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await asyncio.wait_for(admin.start(), timeout)
+            await asyncio.wait_for(admin.list_topics(), timeout)
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    try:
+        return asyncio.run(probe())
+    except RuntimeError:  # called inside a running loop: fall back to a socket check
+        host, _, port = bootstrap.rpartition(":")
+        return tcp_open(host, int(port))
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with a readiness check and a clean, bounded stop.
+
+    :param name: shown in logs and errors.
+    :param argv: command line.
+    :param ready: returns True once the process serves; polled until ``start_timeout``.
+    :param env: extra environment variables.
+    :param log_path: where stdout/stderr go (a temp file by default).
+    :param stop_signal: sent first on :meth:`stop`; SIGKILL follows after ``stop_timeout``.
+    """
+
+    name: str
+    argv: Sequence[str]
+    ready: Callable[[], bool] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    cwd: Path | None = None
+    start_timeout: float = 30.0
+    stop_signal: int = signal.SIGINT
+    stop_timeout: float = 15.0
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        if self.log_path is None:
+            fd, path = tempfile.mkstemp(prefix=f"gateway-tap-{self.name}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(path)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            list(self.argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            start_new_session=True,  # our Ctrl-C is not theirs; stop() signals them explicitly
+        )
+        if self.ready is not None:
+            deadline = time.monotonic() + self.start_timeout
+            while not self.ready():
+                if self.proc.poll() is not None:
+                    raise StartupError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise StartupError(f"{self.name} not ready after {self.start_timeout}s:\n{self.log_tail()}")
+                time.sleep(0.1)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, no grace: for crash tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        """Signal, wait up to ``stop_timeout``, then SIGKILL. Safe to call twice."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(self.stop_signal)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return proc.returncode if proc is not None else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def noida_binary() -> str:
+    """Path of the ``noida-db`` launcher installed with the ``dev`` extra."""
+    candidate = Path(sys.executable).with_name("noida-db")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("noida-db")
+    if found is None:
+        raise StartupError("noida-db is not installed: install the project with its 'dev' extra (make test does)")
+    return found
+
+
+@dataclass
+class NoidaServer:
+    """noida-db serving Kafka and Elasticsearch on free ports, persisted under ``data_dir``.
+
+    Stopping sends SIGINT: noida snapshots its state every ~2 s and only a clean
+    stop keeps the last writes, so restart tests must stop it this way.
+    """
+
+    data_dir: Path
+    kafka_port: int = 0
+    es_port: int = 0
+    host: str = "127.0.0.1"
+    services: tuple[str, ...] = ("kafka", "elasticsearch")
+    log_path: Path | None = None
+    process: ManagedProcess | None = None
+
+    def __post_init__(self) -> None:
+        self.kafka_port = self.kafka_port or free_port()
+        self.es_port = self.es_port or free_port()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def es_url(self) -> str:
+        return f"http://{self.host}:{self.es_port}"
+
+    def _ready(self) -> bool:
+        if "kafka" in self.services and not tcp_open(self.host, self.kafka_port):
+            return False
+        if "elasticsearch" in self.services and not http_ok(self.es_url + "/"):
+            return False
+        return "kafka" not in self.services or kafka_metadata_ok(self.bootstrap)
+
+    def start(self) -> Self:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [noida_binary(), "start", "--only", ",".join(self.services), "--data-dir", str(self.data_dir),
+                "--host", self.host]
+        if "kafka" in self.services:
+            argv += ["--kafka-port", str(self.kafka_port)]
+        if "elasticsearch" in self.services:
+            argv += ["--elasticsearch-port", str(self.es_port)]
+        self.process = ManagedProcess("noida-db", argv, ready=self._ready, log_path=self.log_path,
+                                      start_timeout=60.0, stop_timeout=20.0)
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def python_module_argv(module: str, *args: str) -> list[str]:
+    """argv that runs ``python -m module`` with the current interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def cli_argv(*args: str) -> list[str]:
+    """argv that runs the ``gateway-tap`` CLI with the current interpreter."""
+    return [sys.executable, "-m", "gateway_tap", *args]
+
+
+def mock_llm_process(port: int | None = None, *extra: str, log_path: Path | None = None) -> ManagedProcess:
+    """The in-repo mock LLM upstream as a child process (not started)."""
+    port = port or free_port()
+    proc = ManagedProcess(
+        "mock-llm",
+        cli_argv("mock-llm", "--port", str(port), *extra),
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+        log_path=log_path,
+    )
+    proc.env["GATEWAY_TAP_MOCK_PORT"] = str(port)
+    return proc
+
+
+POSTGRES_DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def ensure_postgres(host: str = "127.0.0.1", port: int = 5432, timeout: float = 30.0) -> None:
+    """Start the machine's PostgreSQL cluster if nothing answers on ``host:port``."""
+    if tcp_open(host, port):
+        return
+    clusters = Path("/etc/postgresql")
+    if not clusters.exists():
+        raise StartupError(f"PostgreSQL is not running on {host}:{port} and no local cluster is installed")
+    for version in sorted(p.name for p in clusters.iterdir()):
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
+    if not wait_until(lambda: tcp_open(host, port), timeout):
+        raise StartupError(f"PostgreSQL did not come up on {host}:{port}")

@@ -1,0 +1,47 @@
+"""gateway-tap's event contract: models, codec and topic names.
+
+Everything that crosses Kafka is defined here and nowhere else.
+"""
+
+from schemas.codec import MAX_EVENT_BYTES, EventDecodeError, decode_event, encode_event
+from schemas.events import (
+    EVENT_MODELS,
+    EVENT_TYPES,
+    SCHEMA_VERSION,
+    Analytics,
+    AnyEvent,
+    BudgetUsage,
+    ErrorInfo,
+    Event,
+    EventType,
+    Latency,
+    ProxyLog,
+    new_event_id,
+    utc_now,
+)
+from schemas.topics import dlq_topic, message_headers, message_key, topic_for, type_for_topic
+
+__all__ = [
+    "EVENT_MODELS",
+    "EVENT_TYPES",
+    "MAX_EVENT_BYTES",
+    "SCHEMA_VERSION",
+    "Analytics",
+    "AnyEvent",
+    "BudgetUsage",
+    "ErrorInfo",
+    "Event",
+    "EventDecodeError",
+    "EventType",
+    "Latency",
+    "ProxyLog",
+    "decode_event",
+    "dlq_topic",
+    "encode_event",
+    "message_headers",
+    "message_key",
+    "new_event_id",
+    "topic_for",
+    "type_for_topic",
+    "utc_now",
+]

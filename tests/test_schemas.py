@@ -1,0 +1,140 @@
+"""The event contract: models agree with the published JSON Schema files; decoding is strict and specific."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+import schemas
+from schemas import (
+    EVENT_MODELS,
+    Analytics,
+    BudgetUsage,
+    ErrorInfo,
+    EventDecodeError,
+    Latency,
+    ProxyLog,
+    decode_event,
+    encode_event,
+    topic_for,
+    type_for_topic,
+)
+
+SCHEMA_DIR = Path(schemas.__file__).parent
+ENV = b'{"id": "0190", "emitted_at": "2026-11-25T10:00:00Z", '
+
+
+def schema_for(event_type: str) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / f"{event_type}.schema.json").read_text())
+
+
+def examples() -> list[schemas.Event]:
+    common = {"gateway_id": "tap-1", "request_id": "req-1", "app_id": "app-a", "llm_id": "openai-main"}
+    return [
+        ProxyLog(**common, method="POST", path="/llm/openai-main/v1/chat/completions", vendor="openai",
+                 status_code=200, request_bytes=120, response_bytes=800, streamed=True,
+                 latency=Latency(total_ms=12.5, upstream_ms=11.0, ttfb_ms=3.2, tap_overhead_ms=0.4),
+                 request_headers={"authorization": "[REDACTED]"}, metadata={"team": "search"}),
+        ProxyLog(gateway_id="tap-1", request_id="req-2", method="POST", path="/llm/x/v1/chat/completions",
+                 status_code=401, latency=Latency(total_ms=0.2),
+                 error=ErrorInfo(type="invalid_request_error", code="invalid_api_key", message="unknown key")),
+        Analytics(**common, vendor="openai", model="gpt-4o-mini", prompt_tokens=10, completion_tokens=16,
+                  total_tokens=26, cost=0.0000111, latency_ms=12.5, ttft_ms=3.2, status_code=200,
+                  choices=1, tags={"team": "search"}),
+        BudgetUsage(**common, model="gpt-4o-mini", prompt_tokens=10, completion_tokens=16, total_tokens=26,
+                    cost=0.0000111, period="monthly", period_start=date(2026, 11, 1)),
+    ]
+
+
+@pytest.mark.parametrize("event", examples(), ids=lambda e: f"{e.type}-{e.request_id}")
+def test_examples_valid_against_published_schema_and_round_trip(event: schemas.Event) -> None:
+    raw = encode_event(event)
+    jsonschema.Draft202012Validator(schema_for(event.type),
+                                    format_checker=jsonschema.FormatChecker()).validate(orjson.loads(raw))
+    back = decode_event(raw, expected_type=event.type)
+    assert back == event
+    assert orjson.loads(raw)["emitted_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_MODELS))
+def test_model_fields_match_schema_properties(event_type: str) -> None:
+    schema = schema_for(event_type)
+    model = EVENT_MODELS[event_type]  # type: ignore[index]
+    assert set(model.model_fields) | {"type"} == set(schema["properties"])
+    required_in_model = {name for name, f in model.model_fields.items() if f.is_required()}
+    # Fields with a default in Python are filled in by the producer, so the schema may require them.
+    assert required_in_model <= set(schema["required"])
+    for name in schema["required"]:
+        assert name == "type" or name in model.model_fields
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_MODELS))
+def test_schema_rejects_what_the_model_rejects(event_type: str) -> None:
+    """A missing required field is refused by both the JSON Schema and the model."""
+    validator = jsonschema.Draft202012Validator(schema_for(event_type))
+    good = next(e for e in examples() if e.type == event_type).to_dict()
+    good = orjson.loads(orjson.dumps(good))
+    for name in schema_for(event_type)["required"]:
+        broken = {k: v for k, v in good.items() if k != name}
+        assert not validator.is_valid(broken), name
+        with pytest.raises(EventDecodeError):
+            decode_event(broken)
+
+
+def test_unknown_fields_are_kept() -> None:
+    data = orjson.loads(encode_event(examples()[2]))
+    data["new_in_v1_5"] = {"x": 1}
+    event = decode_event(orjson.dumps(data))
+    assert orjson.loads(encode_event(event))["new_in_v1_5"] == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "needle"),
+    [
+        (b"{not json", None, "invalid JSON"),
+        (b"[1, 2]", None, "JSON object"),
+        (b'{"type": "nope"}', "type", "unknown event type"),
+        (b'{"type": "analytics", "schema_version": 2}', "schema_version", "unsupported schema_version 2"),
+        (ENV + b'"type": "analytics", "schema_version": 1, "gateway_id": "g", "request_id": "r",'
+         b' "vendor": "openai", "model": "m", "status_code": 200}', "latency_ms", "Field required"),
+        (ENV + b'"type": "analytics", "schema_version": 1, "gateway_id": "g", "request_id": "r",'
+         b' "vendor": "openai", "model": "m", "status_code": 200, "latency_ms": "fast"}', "latency_ms", "number"),
+        (ENV + b'"type": "budget_usage", "schema_version": 1, "gateway_id": "g", "request_id": "r",'
+         b' "app_id": "a", "llm_id": "l", "model": "m", "period_start": "2026-11-01", "cost": -1}',
+         "cost", "greater than or equal to 0"),
+    ],
+)
+def test_decode_errors_name_the_field(raw: bytes, field: str | None, needle: str) -> None:
+    with pytest.raises(EventDecodeError) as info:
+        decode_event(raw)
+    assert info.value.field == field
+    assert needle in str(info.value)
+
+
+def test_wrong_type_for_topic() -> None:
+    with pytest.raises(EventDecodeError, match="topic carries 'proxy_log' events, got 'analytics'"):
+        decode_event(encode_event(examples()[2]), expected_type="proxy_log")
+
+
+def test_oversized_event_refused() -> None:
+    with pytest.raises(EventDecodeError, match="larger than"):
+        decode_event(b" " * (schemas.MAX_EVENT_BYTES + 1))
+
+
+def test_topics() -> None:
+    assert topic_for("proxy_log") == "gateway.proxy_logs"
+    assert topic_for("budget_usage", "acme") == "acme.budget_usage"
+    assert type_for_topic("acme.analytics", "acme") == "analytics"
+    assert type_for_topic("acme.analytics.dlq", "acme") is None
+
+
+def test_event_ids_are_uuid7_and_time_ordered() -> None:
+    ids = [schemas.new_event_id() for _ in range(100)]
+    assert all(i[14] == "7" for i in ids)
+    assert ids == sorted(ids)
