@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format services bench clean
+.PHONY: run test lint format services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,6 @@ test: $(STAMP) services lint
 format: $(STAMP)
 	$(BIN)/ruff check --fix gateway_tap collectors schemas tests bench
 	$(BIN)/ruff format gateway_tap collectors schemas tests bench
-
-bench: $(STAMP)
-	$(BIN)/python -m bench.all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
