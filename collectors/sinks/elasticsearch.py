@@ -1,0 +1,444 @@
+"""The built-in ``elasticsearch`` collector: every event type into daily indices.
+
+Each batch is turned straight into ndjson bulk bodies (orjson, no intermediate client
+helper), cut into requests of at most ``bulk_max_events`` events / ``bulk_max_bytes``
+bytes, and sent with up to ``bulk_concurrency`` requests in flight. ``_id`` is the event
+id, so a redelivered batch overwrites instead of duplicating.
+
+Outcome of one batch (the runtime commits only after the handler returns):
+
+- every item 2xx: return;
+- items answered 429 or 5xx (or the whole request answered so): only those are resent,
+  with exponential backoff, up to ``max_retries`` times; then :class:`RetryLater`;
+- items answered 400 (mapping/parse error): :class:`BadEvents` with the server's reason,
+  once every other event of the batch is indexed;
+- cluster unreachable, timeout, or any other refusal (401/403/404...): :class:`RetryLater`
+  with a reason naming what to change; nothing is dead-lettered for a cluster problem.
+
+Index names, mappings and templates live in :mod:`collectors.sinks.es_templates`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from elasticsearch import (
+    ApiError,
+    AsyncElasticsearch,
+    ConnectionError,
+    ConnectionTimeout,
+    TransportError,
+)
+from elasticsearch.serializer import OrjsonSerializer
+
+from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
+from collectors.sinks import es_templates as tpl
+from schemas.events import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType, ProxyLog
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "hosts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                  "default": ["http://127.0.0.1:9200"], "description": "Elasticsearch node URLs."},
+        "index_prefix": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]*$", "default": "gateway",
+                         "description": "Indices are <prefix>-<type>-YYYY.MM.DD behind the alias <prefix>-<type>."},
+        "api_key_env": {"type": ["string", "null"], "default": None,
+                        "description": "Environment variable holding an API key (encoded form)."},
+        "username": {"type": ["string", "null"], "default": None, "description": "Basic-auth user."},
+        "password_env": {"type": ["string", "null"], "default": None,
+                         "description": "Environment variable holding the basic-auth password."},
+        "ca_certs": {"type": ["string", "null"], "default": None, "description": "CA bundle (PEM) path."},
+        "verify_certs": {"type": "boolean", "default": True},
+        "request_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 30,
+                            "description": "Seconds per HTTP request."},
+        "bulk_max_events": {"type": "integer", "minimum": 1, "default": 1000},
+        "bulk_max_bytes": {"type": "integer", "minimum": 1024, "default": 5 * 1024 * 1024},
+        "bulk_concurrency": {"type": "integer", "minimum": 1, "default": 4,
+                             "description": "Bulk requests in flight at once."},
+        "max_retries": {"type": "integer", "minimum": 0, "default": 5,
+                        "description": "Resends of 429/5xx items before the batch is handed back (RetryLater)."},
+        "retry_initial_backoff_ms": {"type": "integer", "minimum": 1, "default": 100},
+        "retry_max_backoff_ms": {"type": "integer", "minimum": 1, "default": 5000},
+        "install_templates": {"type": "boolean", "default": True,
+                              "description": "Install/update the index templates at start-up."},
+        "number_of_shards": {"type": "integer", "minimum": 1, "default": 1},
+        "number_of_replicas": {"type": ["integer", "null"], "minimum": 0, "default": None,
+                               "description": "null keeps the cluster default."},
+        "refresh_interval": {"type": "string", "default": "1s"},
+        "delete_after_days": {"type": ["integer", "null"], "minimum": 1, "default": None,
+                              "description": "ILM policy deleting daily indices after N days (skipped, with a "
+                                             "notice, where the server has no ILM)."},
+    },
+}
+
+
+@dataclass(frozen=True)
+class EsSettings:
+    """The collector's config with defaults filled in from :data:`CONFIG_SCHEMA`."""
+
+    hosts: list[str]
+    index_prefix: str
+    api_key_env: str | None
+    username: str | None
+    password_env: str | None
+    ca_certs: str | None
+    verify_certs: bool
+    request_timeout: float
+    bulk_max_events: int
+    bulk_max_bytes: int
+    bulk_concurrency: int
+    max_retries: int
+    retry_initial_backoff_ms: int
+    retry_max_backoff_ms: int
+    install_templates: bool
+    number_of_shards: int
+    number_of_replicas: int | None
+    refresh_interval: str
+    delete_after_days: int | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EsSettings:
+        props = CONFIG_SCHEMA["properties"]
+        unknown = sorted(set(config) - set(props))
+        if unknown:
+            raise ConfigError(f"unknown elasticsearch setting(s): {', '.join(unknown)}")
+        return cls(**{key: config.get(key, prop["default"]) for key, prop in props.items()})
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`AsyncElasticsearch`; secrets are read from the environment here."""
+        options: dict[str, Any] = {
+            "hosts": self.hosts,
+            "request_timeout": self.request_timeout,
+            "verify_certs": self.verify_certs,
+            # We own retries (per item, with backoff); the transport must not resend whole bulks.
+            "max_retries": 0,
+            "retry_on_status": (),
+            "retry_on_timeout": False,
+            "serializer": OrjsonSerializer(),
+            "connections_per_node": max(10, self.bulk_concurrency * 2),
+        }
+        if self.ca_certs:
+            options["ca_certs"] = self.ca_certs
+        if self.api_key_env:
+            options["api_key"] = _secret(self.api_key_env, "api_key_env")
+        elif self.username:
+            options["basic_auth"] = (self.username, _secret(self.password_env, "password_env"))
+        return options
+
+
+def _secret(env: str | None, setting: str) -> str:
+    value = os.environ.get(env or "")
+    if not value:
+        raise ConfigError(f"elasticsearch.{setting}: environment variable {env!r} is not set")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any user:password part, for logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def status_class(status_code: int) -> str:
+    """``"2xx"``, ``"4xx"``, ...: the grouping analytics queries use."""
+    return f"{status_code // 100}xx"
+
+
+def document(event: Event) -> dict[str, Any]:
+    """The ``_source`` of ``event``: the event itself plus the derived fields."""
+    doc = event.to_dict()
+    code = doc.get("status_code")
+    if isinstance(code, int):
+        doc["status_class"] = status_class(code)
+    return doc
+
+
+_DUMPS_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+@dataclass(slots=True)
+class _Item:
+    """One bulk operation, pre-serialised so a retry resends the same bytes."""
+
+    event_id: str
+    lines: bytes  # action line + source line, each newline-terminated
+
+
+def encode_items(prefix: str, event_type: EventType, events: Sequence[Event]) -> list[_Item]:
+    items = []
+    for event in events:
+        action = {"index": {"_index": tpl.index_name(prefix, event_type, event.emitted_at), "_id": event.id}}
+        lines = orjson.dumps(action) + b"\n" + orjson.dumps(document(event), option=_DUMPS_OPTIONS) + b"\n"
+        items.append(_Item(event.id, lines))
+    return items
+
+
+def chunk_items(items: Sequence[_Item], max_events: int, max_bytes: int) -> list[list[_Item]]:
+    """Split into bulk requests of at most ``max_events`` items and (unless one item is larger) ``max_bytes``."""
+    chunks: list[list[_Item]] = []
+    current: list[_Item] = []
+    size = 0
+    for item in items:
+        if current and (len(current) >= max_events or size + len(item.lines) > max_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += len(item.lines)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _item_reason(error: Any) -> str:
+    """``type: reason (caused by: ...)`` from a bulk item error object."""
+    if not isinstance(error, dict):
+        return str(error)
+    text = f"{error.get('type', 'error')}: {error.get('reason', '')}"
+    cause = error.get("caused_by")
+    if isinstance(cause, dict) and cause.get("reason"):
+        text += f" (caused by {cause.get('type', 'error')}: {cause['reason']})"
+    return text
+
+
+def _retriable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class _Metrics:
+    """Prometheus counters on the registry the runtime hands over (none: metrics off)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.enabled = registry is not None
+        if not self.enabled:
+            return
+        from prometheus_client import Counter, Histogram
+
+        self.documents = Counter("gateway_tap_es_documents_total", "Bulk items by event type and outcome "
+                                 "(indexed, rejected, retried)", ["type", "outcome"], registry=registry)
+        self.bulk_seconds = Histogram("gateway_tap_es_bulk_seconds", "Duration of one bulk request",
+                                      registry=registry)
+
+    def count(self, event_type: str, outcome: str, n: int) -> None:
+        if self.enabled and n:
+            self.documents.labels(event_type, outcome).inc(n)
+
+    def observe(self, seconds: float) -> None:
+        if self.enabled:
+            self.bulk_seconds.observe(seconds)
+
+
+class ElasticsearchCollector(DataCollector):
+    """Indexes proxy logs, analytics and budget usage into daily indices with explicit mappings.
+
+    Config: see :data:`CONFIG_SCHEMA` (documented in ``docs/analytics.md``).
+    """
+
+    name: ClassVar[str] = "elasticsearch"
+    event_types: ClassVar[tuple[EventType, ...]] = EVENT_TYPES
+    config_schema: ClassVar[dict[str, Any]] = CONFIG_SCHEMA
+
+    settings: EsSettings
+    client: AsyncElasticsearch
+    _templates_ready: bool = False
+    lifecycle_supported: bool | None = None
+    """After start-up: whether the ILM policy was installed (None: not requested)."""
+
+    async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
+        await super().initialize(config, services)
+        self.settings = EsSettings.from_config(config)
+        self.log = services.logger
+        self.metrics = _Metrics(services.metrics)
+        self.client = AsyncElasticsearch(**self.settings.client_options())
+        self._templates_lock = asyncio.Lock()
+        self._templates_ready = not self.settings.install_templates
+        self.log.info("elasticsearch collector: hosts=%s prefix=%s",
+                      ",".join(redact_url(h) for h in self.settings.hosts), self.settings.index_prefix)
+        try:
+            await self._ensure_templates()
+        except RetryLater as exc:
+            # Not fatal: the first batch installs them once the cluster answers (the runtime pauses meanwhile).
+            self.log.warning("elasticsearch: templates not installed yet: %s", exc.reason)
+
+    async def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.close()
+
+    # --- start-up -------------------------------------------------------------------------------------
+
+    async def _ensure_templates(self) -> None:
+        if self._templates_ready:
+            return
+        async with self._templates_lock:
+            if self._templates_ready:
+                return
+            try:
+                await self.install_templates()
+            except (ConnectionError, ConnectionTimeout) as exc:
+                raise RetryLater(f"elasticsearch unreachable while installing templates: {exc}") from exc
+            except ApiError as exc:
+                raise RetryLater(f"elasticsearch refused the index templates ({exc.meta.status}): {exc.message}; "
+                                 "check the credentials' privileges (manage_index_templates, manage_ilm) or set "
+                                 "install_templates: false") from exc
+            self._templates_ready = True
+
+    async def install_templates(self) -> None:
+        """Install or update the lifecycle policy (where supported), component and index templates."""
+        s = self.settings
+        policy = None
+        if s.delete_after_days is not None:
+            policy = await self._install_lifecycle_policy(s.delete_after_days)
+        prefix = s.index_prefix
+        await self.client.cluster.put_component_template(
+            name=tpl.common_component_name(prefix),
+            body=tpl.common_component(s.number_of_shards, s.number_of_replicas, s.refresh_interval, policy),
+        )
+        for event_type in EVENT_TYPES:
+            await self.client.indices.put_index_template(
+                name=tpl.alias_name(prefix, event_type), body=tpl.index_template(prefix, event_type))
+        self.log.info("elasticsearch: index templates %s-{%s} version %d installed", prefix,
+                      ",".join(EVENT_TYPES), tpl.TEMPLATE_VERSION)
+
+    async def _install_lifecycle_policy(self, days: int) -> str | None:
+        name = tpl.policy_name(self.settings.index_prefix)
+        try:
+            await self.client.ilm.put_lifecycle(name=name, body=tpl.lifecycle_policy(days))
+        except ApiError as exc:
+            # noida-db and some hosted offerings have no ILM endpoint ("no handler found"): skip, do not fail.
+            no_handler = "no handler found" in str(exc.body).lower()
+            if not (no_handler or exc.meta.status in (404, 405, 410)):
+                raise
+            self.log.warning("elasticsearch: the server has no index lifecycle management; delete_after_days="
+                             "%d is not applied (delete old daily indices yourself)", days)
+            self.lifecycle_supported = False
+            return None
+        self.lifecycle_supported = True
+        return name
+
+    # --- batches --------------------------------------------------------------------------------------
+
+    async def handle_proxy_log_batch(self, events: Sequence[ProxyLog]) -> None:
+        await self.index_batch("proxy_log", events)
+
+    async def handle_analytics_batch(self, events: Sequence[Analytics]) -> None:
+        await self.index_batch("analytics", events)
+
+    async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
+        await self.index_batch("budget_usage", events)
+
+    async def index_batch(self, event_type: EventType, events: Sequence[Event]) -> None:
+        """Index ``events``; return only when each one is indexed, else raise (see the module doc).
+
+        :raises RetryLater: the cluster is unreachable, or items kept failing with 429/5xx.
+        :raises BadEvents: the server rejected some documents (400); all others are indexed.
+        """
+        if not events:
+            return
+        await self._ensure_templates()
+        s = self.settings
+        items = encode_items(s.index_prefix, event_type, events)
+        chunks = chunk_items(items, s.bulk_max_events, s.bulk_max_bytes)
+        limit = asyncio.Semaphore(s.bulk_concurrency)
+
+        async def run(chunk: list[_Item]) -> dict[str, str]:
+            async with limit:
+                return await self._send_with_retries(event_type, chunk)
+
+        results = await asyncio.gather(*(run(c) for c in chunks), return_exceptions=True)
+        rejected: dict[str, str] = {}
+        retry: list[RetryLater] = []
+        for result in results:
+            if isinstance(result, RetryLater):
+                retry.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                rejected.update(result)
+        if retry:
+            # Chunks that did succeed are overwritten harmlessly when the runtime hands the batch over again.
+            raise RetryLater(f"{len(retry)} of {len(chunks)} bulk request(s) failed: {retry[0].reason}",
+                             retry_after=retry[0].retry_after)
+        if rejected:
+            raise BadEvents(rejected)
+
+    async def _send_with_retries(self, event_type: EventType, chunk: list[_Item]) -> dict[str, str]:
+        """Send one bulk request; resend only 429/5xx items. Returns the rejected (400...) items."""
+        s = self.settings
+        pending = chunk
+        rejected: dict[str, str] = {}
+        backoff = s.retry_initial_backoff_ms / 1000
+        last_reason = ""
+        for attempt in range(s.max_retries + 1):
+            if attempt:
+                self.metrics.count(event_type, "retried", len(pending))
+                # Full jitter: concurrent chunks must not hammer a struggling cluster in lockstep.
+                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, s.retry_max_backoff_ms / 1000)
+            status, items = await self._bulk(pending)
+            if items is None:  # the whole request was answered 429/5xx
+                last_reason = f"bulk request answered HTTP {status}"
+                continue
+            retry: list[_Item] = []
+            newly_rejected = 0
+            for item, result in zip(pending, items, strict=True):
+                outcome = next(iter(result.values()))
+                code = int(outcome.get("status", 500))
+                if code < 300:
+                    continue
+                if _retriable_status(code):
+                    retry.append(item)
+                    last_reason = f"HTTP {code} {_item_reason(outcome.get('error'))}"
+                elif code == 400:
+                    newly_rejected += 1
+                    reason = _item_reason(outcome.get("error"))
+                    rejected[item.event_id] = f"elasticsearch rejected the document: {reason}"
+                else:
+                    raise RetryLater(f"elasticsearch answered HTTP {code} for a bulk item "
+                                     f"({_item_reason(outcome.get('error'))}); check the index privileges and "
+                                     f"that indices {s.index_prefix}-* may be auto-created")
+            self.metrics.count(event_type, "indexed", len(pending) - len(retry) - newly_rejected)
+            self.metrics.count(event_type, "rejected", newly_rejected)
+            if not retry:
+                return rejected
+            pending = retry
+        raise RetryLater(f"{len(pending)} document(s) still failing after {s.max_retries} retries: {last_reason}",
+                         retry_after=backoff)
+
+    async def _bulk(self, items: list[_Item]) -> tuple[int, list[dict[str, Any]] | None]:
+        """POST one ``_bulk``. Returns (status, per-item results), or (status, None) for a retriable refusal."""
+        body = b"".join(item.lines for item in items)
+        started = time.perf_counter()
+        try:
+            # Pre-built ndjson bytes pass through the client's serializer untouched (no re-encoding).
+            resp = await self.client.bulk(operations=body)  # type: ignore[arg-type]
+        except (ConnectionError, ConnectionTimeout) as exc:
+            raise RetryLater(f"elasticsearch unreachable ({', '.join(map(redact_url, self.settings.hosts))}): "
+                             f"{type(exc).__name__}") from exc
+        except ApiError as exc:
+            if _retriable_status(exc.meta.status):
+                return exc.meta.status, None
+            hint = " (lower bulk_max_bytes)" if exc.meta.status == 413 else ""
+            raise RetryLater(f"elasticsearch refused the bulk request: HTTP {exc.meta.status} "
+                             f"{exc.message}{hint}") from exc
+        except TransportError as exc:
+            raise RetryLater(f"elasticsearch transport error: {type(exc).__name__}: {exc.message}") from exc
+        finally:
+            self.metrics.observe(time.perf_counter() - started)
+        result: list[dict[str, Any]] = resp.body["items"]
+        if len(result) != len(items):
+            raise RetryLater(f"bulk answered {len(result)} items for {len(items)} operations")
+        return resp.meta.status, result
