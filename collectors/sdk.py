@@ -160,6 +160,15 @@ class DataCollector:
         handler = getattr(self, f"handle_{event_type}_batch")
         await handler(events)
 
+    async def handle_raw_batch(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes]) -> None:
+        """What the runtime calls: ``values[i]`` is the Kafka message value ``events[i]`` was decoded from.
+
+        The default hands the typed events to :meth:`handle_batch`. A sink that stores the
+        JSON as it is (the file sink) overrides this to write the already validated bytes
+        without serialising again.
+        """
+        await self.handle_batch(event_type, events)
+
 
 async def _loop(handler: Any, events: Sequence[Event]) -> None:
     rejected: dict[str, str] = {}
@@ -170,3 +179,25 @@ async def _loop(handler: Any, events: Sequence[Event]) -> None:
             rejected[event.id] = exc.reason
     if rejected:
         raise BadEvents(rejected)
+
+
+async def hand_over(collector: DataCollector, event_type: EventType, events: Sequence[Event],
+                    values: Sequence[bytes]) -> dict[str, str]:
+    """Hand one batch to ``collector`` the way the runtime does; returns the rejected events (id -> reason).
+
+    A bare :class:`BadEvent` from a batch handler does not say which event was bad, so
+    the events are then handed over one at a time to find out (sinks are idempotent).
+    :class:`RetryLater` and any other error propagate.
+    """
+    try:
+        await collector.handle_raw_batch(event_type, events, values)
+        return {}
+    except BadEvents as exc:
+        return exc.rejected
+    except BadEvent as exc:
+        if len(events) == 1:
+            return {events[0].id: exc.reason}
+    rejected: dict[str, str] = {}
+    for event, value in zip(events, values, strict=True):
+        rejected.update(await hand_over(collector, event_type, [event], [value]))
+    return rejected

@@ -1,0 +1,423 @@
+"""The collector runtime: one Kafka consumer-group member driving one :class:`DataCollector`.
+
+It owns, once for every sink: batching, decoding, retries with backoff, dead letters,
+offset commits, rebalances, metrics and shutdown. The loop is deliberately sequential
+(fetch a batch -> hand over -> flush -> dead letters acked -> commit), so at any moment
+at most one batch is in flight and a rebalance or a signal never finds half a batch.
+
+Guarantees: an offset is committed only after every record below it was handled and
+flushed or its dead letter acknowledged by the broker; retriable failures are retried
+forever (with fetching paused) and never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+
+from collectors.dlq import DeadLetter, DeadLetterPublisher
+from collectors.metrics import CollectorMetrics, serve_metrics
+from collectors.registry import resolve_collector
+from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over
+from collectors.settings import CollectorSettings, validate_collector_config
+from schemas import Event, EventDecodeError, EventType, decode_event, topic_for
+
+log = logging.getLogger("gateway_tap.collectors")
+
+FRESHNESS_SAMPLES = 32
+"""Events per type and batch whose freshness is observed (observing all would cost more than decoding)."""
+
+Record: TypeAlias = ConsumerRecord  # type: ignore[type-arg]
+
+
+class BatchLogger(logging.LoggerAdapter[logging.Logger]):
+    """The logger a collector gets: every line names the collector and the current batch."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        return f"[collector={extra.get('collector')} batch={extra.get('batch')}] {msg}", kwargs
+
+
+class ShutdownTimeout(Exception):
+    """The batch in hand could not be finished within the shutdown grace period (it stays uncommitted)."""
+
+
+@dataclass
+class _Bucket:
+    """The decoded events of one type in a batch, with their raw values and records (parallel lists)."""
+
+    events: list[Event] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+
+    def drop(self, indexes: set[int]) -> None:
+        keep = [i for i in range(len(self.events)) if i not in indexes]
+        self.events = [self.events[i] for i in keep]
+        self.values = [self.values[i] for i in keep]
+        self.records = [self.records[i] for i in keep]
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a collector's ``retry_after`` hint is a lower bound."""
+    delay = random.uniform(0, min(maximum, initial * 2 ** (attempt - 1)))
+    return max(delay, min(retry_after, maximum)) if retry_after else delay
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runtime: CollectorRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.runtime.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class CollectorRuntime:
+    """Runs ``collector_cls`` as a member of a consumer group until :meth:`request_stop`.
+
+    :param name: the collector NAME (metrics label, DLQ header, default group id).
+    :param collector_cls: the :class:`DataCollector` subclass to run.
+    :param settings: this collector's section of the config file.
+    :param kafka_options: aiokafka client keyword arguments (``KafkaSettings.client_options()``).
+    :param topic_prefix: prefix of the event topics.
+    :param client_id: Kafka client id.
+    """
+
+    def __init__(self, name: str, collector_cls: type[DataCollector], settings: CollectorSettings,
+                 kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap") -> None:
+        self.name = name
+        self.collector_cls = collector_cls
+        self.settings = settings
+        self.kafka_options = kafka_options
+        self.prefix = topic_prefix
+        self.client_id = client_id
+        self.group_id = settings.group_id or f"gateway-tap-collector-{name}"
+        self.topic_types: dict[str, EventType] = {topic_for(t, topic_prefix): t for t in collector_cls.consumed_types()}
+        self.metrics = CollectorMetrics(name)
+        self.logger = BatchLogger(log, {"collector": name, "batch": 0})
+        self.collector: DataCollector | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.dlq = DeadLetterPublisher(name, {**kafka_options, "client_id": f"{client_id}-{name}-dlq"})
+        self._stopping = asyncio.Event()
+        self._stop_deadline = float("inf")
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._retrying = False
+        self._batches = 0
+        self._healthy = False
+
+    # -- control ------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching; the batch in hand is finished, flushed and committed within the grace period."""
+        if not self._stopping.is_set():
+            log.info("stop requested: finishing the batch in hand (grace %.1fs)", self.settings.shutdown_grace_s)
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s
+            self._stopping.set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    async def run(self) -> int:
+        """Run until stopped. Returns the exit code: 0 after a clean stop, 1 if the grace period ran out.
+
+        :raises ConfigError: the collector's config does not match its schema.
+        """
+        config = validate_collector_config(self.name, self.collector_cls.config_schema, self.settings.config)
+        collector = self.collector = self.collector_cls()
+        services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
+                                     kafka_prefix=self.prefix,
+                                     extras={"group_instance_id": self.settings.group_instance_id})
+        await collector.initialize(config, services)
+        s = self.settings
+        consumer = self.consumer = AIOKafkaConsumer(
+            **self.kafka_options,
+            client_id=f"{self.client_id}-{self.name}",
+            group_id=self.group_id,
+            group_instance_id=s.group_instance_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            max_poll_records=s.batch.max_events,
+            fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+            session_timeout_ms=s.session_timeout_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+        )
+        consumer.subscribe(list(self.topic_types), listener=_Listener(self))
+        runner = None
+        code = 0
+        try:
+            await self.dlq.start()
+            await consumer.start()
+            if s.metrics.port is not None:
+                runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
+            self._healthy = True
+            log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topic_types),
+                     self.group_id, s.group_instance_id)
+            while not self._stopping.is_set():
+                records = await self._fetch_batch()
+                if records:
+                    await self._process(records)
+        except ShutdownTimeout as exc:
+            log.error("%s", exc)
+            code = 1
+        finally:
+            self._healthy = False
+            with contextlib.suppress(Exception):
+                await collector.close()
+            await consumer.stop()  # static members do not leave the group: a restart takes over at once
+            await self.dlq.stop()
+            if runner is not None:
+                await runner.cleanup()
+        log.info("collector %s stopped (exit %d)", self.name, code)
+        return code
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    async def _fetch_batch(self) -> list[Record]:
+        """Up to max_events / max_bytes, waiting at most max_wait_ms once the first record arrived."""
+        assert self.consumer is not None
+        b = self.settings.batch
+        records: list[Record] = []
+        size = 0
+        deadline: float | None = None
+        while not self._stopping.is_set():
+            wait = b.max_wait_ms if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
+            got = await self.consumer.getmany(timeout_ms=int(wait), max_records=b.max_events - len(records))
+            for recs in got.values():
+                records.extend(recs)
+                size += sum(r.serialized_value_size for r in recs)
+            if not records:
+                return records  # let the caller look at the stop flag
+            if deadline is None:
+                deadline = time.monotonic() + b.max_wait_ms / 1000
+            if len(records) >= b.max_events or size >= b.max_bytes or time.monotonic() >= deadline:
+                break
+        return records
+
+    async def _process(self, records: list[Record]) -> None:
+        """Decode, deliver (with retries), then commit the batch's offsets."""
+        self._idle.clear()
+        try:
+            started = time.monotonic()
+            self._batches += 1
+            assert self.logger.extra is not None
+            self.logger.extra["batch"] = self._batches  # type: ignore[index]
+            buckets, dead = self._decode(records)
+            await self._deliver_with_retry(buckets, dead)
+            await self._commit(records)
+            self._observe(records, buckets, dead, started)
+        finally:
+            self._idle.set()
+
+    def _decode(self, records: list[Record]) -> tuple[dict[EventType, _Bucket], list[DeadLetter]]:
+        buckets: dict[EventType, _Bucket] = {}
+        dead: list[DeadLetter] = []
+        topic_types = self.topic_types
+        for rec in records:
+            event_type = topic_types[rec.topic]
+            value = rec.value
+            if value is None:
+                dead.append(DeadLetter(rec, "empty message value", "EventDecodeError"))
+                continue
+            try:
+                event = decode_event(value, event_type)
+            except EventDecodeError as exc:
+                dead.append(DeadLetter(rec, str(exc), "EventDecodeError"))
+                continue
+            bucket = buckets.get(event_type)
+            if bucket is None:
+                bucket = buckets[event_type] = _Bucket()
+            bucket.events.append(event)
+            bucket.values.append(value)
+            bucket.records.append(rec)
+        return buckets, dead
+
+    async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._deliver(buckets, dead)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                self.metrics.retries_c.inc()
+                retry_after = exc.retry_after if isinstance(exc, RetryLater) else None
+                s = self.settings.retry
+                delay = backoff_delay(attempt, s.initial_backoff_ms / 1000, s.max_backoff_ms / 1000, retry_after)
+                if isinstance(exc, RetryLater | KafkaError):
+                    self.logger.warning("retry %d in %.2fs: %s: %s", attempt, delay, type(exc).__name__, exc)
+                else:
+                    self.logger.warning("retry %d in %.2fs after an unexpected error", attempt, delay, exc_info=exc)
+                await self._pause_for(delay)
+        if self._retrying:
+            self._retrying = False
+            assert self.consumer is not None
+            self.consumer.resume(*self.consumer.paused())
+
+    async def _deliver(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:
+        """Hand every bucket over, flush, then publish the dead letters and wait for their acks."""
+        collector = self.collector
+        assert collector is not None
+        for event_type, bucket in buckets.items():
+            if bucket.events:
+                rejected = await hand_over(collector, event_type, bucket.events, bucket.values)
+                if rejected:
+                    self._reject(bucket, rejected, dead)
+        await collector.flush()
+        if dead:
+            await self.dlq.publish(dead)
+
+    def _reject(self, bucket: _Bucket, rejected: dict[str, str], dead: list[DeadLetter]) -> None:
+        """Move the events a collector rejected (by id) from the bucket to the dead letters."""
+        indexes = {i for i, event in enumerate(bucket.events) if event.id in rejected}
+        for i in sorted(indexes):
+            dead.append(DeadLetter(bucket.records[i], rejected[bucket.events[i].id], "BadEvent"))
+        bucket.drop(indexes)
+
+    async def _pause_for(self, delay: float) -> None:
+        """Wait ``delay`` with fetching paused, still polling so the group does not think we hung."""
+        consumer = self.consumer
+        assert consumer is not None
+        if self._stopping.is_set() and time.monotonic() + delay > self._stop_deadline:
+            raise ShutdownTimeout("shutdown grace period ran out while retrying; the batch stays uncommitted "
+                                  "and will be handled again after the restart")
+        self._retrying = True
+        consumer.pause(*consumer.assignment())
+        end = time.monotonic() + delay
+        while (remaining := end - time.monotonic()) > 0:
+            got = await consumer.getmany(timeout_ms=max(1, int(remaining * 1000)))
+            for tp, recs in got.items():
+                # Partitions assigned by a rebalance during the wait are not paused yet: put them back.
+                consumer.seek(tp, recs[0].offset)
+                consumer.pause(tp)
+
+    async def _commit(self, records: list[Record]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        assigned = consumer.assignment()
+        owned = {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items() if tp in assigned}
+        if len(owned) < len(offsets):
+            self.logger.info("not committing %d revoked partition(s); their new owner handles them again",
+                             len(offsets) - len(owned))
+        if not owned:
+            return
+        try:
+            await consumer.commit(owned)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took the partitions: the new owner starts from the last commit (duplicates, no loss).
+            self.logger.warning("commit failed (%s); the batch will be handled again by the partitions' owner", exc)
+            return
+        for tp, offset in offsets.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, highwater - offset))
+
+    def _observe(self, records: list[Record], buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
+                 started: float) -> None:
+        m = self.metrics
+        now = time.time()
+        m.batch_size_c.observe(len(records))
+        for event_type, bucket in buckets.items():
+            events = bucket.events
+            m.handled_by_type[event_type].inc(len(events))
+            m.consumed_by_type[event_type].inc(len(events))
+            step = max(1, len(events) // FRESHNESS_SAMPLES)
+            hist = m.freshness_by_type[event_type]
+            for event in events[::step]:
+                hist.observe(max(0.0, now - event.emitted_at.timestamp()))
+        for letter in dead:
+            event_type = self.topic_types[letter.record.topic]
+            m.consumed_by_type[event_type].inc()
+            m.dead_letter(event_type, letter.error_class)
+        if dead:
+            self.logger.warning("%d event(s) dead-lettered, first: %s[%d]@%d: %s", len(dead),
+                                dead[0].record.topic, dead[0].record.partition, dead[0].record.offset,
+                                dead[0].reason)
+        m.batch_duration_c.observe(time.monotonic() - started)
+
+    # -- rebalance ----------------------------------------------------------------------------------------
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Let the batch in hand finish and commit (it commits itself), unless it is stuck retrying."""
+        if not revoked:
+            return
+        if self._retrying:
+            self.logger.warning("partitions revoked while a batch is retrying; it stays uncommitted")
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self.settings.shutdown_grace_s)
+        except TimeoutError:
+            self.logger.warning("partitions revoked before the batch in hand finished; it stays uncommitted")
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(self.name, tp.topic, str(tp.partition))
+
+
+def build_runtime(name: str, config_path: str | None, group_id: str | None = None,
+                  group_instance_id: str | None = None) -> CollectorRuntime:
+    """A runtime for collector NAME from the config file (or defaults), with CLI overrides.
+
+    :raises ConfigFileError: the file is invalid.
+    :raises ConfigError: NAME cannot be resolved or its config does not match the schema.
+    """
+    from gateway_tap.config import GatewayConfig, load_config
+
+    config = load_config(config_path) if config_path else GatewayConfig()
+    settings = config.collectors.get(name) or CollectorSettings.model_validate({})
+    overrides = {k: v for k, v in (("group_id", group_id), ("group_instance_id", group_instance_id)) if v}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    collector_cls = resolve_collector(settings.plugin or name)
+    # Validate now so a bad config fails before any connection is made.
+    validate_collector_config(name, collector_cls.config_schema, settings.config)
+    return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
+                            config.kafka.topic_prefix, config.kafka.client_id)
+
+
+def run_collector(runtime: CollectorRuntime) -> int:
+    """Run ``runtime`` on a fresh event loop with SIGTERM/SIGINT handlers; returns the exit code."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            runtime.request_stop()
+            # Hard cap: whatever hangs, the process ends shortly after the grace period.
+            loop.call_later(runtime.settings.shutdown_grace_s + 5, task.cancel)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await runtime.run()
+        except asyncio.CancelledError:
+            log.error("shutdown grace period exceeded; exiting without a final commit")
+            return 1
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(main())

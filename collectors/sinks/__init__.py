@@ -1,0 +1,1 @@
+"""Built-in collectors: ``file`` (JSON Lines), ``elasticsearch`` and ``budget``."""
