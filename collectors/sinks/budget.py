@@ -1,0 +1,137 @@
+"""The built-in ``budget`` collector: budget_usage events -> the budget store.
+
+One transaction per batch (:meth:`BudgetStore.record_batch`: bulk, idempotent by
+event id); the runtime commits offsets only after the handler returned, i.e.
+after the transaction committed. Then every budget touched by the batch is
+checked against its alert thresholds; an alert is raised (warning log line and
+``gateway_tap_budget_alerts_total``) only when :meth:`BudgetStore.claim_alert`
+persists it for the first time, so each threshold alerts once per period even
+across restarts and redeliveries.
+
+```yaml
+collectors:
+  budget:
+    group_instance_id: budget-1
+    config:
+      store: {backend: postgres, postgres_dsn_env: GATEWAY_TAP_BUDGET_PG_DSN}
+      budgets: [{app_id: team-a, limit_usd: 100, period: monthly}]
+```
+
+``store`` and ``budgets`` default to the root config's ``budget_store`` and
+``budgets`` sections when the runtime provides it (``services.extras["root_config"]``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
+from gateway_tap.budgets.periods import period_start, usd_to_micros
+from gateway_tap.budgets.settings import BudgetSettings, BudgetStoreSettings
+from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
+from schemas import BudgetUsage
+
+
+class BudgetCollectorConfig(BaseModel):
+    """The ``budget`` collector's own config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: BudgetStoreSettings | None = Field(default=None,
+                                              description="Budget store (default: the root budget_store section).")
+    budgets: list[BudgetSettings] | None = Field(
+        default=None, description="Budgets whose alert thresholds are checked (default: the root budgets section).")
+
+
+class BudgetCollector(DataCollector):
+    """Records budget usage exactly once per event id and raises threshold alerts once per period."""
+
+    name = "budget"
+    event_types = ("budget_usage",)
+    config_schema = BudgetCollectorConfig.model_json_schema()
+
+    store: BudgetStore | None = None
+
+    async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
+        await super().initialize(config, services)
+        try:
+            parsed = BudgetCollectorConfig.model_validate(config)
+        except ValidationError as exc:
+            raise ConfigError(f"collectors.{services.name}.config: {exc}") from None
+        root = services.extras.get("root_config")
+        store_settings = parsed.store or (root.budget_store if root is not None else BudgetStoreSettings())
+        self.budgets: list[BudgetSettings] = list(
+            parsed.budgets if parsed.budgets is not None else (root.budgets if root is not None else []))
+        registry = services.metrics if isinstance(services.metrics, CollectorRegistry) else CollectorRegistry()
+        self._recorded = Counter("gateway_tap_budget_recorded_total", "Usage events recorded, by outcome.",
+                                 ["outcome"], registry=registry)
+        self._alerts = Counter("gateway_tap_budget_alerts_total", "Budget threshold alerts raised.",
+                               ["app_id", "llm_id", "period", "threshold"], registry=registry)
+        self._batch_seconds = Histogram("gateway_tap_budget_batch_seconds", "Budget store transaction time.",
+                                        registry=registry)
+        self.store = await open_store(store_settings)  # StoreUnavailable here: the worker exits and is restarted
+
+    async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
+        assert self.store is not None
+        rejected = {e.id: f"currency {e.currency!r} is not USD; the budget store counts USD only"
+                    for e in events if e.currency.upper() != "USD"}
+        records = [UsageRecord.from_event(e) for e in events if e.id not in rejected]
+        started = time.perf_counter()
+        try:
+            result = await self.store.record_batch(records)
+            # Alerts are checked for every record, duplicates included: a crash between the commit
+            # and the alert leaves the threshold unclaimed, and the redelivered batch raises it.
+            await self._check_alerts(records)
+        except StoreUnavailable as exc:
+            raise RetryLater(str(exc)) from exc
+        self._batch_seconds.observe(time.perf_counter() - started)
+        self._recorded.labels("inserted").inc(result.inserted)
+        self._recorded.labels("duplicate").inc(result.duplicates)
+        if rejected:
+            raise BadEvents(rejected)
+
+    async def _check_alerts(self, records: Sequence[UsageRecord]) -> None:
+        assert self.store is not None
+        touched: set[tuple[str, str, date]] = {(r.app_id, r.llm_id, r.day) for r in records}
+        due: set[tuple[int, date]] = set()
+        for index, budget in enumerate(self.budgets):
+            if not budget.alert_thresholds:
+                continue
+            for app_id, llm_id, day in touched:
+                if budget.app_id == app_id and budget.llm_id in (None, llm_id):
+                    due.add((index, period_start(budget.period, day)))
+        for index, start in sorted(due):
+            budget = self.budgets[index]
+            spend = await self.store.spend(budget.app_id, budget.llm_id, budget.period, start)
+            for threshold in sorted(budget.alert_thresholds):
+                if not _crossed(budget, spend.cost_micros, spend.total_tokens, threshold):
+                    continue
+                if await self.store.claim_alert(budget.key, start, threshold, spend):
+                    self._alerts.labels(budget.app_id, budget.llm_id or "*", budget.period,
+                                        f"{threshold:g}").inc()
+                    self.services.logger.warning(
+                        "budget alert: %s reached %g%% of its %s limit for the period starting %s "
+                        "(spent $%.6f of %s, %d of %s tokens)", budget.key, threshold * 100, budget.mode,
+                        start.isoformat(), spend.cost_micros / 1e6,
+                        f"${budget.limit_usd:g}" if budget.limit_usd is not None else "-", spend.total_tokens,
+                        budget.limit_tokens if budget.limit_tokens is not None else "-")
+
+    async def close(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+
+
+def _crossed(budget: BudgetSettings, cost_micros: int, tokens: int, threshold: float) -> bool:
+    """True when spend reached ``threshold`` x limit (compared exactly, in integers and decimals)."""
+    t = Decimal(repr(float(threshold)))
+    if budget.limit_usd is not None and cost_micros >= t * usd_to_micros(budget.limit_usd):
+        return True
+    return budget.limit_tokens is not None and tokens >= t * budget.limit_tokens

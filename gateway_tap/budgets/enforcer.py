@@ -1,0 +1,422 @@
+"""Budget enforcement for the tap: an in-memory spend view and the admission decision.
+
+What the enforcer knows about an app's spend in the current period is
+
+* ``store``: daily totals read from the budget store every ``staleness_s``
+  (a background task; :meth:`BudgetEnforcer.admit` never waits for the database);
+* ``pending``: the actual usage of requests this tap finished whose
+  budget_usage event is not in the store yet, tracked by event id until a
+  refresh sees that id in the ledger (read in the same snapshot as the totals,
+  so nothing is counted twice or missed, whatever the pipeline lag);
+* ``reserved``: the estimated cost/tokens of requests admitted and still in flight.
+
+Admission rule for a hard budget with limit ``L`` and a request with estimate ``e``:
+admit iff ``store + pending + reserved < L`` and ``store + pending + reserved + e <= L``.
+
+Overspend bound (one tap): the final spend exceeds ``L`` by at most the sum of
+``max(0, actual_i - estimate_i)`` over the requests in flight when the last
+request was admitted (that one included). With ``e = 0`` that is the cost of
+the requests in flight at once; with estimates that never undershoot it is 0.
+With several taps, add the spend other taps admitted but the store has not
+recorded yet (bounded by pipeline lag).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway_tap.budgets.periods import (
+    Clock,
+    micros_to_usd,
+    period_end,
+    period_start,
+    resets_at,
+    usage_day,
+    usd_to_micros,
+    utc_clock,
+)
+from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, Period
+from gateway_tap.budgets.store import BudgetStore, BudgetStoreError
+from schemas import BudgetUsage
+
+log = logging.getLogger("gateway_tap.budgets")
+
+Reason = Literal["budget_exceeded", "budget_store_unavailable"]
+_Key = tuple[str, date]  # (llm_id, day) inside one app
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """One budget's state for the current period (what ``GET /budget`` returns per budget)."""
+
+    app_id: str
+    llm_id: str | None
+    period: Period
+    mode: Literal["hard", "soft"]
+    period_start: date
+    resets_at: datetime
+    limit_usd: float | None
+    limit_tokens: int | None
+    spent_usd: float
+    spent_tokens: int
+    reserved_usd: float
+    reserved_tokens: int
+    exceeded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "app_id": self.app_id, "llm_id": self.llm_id, "period": self.period, "mode": self.mode,
+            "period_start": self.period_start.isoformat(), "resets_at": self.resets_at.isoformat(),
+            "limit_usd": self.limit_usd, "limit_tokens": self.limit_tokens, "spent_usd": self.spent_usd,
+            "spent_tokens": self.spent_tokens, "reserved_usd": self.reserved_usd,
+            "reserved_tokens": self.reserved_tokens, "exceeded": self.exceeded,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Result of :meth:`BudgetEnforcer.admit` / :meth:`BudgetEnforcer.check`.
+
+    :param allowed: forward the request.
+    :param reason: why not (``budget_exceeded``: answer 429 ``insufficient_quota``;
+        ``budget_store_unavailable``: fail_closed while the store is down).
+    :param retry_after: seconds for the ``Retry-After`` header when not allowed.
+    :param budget: the budget that blocked (None when allowed).
+    :param budgets: every budget that applies to this app x LLM.
+    :param reservation: when admitted by :meth:`~BudgetEnforcer.admit`: settle it when the request ends.
+    :param store_stale: decided without a successful store refresh within the grace period.
+    """
+
+    allowed: bool
+    reason: Reason | None = None
+    retry_after: float | None = None
+    budget: BudgetStatus | None = None
+    budgets: tuple[BudgetStatus, ...] = ()
+    reservation: Reservation | None = None
+    store_stale: bool = False
+
+
+class Reservation:
+    """An admitted request's claim on its budgets. Call :meth:`settle` exactly once when it ends."""
+
+    __slots__ = ("_enforcer", "_id", "app_id", "cost_micros", "day", "done", "llm_id", "tokens")
+
+    def __init__(self, enforcer: BudgetEnforcer | None, rid: int, app_id: str, llm_id: str, day: date,
+                 cost_micros: int, tokens: int) -> None:
+        self._enforcer = enforcer
+        self._id = rid
+        self.app_id, self.llm_id, self.day = app_id, llm_id, day
+        self.cost_micros, self.tokens = cost_micros, tokens
+        self.done = enforcer is None
+
+    def settle(self, usage: BudgetUsage | None) -> None:
+        """Replace the estimate by the actual usage (the budget_usage event published for this request).
+
+        ``None`` (nothing consumed, request failed) just releases the estimate. Idempotent.
+        """
+        if self.done:
+            return
+        self.done = True
+        assert self._enforcer is not None
+        self._enforcer._settle(self, usage)
+
+    def release(self) -> None:
+        """Drop the estimate without recording usage (same as ``settle(None)``)."""
+        self.settle(None)
+
+
+class _Sums:
+    """cost/tokens per (llm_id, day) for one app."""
+
+    __slots__ = ("by_key",)
+
+    def __init__(self) -> None:
+        self.by_key: dict[_Key, list[int]] = {}
+
+    def add(self, key: _Key, cost: int, tokens: int) -> None:
+        entry = self.by_key.setdefault(key, [0, 0])
+        entry[0] += cost
+        entry[1] += tokens
+        if entry == [0, 0]:
+            del self.by_key[key]
+
+    def total(self, llm_id: str | None, start: date, end: date) -> tuple[int, int]:
+        cost = tokens = 0
+        for (llm, day), (c, t) in self.by_key.items():
+            if (llm_id is None or llm == llm_id) and start <= day < end:
+                cost += c
+                tokens += t
+        return cost, tokens
+
+
+@dataclass(slots=True)
+class _Pending:
+    app_id: str
+    key: _Key
+    cost: int
+    tokens: int
+    settled_at: float
+
+
+class _Metrics:
+    _by_registry: dict[int, _Metrics] = {}
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter("gateway_tap_budget_decisions_total",
+                                 "Budget admission decisions by result.", ["result"], registry=registry)
+        self.store_errors = Counter("gateway_tap_budget_store_errors_total",
+                                    "Failed budget cache refreshes.", registry=registry)
+        self.refresh = Histogram("gateway_tap_budget_refresh_seconds", "Budget cache refresh duration.",
+                                 registry=registry)
+        self.last_refresh = Gauge("gateway_tap_budget_last_refresh_timestamp_seconds",
+                                  "Unix time of the last successful budget cache refresh.", registry=registry)
+        self.inflight = Gauge("gateway_tap_budget_inflight_reservations",
+                              "Admitted requests still in flight.", registry=registry)
+        self.pending = Gauge("gateway_tap_budget_pending_usages",
+                             "Finished requests whose usage the store has not recorded yet.", registry=registry)
+
+    @classmethod
+    def get(cls, registry: CollectorRegistry) -> _Metrics:
+        if id(registry) not in cls._by_registry:
+            cls._by_registry[id(registry)] = cls(registry)
+        return cls._by_registry[id(registry)]
+
+
+class BudgetEnforcer:
+    """Admission decisions against the configured budgets. Create one per tap process.
+
+    :param budgets: the ``budgets`` config section.
+    :param store: an open :class:`BudgetStore` (the enforcer applies migrations on its first refresh).
+    :param settings: the ``budget_enforcement`` config section (staleness, on_store_error, ...).
+    :param clock: current UTC time; inject a fixed clock in tests to cross period boundaries.
+    :param registry: prometheus registry for the ``gateway_tap_budget_*`` metrics.
+
+    Use ``await start()`` (first refresh, then a background refresh every
+    ``staleness_s``) and ``await stop()``, or ``async with``. :meth:`admit`,
+    :meth:`check` and :meth:`status` are synchronous and never touch the database.
+    """
+
+    def __init__(self, budgets: Sequence[BudgetSettings], store: BudgetStore,
+                 settings: BudgetEnforcementSettings | None = None, *, clock: Clock = utc_clock,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self.budgets = tuple(budgets)
+        self.store = store
+        self.settings = settings or BudgetEnforcementSettings()
+        self._clock = clock
+        self._metrics = _Metrics.get(registry)
+        self._by_app: dict[str, list[BudgetSettings]] = {}
+        for budget in self.budgets:
+            self._by_app.setdefault(budget.app_id, []).append(budget)
+        self._stored: dict[str, _Sums] = {}
+        self._local: dict[str, _Sums] = {}  # pending (settled, not yet in the store)
+        self._reserved: dict[str, _Sums] = {}  # in flight
+        self._pending: dict[str, _Pending] = {}
+        self._inflight = 0
+        self._ids = itertools.count(1)
+        self._migrated = False
+        self._last_ok: float | None = None
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Try a first refresh (a failure is recorded, not raised) and start the background refresh."""
+        if self._task is not None:
+            return
+        await self._refresh_once()
+        self._task = asyncio.create_task(self._refresh_loop(), name="budget-cache-refresh")
+
+    async def stop(self) -> None:
+        """Stop the background refresh. Safe to call twice; does not close the store."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> BudgetEnforcer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def refresh(self) -> None:
+        """Read the store now.
+
+        :raises BudgetStoreError: the store failed (the cache keeps its previous content).
+        """
+        started = time.perf_counter()
+        if not self._migrated:
+            await self.store.migrate()
+            self._migrated = True
+        since = period_start("monthly", self._clock())  # every daily period lies inside its month
+        asked = list(self._pending)
+        snap = await self.store.snapshot(since, list(self._by_app), asked)
+        stored: dict[str, _Sums] = {}
+        for row in snap.totals:
+            stored.setdefault(row.app_id, _Sums()).add((row.llm_id, row.day), row.cost_micros, row.total_tokens)
+        self._stored = stored
+        for event_id in snap.recorded_ids:
+            self._forget_pending(event_id)
+        expiry = time.monotonic() - self.settings.pending_ttl_s
+        for event_id in [e for e, p in self._pending.items() if p.settled_at < expiry]:
+            self._forget_pending(event_id)
+        self._last_ok = time.monotonic()
+        self.last_error = None
+        self._metrics.refresh.observe(time.perf_counter() - started)
+        self._metrics.last_refresh.set(time.time())
+        self._metrics.pending.set(len(self._pending))
+
+    async def _refresh_once(self) -> None:
+        try:
+            await self.refresh()
+        except BudgetStoreError as exc:
+            self._store_failed(str(exc))
+        except Exception as exc:  # keep enforcing on the last known data; the error is logged and counted
+            log.exception("budget cache refresh failed")
+            self._store_failed(f"{type(exc).__name__}: {exc}")
+
+    def _store_failed(self, message: str) -> None:
+        if self.last_error != message:
+            log.warning("budget store unreachable (%s); on_store_error=%s", message, self.settings.on_store_error)
+        self.last_error = message
+        self._metrics.store_errors.inc()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.staleness_s)
+            await self._refresh_once()
+
+    @property
+    def store_available(self) -> bool:
+        """False when no refresh succeeded within ``store_error_grace_s``."""
+        return self._last_ok is not None and time.monotonic() - self._last_ok <= max(
+            self.settings.store_error_grace_s, self.settings.staleness_s * 2)
+
+    # -- decisions ---------------------------------------------------------------------------------------
+    def applicable(self, app_id: str, llm_id: str | None) -> list[BudgetSettings]:
+        """Budgets that apply to a call of ``llm_id`` by ``app_id``."""
+        return [b for b in self._by_app.get(app_id, ()) if b.llm_id is None or llm_id is None or b.llm_id == llm_id]
+
+    def status(self, app_id: str, llm_id: str | None = None, now: datetime | None = None) -> list[BudgetStatus]:
+        """Spend, limits and reset time of the app's budgets (all of them when ``llm_id`` is None)."""
+        now = now or self._clock()
+        return [self._status(b, now) for b in self.applicable(app_id, llm_id)]
+
+    def check(self, app_id: str, llm_id: str, now: datetime | None = None) -> Decision:
+        """Would a request be admitted now? Reserves nothing (use :meth:`admit` in the request path)."""
+        return self._decide(app_id, llm_id, 0, 0, now or self._clock(), reserve=False)
+
+    def admit(self, app_id: str, llm_id: str, *, estimated_cost_usd: float = 0.0, estimated_tokens: int = 0,
+              now: datetime | None = None) -> Decision:
+        """Decide and, when allowed, reserve the estimate until ``decision.reservation.settle(...)``.
+
+        Check and reservation happen in one synchronous step, so concurrent
+        requests cannot all see the same remaining budget.
+        """
+        return self._decide(app_id, llm_id, usd_to_micros(estimated_cost_usd), estimated_tokens,
+                            now or self._clock(), reserve=True)
+
+    def _decide(self, app_id: str, llm_id: str, est_cost: int, est_tokens: int, now: datetime,
+                reserve: bool) -> Decision:
+        budgets = self.applicable(app_id, llm_id)
+        stale = bool(budgets) and not self.store_available
+        if stale and self.settings.on_store_error == "fail_closed" and any(b.mode == "hard" for b in budgets):
+            self._metrics.decisions.labels("store_error_closed").inc()
+            every = tuple(self._status(b, now) for b in budgets)
+            return Decision(False, "budget_store_unavailable", max(1, math.ceil(self.settings.staleness_s)),
+                            every[0], every, store_stale=True)
+        statuses: list[BudgetStatus] = []
+        blocked: tuple[BudgetStatus, float] | None = None
+        for budget in budgets:
+            status = self._status(budget, now)
+            statuses.append(status)
+            if budget.mode != "hard" or blocked is not None:
+                continue
+            retry = self._blocks(budget, status, est_cost, est_tokens, now)
+            if retry is not None:
+                blocked = (status, retry)
+        if blocked is not None:
+            self._metrics.decisions.labels("blocked").inc()
+            return Decision(False, "budget_exceeded", blocked[1], blocked[0], tuple(statuses), store_stale=stale)
+        self._metrics.decisions.labels("store_error_open" if stale else "allowed").inc()
+        reservation = None
+        if reserve:
+            reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens)
+        return Decision(True, budgets=tuple(statuses), reservation=reservation, store_stale=stale)
+
+    def _blocks(self, budget: BudgetSettings, status: BudgetStatus, est_cost: int, est_tokens: int,
+                now: datetime) -> float | None:
+        """Retry-After seconds if ``budget`` blocks this request, else None."""
+        until_reset = max(1, math.ceil((status.resets_at - now).total_seconds()))
+        soon = max(1, math.ceil(self.settings.staleness_s))  # reservations in flight may settle below the limit
+        checks = []
+        if budget.limit_usd is not None:
+            checks.append((usd_to_micros(status.spent_usd), usd_to_micros(status.reserved_usd),
+                           usd_to_micros(budget.limit_usd), est_cost))
+        if budget.limit_tokens is not None:
+            checks.append((status.spent_tokens, status.reserved_tokens, budget.limit_tokens, est_tokens))
+        for spent, reserved, limit, estimate in checks:
+            if spent >= limit:
+                return until_reset
+            if spent + reserved >= limit or spent + reserved + estimate > limit:
+                return until_reset if spent + estimate > limit else soon
+        return None
+
+    def _status(self, budget: BudgetSettings, now: datetime) -> BudgetStatus:
+        start = period_start(budget.period, now)
+        end = period_end(budget.period, start)
+        app = budget.app_id
+        s_cost, s_tokens = self._stored.get(app, _Sums()).total(budget.llm_id, start, end)
+        p_cost, p_tokens = self._local.get(app, _Sums()).total(budget.llm_id, start, end)
+        r_cost, r_tokens = self._reserved.get(app, _Sums()).total(budget.llm_id, start, end)
+        spent_cost, spent_tokens = s_cost + p_cost, s_tokens + p_tokens
+        exceeded = ((budget.limit_usd is not None and spent_cost >= usd_to_micros(budget.limit_usd))
+                    or (budget.limit_tokens is not None and spent_tokens >= budget.limit_tokens))
+        return BudgetStatus(
+            app_id=app, llm_id=budget.llm_id, period=budget.period, mode=budget.mode, period_start=start,
+            resets_at=resets_at(budget.period, now), limit_usd=budget.limit_usd, limit_tokens=budget.limit_tokens,
+            spent_usd=micros_to_usd(spent_cost), spent_tokens=spent_tokens, reserved_usd=micros_to_usd(r_cost),
+            reserved_tokens=r_tokens, exceeded=exceeded)
+
+    # -- reservations ------------------------------------------------------------------------------------
+    def _reserve(self, app_id: str, llm_id: str, day: date | None, cost: int, tokens: int) -> Reservation:
+        if day is None:  # no budget applies: nothing to track
+            return Reservation(None, 0, app_id, llm_id, date.min, 0, 0)
+        reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens)
+        self._reserved.setdefault(app_id, _Sums()).add((llm_id, day), cost, tokens)
+        self._inflight += 1
+        self._metrics.inflight.set(self._inflight)
+        return reservation
+
+    def _settle(self, reservation: Reservation, usage: BudgetUsage | None) -> None:
+        app = reservation.app_id
+        self._reserved[app].add((reservation.llm_id, reservation.day), -reservation.cost_micros,
+                                -reservation.tokens)
+        self._inflight -= 1
+        self._metrics.inflight.set(self._inflight)
+        if usage is None or usage.id in self._pending:
+            return
+        key = (usage.llm_id, usage_day(usage.period, usage.period_start, usage.emitted_at))
+        cost = usd_to_micros(usage.cost)
+        tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        self._pending[usage.id] = _Pending(usage.app_id, key, cost, tokens, time.monotonic())
+        self._local.setdefault(usage.app_id, _Sums()).add(key, cost, tokens)
+        self._metrics.pending.set(len(self._pending))
+
+    def _forget_pending(self, event_id: str) -> None:
+        pending = self._pending.pop(event_id, None)
+        if pending is not None:
+            self._local[pending.app_id].add(pending.key, -pending.cost, -pending.tokens)

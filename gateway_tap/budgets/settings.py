@@ -1,0 +1,79 @@
+"""The ``budgets``, ``budget_store`` and ``budget_enforcement`` config sections."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Period = Literal["monthly", "daily"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetSettings(_Section):
+    """One budget: per app, or per app x LLM when ``llm_id`` is set."""
+
+    app_id: str = Field(min_length=1, description="The app this budget applies to.")
+    llm_id: str | None = Field(default=None, description="Limit only this LLM of the app (default: all its LLMs).")
+    limit_usd: float | None = Field(default=None, ge=0, description="Spend limit per period in USD.")
+    limit_tokens: int | None = Field(default=None, ge=0, description="Total-token limit per period.")
+    period: Period = Field(default="monthly", description="monthly (calendar month, UTC) or daily (UTC day).")
+    mode: Literal["hard", "soft"] = Field(default="hard",
+                                          description="hard: block with 429 when reached; soft: alert only.")
+    alert_thresholds: tuple[float, ...] = Field(
+        default=(0.8, 1.0), description="Fractions of the limit that raise an alert, once each per period.")
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetSettings:
+        if self.limit_usd is None and self.limit_tokens is None:
+            raise ValueError("set limit_usd and/or limit_tokens")
+        if any(t <= 0 for t in self.alert_thresholds):
+            raise ValueError("alert_thresholds must be positive fractions of the limit (e.g. 0.8)")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Stable identity of this budget (used to persist alert state): ``app[/llm]:period``."""
+        return f"{self.app_id}{'/' + self.llm_id if self.llm_id else ''}:{self.period}"
+
+
+class BudgetStoreSettings(_Section):
+    """Where spend is recorded (budget collector) and read back (tap)."""
+
+    backend: Literal["sqlite", "postgres"] = Field(default="sqlite", description="sqlite (embedded) or postgres.")
+    sqlite_path: str = Field(default=".gateway-tap/budgets.sqlite3", description="SQLite database file (WAL mode).")
+    postgres_dsn: str | None = Field(default=None, description="PostgreSQL DSN; prefer postgres_dsn_env for secrets.")
+    postgres_dsn_env: str = Field(default="GATEWAY_TAP_BUDGET_PG_DSN",
+                                  description="Environment variable holding the DSN when postgres_dsn is unset.")
+    postgres_schema: str = Field(default="public", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                 description="Schema holding the budget tables (created if missing).")
+    pool_max_size: int = Field(default=4, ge=1, description="PostgreSQL connection pool size.")
+    timeout_s: float = Field(default=5.0, gt=0, description="Connect and statement timeout.")
+
+    def dsn(self) -> str:
+        """The PostgreSQL DSN (from the setting or the environment)."""
+        dsn = self.postgres_dsn or os.environ.get(self.postgres_dsn_env)
+        if not dsn:
+            raise ValueError(f"budget_store.postgres_dsn is unset and ${self.postgres_dsn_env} is empty")
+        return dsn
+
+
+class BudgetEnforcementSettings(_Section):
+    """How the tap enforces budgets (the built-in post-auth step)."""
+
+    enabled: bool = Field(default=True, description="Check budgets before forwarding requests.")
+    position: Literal["before_plugins", "after_plugins"] = Field(
+        default="before_plugins", description="Where the budget step runs relative to plugins' post-auth hooks.")
+    staleness_s: float = Field(default=1.0, gt=0, description="Spend cache refresh interval (seconds).")
+    on_store_error: Literal["fail_open", "fail_closed"] = Field(
+        default="fail_open",
+        description="When the store has been unreachable for store_error_grace_s: fail_open admits requests "
+                    "(still blocking on the last known spend plus this tap's own admitted spend), "
+                    "fail_closed rejects requests of apps with hard budgets.")
+    store_error_grace_s: float = Field(default=5.0, ge=0, description="Failed refreshes tolerated for this long.")
+    pending_ttl_s: float = Field(default=3600.0, gt=0,
+                                 description="Forget this tap's settled spend not seen in the store after this long.")

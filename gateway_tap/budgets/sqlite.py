@@ -1,0 +1,184 @@
+"""SQLite budget store (aiosqlite, WAL): the embedded default.
+
+One connection per store object, transactions serialised by a lock; other
+processes (the tap reading, the collector writing) share the file through WAL
+and ``busy_timeout``. Writes take the lock up front (``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from gateway_tap.budgets import migrations
+from gateway_tap.budgets.settings import BudgetStoreSettings
+from gateway_tap.budgets.store import (
+    BudgetStore,
+    BudgetStoreError,
+    DailyTotal,
+    RecordResult,
+    Snapshot,
+    Spend,
+    StoreUnavailable,
+    UsageRecord,
+)
+
+_STAGE = """CREATE TEMP TABLE IF NOT EXISTS budget_stage (
+    event_id TEXT PRIMARY KEY, app_id TEXT, llm_id TEXT, day TEXT, cost_micros INTEGER,
+    prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, requests INTEGER)"""
+_COLUMNS = "event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests"
+_TOTALS_COLUMNS = "app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests"
+
+
+def _translate(exc: Exception) -> BudgetStoreError:
+    if isinstance(exc, sqlite3.OperationalError | OSError):
+        return StoreUnavailable(f"sqlite budget store unavailable: {exc}")
+    return BudgetStoreError(f"sqlite budget store error: {exc}")
+
+
+class SqliteBudgetStore(BudgetStore):
+    """:class:`BudgetStore` on one SQLite file. Create with :meth:`connect`."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn: aiosqlite.Connection | None = conn
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, settings: BudgetStoreSettings) -> SqliteBudgetStore:
+        """Open (creating if needed) ``settings.sqlite_path`` in WAL mode.
+
+        :raises StoreUnavailable: the file cannot be opened.
+        """
+        path = Path(settings.sqlite_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(path, isolation_level=None, timeout=settings.timeout_s)
+        except (OSError, sqlite3.Error) as exc:
+            raise _translate(exc) from exc
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(settings.timeout_s * 1000)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed batch survives power loss, since offsets are committed right after.
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute(_STAGE)
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise _translate(exc) from exc
+        return cls(conn, path)
+
+    @asynccontextmanager
+    async def _transaction(self, mode: str = "DEFERRED") -> AsyncIterator[aiosqlite.Connection]:
+        if self._conn is None:
+            raise BudgetStoreError("budget store is closed")
+        async with self._lock:
+            conn = self._conn
+            try:
+                await conn.execute(f"BEGIN {mode}")
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+            try:
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(exc) from exc
+                raise
+
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self._transaction("IMMEDIATE") as conn:
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                               "name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+            async with conn.execute("SELECT version FROM schema_migrations") as cur:
+                done = {row[0] for row in await cur.fetchall()}
+            for migration in migrations.load("sqlite"):
+                if migration.version in done:
+                    continue
+                for statement in migration.statements():
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                                   (migration.version, migration.name))
+                applied.append(migration.version)
+        return applied
+
+    async def record_batch(self, usages: Sequence[UsageRecord]) -> RecordResult:
+        if not usages:
+            return RecordResult(0, 0)
+        rows = [(u.event_id, u.app_id, u.llm_id, u.day.isoformat(), u.cost_micros, u.prompt_tokens,
+                 u.completion_tokens, u.total_tokens, u.requests) for u in usages]
+        async with self._transaction("IMMEDIATE") as conn:
+            await conn.execute("DELETE FROM budget_stage")
+            # OR IGNORE drops repeats inside the batch; the DELETE drops events recorded earlier.
+            await conn.executemany(f"INSERT OR IGNORE INTO budget_stage ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                                   rows)
+            await conn.execute("DELETE FROM budget_stage WHERE event_id IN (SELECT event_id FROM budget_ledger)")
+            cur = await conn.execute(f"INSERT INTO budget_ledger ({_COLUMNS}) SELECT {_COLUMNS} FROM budget_stage")
+            inserted = cur.rowcount
+            await conn.execute(
+                f"INSERT INTO budget_totals ({_TOTALS_COLUMNS}) "
+                "SELECT app_id, llm_id, day, SUM(cost_micros), SUM(prompt_tokens), SUM(completion_tokens), "
+                "SUM(total_tokens), SUM(requests) FROM budget_stage WHERE true GROUP BY app_id, day, llm_id "
+                "ON CONFLICT (app_id, day, llm_id) DO UPDATE SET "
+                "cost_micros = cost_micros + excluded.cost_micros, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "total_tokens = total_tokens + excluded.total_tokens, "
+                "requests = requests + excluded.requests")
+            await conn.execute("DELETE FROM budget_stage")
+        return RecordResult(inserted, len(usages) - inserted)
+
+    async def _totals(self, conn: aiosqlite.Connection, since: date, until: date | None,
+                      app_ids: Iterable[str] | None) -> list[DailyTotal]:
+        sql = f"SELECT {_TOTALS_COLUMNS} FROM budget_totals WHERE day >= ?"
+        params: list[Any] = [since.isoformat()]
+        if until is not None:
+            sql += " AND day < ?"
+            params.append(until.isoformat())
+        if app_ids is not None:
+            sql += " AND app_id IN (SELECT value FROM json_each(?))"
+            params.append(orjson.dumps(list(app_ids)).decode())
+        async with conn.execute(sql, params) as cur:
+            return [DailyTotal(r[0], r[1], date.fromisoformat(r[2]), *r[3:]) for r in await cur.fetchall()]
+
+    async def daily_totals(self, since: date, until: date | None = None,
+                           app_ids: Iterable[str] | None = None) -> list[DailyTotal]:
+        async with self._transaction() as conn:
+            return await self._totals(conn, since, until, app_ids)
+
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
+        async with self._transaction() as conn:
+            totals = await self._totals(conn, since, None, app_ids)
+            recorded: set[str] = set()
+            if event_ids:
+                async with conn.execute(
+                        "SELECT event_id FROM budget_ledger WHERE event_id IN (SELECT value FROM json_each(?))",
+                        (orjson.dumps(list(event_ids)).decode(),)) as cur:
+                    recorded = {r[0] for r in await cur.fetchall()}
+        return Snapshot(totals, recorded)
+
+    async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
+        async with self._transaction("IMMEDIATE") as conn:
+            cur = await conn.execute(
+                "INSERT INTO budget_alerts (budget_key, period_start, threshold, cost_micros, total_tokens) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (budget_key, period_start.isoformat(), repr(float(threshold)), spend.cost_micros,
+                 spend.total_tokens))
+            return cur.rowcount == 1
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()

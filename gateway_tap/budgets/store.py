@@ -1,0 +1,186 @@
+"""The budget store interface: an idempotent usage ledger plus daily totals.
+
+Recording is keyed by event id: a ledger row per event (PRIMARY KEY), and per
+``(app_id, llm_id, day)`` totals updated in the same transaction only for the
+ledger rows that were newly inserted, so redelivering any batch changes nothing.
+Days (UTC) are the storage unit; a daily or monthly period's spend is the sum
+of its days. Money is integer micro-USD (exact sums).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from gateway_tap.budgets.periods import period_end, usage_day, usd_to_micros
+from gateway_tap.budgets.settings import BudgetStoreSettings, Period
+from schemas import BudgetUsage
+
+
+class BudgetStoreError(Exception):
+    """A store operation failed. ``retriable`` says whether trying again later can help."""
+
+    retriable = False
+
+
+class StoreUnavailable(BudgetStoreError):
+    """The database cannot be reached or timed out; retry later."""
+
+    retriable = True
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One ledger row: what one event consumed, on which UTC day."""
+
+    event_id: str
+    app_id: str
+    llm_id: str
+    day: date
+    cost_micros: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    requests: int = 1
+
+    @classmethod
+    def from_event(cls, event: BudgetUsage) -> UsageRecord:
+        """The record for a budget_usage event (cost rounded by :func:`usd_to_micros`)."""
+        return cls(
+            event_id=event.id,
+            app_id=event.app_id,
+            llm_id=event.llm_id,
+            day=usage_day(event.period, event.period_start, event.emitted_at),
+            cost_micros=usd_to_micros(event.cost),
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            total_tokens=event.total_tokens or event.prompt_tokens + event.completion_tokens,
+            requests=event.requests,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Totals over some set of days."""
+
+    cost_micros: int = 0
+    total_tokens: int = 0
+    requests: int = 0
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(self.cost_micros + other.cost_micros, self.total_tokens + other.total_tokens,
+                     self.requests + other.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class DailyTotal:
+    """One totals row."""
+
+    app_id: str
+    llm_id: str
+    day: date
+    cost_micros: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+
+    @property
+    def spend(self) -> Spend:
+        return Spend(self.cost_micros, self.total_tokens, self.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """Outcome of :meth:`BudgetStore.record_batch`."""
+
+    inserted: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A consistent read for the enforcer: daily totals and which of the asked event ids are recorded."""
+
+    totals: list[DailyTotal]
+    recorded_ids: set[str]
+
+
+class BudgetStore(ABC):
+    """One interface, two backends (:mod:`.sqlite`, :mod:`.postgres`).
+
+    Methods raise :class:`StoreUnavailable` when the database cannot be reached
+    and :class:`BudgetStoreError` for anything else.
+    """
+
+    @abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply the pending versioned migrations; returns the versions applied now."""
+
+    @abstractmethod
+    async def record_batch(self, usages: Sequence[UsageRecord]) -> RecordResult:
+        """Record a batch in one transaction; events already recorded (or repeated) are ignored."""
+
+    @abstractmethod
+    async def daily_totals(self, since: date, until: date | None = None,
+                           app_ids: Iterable[str] | None = None) -> list[DailyTotal]:
+        """Totals rows with ``since <= day < until`` (all apps when ``app_ids`` is None)."""
+
+    @abstractmethod
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
+        """Daily totals since ``since`` for ``app_ids`` plus which ``event_ids`` are recorded, read atomically."""
+
+    @abstractmethod
+    async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
+        """Persist that an alert fired; True only the first time for (budget, period, threshold)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+    async def spend(self, app_id: str, llm_id: str | None, period: Period, start: date) -> Spend:
+        """Spend of an app (one LLM, or all when ``llm_id`` is None) in the period starting at ``start``."""
+        total = Spend()
+        for row in await self.daily_totals(start, period_end(period, start), [app_id]):
+            if llm_id is None or row.llm_id == llm_id:
+                total += row.spend
+        return total
+
+    async def summary(self, period: Period, start: date) -> dict[tuple[str, str], Spend]:
+        """Spend per (app, LLM) in one period: what dashboards and ``GET /budget`` summarise."""
+        out: dict[tuple[str, str], Spend] = {}
+        for row in await self.daily_totals(start, period_end(period, start)):
+            key = (row.app_id, row.llm_id)
+            out[key] = out.get(key, Spend()) + row.spend
+        return out
+
+    async def __aenter__(self) -> BudgetStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def open_store(settings: BudgetStoreSettings, *, migrate: bool = True) -> BudgetStore:
+    """Connect to the configured backend (and apply migrations unless ``migrate=False``).
+
+    :raises StoreUnavailable: the database cannot be reached.
+    """
+    store: BudgetStore
+    if settings.backend == "postgres":
+        from gateway_tap.budgets.postgres import PostgresBudgetStore
+
+        store = await PostgresBudgetStore.connect(settings)
+    else:
+        from gateway_tap.budgets.sqlite import SqliteBudgetStore
+
+        store = await SqliteBudgetStore.connect(settings)
+    if migrate:
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()
+            raise
+    return store
