@@ -60,3 +60,26 @@ def up(state_dir: str, kafka_port: int, es_port: int, mock_port: int) -> None:
     from gateway_tap.stack import LocalStack, run_stack
 
     run_stack(LocalStack(Path(state_dir), kafka_port=kafka_port, es_port=es_port, mock_port=mock_port))
+
+
+@main.command("collect")
+@click.argument("name")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="The gateway-tap YAML file.")
+@click.option("--group-id", help="Consumer group (default: the config's, else gateway-tap-collector-NAME).")
+@click.option("--group-instance-id", help="Static group membership id (overrides the config).")
+@click.option("--log-level", default="INFO", show_default=True)
+def collect(name: str, config_path: str | None, group_id: str | None, group_instance_id: str | None,
+            log_level: str) -> None:
+    """Run collector NAME (built-in, entry point, or module:Class) as a Kafka consumer group member."""
+    import logging
+
+    from collectors.runtime import build_runtime, run_collector
+    from collectors.sdk import ConfigError
+    from gateway_tap.config import ConfigFileError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        runtime = build_runtime(name, config_path, group_id, group_instance_id)
+    except (ConfigError, ConfigFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(run_collector(runtime))

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from collectors.settings import CollectorSettings
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors."""
@@ -64,6 +66,8 @@ class GatewayConfig(Section):
     gateway_id: str = Field(default_factory=socket.gethostname,
                             description="Identifies this tap in every event (default: host name).")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    collectors: dict[str, CollectorSettings] = Field(
+        default_factory=dict, description="Collector workers by NAME (as given to `gateway-tap collect NAME`).")
 
 
 class ConfigFileError(ValueError):
