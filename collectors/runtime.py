@@ -110,7 +110,7 @@ class CollectorRuntime:
         self.logger = BatchLogger(log, {"collector": name, "batch": 0})
         self.collector: DataCollector | None = None
         self.consumer: AIOKafkaConsumer | None = None
-        self.dlq = DeadLetterPublisher(name, {**kafka_options, "client_id": f"{client_id}-{name}-dlq"})
+        self.dlq: DeadLetterPublisher | None = None
         self._stopping = asyncio.Event()
         self._stop_deadline = float("inf")
         self._idle = asyncio.Event()
@@ -158,10 +158,12 @@ class CollectorRuntime:
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
         consumer.subscribe(list(self.topic_types), listener=_Listener(self))
+        dlq = self.dlq = DeadLetterPublisher(self.name, {**self.kafka_options,
+                                                         "client_id": f"{self.client_id}-{self.name}-dlq"})
         runner = None
         code = 0
         try:
-            await self.dlq.start()
+            await dlq.start()
             await consumer.start()
             if s.metrics.port is not None:
                 runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
@@ -180,7 +182,7 @@ class CollectorRuntime:
             with contextlib.suppress(Exception):
                 await collector.close()
             await consumer.stop()  # static members do not leave the group: a restart takes over at once
-            await self.dlq.stop()
+            await dlq.stop()
             if runner is not None:
                 await runner.cleanup()
         log.info("collector %s stopped (exit %d)", self.name, code)
@@ -282,6 +284,7 @@ class CollectorRuntime:
                     self._reject(bucket, rejected, dead)
         await collector.flush()
         if dead:
+            assert self.dlq is not None
             await self.dlq.publish(dead)
 
     def _reject(self, bucket: _Bucket, rejected: dict[str, str], dead: list[DeadLetter]) -> None:

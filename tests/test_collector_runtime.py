@@ -1,0 +1,299 @@
+"""The collector runtime against the real broker: dead letters for every kind of poison, retries that
+never skip or commit early, a plugin author's collector under ``gateway-tap collect``, metrics and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from collectors import BadEvents, RetryLater
+from collectors.runtime import CollectorRuntime
+from collectors.settings import CollectorSettings
+from collectors.sinks.file import FileCollector
+from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from schemas import Analytics, Event, EventType, ProxyLog, encode_event, message_headers, topic_for
+from tests.test_schemas import examples
+
+PLUGIN_DIR = Path(__file__).parent / "plugin_example"
+
+
+def analytics(n: int, model: str = "m", start: int = 0) -> list[Analytics]:
+    return [Analytics(gateway_id="g", request_id=f"r{i}", app_id=f"app{i % 5}", vendor="openai", model=model,
+                      latency_ms=1.0, status_code=200) for i in range(start, start + n)]
+
+
+async def create_topics(bootstrap: str, prefix: str, partitions: int = 3) -> None:
+    """The event topics and their DLQs, accepting messages up to 4 MiB (so a 'huge' event can be produced)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    big = {"max.message.bytes": str(4 * 1024 * 1024)}
+    try:
+        topics = [topic_for(t, prefix) for t in ("proxy_log", "analytics", "budget_usage")]
+        await admin.create_topics([NewTopic(t, partitions, 1, topic_configs=big) for t in topics]
+                                  + [NewTopic(t + ".dlq", 1, 1, topic_configs=big) for t in topics])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, values: Sequence[bytes | None],
+                  keys: Sequence[bytes | None] | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=4 * 1024 * 1024,
+                                linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=(keys[i] if keys else None),
+                                       headers=[("type", b"x")]) for i, value in enumerate(values)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def produce_events(bootstrap: str, prefix: str, events: Sequence[Event]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic_for(e.type, prefix), encode_event(e), key=(e.app_id or "").encode(),
+                                       headers=message_headers(e)) for e in events]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, count: int) -> list[Any]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, fetch_max_bytes=8 * 1024 * 1024,
+                                max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(out) < count:
+                for recs in (await consumer.getmany(timeout_ms=200)).values():
+                    out.extend(recs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def written(directory: Path, event_type: EventType) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    folder = directory / event_type
+    if not folder.exists():
+        return out
+    for path in sorted(folder.iterdir()):
+        data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        out += [orjson.loads(line) for line in data.splitlines()]
+    return out
+
+
+def settings(directory: Path, **overrides: Any) -> CollectorSettings:
+    base: dict[str, Any] = {
+        "batch": {"max_events": 500, "max_wait_ms": 20},
+        "retry": {"initial_backoff_ms": 10, "max_backoff_ms": 50},
+        "metrics": {"port": free_port()},
+        "shutdown_grace_s": 10,
+        "config": {"directory": str(directory)},
+    }
+    base.update(overrides)
+    return CollectorSettings.model_validate(base)
+
+
+async def wait_for(check: Any, what: str, limit: float = 30) -> None:
+    """Poll ``check`` (files, counters) until true; ``limit`` bounds a hang, it is not a timing assertion."""
+    try:
+        async with asyncio.timeout(limit):
+            while not await asyncio.to_thread(check):  # noqa: ASYNC110 - polling files, no event to wait on
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"gave up waiting for: {what}") from None
+
+
+@pytest.fixture
+async def runtime_task() -> AsyncIterator[Any]:
+    """Starts runtimes as tasks; stops any still running at the end of the test."""
+    started: list[tuple[CollectorRuntime, asyncio.Task[int]]] = []
+
+    def start(rt: CollectorRuntime) -> asyncio.Task[int]:
+        task = asyncio.create_task(rt.run())
+        started.append((rt, task))
+        return task
+
+    yield start
+    for rt, task in started:
+        rt.request_stop()
+        await asyncio.wait([task], timeout=30)
+
+
+class RejectingFileCollector(FileCollector):
+    """The file sink, except that it rejects events whose model is 'reject-me' (a collector-side BadEvent)."""
+
+    async def handle_raw_batch(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes]) -> None:
+        bad = {e.id for e in events if getattr(e, "model", None) == "reject-me"}
+        keep = [i for i, e in enumerate(events) if e.id not in bad]
+        await super().handle_raw_batch(event_type, [events[i] for i in keep], [values[i] for i in keep])
+        if bad:
+            raise BadEvents(dict.fromkeys(bad, "model reject-me is refused"))
+
+
+async def test_each_kind_of_poison_goes_to_the_dlq_and_the_rest_is_written(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, runtime_task: Any) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix, partitions=1)
+    topic = topic_for("analytics", topic_prefix)
+    good = analytics(6)
+    valid = orjson.loads(encode_event(good[0]))
+    missing_field = {k: v for k, v in valid.items() if k != "model"} | {"id": "missing-model"}
+    wrong_type = encode_event(ProxyLog.model_validate(orjson.loads(encode_event(examples()[0]))))
+    huge = orjson.dumps(valid | {"id": "huge", "tags": {"blob": "x" * (1_100_000)}})
+    rejected = analytics(1, model="reject-me", start=100)[0]
+    poison: dict[bytes | None, str] = {
+        b"not json {": "invalid JSON",
+        orjson.dumps(missing_field): "model: Field required",
+        wrong_type: "topic carries 'analytics' events, got 'proxy_log'",
+        orjson.dumps(valid | {"id": "v99", "schema_version": 99}): "unsupported schema_version 99",
+        huge: "larger than the 1048576 limit",
+        encode_event(rejected): "model reject-me is refused",
+        None: "empty message value",
+    }
+    values: list[bytes | None] = [encode_event(good[0]), *poison, *(encode_event(e) for e in good[1:])]
+    keys = [f"k{i}".encode() for i in range(len(values))]
+    await produce(kafka_bootstrap, topic, values, keys)
+
+    s = settings(tmp_path)
+    rt = CollectorRuntime("file", RejectingFileCollector, s, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    task = runtime_task(rt)
+    dead = await read_topic(kafka_bootstrap, topic + ".dlq", len(poison))
+    await wait_for(lambda: len(written(tmp_path, "analytics")) >= len(good), "good events written")
+
+    assert sorted(r["id"] for r in written(tmp_path, "analytics")) == sorted(e.id for e in good)
+    assert len(dead) == len(poison)
+    sent_key = {v: keys[i] for i, v in enumerate(values)}
+    for record in dead:
+        headers = dict(record.headers)
+        assert record.value in poison, "the dead letter carries the original value unchanged"
+        assert poison[record.value] in headers["error"].decode()
+        assert record.key == sent_key[record.value]
+        assert headers["collector"] == b"file"
+        assert headers["original_topic"] == topic.encode()
+        assert headers["type"] == b"x", "original headers are kept"
+        assert int(headers["original_offset"]) == values.index(record.value)  # one partition: offset = index
+        assert headers["error_class"] == (b"BadEvent" if record.value == encode_event(rejected)
+                                          else b"EventDecodeError")
+
+    port = s.metrics.port
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    assert 'gateway_tap_collector_events_handled_total{collector="file",type="analytics"} 6.0' in text
+    assert ('gateway_tap_collector_events_dead_lettered_total{collector="file",error_class="EventDecodeError",'
+            'type="analytics"} 6.0') in text
+    assert 'gateway_tap_collector_events_consumed_total{collector="file",type="analytics"} 13.0' in text
+    assert "gateway_tap_collector_freshness_seconds_bucket" in text
+    assert "gateway_tap_collector_consumer_lag{" in text
+
+    rt.request_stop()
+    assert await asyncio.wait_for(task, 30) == 0
+
+
+class FlakyCollector(FileCollector):
+    """Fails every flush with RetryLater until ``healed``; counts the failures."""
+
+    failures = 0
+    healed = False
+
+    async def flush(self) -> None:
+        if not FlakyCollector.healed:
+            FlakyCollector.failures += 1
+            raise RetryLater("disk is busy", retry_after=0.01)
+        await super().flush()
+
+
+async def committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {tp: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()
+
+
+async def test_retry_later_retries_without_committing_then_delivers_everything(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, runtime_task: Any) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix, partitions=1)
+    events = analytics(50)
+    await produce_events(kafka_bootstrap, topic_prefix, events)
+    s = settings(tmp_path, group_id=f"{topic_prefix}-flaky")
+    rt = CollectorRuntime("flaky", FlakyCollector, s, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    task = runtime_task(rt)
+    await wait_for(lambda: FlakyCollector.failures >= 5, "several failed flushes")
+    tp = TopicPartition(topic_for("analytics", topic_prefix), 0)
+    assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] is None, "nothing committed while failing"
+    assert rt.consumer is not None and rt.consumer.paused(), "fetching is paused while retrying"
+    FlakyCollector.healed = True
+    await wait_for(lambda: len(written(tmp_path, "analytics")) >= len(events), "all events written")
+    rt.request_stop()
+    assert await asyncio.wait_for(task, 30) == 0
+    # Each retry hands the batch over again: duplicates are expected (at-least-once), gaps are not.
+    assert {r["id"] for r in written(tmp_path, "analytics")} == {e.id for e in events}
+    assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] == len(events)
+    text = rt.metrics.render().decode()
+    assert f'gateway_tap_collector_retries_total{{collector="flaky"}} {float(FlakyCollector.failures)}' in text
+
+
+def collect_process(label: str, name: str, config: dict[str, Any], tmp_path: Path, *extra: str) -> ManagedProcess:
+    """``gateway-tap collect NAME`` as a child process (ready when /healthz answers), stopped with SIGTERM."""
+    path = tmp_path / f"gateway-tap-{len(list(tmp_path.glob('gateway-tap-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = next(iter(config["collectors"].values()))["metrics"]["port"]
+    proc = ManagedProcess(f"collect-{label}", cli_argv("collect", name, "--config", str(path), *extra),
+                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+                          env={"PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")])},
+                          log_path=tmp_path / f"collect-{label}.log", stop_signal=signal.SIGTERM)
+    return proc
+
+
+async def test_plugin_authors_collector_runs_under_gateway_tap_collect(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix)
+    name = "audit_collector:AuditCollector"
+    out = tmp_path / "audit.txt"
+    config = {"kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix},
+              "collectors": {name: {"metrics": {"port": free_port()}, "batch": {"max_wait_ms": 20},
+                                    "config": {"path": str(out)}}}}
+    good, forbidden = analytics(20), analytics(1, model="forbidden", start=50)
+    await produce_events(kafka_bootstrap, topic_prefix, [*good[:10], *forbidden, *good[10:]])
+    proc = collect_process("audit", name, config, tmp_path)
+    await asyncio.to_thread(proc.start)
+    try:
+        dead = await read_topic(kafka_bootstrap, topic_for("analytics", topic_prefix) + ".dlq", 1)
+        await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= len(good), "audit lines")
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+    assert code == 0, proc.log_tail()
+    assert sorted(line.split()[0] for line in out.read_text().splitlines()) == sorted(e.id for e in good)
+    assert dict(dead[0].headers)["error"] == b"model 'forbidden' is not allowed"
+    assert dict(dead[0].headers)["collector"] == name.encode()
+
+
+async def test_bad_collector_config_is_refused_with_the_key_path(tmp_path: Path) -> None:
+    config = {"collectors": {"file": {"config": {"directory": 5}}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(*cli_argv("collect", "file", "--config", str(path)),
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"collectors.file.config.directory: 5 is not of type 'string'" in err
