@@ -150,13 +150,15 @@ BLOCKED_BY_PLUGIN = CookbookQuery(
         "aggs": {
             "plugins": {
                 "terms": {"field": "blocked_by", "size": 100},
-                "aggs": {"apps": {"terms": {"field": "app_id", "size": 100, "missing": "(no app)"}}},
+                "aggs": {"apps": {"terms": {"field": "app_id", "size": 100}}},
             }
         },
     },
     note="Proxy logs carry every request, including those a hook stopped before the upstream; "
-         "`blocked_by` is the plugin's name. Requests rejected before authentication have no `app_id` "
-         "and show as `(no app)`.",
+         "`blocked_by` is the plugin's name. Requests stopped before authentication have no `app_id`: "
+         "they are the bucket's `doc_count` minus the sum of its `apps` buckets (`blocked_rows` reports "
+         "them as `(no app)`; the `missing` option of `terms` would do it server-side, but noida-db "
+         "ignores it).",
 )
 
 COOKBOOK: tuple[CookbookQuery, ...] = (
@@ -216,9 +218,15 @@ def top_apps_rows(resp: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def blocked_rows(resp: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """``{plugin: {app_id: blocked requests}}``."""
-    return {b["key"]: {a["key"]: a["doc_count"] for a in b["apps"]["buckets"]}
-            for b in resp["aggregations"]["plugins"]["buckets"]}
+    """``{plugin: {app_id: blocked requests}}``; requests without an app under ``"(no app)"``."""
+    out = {}
+    for bucket in resp["aggregations"]["plugins"]["buckets"]:
+        apps = {a["key"]: a["doc_count"] for a in bucket["apps"]["buckets"]}
+        no_app = bucket["doc_count"] - sum(apps.values()) - bucket["apps"].get("sum_other_doc_count", 0)
+        if no_app:
+            apps["(no app)"] = no_app
+        out[bucket["key"]] = apps
+    return out
 
 
 def render_markdown(prefix: str = "gateway") -> str:
