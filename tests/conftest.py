@@ -24,6 +24,8 @@ from gateway_tap.devstack import (
     mock_llm_process,
 )
 
+pytest_plugins = ["tests.budget_support"]  # budget_store / budget_store_settings (SQLite and PostgreSQL)
+
 
 @pytest.fixture(scope="session")
 def noida(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NoidaServer | None]:

@@ -225,7 +225,8 @@ class BudgetEnforcer:
         self._inflight = 0
         self._ids = itertools.count(1)
         self._migrated = False
-        self._last_ok: float | None = None
+        self._ever_refreshed = False
+        self._failing_since: float | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -253,17 +254,21 @@ class BudgetEnforcer:
         await self.stop()
 
     async def refresh(self) -> None:
-        """Read the store now.
+        """Read the store now (the background task calls this every ``staleness_s``).
 
-        :raises BudgetStoreError: the store failed (the cache keeps its previous content).
+        :raises BudgetStoreError: the store failed; the failure is recorded (metrics, ``last_error``,
+            :attr:`store_available`) and the cache keeps its previous content.
         """
         started = time.perf_counter()
-        if not self._migrated:
-            await self.store.migrate()
-            self._migrated = True
-        since = period_start("monthly", self._clock())  # every daily period lies inside its month
-        asked = list(self._pending)
-        snap = await self.store.snapshot(since, list(self._by_app), asked)
+        try:
+            if not self._migrated:
+                await self.store.migrate()
+                self._migrated = True
+            since = period_start("monthly", self._clock())  # every daily period lies inside its month
+            snap = await self.store.snapshot(since, list(self._by_app), list(self._pending))
+        except BudgetStoreError as exc:
+            self._store_failed(str(exc))
+            raise
         stored: dict[str, _Sums] = {}
         for row in snap.totals:
             stored.setdefault(row.app_id, _Sums()).add((row.llm_id, row.day), row.cost_micros, row.total_tokens)
@@ -273,7 +278,8 @@ class BudgetEnforcer:
         expiry = time.monotonic() - self.settings.pending_ttl_s
         for event_id in [e for e, p in self._pending.items() if p.settled_at < expiry]:
             self._forget_pending(event_id)
-        self._last_ok = time.monotonic()
+        self._ever_refreshed = True
+        self._failing_since = None
         self.last_error = None
         self._metrics.refresh.observe(time.perf_counter() - started)
         self._metrics.last_refresh.set(time.time())
@@ -282,9 +288,9 @@ class BudgetEnforcer:
     async def _refresh_once(self) -> None:
         try:
             await self.refresh()
-        except BudgetStoreError as exc:
-            self._store_failed(str(exc))
-        except Exception as exc:  # keep enforcing on the last known data; the error is logged and counted
+        except BudgetStoreError:
+            pass  # recorded by refresh(); enforcement goes on with the last known data
+        except Exception as exc:  # a bug must not stop the refresh loop: log, count, keep going
             log.exception("budget cache refresh failed")
             self._store_failed(f"{type(exc).__name__}: {exc}")
 
@@ -292,6 +298,8 @@ class BudgetEnforcer:
         if self.last_error != message:
             log.warning("budget store unreachable (%s); on_store_error=%s", message, self.settings.on_store_error)
         self.last_error = message
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
         self._metrics.store_errors.inc()
 
     async def _refresh_loop(self) -> None:
@@ -301,9 +309,10 @@ class BudgetEnforcer:
 
     @property
     def store_available(self) -> bool:
-        """False when no refresh succeeded within ``store_error_grace_s``."""
-        return self._last_ok is not None and time.monotonic() - self._last_ok <= max(
-            self.settings.store_error_grace_s, self.settings.staleness_s * 2)
+        """False before the first successful refresh and once refreshes kept failing for ``store_error_grace_s``."""
+        if not self._ever_refreshed:
+            return False
+        return self._failing_since is None or time.monotonic() - self._failing_since < self.settings.store_error_grace_s
 
     # -- decisions ---------------------------------------------------------------------------------------
     def applicable(self, app_id: str, llm_id: str | None) -> list[BudgetSettings]:
