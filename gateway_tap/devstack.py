@@ -157,7 +157,10 @@ class ManagedProcess:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(self.stop_signal)
+                # The whole session: launchers such as the noida-db wrapper would otherwise die of the
+                # signal and leave their real server to exit without its clean shutdown (noida then
+                # loses the last ~2 s of writes).
+                os.killpg(proc.pid, self.stop_signal)
             try:
                 proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
