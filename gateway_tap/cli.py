@@ -47,6 +47,38 @@ def hash_key(key: str | None) -> None:
     click.echo(f"sha256:{hashlib.sha256(key.encode()).hexdigest()}")
 
 
+@main.command("serve")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker processes (default: tap.workers).")
+@click.option("--port", type=int, help="Override tap.listen.port.")
+def serve(config_path: str, workers: int | None, port: int | None) -> None:
+    """Run the tap (reverse proxy, hooks, event publishing)."""
+    from gateway_tap.config import ConfigFileError
+    from gateway_tap.proxy.server import serve as run
+
+    try:
+        raise SystemExit(run(config_path, workers, port))
+    except ConfigFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check_config(config_path: str) -> None:
+    """Validate a config file (including plugin configs); exit 1 listing each key path and problem."""
+    from gateway_tap.config import ConfigFileError, load_config
+    from gateway_tap.plugins.loader import validate_plugin_configs
+
+    try:
+        config = load_config(config_path)
+    except ConfigFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    problems = validate_plugin_configs(config.plugins)
+    if problems:
+        raise click.ClickException(str(ConfigFileError(config_path, problems)))
+    click.echo(f"{config_path}: ok ({len(config.llms)} LLMs, {len(config.apps)} apps, {len(config.plugins)} plugins)")
+
+
 @main.command("up")
 @click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(path_type=str),
               help="Where the local stack keeps its data and logs.")

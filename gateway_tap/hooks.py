@@ -1,0 +1,240 @@
+"""The plugin SDK: one typed async Protocol per hook capability, and the objects hooks see.
+
+A plugin is a class with a no-argument constructor that implements any subset of
+the capabilities below (checked structurally, no base class needed):
+
+- :class:`PreAuthHook` runs before authentication (rate limits, IP filters);
+- :class:`AuthHook` replaces the built-in key check;
+- :class:`PostAuthHook` runs once the app is known (firewalls, enrichment);
+- :class:`ResponseHook` sees the upstream response headers, then every body chunk
+  (each streamed chunk, or the whole body once for non-streamed responses);
+- :class:`EndpointProvider` serves its own routes under ``/plugins/{name}/...``;
+- :class:`ConfigSchemaProvider` declares a JSON Schema its ``config`` must match.
+
+Optional lifecycle: ``async def initialize(self, config, services)`` after the
+config validated, ``async def close(self)`` at shutdown.
+
+A hook returns ``None`` (or :meth:`HookResult.proceed`) to continue, may mutate
+the request/response it is given or return :meth:`HookResult.modify`, and stops
+the request with :meth:`HookResult.stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import orjson
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway_tap.config import AppConfig
+
+_UNPARSED: Any = object()
+
+
+class TapRequest:
+    """The client request as the hooks see it; changes are forwarded upstream.
+
+    ``path`` is the part after ``/llm/{llm_id}/`` (e.g. ``v1/chat/completions``).
+    The JSON body is parsed lazily and at most once (:meth:`json`).
+    """
+
+    __slots__ = ("_body", "_json", "client_address", "headers", "method", "path", "query_string")
+
+    def __init__(self, method: str, path: str, query_string: str, headers: CIMultiDict[str], body: bytes,
+                 client_address: str | None = None) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self._body = body
+        self._json: Any = _UNPARSED
+        self.client_address = client_address
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._body = value
+        self._json = _UNPARSED
+
+    def json(self) -> Any:
+        """The parsed JSON body (``None`` when empty). Raises ``orjson.JSONDecodeError`` when malformed."""
+        if self._json is _UNPARSED:
+            self._json = orjson.loads(self._body) if self._body else None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        """Replace the body with ``value`` serialised as JSON."""
+        self._body = orjson.dumps(value)
+        self._json = value
+
+
+@dataclass(slots=True)
+class TapResponse:
+    """The upstream response as response hooks see it, before anything is sent to the client."""
+
+    status: int
+    headers: CIMultiDict[str]
+    streamed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: returned by an :class:`AuthHook`."""
+
+    app_id: str
+    user_id: str | None = None
+
+
+@dataclass(slots=True)
+class HookResult:
+    """What a hook decided. Use the constructors, not the fields."""
+
+    action: Literal["continue", "stop"] = "continue"
+    status: int = 200
+    code: str | None = None
+    message: str = ""
+    body: bytes | None = None
+    headers: Mapping[str, str] | None = None
+    metadata: Mapping[str, str] | None = None
+
+    @classmethod
+    def proceed(cls) -> HookResult:
+        return cls()
+
+    @classmethod
+    def modify(cls, *, headers: Mapping[str, str] | None = None, body: bytes | None = None,
+               metadata: Mapping[str, str] | None = None) -> HookResult:
+        """Continue after setting ``headers`` (on the request or response), replacing ``body`` and adding
+        ``metadata`` (string tags carried into the events)."""
+        return cls(headers=headers, body=body, metadata=metadata)
+
+    @classmethod
+    def stop(cls, status: int, message: str, *, code: str | None = None, body: bytes | None = None,
+             headers: Mapping[str, str] | None = None) -> HookResult:
+        """End the request with ``status``. Without ``body`` the client gets the standard error JSON."""
+        return cls("stop", status, code, message, body, headers)
+
+
+class KeyValueStore(Protocol):
+    """A small async key-value store, namespaced per plugin."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl_s: float | None = None) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int: ...
+
+
+class GatewayServices(Protocol):
+    """What the gateway offers plugins."""
+
+    def validate_credential(self, key: str) -> AppConfig | None:
+        """The app a presented key belongs to, or ``None``."""
+        ...
+
+    def get_app(self, app_id: str) -> AppConfig | None: ...
+
+    async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
+        """The app's current budget standing, or ``None`` when budgets are not configured."""
+        ...
+
+
+@dataclass(slots=True)
+class PluginServices:
+    """Services handed to a plugin at :func:`initialize` and on every context."""
+
+    kv: KeyValueStore
+    logger: logging.Logger
+    gateway: GatewayServices
+
+
+@dataclass(slots=True)
+class HookContext:
+    """Per request, per plugin view. ``metadata`` is shared by all hooks of one request and ends up in the events."""
+
+    request_id: str
+    llm_id: str
+    vendor: str
+    plugin: str
+    config: Mapping[str, Any]
+    services: PluginServices
+    metadata: dict[str, str]
+    app_id: str | None = None
+    user_id: str | None = None
+    model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The plugin's logger bound to this request id."""
+        return logging.LoggerAdapter(self.services.logger, {"plugin": self.plugin, "request_id": self.request_id})
+
+
+HookOutcome = HookResult | None
+
+
+@runtime_checkable
+class PreAuthHook(Protocol):
+    async def pre_auth(self, request: TapRequest, ctx: HookContext) -> HookOutcome: ...
+
+
+@runtime_checkable
+class AuthHook(Protocol):
+    async def authenticate(self, request: TapRequest, ctx: HookContext) -> Identity | HookResult | None:
+        """An :class:`Identity` accepts, ``HookResult.stop`` rejects, ``None`` defers to the next auth hook
+        (and finally to the built-in key check)."""
+        ...
+
+
+@runtime_checkable
+class PostAuthHook(Protocol):
+    async def post_auth(self, request: TapRequest, ctx: HookContext) -> HookOutcome: ...
+
+
+@runtime_checkable
+class ResponseHook(Protocol):
+    async def on_response_headers(self, response: TapResponse, ctx: HookContext) -> HookOutcome:
+        """Before anything is sent: may change status/headers or stop with a different response."""
+        ...
+
+    async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
+        """Before each body write; returns the bytes to send (``b""`` drops the chunk)."""
+        ...
+
+
+EndpointHandler = Callable[["web.Request", HookContext], Awaitable["web.StreamResponse"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A route a plugin serves at ``/plugins/{plugin name}/{path}``. The handler may stream."""
+
+    method: str
+    path: str
+    handler: EndpointHandler
+
+
+@runtime_checkable
+class EndpointProvider(Protocol):
+    def endpoints(self) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class ConfigSchemaProvider(Protocol):
+    def config_schema(self) -> Mapping[str, Any]:
+        """A JSON Schema (draft 2020-12) for the plugin's ``config``."""
+        ...
+
+
+HOOK_NAMES = ("pre_auth", "authenticate", "post_auth", "on_response_headers", "on_response_chunk")

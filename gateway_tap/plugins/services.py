@@ -1,0 +1,78 @@
+"""Services plugins get: a namespaced key-value store and the gateway's own lookups."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway_tap.config import AppConfig
+    from gateway_tap.proxy.auth import AppIndex
+
+BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
+
+
+class MemoryKV:
+    """In-process key-value store; each plugin sees only its own namespace.
+
+    It lives in one worker process: state that must be shared between workers
+    belongs in an external store the plugin talks to itself.
+    """
+
+    def __init__(self, data: dict[str, tuple[Any, float | None]], namespace: str, max_keys: int = 100_000) -> None:
+        self._data = data
+        self._prefix = namespace + "\x00"
+        self._max_keys = max_keys
+
+    def _get(self, key: str) -> tuple[Any, float | None] | None:
+        item = self._data.get(self._prefix + key)
+        if item is not None and item[1] is not None and item[1] < time.monotonic():
+            del self._data[self._prefix + key]
+            return None
+        return item
+
+    async def get(self, key: str) -> Any:
+        item = self._get(key)
+        return None if item is None else item[0]
+
+    async def set(self, key: str, value: Any, ttl_s: float | None = None) -> None:
+        if len(self._data) >= self._max_keys and self._prefix + key not in self._data:
+            self._evict_expired()
+            if len(self._data) >= self._max_keys:
+                raise OverflowError(f"key-value store is full ({self._max_keys} keys)")
+        self._data[self._prefix + key] = (value, time.monotonic() + ttl_s if ttl_s else None)
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(self._prefix + key, None)
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        item = self._get(key)
+        value = (int(item[0]) if item else 0) + amount
+        expires = item[1] if item else (time.monotonic() + ttl_s if ttl_s else None)
+        self._data[self._prefix + key] = (value, expires)
+        return value
+
+    def _evict_expired(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, (_, exp) in self._data.items() if exp is not None and exp < now]:
+            del self._data[k]
+
+
+class Gateway:
+    """The :class:`gateway_tap.hooks.GatewayServices` implementation."""
+
+    def __init__(self, apps: AppIndex, budget_status: BudgetStatusFn | None = None) -> None:
+        self._apps = apps
+        self.budget_status_fn = budget_status
+
+    def validate_credential(self, key: str) -> AppConfig | None:
+        return self._apps.app_for_key(key)
+
+    def get_app(self, app_id: str) -> AppConfig | None:
+        return self._apps.by_id.get(app_id)
+
+    async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
+        if self.budget_status_fn is None:
+            return None
+        return await self.budget_status_fn(app_id, llm_id)

@@ -1,0 +1,248 @@
+"""Token usage and cost of one LLM call: from the upstream's ``usage`` (JSON or SSE stream), else estimated.
+
+OpenAI streams carry usage in a final chunk only when ``stream_options.include_usage``
+is set, so the tap sets it (:func:`prepare_openai_stream`) and, when the client
+did not ask for it, :class:`StreamAccounting` strips that extra chunk again.
+Anthropic streams report input tokens in ``message_start`` and output tokens in
+``message_delta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway_tap.config import ModelPrice
+
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one call consumed. ``found`` is False until an upstream usage report was seen."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    estimated: bool = False
+    found: bool = False
+    model: str | None = None
+    choices: int | None = None
+    tool_calls: int | None = None
+
+    def finish(self) -> None:
+        if not self.total_tokens:
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def apply_openai_usage(usage: Usage, data: Mapping[str, Any]) -> None:
+    usage.found = True
+    usage.prompt_tokens = _int(data.get("prompt_tokens"))
+    usage.completion_tokens = _int(data.get("completion_tokens"))
+    usage.total_tokens = _int(data.get("total_tokens"))
+    details = data.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        usage.cache_read_tokens = details["cached_tokens"]
+
+
+def apply_anthropic_usage(usage: Usage, data: Mapping[str, Any]) -> None:
+    usage.found = True
+    if "input_tokens" in data:
+        usage.prompt_tokens = _int(data.get("input_tokens"))
+    if "output_tokens" in data:
+        usage.completion_tokens = _int(data.get("output_tokens"))
+    if isinstance(data.get("cache_read_input_tokens"), int):
+        usage.cache_read_tokens = data["cache_read_input_tokens"]
+    if isinstance(data.get("cache_creation_input_tokens"), int):
+        usage.cache_write_tokens = data["cache_creation_input_tokens"]
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return 0
+
+
+def estimate_prompt_tokens(request: Any) -> int:
+    """Rough prompt size of a chat/messages/embeddings request body: characters / 4."""
+    if not isinstance(request, dict):
+        return 0
+    chars = 0
+    for message in request.get("messages") or ():
+        if isinstance(message, dict):
+            chars += _text_chars(message.get("content"))
+    chars += _text_chars(request.get("system"))
+    value = request.get("input")
+    if isinstance(value, str):
+        chars += len(value)
+    elif isinstance(value, list):
+        chars += sum(len(x) for x in value if isinstance(x, str))
+    return max(1, chars // CHARS_PER_TOKEN) if chars else 0
+
+
+def usage_from_body(vendor: str, body: bytes) -> Usage:
+    """Usage, model, choices and tool calls from a non-streamed JSON response (empty Usage if none)."""
+    usage = Usage()
+    try:
+        data = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return usage
+    if not isinstance(data, dict):
+        return usage
+    if isinstance(data.get("model"), str):
+        usage.model = data["model"]
+    reported = data.get("usage")
+    completion_chars = 0
+    if vendor == "anthropic":
+        if isinstance(reported, dict):
+            apply_anthropic_usage(usage, reported)
+        content = data.get("content")
+        if isinstance(content, list):
+            usage.choices = 1
+            usage.tool_calls = sum(1 for b in content if isinstance(b, dict) and b.get("type") == "tool_use")
+            completion_chars = _text_chars(content)
+    else:
+        if isinstance(reported, dict):
+            apply_openai_usage(usage, reported)
+        choices = data.get("choices")
+        if isinstance(choices, list):
+            usage.choices = len(choices)
+            calls = 0
+            for choice in choices:
+                message = choice.get("message") if isinstance(choice, dict) else None
+                if isinstance(message, dict):
+                    calls += len(message.get("tool_calls") or ())
+                    completion_chars += _text_chars(message.get("content"))
+            usage.tool_calls = calls
+    if not usage.found:
+        usage.completion_tokens = completion_chars // CHARS_PER_TOKEN
+    return usage
+
+
+def prepare_openai_stream(body: dict[str, Any]) -> bool:
+    """Make an OpenAI streaming request report usage. True when the client did not ask for it (strip it)."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
+
+
+class StreamAccounting:
+    """Incremental SSE reader: finds usage in the stream and, for OpenAI, optionally strips the usage chunk.
+
+    :meth:`feed` returns the bytes to forward. When nothing must be stripped the
+    chunk passes through untouched (the events are only inspected); otherwise
+    only complete events are forwarded and a partial one waits for its end.
+    """
+
+    __slots__ = ("_buffer", "_strip", "_vendor", "events", "usage")
+
+    def __init__(self, vendor: str, strip_usage_chunk: bool) -> None:
+        self._vendor = vendor
+        self._strip = strip_usage_chunk
+        self._buffer = b""
+        self.usage = Usage()
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b"" if self._strip else chunk
+        complete, self._buffer = data[: end + 2], data[end + 2 :]
+        kept: list[bytes] = []
+        dropped = False
+        for event in complete.split(b"\n\n")[:-1]:
+            if self._inspect(event):
+                kept.append(event + b"\n\n")
+            else:
+                dropped = True
+        if not self._strip:
+            return chunk
+        if not dropped:
+            return complete
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        """Whatever is left when the upstream ends (an unterminated last event)."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            self._inspect(rest)
+        return rest if self._strip else b""
+
+    def _inspect(self, event: bytes) -> bool:
+        """Account one event; False when it is the injected usage-only chunk to strip."""
+        if not event.strip():
+            return True
+        self.events += 1
+        if self._vendor == "anthropic":
+            if b"message_start" in event or b"message_delta" in event:
+                payload = _data_of(event)
+                if isinstance(payload, dict):
+                    message = payload.get("message")
+                    if isinstance(message, dict):
+                        if isinstance(message.get("model"), str):
+                            self.usage.model = message["model"]
+                        if isinstance(message.get("usage"), dict):
+                            apply_anthropic_usage(self.usage, message["usage"])
+                    elif isinstance(payload.get("usage"), dict):
+                        apply_anthropic_usage(self.usage, payload["usage"])
+            elif b"tool_use" in event and b"content_block_start" in event:
+                self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
+            return True
+        if self.usage.model is None or (b'"usage"' in event and b'"usage":null' not in event
+                                        and b'"usage": null' not in event):
+            payload = _data_of(event)
+            if isinstance(payload, dict):
+                if self.usage.model is None and isinstance(payload.get("model"), str):
+                    self.usage.model = payload["model"]
+                reported = payload.get("usage")
+                if isinstance(reported, dict):
+                    apply_openai_usage(self.usage, reported)
+                    if self._strip and payload.get("choices") == []:
+                        return False
+        return True
+
+    def estimate_completion_tokens(self) -> int:
+        """Without a usage report: one token per content event is how both vendors stream."""
+        return max(0, self.events - (4 if self._vendor == "anthropic" else 2))
+
+
+def _data_of(event: bytes) -> Any:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            raw = line[5:].strip()
+            if raw == b"[DONE]":
+                return None
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+    return None
+
+
+def price_for(prices: Mapping[str, ModelPrice], *models: str | None) -> ModelPrice | None:
+    for model in models:
+        if model and model in prices:
+            return prices[model]
+    return prices.get("*")
+
+
+def cost_of(usage: Usage, price: ModelPrice | None) -> float:
+    if price is None:
+        return 0.0
+    return (usage.prompt_tokens * price.input_per_1m + usage.completion_tokens * price.output_per_1m) / 1_000_000

@@ -1,0 +1,178 @@
+"""The tap's aiohttp application: built once per worker by :func:`create_app`.
+
+Everything that can be decided at start-up is: plugins are loaded and
+initialised, each LLM gets its frozen hook chain, plugin endpoints are routed,
+one pooled upstream ``ClientSession`` is opened and the event publisher started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway_tap.config import GatewayConfig
+from gateway_tap.hooks import EndpointProvider, HookContext
+from gateway_tap.plugins.chain import BoundHook, build_chains
+from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
+from gateway_tap.plugins.services import BudgetStatusFn, Gateway
+from gateway_tap.proxy import errors
+from gateway_tap.proxy.auth import AppIndex
+from gateway_tap.proxy.errors import REQUEST_ID_HEADER
+from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.handler import ProxyHandler, new_request_id
+from gateway_tap.proxy.logs import access_log
+from gateway_tap.proxy.metrics import TapMetrics, status_class
+from gateway_tap.proxy.upstream import Upstream
+from gateway_tap.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+
+TAP_KEY = web.AppKey("gateway_tap", object)
+
+
+class TapApp:
+    """Holds the per-worker state; ``web_app`` is what aiohttp serves."""
+
+    def __init__(self, config: GatewayConfig, publisher: EventPublisher, metrics: TapMetrics,
+                 plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], apps: AppIndex,
+                 session: aiohttp.ClientSession, gateway: Gateway) -> None:
+        self.config = config
+        self.publisher = publisher
+        self.metrics = metrics
+        self.plugins = plugins
+        self.upstreams = upstreams
+        self.apps = apps
+        self.session = session
+        self.gateway = gateway
+        self.handler = ProxyHandler(upstreams, apps, session, config.tap.limits.max_body_bytes, self.record)
+        self.started = False
+        tap = config.tap
+        self._capture = tap.capture_bodies
+        self._body_limit = tap.body_capture_bytes
+        self._access_log = tap.access_log
+        self.web_app = web.Application(client_max_size=tap.limits.max_body_bytes)
+        self.web_app[TAP_KEY] = self
+        self._routes()
+        self.web_app.on_startup.append(self._on_startup)
+        self.web_app.on_cleanup.append(self._on_cleanup)
+
+    def _routes(self) -> None:
+        router = self.web_app.router
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        router.add_get("/metrics", self.metrics_endpoint)
+        router.add_route("*", r"/llm/{llm_id}/{rest:.*}", self.handler.handle)
+        for plugin in self.plugins:
+            if isinstance(plugin.instance, EndpointProvider):
+                for endpoint in plugin.instance.endpoints():
+                    path = f"/plugins/{plugin.name}/{endpoint.path.lstrip('/')}"
+                    router.add_route(endpoint.method, path, self._endpoint_handler(plugin, endpoint.handler))
+        router.add_route("*", "/{tail:.*}", self.not_found)
+
+    def _endpoint_handler(self, plugin: LoadedPlugin, fn: Any) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            rid = new_request_id()
+            ctx = HookContext(rid, "", "", plugin.name, plugin.settings.config, plugin.services, {})
+            resp: web.StreamResponse = await fn(request, ctx)
+            if not resp.prepared:
+                resp.headers[REQUEST_ID_HEADER] = rid
+            return resp
+
+        return handle
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.publisher.start()
+        self.started = True
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.started = False
+        await close_plugins(self.plugins)
+        await self.session.close()
+        await self.publisher.stop()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"}, 200)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.started and self.publisher.ready
+        return _json({"ready": ready, "publisher": self.publisher.stats()}, 200 if ready else 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return errors.error_response(errors.not_found(request.path), new_request_id())
+
+    def record(self, ex: Exchange) -> None:
+        """Metrics, the access log line and the three events for a finished request. Never raises into serving."""
+        m = self.metrics
+        up = self.upstreams.get(ex.llm_id)
+        llm = ex.llm_id if up is not None else "unknown"
+        app = ex.app_id or "none"
+        sc = status_class(ex.status)
+        model = up.model_label(ex.model) if up is not None else "other"
+        m.requests.labels(app, llm, model, sc).inc()
+        m.request_seconds.labels(llm, sc).observe(ex.total_ms / 1000)
+        upstream_ms = ex.upstream_ms
+        if upstream_ms is not None:
+            m.upstream_seconds.labels(llm).observe(upstream_ms / 1000)
+            m.overhead_seconds.labels(llm).observe(max(0.0, ex.total_ms - upstream_ms) / 1000)
+        if ex.ttfb is not None:
+            m.ttfb_seconds.labels(llm).observe(ex.ttfb - (ex.upstream_start or ex.started))
+        usage = ex.usage
+        if usage is not None and usage.total_tokens:
+            m.tokens.labels(app, llm, model, "input").inc(usage.prompt_tokens)
+            m.tokens.labels(app, llm, model, "output").inc(usage.completion_tokens)
+        if ex.cost:
+            m.cost.labels(app, llm, model).inc(ex.cost)
+        if ex.error is not None and ex.upstream_start is None:
+            m.rejected.labels(llm, ex.error.code).inc()
+        if self._access_log:
+            access_log.info("request", extra={
+                "request_id": ex.request_id, "app": ex.app_id, "llm": ex.llm_id, "model": ex.model,
+                "method": ex.method, "path": ex.path, "status": ex.status, "streamed": ex.streamed,
+                "latency_ms": round(ex.total_ms, 3),
+                "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+                "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
+            })
+        for event in ex.events(self.config.gateway_id, capture_bodies=self._capture, body_limit=self._body_limit):
+            self.publisher.publish(event)
+
+
+def _json(data: Any, status: int) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher: EventPublisher | None = None,
+                     metrics: TapMetrics | None = None, budget_status: BudgetStatusFn | None = None,
+                     builtin_post_auth: Sequence[BoundHook] = ()) -> TapApp:
+    """Load plugins, compose the chains and wire everything for one worker.
+
+    The publisher starts with the application (``on_startup``) and is drained on
+    cleanup; its spool lives in ``<spool_dir>/worker-<worker_index>``.
+
+    :raises gateway_tap.plugins.PluginLoadError: a plugin failed to load or initialise.
+    """
+    metrics = metrics or TapMetrics()
+    apps = AppIndex(config.apps)
+    gateway = Gateway(apps, budget_status)
+    plugins = await load_plugins(config.plugins, gateway)
+    chains = build_chains(plugins, [llm.id for llm in config.llms], metrics, builtin_post_auth=builtin_post_auth)
+    upstreams = {llm.id: Upstream.build(llm, chains[llm.id]) for llm in config.llms}
+    if publisher is None:
+        settings = config.tap.publisher
+        publisher = EventPublisher(config.kafka, settings,
+                                   spool_dir=Path(settings.spool_dir) / f"worker-{worker_index}",
+                                   registry=metrics.registry)
+    connector = aiohttp.TCPConnector(limit=config.tap.upstream_max_connections, ttl_dns_cache=300,
+                                     enable_cleanup_closed=True)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
+                                    skip_auto_headers=("User-Agent",))
+    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway)

@@ -1,0 +1,52 @@
+"""The built-in key check: sha256 of the presented key, looked up by hash."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from multidict import CIMultiDictProxy, MultiMapping
+
+from gateway_tap.config import AppConfig
+
+
+def hash_key(key: str) -> str:
+    """``sha256:<hex>``, the form stored in an app's ``key_hashes``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def presented_key(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> str | None:
+    """The app key from ``Authorization: Bearer`` or ``x-api-key``, or ``None``."""
+    value = headers.get("authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    value = headers.get("x-api-key")
+    return value.strip() or None if value else None
+
+
+class AppIndex:
+    """Apps by id and by key hash (O(1) lookup; the final equality check is constant time)."""
+
+    def __init__(self, apps: Iterable[AppConfig]) -> None:
+        self.by_id: dict[str, AppConfig] = {}
+        self.by_hash: dict[str, AppConfig] = {}
+        for app in apps:
+            self.by_id[app.id] = app
+            for key_hash in app.key_hashes:
+                self.by_hash[key_hash] = app
+        self._allowed = {app.id: frozenset(app.allowed_llms) for app in self.by_id.values()}
+
+    def app_for_key(self, key: str) -> AppConfig | None:
+        digest = hash_key(key)
+        app = self.by_hash.get(digest)
+        if app is None:
+            return None
+        # The dict lookup already matched; compare again in constant time so the answer never depends on timing.
+        return app if any(hmac.compare_digest(digest, h) for h in app.key_hashes) else None
+
+    def allowed(self, app_id: str, llm_id: str) -> bool:
+        allowed = self._allowed.get(app_id)
+        return allowed is not None and ("*" in allowed or llm_id in allowed)

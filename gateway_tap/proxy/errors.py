@@ -1,0 +1,78 @@
+"""OpenAI-style error responses: ``{"error": {"type", "code", "message", "request_id"}}`` plus ``x-request-id``."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class TapError(Exception):
+    """The tap answers the request itself with ``status`` and the standard error body."""
+
+    def __init__(self, status: int, type_: str, code: str, message: str, *, blocked_by: str | None = None,
+                 body: bytes | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = code
+        self.message = message
+        self.blocked_by = blocked_by
+        self.body = body
+        self.headers = headers
+
+
+def error_body(type_: str, code: str, message: str, request_id: str) -> bytes:
+    return orjson.dumps({"error": {"type": type_, "code": code, "message": message, "request_id": request_id}})
+
+
+def error_response(error: TapError, request_id: str) -> web.Response:
+    body = error.body if error.body is not None else error_body(error.type, error.code, error.message, request_id)
+    resp = web.Response(status=error.status, body=body, content_type="application/json")
+    if error.headers:
+        resp.headers.update(error.headers)
+    resp.headers[REQUEST_ID_HEADER] = request_id
+    return resp
+
+
+def not_found(path: str) -> TapError:
+    return TapError(404, "not_found_error", "route_not_found", f"no route for {path}")
+
+
+def unknown_llm(llm_id: str) -> TapError:
+    return TapError(404, "not_found_error", "unknown_llm", f"no LLM with id {llm_id!r} is configured")
+
+
+def missing_key() -> TapError:
+    return TapError(401, "authentication_error", "missing_api_key",
+                    "no API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+
+
+def unknown_key() -> TapError:
+    return TapError(401, "authentication_error", "invalid_api_key", "the API key is not valid")
+
+
+def llm_not_allowed(app_id: str, llm_id: str) -> TapError:
+    return TapError(403, "permission_error", "llm_not_allowed", f"app {app_id!r} may not use LLM {llm_id!r}")
+
+
+def body_too_large(limit: int) -> TapError:
+    return TapError(413, "invalid_request_error", "request_too_large",
+                    f"request body is larger than the {limit} byte limit")
+
+
+def malformed_json(detail: str) -> TapError:
+    return TapError(400, "invalid_request_error", "invalid_json", f"request body is not valid JSON: {detail}")
+
+
+def upstream_unreachable(llm_id: str, detail: str) -> TapError:
+    return TapError(502, "upstream_error", "upstream_unreachable", f"LLM {llm_id!r} is unreachable: {detail}")
+
+
+def upstream_timeout(llm_id: str, which: str) -> TapError:
+    return TapError(504, "upstream_error", "upstream_timeout", f"LLM {llm_id!r} timed out ({which})")
+
+
+def plugin_failed(plugin: str, hook: str, reason: str) -> TapError:
+    return TapError(500, "plugin_error", "plugin_failed", f"plugin {plugin!r} failed in {hook}: {reason}")

@@ -1,0 +1,190 @@
+"""One request in flight (:class:`Exchange`) and the three events it turns into."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
+
+from gateway_tap.proxy.accounting import Usage
+from schemas import Analytics, BudgetUsage, ErrorInfo, Event, Latency, ProxyLog, utc_now
+
+if TYPE_CHECKING:
+    from gateway_tap.proxy.errors import TapError
+
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie",
+                               "set-cookie", "x-goog-api-key", "openai-organization", "openai-project"})
+_SENSITIVE_WORDS = ("token", "secret", "key", "password", "auth", "session")
+REDACTED = "[REDACTED]"
+_BODY_SECRETS = re.compile(
+    rb'(?i)("(?:api[_-]?key|password|secret|token|access_token|authorization)"\s*:\s*)"[^"]*"'
+    rb"|\bsk-[A-Za-z0-9_-]{8,}|\bgt-[A-Za-z0-9_-]{8,}|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}")
+
+
+def redact_headers(headers: Mapping[str, str], limit: int = 64) -> dict[str, str]:
+    """Header name (lower case) to value, secrets replaced by ``[REDACTED]``."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in SENSITIVE_HEADERS or any(word in key for word in _SENSITIVE_WORDS):
+            out[key] = REDACTED
+        else:
+            out[key] = value[:512]
+        if len(out) >= limit:
+            break
+    return out
+
+
+def capture_body(body: bytes, limit: int) -> str | None:
+    """The first ``limit`` bytes of ``body`` with secrets redacted, as text."""
+    if not body or limit <= 0:
+        return None
+    clipped = body[:limit]
+    clipped = _BODY_SECRETS.sub(lambda m: m.group(1) + b'"' + REDACTED.encode() + b'"' if m.group(1)
+                                else REDACTED.encode(), clipped)
+    text = clipped.decode("utf-8", errors="replace")
+    return text + "...[truncated]" if len(body) > limit else text
+
+
+def month_start(now: datetime) -> date:
+    return date(now.year, now.month, 1)
+
+
+class Exchange:
+    """Everything recorded about one request, filled in as it progresses."""
+
+    __slots__ = (
+        "app_id",
+        "blocked_by",
+        "client_address",
+        "cost",
+        "currency",
+        "error",
+        "finished",
+        "first_chunk",
+        "llm_id",
+        "metadata",
+        "method",
+        "model",
+        "path",
+        "price_models",
+        "request_body",
+        "request_bytes",
+        "request_headers",
+        "request_id",
+        "requested_model",
+        "response_body",
+        "response_bytes",
+        "response_headers",
+        "started",
+        "status",
+        "streamed",
+        "ttfb",
+        "upstream_end",
+        "upstream_start",
+        "usage",
+        "user_agent",
+        "user_id",
+        "vendor",
+    )
+
+    def __init__(self, request_id: str, method: str, path: str, llm_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self.llm_id = llm_id
+        self.vendor = "unknown"
+        self.started = started
+        self.app_id: str | None = None
+        self.user_id: str | None = None
+        self.model: str | None = None
+        self.requested_model: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.status = 0
+        self.streamed = False
+        self.error: TapError | None = None
+        self.blocked_by: str | None = None
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.request_headers: Mapping[str, str] = {}
+        self.response_headers: Mapping[str, str] = {}
+        self.request_body: bytes = b""
+        self.response_body: bytes = b""
+        self.client_address: str | None = None
+        self.user_agent: str | None = None
+        self.upstream_start: float | None = None
+        self.ttfb: float | None = None
+        self.first_chunk: float | None = None
+        self.upstream_end: float | None = None
+        self.finished = started
+        self.usage: Usage | None = None
+        self.price_models: tuple[str | None, ...] = ()
+        self.cost = 0.0
+        self.currency = "USD"
+
+    def fail(self, error: TapError) -> None:
+        self.error = error
+        self.status = error.status
+        if error.blocked_by:
+            self.blocked_by = error.blocked_by
+
+    # Latencies in milliseconds.
+    @property
+    def total_ms(self) -> float:
+        return max(0.0, (self.finished - self.started) * 1000)
+
+    @property
+    def upstream_ms(self) -> float | None:
+        if self.upstream_start is None:
+            return None
+        end = self.upstream_end or self.finished
+        return max(0.0, (end - self.upstream_start) * 1000)
+
+    @property
+    def ttfb_ms(self) -> float | None:
+        return None if self.ttfb is None else max(0.0, (self.ttfb - self.started) * 1000)
+
+    def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int) -> list[Event]:
+        """proxy_log and analytics always; budget_usage when tokens or cost were consumed."""
+        now = utc_now()
+        usage = self.usage or Usage()
+        upstream_ms = self.upstream_ms
+        total_ms = self.total_ms
+        overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
+        error = (ErrorInfo(type=self.error.type, code=self.error.code, message=self.error.message)
+                 if self.error is not None else None)
+        model = usage.model or self.requested_model or "unknown"
+        common: dict[str, Any] = {"emitted_at": now, "gateway_id": gateway_id, "request_id": self.request_id,
+                                  "app_id": self.app_id, "llm_id": self.llm_id, "user_id": self.user_id}
+        events: list[Event] = [
+            ProxyLog(
+                **common, method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
+                status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
+                streamed=self.streamed,
+                latency=Latency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
+                                tap_overhead_ms=overhead),
+                request_headers=redact_headers(self.request_headers),
+                response_headers=redact_headers(self.response_headers),
+                request_body=capture_body(self.request_body, body_limit) if capture_bodies else None,
+                response_body=capture_body(self.response_body, body_limit) if capture_bodies else None,
+                client_address=self.client_address, user_agent=self.user_agent, error=error,
+                blocked_by=self.blocked_by, metadata=self.metadata,
+            ),
+            Analytics(
+                **common, vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
+                cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+                tokens_estimated=usage.estimated, cost=self.cost, currency=self.currency, latency_ms=total_ms,
+                ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
+                upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
+                tool_calls=usage.tool_calls, blocked_by=self.blocked_by, tags=self.metadata,
+            ),
+        ]
+        if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None:
+            events.append(BudgetUsage(
+                **common, model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period="monthly",
+                period_start=month_start(now), requests=1,
+            ))
+        return events

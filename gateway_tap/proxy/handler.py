@@ -1,0 +1,338 @@
+"""The hot path: ``/llm/{llm_id}/{rest}`` through the hook chain to the upstream and back.
+
+Order: body limit -> pre-auth hooks -> auth (plugin or built-in key check) ->
+LLM allowed -> JSON parse (only for POST bodies, for model and stream flag) ->
+post-auth (built-in steps, then plugins) -> upstream -> response hooks on the
+headers, then on each body chunk -> client. The events, metrics and access log
+are produced after the client has its response, so they add no latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import uuid_utils
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway_tap.hooks import HookResult, Identity, TapRequest, TapResponse
+from gateway_tap.plugins.chain import SKIPPED, BoundHook, HookFailed
+from gateway_tap.proxy import errors
+from gateway_tap.proxy.accounting import (
+    StreamAccounting,
+    Usage,
+    cost_of,
+    estimate_prompt_tokens,
+    prepare_openai_stream,
+    price_for,
+    usage_from_body,
+)
+from gateway_tap.proxy.auth import AppIndex, presented_key
+from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
+from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
+
+log = logging.getLogger(__name__)
+
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid_utils.uuid7().hex
+
+
+def _stop_error(result: HookResult, plugin: str) -> TapError:
+    kind = "permission_error" if result.status == 403 else "plugin_error" if result.status >= 500 else \
+        "invalid_request_error"
+    return TapError(result.status, kind, result.code or "blocked_by_plugin",
+                    result.message or f"request stopped by plugin {plugin!r}", blocked_by=plugin, body=result.body,
+                    headers=dict(result.headers) if result.headers else None)
+
+
+def _hook_error(exc: HookFailed) -> TapError:
+    return errors.plugin_failed(exc.plugin, exc.hook, "timed out" if exc.timed_out else "raised an error")
+
+
+class ProxyHandler:
+    """Serves ``/llm/...``; ``finish`` is called with every completed :class:`Exchange`."""
+
+    def __init__(self, upstreams: dict[str, Upstream], apps: AppIndex, session: aiohttp.ClientSession,
+                 max_body_bytes: int, finish: Callable[[Exchange], None]) -> None:
+        self.upstreams = upstreams
+        self.apps = apps
+        self.session = session
+        self.max_body_bytes = max_body_bytes
+        self.finish = finish
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        llm_id = request.match_info["llm_id"]
+        ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter())
+        ex.client_address = request.remote
+        ex.user_agent = request.headers.get("user-agent")
+        ex.request_headers = request.headers
+        resp: web.StreamResponse
+        try:
+            resp = await self._proxy(request, ex)
+        except TapError as err:
+            ex.fail(err)
+            resp = errors.error_response(err, ex.request_id)
+            ex.response_headers = resp.headers
+            with contextlib.suppress(*_CLIENT_GONE):
+                await resp.prepare(request)
+                await resp.write_eof()
+            ex.response_bytes = len(resp.body) if isinstance(resp.body, bytes) else 0
+        ex.finished = time.perf_counter()
+        try:
+            self.finish(ex)
+        except Exception:  # accounting must never break serving
+            log.exception("recording request %s failed", ex.request_id)
+        return resp
+
+    async def _run_request_hooks(self, hooks: tuple[BoundHook, ...], req: TapRequest, ex: Exchange) -> None:
+        for hook in hooks:
+            try:
+                result = await hook.call(req, ex)
+            except HookFailed as exc:
+                raise _hook_error(exc) from None
+            if result is None or result is SKIPPED:
+                continue
+            if result.action == "stop":
+                raise _stop_error(result, hook.plugin)
+            if result.headers:
+                req.headers.update(result.headers)
+            if result.body is not None:
+                req.body = result.body
+            if result.metadata:
+                ex.metadata.update(result.metadata)
+
+    async def _authenticate(self, up: Upstream, req: TapRequest, ex: Exchange) -> None:
+        for hook in up.chain.auth:
+            try:
+                result = await hook.call(req, ex)
+            except HookFailed as exc:
+                raise _hook_error(exc) from None
+            if isinstance(result, Identity):
+                ex.app_id, ex.user_id = result.app_id, result.user_id
+                break
+            if isinstance(result, HookResult) and result.action == "stop":
+                raise _stop_error(result, hook.plugin)
+        else:
+            key = presented_key(req.headers)
+            if key is None:
+                raise errors.missing_key()
+            app = self.apps.app_for_key(key)
+            if app is None:
+                raise errors.unknown_key()
+            ex.app_id = app.id
+        if ex.app_id in self.apps.by_id and not self.apps.allowed(ex.app_id, up.id):
+            raise errors.llm_not_allowed(ex.app_id, up.id)
+
+    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        up = self.upstreams.get(ex.llm_id)
+        if up is None:
+            raise errors.unknown_llm(ex.llm_id)
+        ex.vendor = up.vendor
+        ex.currency = up.config.currency
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise errors.body_too_large(self.max_body_bytes)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.body_too_large(self.max_body_bytes) from None
+        ex.request_bytes = len(body)
+        raw_path = request.rel_url.raw_path
+        rest = raw_path[len(ex.llm_id) + 6:]  # strip "/llm/{llm_id}/"
+        req = TapRequest(request.method, rest, request.rel_url.raw_query_string, CIMultiDict(request.headers),
+                         body, ex.client_address)
+        chain = up.chain
+        if chain.pre_auth:
+            await self._run_request_hooks(chain.pre_auth, req, ex)
+        await self._authenticate(up, req, ex)
+
+        parsed: Any = None
+        if body and request.method == "POST" and "json" in request.headers.get("content-type", "json"):
+            try:
+                parsed = req.json()
+            except orjson.JSONDecodeError as exc:
+                raise errors.malformed_json(str(exc)) from None
+            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                ex.model = ex.requested_model = parsed["model"]
+        if chain.post_auth:
+            await self._run_request_hooks(chain.post_auth, req, ex)
+            parsed = req.json() if req.body is not body else parsed
+
+        strip_usage = False
+        stream_requested = isinstance(parsed, dict) and parsed.get("stream") is True
+        if stream_requested and up.vendor == "openai" and "chat/completions" in req.path:
+            strip_usage = prepare_openai_stream(parsed)
+            if strip_usage:
+                req.set_json(parsed)
+        ex.request_body = req.body
+        return await self._forward(request, up, req, ex, parsed, strip_usage)
+
+    def _upstream_headers(self, up: Upstream, req: TapRequest, request_id: str) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in req.headers.items():
+            if name.lower() not in REQUEST_HEADERS_DROPPED:
+                headers.add(name, value)
+        if up.credential is not None:
+            headers[up.credential[0]] = up.credential[1]
+        headers[REQUEST_ID_HEADER] = request_id
+        return headers
+
+    async def _forward(self, request: web.Request, up: Upstream, req: TapRequest, ex: Exchange, parsed: Any,
+                       strip_usage: bool) -> web.StreamResponse:
+        url = up.base_url + req.path + ("?" + req.query_string if req.query_string else "")
+        headers = self._upstream_headers(up, req, ex.request_id)
+        ex.upstream_start = time.perf_counter()
+        try:
+            async with asyncio.timeout(up.first_byte_s):
+                upstream = await self.session.request(req.method, URL(url, encoded=True), headers=headers,
+                                                      data=req.body or None, timeout=up.timeout,
+                                                      allow_redirects=False)
+        except TimeoutError:
+            ex.upstream_end = time.perf_counter()
+            raise errors.upstream_timeout(up.id, "no response headers in time") from None
+        except aiohttp.ClientError as exc:
+            ex.upstream_end = time.perf_counter()
+            raise errors.upstream_unreachable(up.id, type(exc).__name__) from None
+        ex.ttfb = time.perf_counter()
+        try:
+            return await self._respond(request, up, upstream, ex, parsed, strip_usage)
+        finally:
+            upstream.release()
+
+    async def _respond(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse, ex: Exchange,
+                       parsed: Any, strip_usage: bool) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in upstream.headers.items():
+            if name.lower() not in RESPONSE_HEADERS_DROPPED:
+                headers.add(name, value)
+        streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        tap_resp = TapResponse(upstream.status, headers, streamed)
+        chain = up.chain
+        for hook in chain.response_headers:
+            try:
+                result = await hook.call(tap_resp, ex)
+            except HookFailed as exc:
+                raise _hook_error(exc) from None
+            if result is None or result is SKIPPED:
+                continue
+            if result.action == "stop":
+                raise _stop_error(result, hook.plugin)
+            if result.headers:
+                tap_resp.headers.update(result.headers)
+            if result.metadata:
+                ex.metadata.update(result.metadata)
+        tap_resp.headers[REQUEST_ID_HEADER] = ex.request_id
+        ex.status = tap_resp.status
+        ex.streamed = tap_resp.streamed
+        ex.response_headers = tap_resp.headers
+        if not tap_resp.streamed:
+            return await self._respond_whole(request, up, upstream, tap_resp, ex, parsed)
+        return await self._respond_stream(request, up, upstream, tap_resp, ex, parsed, strip_usage)
+
+    async def _respond_whole(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
+                             tap_resp: TapResponse, ex: Exchange, parsed: Any) -> web.StreamResponse:
+        try:
+            body = await upstream.read()
+        except TimeoutError:
+            raise errors.upstream_timeout(up.id, "response body not complete in time") from None
+        except aiohttp.ClientError as exc:
+            raise errors.upstream_unreachable(up.id, f"response body broke off: {type(exc).__name__}") from None
+        ex.upstream_end = ex.first_chunk = time.perf_counter()
+        if 200 <= upstream.status < 300:
+            ex.usage = usage_from_body(up.vendor, body)
+            self._price(up, ex, parsed, estimated_completion=None)
+        for hook in up.chain.response_chunk:
+            try:
+                result = await hook.call(body, ex)
+            except HookFailed as exc:
+                raise _hook_error(exc) from None
+            if result is not SKIPPED:
+                body = result
+        ex.response_body = body
+        ex.response_bytes = len(body)
+        resp = web.Response(status=tap_resp.status, body=body, headers=tap_resp.headers)
+        with contextlib.suppress(*_CLIENT_GONE):
+            await resp.prepare(request)
+            await resp.write_eof()
+        return resp
+
+    async def _respond_stream(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
+                              tap_resp: TapResponse, ex: Exchange, parsed: Any,
+                              strip_usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(status=tap_resp.status, headers=tap_resp.headers)
+        try:
+            await resp.prepare(request)
+        except _CLIENT_GONE:
+            ex.error = TapError(499, "client_error", "client_disconnected", "client went away")
+            return resp
+        # From here on the status line is out: a failure can only end the stream, never change the response.
+        acct = StreamAccounting(up.vendor, strip_usage) if 200 <= upstream.status < 300 else None
+        hooks = up.chain.response_chunk
+        captured: list[bytes] = []
+        try:
+            async for chunk in upstream.content.iter_any():
+                if ex.first_chunk is None:
+                    ex.first_chunk = time.perf_counter()
+                out = acct.feed(chunk) if acct is not None else chunk
+                if out:
+                    await self._write_chunk(resp, out, hooks, ex, captured)
+            if acct is not None:
+                tail = acct.flush()
+                if tail:
+                    await self._write_chunk(resp, tail, hooks, ex, captured)
+        except TimeoutError:
+            ex.error = errors.upstream_timeout(up.id, "stream not complete in time")
+        except HookFailed as exc:
+            ex.error = _hook_error(exc)
+        except _CLIENT_GONE:
+            ex.error = TapError(499, "client_error", "client_disconnected", "client went away mid-stream")
+        except aiohttp.ClientError as exc:
+            ex.error = errors.upstream_unreachable(up.id, f"stream broke off: {type(exc).__name__}")
+        ex.upstream_end = time.perf_counter()
+        ex.response_body = b"".join(captured)
+        if acct is not None:
+            ex.usage = acct.usage
+            self._price(up, ex, parsed, estimated_completion=acct.estimate_completion_tokens())
+        with contextlib.suppress(*_CLIENT_GONE):
+            await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _write_chunk(resp: web.StreamResponse, data: bytes, hooks: tuple[BoundHook, ...], ex: Exchange,
+                           captured: list[bytes]) -> None:
+        for hook in hooks:
+            result = await hook.call(data, ex)
+            if result is not SKIPPED:
+                data = result
+        if data:
+            ex.response_bytes += len(data)
+            if len(captured) < 64:
+                captured.append(data)
+            await resp.write(data)
+
+    @staticmethod
+    def _price(up: Upstream, ex: Exchange, parsed: Any, estimated_completion: int | None) -> None:
+        usage = ex.usage or Usage()
+        if not usage.found:
+            usage.estimated = True
+            usage.prompt_tokens = estimate_prompt_tokens(parsed)
+            if estimated_completion is not None:
+                usage.completion_tokens = estimated_completion
+            usage.total_tokens = 0
+        usage.finish()
+        ex.usage = usage
+        if usage.model:
+            ex.model = usage.model
+        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model))

@@ -1,0 +1,59 @@
+"""Prometheus metrics of the tap (``gateway_tap_`` prefix, units in names, bounded labels only).
+
+Labels are the configured app and LLM ids, the model (only models with a configured
+price, else ``other``) and the status class (``2xx``...). Never request or user ids.
+With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before any worker starts
+and ``/metrics`` aggregates every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0, 30.0, 60.0)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class TapMetrics:
+    """Every metric the proxy and the hook chain record, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gateway_tap_requests", "Requests handled, by outcome.",
+                                ["app", "llm", "model", "status_class"], registry=r)
+        self.request_seconds = Histogram("gateway_tap_request_duration_seconds", "Total time per request.",
+                                         ["llm", "status_class"], buckets=BUCKETS, registry=r)
+        self.upstream_seconds = Histogram("gateway_tap_upstream_duration_seconds",
+                                          "Time spent waiting on the upstream.", ["llm"], buckets=BUCKETS,
+                                          registry=r)
+        self.ttfb_seconds = Histogram("gateway_tap_upstream_ttfb_seconds", "Time to the upstream's first byte.",
+                                      ["llm"], buckets=BUCKETS, registry=r)
+        self.overhead_seconds = Histogram("gateway_tap_overhead_seconds",
+                                          "Time the tap added (total minus upstream).", ["llm"], buckets=BUCKETS,
+                                          registry=r)
+        self.tokens = Counter("gateway_tap_tokens", "Tokens consumed.", ["app", "llm", "model", "kind"],
+                              registry=r)
+        self.cost = Counter("gateway_tap_cost_usd", "Cost of the calls in the LLM's currency.",
+                            ["app", "llm", "model"], registry=r)
+        self.rejected = Counter("gateway_tap_rejected_requests", "Requests the tap answered itself.",
+                                ["llm", "code"], registry=r)
+        self.hook_seconds = Histogram("gateway_tap_hook_duration_seconds", "Latency of each plugin hook.",
+                                      ["plugin", "hook"], buckets=BUCKETS, registry=r)
+        self.hook_errors = Counter("gateway_tap_hook_errors", "Hook exceptions and timeouts.",
+                                   ["plugin", "hook", "kind"], registry=r)
+
+    def exposition(self) -> bytes:
+        """The text exposition format: all workers' values in multiprocess mode, else this registry's."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,63 @@
+"""Per-LLM upstream settings resolved once at start-up: URL, credential header, timeouts, prices."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway_tap.config import LLMConfig, ModelPrice
+from gateway_tap.plugins.chain import Chain
+
+# Never forwarded upstream: hop-by-hop headers, the client's credentials, and what aiohttp sets itself.
+REQUEST_HEADERS_DROPPED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key", "accept-encoding",
+})
+# The tap decodes compressed upstream bodies (to account them) and re-frames the response.
+RESPONSE_HEADERS_DROPPED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "content-length", "content-encoding",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One configured LLM, ready for the hot path."""
+
+    config: LLMConfig
+    chain: Chain
+    base_url: str
+    credential: tuple[str, str] | None
+    timeout: aiohttp.ClientTimeout
+    first_byte_s: float
+    prices: dict[str, ModelPrice]
+    price_labels: frozenset[str]
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def vendor(self) -> str:
+        return self.config.vendor
+
+    @classmethod
+    def build(cls, config: LLMConfig, chain: Chain) -> Upstream:
+        secret = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        credential: tuple[str, str] | None = None
+        if secret:
+            credential = ("x-api-key", secret) if config.vendor == "anthropic" else \
+                ("Authorization", f"Bearer {secret}")
+        t = config.timeouts
+        return cls(
+            config=config, chain=chain, base_url=config.upstream_url.rstrip("/") + "/", credential=credential,
+            timeout=aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s),
+            first_byte_s=t.first_byte_s, prices=dict(config.prices),
+            price_labels=frozenset(k for k in config.prices if k != "*"),
+        )
+
+    def model_label(self, model: str | None) -> str:
+        """A bounded metric label: only models with a configured price keep their name."""
+        return model if model in self.price_labels else "other"

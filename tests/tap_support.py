@@ -1,0 +1,115 @@
+"""Shared helpers for the tap tests: a config builder, an in-process tap on a free port, an event reader."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer
+
+from gateway_tap.config import parse_config
+from gateway_tap.devstack import free_port
+from gateway_tap.proxy.app import TapApp, create_app
+from schemas import EVENT_TYPES, Event, decode_event, topic_for
+
+APP_KEY = "gt-test-key-0123456789"
+LIMITED_KEY = "gt-limited-key-0123456789"
+UPSTREAM_SECRET = "upstream-secret-value"
+OPENAI_PRICE = {"input_per_1m": 0.15, "output_per_1m": 0.60}
+ANTHROPIC_PRICE = {"input_per_1m": 0.80, "output_per_1m": 4.00}
+
+EXAMPLE_PLUGINS: list[dict[str, Any]] = [
+    {"name": "prompt_firewall", "use": "gateway_tap.plugins.examples.prompt_firewall:PromptFirewall",
+     "order": 10, "config": {"patterns": ["ignore (all )?previous instructions", r"\b\d{3}-\d{2}-\d{4}\b"]}},
+    {"name": "request_enricher", "use": "gateway_tap.plugins.examples.request_enricher:RequestEnricher",
+     "order": 20, "config": {"headers": {"x-gateway": "gateway-tap"}, "metadata": {"team": "qa"},
+                             "app_header": "x-gateway-app"}},
+    {"name": "response_modifier", "use": "gateway_tap.plugins.examples.response_modifier:ResponseModifier",
+     "order": 30, "config": {"headers": {"x-served-by": "gateway-tap"}}},
+]
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def tap_config(mock_url: str, kafka_bootstrap: str, topic_prefix: str, spool_dir: Path, *,
+               plugins: list[dict[str, Any]] | None = None, port: int = 0, tap: dict[str, Any] | None = None,
+               extra_llms: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A config document: LLMs ``openai`` and ``anthropic`` on the mock, apps ``test`` (all) and ``limited``."""
+    return {
+        "gateway_id": "tap-test",
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix},
+        "tap": {"listen": {"host": "127.0.0.1", "port": port}, "access_log": True,
+                "publisher": {"spool_dir": str(spool_dir), "linger_ms": 1}, **(tap or {})},
+        "llms": [
+            {"id": "openai", "vendor": "openai", "upstream_url": mock_url, "api_key_env": "TAP_TEST_UPSTREAM_KEY",
+             "prices": {"gpt-4o-mini": OPENAI_PRICE}},
+            {"id": "anthropic", "vendor": "anthropic", "upstream_url": mock_url,
+             "api_key_env": "TAP_TEST_UPSTREAM_KEY", "prices": {"*": ANTHROPIC_PRICE}},
+            *(extra_llms or []),
+        ],
+        "apps": [
+            {"id": "test", "name": "Test", "key_hashes": [key_hash(APP_KEY)]},
+            {"id": "limited", "key_hashes": [key_hash(LIMITED_KEY)], "allowed_llms": ["anthropic"]},
+        ],
+        "plugins": plugins if plugins is not None else [],
+    }
+
+
+@dataclass
+class RunningTap:
+    url: str
+    tap: TapApp
+
+
+@asynccontextmanager
+async def running_tap(document: dict[str, Any]) -> AsyncIterator[RunningTap]:
+    """The tap served in this event loop on a free port; stopped (publisher drained) on exit."""
+    config = parse_config(document)
+    tap = await create_app(config)
+    runner = web.AppRunner(tap.web_app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield RunningTap(f"http://127.0.0.1:{port}", tap)
+    finally:
+        await runner.cleanup()
+
+
+async def read_events(bootstrap: str, prefix: str, *, count: int, wait_s: float = 30.0) -> list[Event]:
+    """Read events from the three topics until ``count`` distinct event ids were seen (or time runs out)."""
+    topics = [topic_for(t, prefix) for t in EVENT_TYPES]
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    seen: dict[str, Event] = {}
+    try:
+        async with asyncio.timeout(wait_s):
+            while len(seen) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for record in records:
+                        assert record.value is not None
+                        event = decode_event(record.value)
+                        seen[event.id] = event
+    except TimeoutError:
+        pass
+    finally:
+        await consumer.stop()
+    return list(seen.values())
+
+
+def by_request(events: list[Event]) -> dict[str, dict[str, Event]]:
+    out: dict[str, dict[str, Event]] = {}
+    for event in events:
+        out.setdefault(event.request_id, {})[event.type] = event
+    return out
