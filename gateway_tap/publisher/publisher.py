@@ -294,9 +294,12 @@ class EventPublisher:
         self._connected = True
 
     async def _close_producer(self, producer: AIOKafkaProducer, wait_s: float) -> None:
+        """Stop gracefully within ``wait_s`` (0 = not at all), else drop its unsent batches and connections."""
         try:
+            if wait_s <= 0:
+                raise TimeoutError
             await asyncio.wait_for(producer.stop(), wait_s)
-        except (Exception, asyncio.CancelledError):
+        except Exception:
             # Unacknowledged batches keep an idempotent producer retrying forever; everything it held
             # is already spooled, so just stop its sender and connections.
             sender = getattr(producer, "_sender", None)
@@ -307,6 +310,7 @@ class EventPublisher:
                     await task
             with contextlib.suppress(Exception):
                 await producer.client.close()
+            producer._closed = True  # what stop() would have set; silences the "unclosed" warning
 
     async def _send_group(self, messages: Sequence[Message]) -> list[Message]:
         """Send and await acks; returns the messages to retry (failed, timed out or never sent)."""
@@ -353,6 +357,12 @@ class EventPublisher:
                             len(retry), len(messages))
             self._connected = False
             self._next_probe = loop.time() + self._settings.retry_interval_s
+            # Start over with a fresh producer: an idempotent producer whose batches timed out keeps
+            # retrying them forever, and one whose broker lost its sequence state (a broker restart)
+            # fails every later send with OutOfOrderSequenceNumber. Its batches are spooled already.
+            if self._producer is producer:
+                self._producer = None
+                await self._close_producer(producer, 0)
         return retry
 
     # ------------------------------------------------------------------ tasks
