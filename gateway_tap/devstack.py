@@ -10,6 +10,7 @@ benchmarks all start and stop them through this one module.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -72,11 +73,10 @@ def kafka_metadata_ok(bootstrap: str, timeout: float = 2.0) -> bool:
             with contextlib.suppress(Exception):
                 await admin.close()
 
-    try:
-        return asyncio.run(probe())
-    except RuntimeError:  # called inside a running loop: fall back to a socket check
-        host, _, port = bootstrap.rpartition(":")
-        return tcp_open(host, int(port))
+    # In a thread of its own: asyncio.run() in this thread would unset the thread's current event
+    # loop (e.g. pytest-asyncio's session loop when a session fixture starts noida mid-run).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-probe") as pool:
+        return pool.submit(asyncio.run, probe()).result()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
