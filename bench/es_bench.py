@@ -1,0 +1,287 @@
+"""Elasticsearch collector: throughput against a bare ``async_streaming_bulk`` loop, and freshness.
+
+One run, one private noida-db (Kafka + Elasticsearch on free ports), the same documents:
+
+1. produce ``--events`` analytics events (real ``schemas`` JSON) to a topic, read them back
+   (raw values + decoded events, as the runtime hands them over);
+2. ``collector``: :meth:`ElasticsearchCollector.handle_raw_batch` over batches of
+   ``--batch`` events (the runtime's default batch size), default collector settings;
+3. ``bare``: ``elasticsearch.helpers.async_streaming_bulk`` over the same documents
+   (pre-built ``_source`` dicts, ``chunk_size`` = the collector's ``bulk_max_events``);
+4. ``runtime``: ``gateway-tap collect elasticsearch`` (a child process) draining the
+   whole topic: Kafka fetch + decode + collector + commits;
+5. freshness: the same child process while ``--rate`` events/s are produced for
+   ``--seconds``; every 10th event is a probe whose first appearance in ``_search``
+   results (polled every 50 ms) gives emitted -> searchable.
+
+Each contender writes into its own index prefix; indices are deleted between passes.
+
+Usage::
+
+    .venv/bin/python bench/es_bench.py [--events 100000] [--rate 1000] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from elasticsearch import AsyncElasticsearch
+from elasticsearch.helpers import async_streaming_bulk
+
+from collectors.sdk import CollectorServices
+from collectors.sinks import es_templates as tpl
+from collectors.sinks.elasticsearch import CONFIG_SCHEMA, ElasticsearchCollector, status_class
+from gateway_tap.devstack import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
+from schemas import Analytics, decode_event, encode_event, topic_for
+from schemas.events import Event
+
+
+def make_event(i: int, when: datetime | None = None) -> Analytics:
+    return Analytics(gateway_id="bench", request_id=f"r{i}", app_id=f"app-{i % 50}", llm_id=f"llm-{i % 5}",
+                     vendor="openai", model=f"model-{i % 7}", prompt_tokens=100 + i % 900, completion_tokens=50,
+                     total_tokens=150 + i % 900, cost=0.0001 * (i % 100), latency_ms=100.0 + i % 400,
+                     ttft_ms=30.0, status_code=200 if i % 20 else 500, streamed=bool(i % 2),
+                     tags={"team": f"t{i % 4}"}, **({"emitted_at": when} if when else {}))
+
+
+async def produce(bootstrap: str, topic: str, events: list[Analytics]) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20)
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        futures = [await producer.send(topic, encode_event(e), key=(e.app_id or "").encode()) for e in events]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+async def read_back(bootstrap: str, topic: str, count: int) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        while len(values) < count:
+            for recs in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
+                values.extend(r.value for r in recs)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def count_docs(es: AsyncElasticsearch, index: str) -> int:
+    if not await es.indices.exists_alias(name=index):
+        return 0
+    await es.indices.refresh(index=index)
+    return int((await es.count(index=index))["count"])
+
+
+async def open_collector(es_url: str, prefix: str) -> ElasticsearchCollector:
+    """A collector with default settings; initialising it installs the templates of ``prefix``."""
+    collector = ElasticsearchCollector()
+    await collector.initialize({"hosts": [es_url], "index_prefix": prefix},
+                               CollectorServices(name="elasticsearch", logger=logging.getLogger("bench")))
+    return collector
+
+
+async def bench_collector(es_url: str, prefix: str, events: list[Event], values: list[bytes], batch: int) -> float:
+    collector = await open_collector(es_url, prefix)
+    started = time.perf_counter()
+    for i in range(0, len(events), batch):
+        await collector.handle_raw_batch("analytics", events[i:i + batch], values[i:i + batch])
+    elapsed = time.perf_counter() - started
+    await collector.close()
+    return elapsed
+
+
+async def bench_bare(es_url: str, prefix: str, events: list[Event], values: list[bytes], chunk: int) -> float:
+    await (await open_collector(es_url, prefix)).close()  # same templates and mappings, installed untimed
+    actions = []
+    for event, value in zip(events, values, strict=True):
+        source = orjson.loads(value)
+        source["status_class"] = status_class(source["status_code"])
+        actions.append({"_index": tpl.index_name(prefix, "analytics", event.emitted_at), "_id": event.id,
+                        "_source": source})
+    async with AsyncElasticsearch(es_url) as es:
+        started = time.perf_counter()
+        async for ok, info in async_streaming_bulk(es, actions, chunk_size=chunk, raise_on_error=False):
+            if not ok:
+                raise RuntimeError(f"bare bulk item failed: {info}")
+        return time.perf_counter() - started
+
+
+def collector_process(tmp: Path, bootstrap: str, topic_prefix: str, es_url: str, prefix: str) -> ManagedProcess:
+    port = free_port()
+    config = {"kafka": {"bootstrap_servers": bootstrap, "topic_prefix": topic_prefix},
+              "collectors": {"elasticsearch": {"metrics": {"port": port},
+                                               "config": {"hosts": [es_url], "index_prefix": prefix}}}}
+    path = tmp / "gateway-tap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ManagedProcess("collect-es", cli_argv("collect", "elasticsearch", "--config", str(path)),
+                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), log_path=tmp / "collect.log",
+                          stop_signal=signal.SIGTERM, start_timeout=60)
+
+
+async def wait_count(es: AsyncElasticsearch, index: str, n: int) -> float:
+    while (await count_docs(es, index)) < n:  # noqa: ASYNC110 - polling a server, no event to wait on
+        await asyncio.sleep(0.2)
+    return time.perf_counter()
+
+
+async def freshness(bootstrap: str, topic: str, es: AsyncElasticsearch, index: str, rate: int,
+                    seconds: float) -> list[float]:
+    """Produce ``rate`` events/s for ``seconds``; return emitted -> searchable (s) of every 10th event."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    emitted: dict[str, float] = {}
+    found: dict[str, float] = {}
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        while not done.is_set() or len(found) < len(emitted):
+            pending = [i for i in emitted if i not in found]
+            if pending:
+                resp = await es.search(index=index, query={"terms": {"id": pending}}, size=len(pending),
+                                       source=False)
+                now = time.time()
+                for hit in resp["hits"]["hits"]:
+                    found.setdefault(hit["_id"], now)
+            await asyncio.sleep(0.05)
+
+    poller = asyncio.create_task(poll())
+    try:
+        start = time.perf_counter()
+        n = 0
+        total = int(rate * seconds)
+        while n < total:
+            # Send what is due by now (ticks of 10 ms keep the rate steady without a sleep per event).
+            due = min(total, int((time.perf_counter() - start) * rate))
+            while n < due:
+                event = make_event(n, datetime.now(UTC))
+                if n % 10 == 0:
+                    emitted[event.id] = event.emitted_at.timestamp()
+                await producer.send(topic, encode_event(event), key=(event.app_id or "").encode())
+                n += 1
+            await asyncio.sleep(0.01)
+        await producer.flush()
+        done.set()
+        await asyncio.wait_for(poller, 60)
+    finally:
+        await producer.stop()
+        poller.cancel()
+    return [found[i] - emitted[i] for i in emitted]
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="es-bench-"))
+    server = NoidaServer(data_dir=tmp / "noida", log_path=tmp / "noida.log")
+    await asyncio.to_thread(server.start)
+    run = uuid.uuid4().hex[:6]
+    topic_prefix = f"b{run}"
+    topic = topic_for("analytics", topic_prefix)
+    admin = AIOKafkaAdminClient(bootstrap_servers=server.bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, args.partitions, 1)] +
+                              [NewTopic(topic_for(t, topic_prefix), 1, 1) for t in ("proxy_log", "budget_usage")])
+    await admin.close()
+    es = AsyncElasticsearch(server.es_url)
+    try:
+        events_in = [make_event(i) for i in range(args.events)]
+        produce_s = await produce(server.bootstrap, topic, events_in)
+        values = await read_back(server.bootstrap, topic, args.events)
+        events = [decode_event(v, "analytics") for v in values]
+        avg_bytes = sum(map(len, values)) / len(values)
+        chunk = CONFIG_SCHEMA["properties"]["bulk_max_events"]["default"]
+
+        results: dict[str, float] = {}
+        for name in args.order.split(","):
+            prefix = f"{name}{run}"
+            if name == "collector":
+                elapsed = await bench_collector(server.es_url, prefix, events, values, args.batch)
+            else:
+                elapsed = await bench_bare(server.es_url, prefix, events, values, chunk)
+            indexed = await count_docs(es, tpl.alias_name(prefix, "analytics"))
+            assert indexed == args.events, f"{name}: {indexed} of {args.events} documents"
+            results[name] = args.events / elapsed
+            print(f"{name:10s} {args.events} docs in {elapsed:6.2f}s = {results[name]:8.0f} docs/s", flush=True)
+            # Wildcard deletes are refused by default (action.destructive_requires_name): name each index.
+            names = list((await es.indices.get_alias(name=tpl.alias_name(prefix, "analytics"))).body)
+            await es.indices.delete(index=",".join(names))
+
+        prefix = f"rt{run}"
+        proc = collector_process(tmp, server.bootstrap, topic_prefix, server.es_url, prefix)
+        started = time.perf_counter()
+        await asyncio.to_thread(proc.start)
+        ready = time.perf_counter()
+        finished = await wait_count(es, tpl.alias_name(prefix, "analytics"), args.events)
+        runtime_rate = args.events / (finished - ready)
+        print(f"runtime    {args.events} docs in {finished - ready:6.2f}s = {runtime_rate:8.0f} docs/s "
+              f"(process start {ready - started:.1f}s not included)", flush=True)
+
+        lags = await freshness(server.bootstrap, topic, es, tpl.alias_name(prefix, "analytics"), args.rate,
+                               args.seconds)
+        await asyncio.to_thread(proc.stop)
+    finally:
+        await es.close()
+        await asyncio.to_thread(server.stop)
+
+    ratio = results["collector"] / results["bare"]
+    print()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}, noida-db 0.2.3")
+    print(f"events: {args.events} analytics, {avg_bytes:.0f} B each, {args.partitions} partitions; "
+          f"produced in {produce_s:.1f}s")
+    print("| contender | docs/s | vs bare |")
+    print("|---|---:|---:|")
+    print(f"| bare `async_streaming_bulk` (chunk {chunk}) | {results['bare']:.0f} | 100% |")
+    print(f"| collector `handle_raw_batch` (batches of {args.batch}) | {results['collector']:.0f} | {ratio:.0%} |")
+    print(f"| `gateway-tap collect elasticsearch` (Kafka -> ES) | {runtime_rate:.0f} | "
+          f"{runtime_rate / results['bare']:.0%} |")
+    print(f"freshness at {args.rate} events/s for {args.seconds:.0f}s ({len(lags)} probes): "
+          f"p50 {statistics.median(lags) * 1000:.0f} ms, p99 {pct(lags, 99) * 1000:.0f} ms, "
+          f"max {max(lags) * 1000:.0f} ms")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=5000, help="events per handed-over batch")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rate", type=int, default=1000, help="events/s in the freshness phase")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
+    parser.add_argument("--order", default="bare,collector", help="contenders, in order")
+    return parser.parse_args()
+
+
+def _run(args: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main(args))
+    except ImportError:
+        asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    _run(parse_args())
