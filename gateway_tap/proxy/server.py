@@ -8,6 +8,7 @@ its publisher into Kafka or its own spool ``<spool_dir>/worker-<n>``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -24,25 +25,37 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(config_path: str, worker_index: int, workers: int, port: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM in this process."""
+    """Serve until SIGINT/SIGTERM in this process, then drain (in-flight requests, then the publisher)."""
     import uvloop
-    from aiohttp import web
 
-    from gateway_tap.proxy.app import create_app
     from gateway_tap.proxy.logs import configure_logging
 
     config = load_config(config_path)
     configure_logging(config.tap.log_level)
-    uvloop.install()
-    listen = config.tap.listen
+    uvloop.run(_serve_worker(config, worker_index, workers, port or config.tap.listen.port))
 
-    async def factory() -> web.Application:
-        tap = await create_app(config, worker_index=worker_index)
-        return tap.web_app
 
-    log.info("worker starting", extra={"worker": worker_index, "pid": os.getpid(), "port": port or listen.port})
-    web.run_app(factory(), host=listen.host, port=port or listen.port, reuse_port=workers > 1, print=None,
-                access_log=None, shutdown_timeout=10.0, handle_signals=True)
+async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, port: int) -> None:
+    from aiohttp import web
+
+    from gateway_tap.proxy.app import create_app
+
+    tap = await create_app(config, worker_index=worker_index)
+    runner = web.AppRunner(tap.web_app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.tap.listen.host, port, reuse_port=workers > 1)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Our own handlers: a second signal (the supervisor forwards the one the group already got) must not
+    # interrupt the drain, as aiohttp's GracefulExit would.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("worker serving", extra={"worker": worker_index, "pid": os.getpid(), "port": port})
+    await stop.wait()
+    log.info("worker stopping", extra={"worker": worker_index, "pid": os.getpid()})
+    await runner.cleanup()
+    log.info("worker stopped", extra={"worker": worker_index, "publisher": tap.publisher.stats()})
 
 
 def serve(config_path: str, workers: int | None = None, port: int | None = None) -> int:
