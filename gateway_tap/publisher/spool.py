@@ -247,6 +247,7 @@ class Spool:
         written: Counter[str] = Counter()
         dropped: Counter[str] = Counter()
         buf: list[bytes] = []
+        buf_bytes = 0  # kept incrementally: a batch can hold tens of thousands of records
         topics: Counter[str] = Counter()
         for msg in messages:
             record = encode_record(msg)
@@ -254,13 +255,12 @@ class Spool:
                 if len(record) + len(MAGIC) > self.max_bytes:
                     dropped[msg.topic] += 1
                     continue
-                pending = sum(map(len, buf))
-                if self.size_bytes + pending + len(record) + self._header_cost() > self.max_bytes:
+                if self.size_bytes + buf_bytes + len(record) + self._header_cost() > self.max_bytes:
                     if self.on_full == "drop_newest":
                         dropped[msg.topic] += 1
                         continue
                     self._write(buf, topics, written)
-                    buf, topics = [], Counter()
+                    buf, buf_bytes, topics = [], 0, Counter()
                     while self._segments and self.size_bytes + len(record) + self._header_cost() > self.max_bytes:
                         oldest = min(self._segments)
                         if self._active is not None and oldest == self._active.seq:
@@ -268,13 +268,14 @@ class Spool:
                         self._drop_segment(oldest, dropped)
             active = self._active
             if active is not None and (buf or active.records) and \
-                    active.size + sum(map(len, buf)) + len(record) > self.segment_bytes:
+                    active.size + buf_bytes + len(record) > self.segment_bytes:
                 self._write(buf, topics, written)
-                buf, topics = [], Counter()
+                buf, buf_bytes, topics = [], 0, Counter()
                 self._roll()
             if self._active is None:
                 self._new_segment()
             buf.append(record)
+            buf_bytes += len(record)
             topics[msg.topic] += 1
         self._write(buf, topics, written)
         return AppendResult(written, dropped)
