@@ -116,22 +116,24 @@ class TapApp:
         up = self.upstreams.get(ex.llm_id)
         llm = ex.llm_id if up is not None else "unknown"
         app = ex.app_id or "none"
-        sc = status_class(ex.status)
+        if app != "none" and app not in self.apps.by_id:
+            app = "other"  # ids an auth plugin invented: keep the label set bounded
         model = up.model_label(ex.model) if up is not None else "other"
-        m.requests.labels(app, llm, model, sc).inc()
-        m.request_seconds.labels(llm, sc).observe(ex.total_ms / 1000)
+        c = m.request_children(app, llm, model, status_class(ex.status))
+        c.requests.inc()
+        c.request_seconds.observe(ex.total_ms / 1000)
         upstream_ms = ex.upstream_ms
         if upstream_ms is not None:
-            m.upstream_seconds.labels(llm).observe(upstream_ms / 1000)
-            m.overhead_seconds.labels(llm).observe(max(0.0, ex.total_ms - upstream_ms) / 1000)
+            c.upstream_seconds.observe(upstream_ms / 1000)
+            c.overhead_seconds.observe(max(0.0, ex.total_ms - upstream_ms) / 1000)
         if ex.ttfb is not None:
-            m.ttfb_seconds.labels(llm).observe(ex.ttfb - (ex.upstream_start or ex.started))
+            c.ttfb_seconds.observe(ex.ttfb - (ex.upstream_start or ex.started))
         usage = ex.usage
         if usage is not None and usage.total_tokens:
-            m.tokens.labels(app, llm, model, "input").inc(usage.prompt_tokens)
-            m.tokens.labels(app, llm, model, "output").inc(usage.completion_tokens)
+            c.input_tokens.inc(usage.prompt_tokens)
+            c.output_tokens.inc(usage.completion_tokens)
         if ex.cost:
-            m.cost.labels(app, llm, model).inc(ex.cost)
+            c.cost.inc(ex.cost)
         if ex.error is not None and ex.upstream_start is None:
             m.rejected.labels(llm, ex.error.code).inc()
         if self._access_log:

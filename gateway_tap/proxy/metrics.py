@@ -9,12 +9,24 @@ and ``/metrics`` aggregates every worker's files.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0)
+
+
+class RequestChildren(NamedTuple):
+    requests: Counter
+    request_seconds: Histogram
+    upstream_seconds: Histogram
+    overhead_seconds: Histogram
+    ttfb_seconds: Histogram
+    input_tokens: Counter
+    output_tokens: Counter
+    cost: Counter
 
 
 def status_class(status: int) -> str:
@@ -49,6 +61,20 @@ class TapMetrics:
                                       ["plugin", "hook"], buckets=BUCKETS, registry=r)
         self.hook_errors = Counter("gateway_tap_hook_errors", "Hook exceptions and timeouts.",
                                    ["plugin", "hook", "kind"], registry=r)
+        self._children: dict[tuple[str, str, str, str], RequestChildren] = {}
+
+    def request_children(self, app: str, llm: str, model: str, sc: str) -> RequestChildren:
+        """The metric children for one label combination, resolved once (labels() is not free)."""
+        key = (app, llm, model, sc)
+        children = self._children.get(key)
+        if children is None:
+            children = RequestChildren(
+                self.requests.labels(app, llm, model, sc), self.request_seconds.labels(llm, sc),
+                self.upstream_seconds.labels(llm), self.overhead_seconds.labels(llm), self.ttfb_seconds.labels(llm),
+                self.tokens.labels(app, llm, model, "input"), self.tokens.labels(app, llm, model, "output"),
+                self.cost.labels(app, llm, model))
+            self._children[key] = children
+        return children
 
     def exposition(self) -> bytes:
         """The text exposition format: all workers' values in multiprocess mode, else this registry's."""
