@@ -297,3 +297,29 @@ async def test_bad_collector_config_is_refused_with_the_key_path(tmp_path: Path)
     _, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"collectors.file.config.directory: 5 is not of type 'string'" in err
+
+
+async def test_two_workers_share_the_partitions_and_a_rebalance_loses_nothing(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, runtime_task: Any) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix, partitions=4)
+    events = analytics(3000)
+    group = {"group_id": f"{topic_prefix}-shared"}
+    one = CollectorRuntime("file", FileCollector, settings(tmp_path / "one", **group),
+                           {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    two = CollectorRuntime("file", FileCollector, settings(tmp_path / "two", **group),
+                           {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    runtime_task(one)
+    await produce_events(kafka_bootstrap, topic_prefix, events[:1500])
+    await wait_for(lambda: len(written(tmp_path / "one", "analytics")) >= 1500, "first worker caught up")
+    runtime_task(two)  # joins: partitions are revoked from `one` and split between both
+    await wait_for(lambda: bool(two.consumer and two.consumer.assignment()), "second worker assigned")
+    await produce_events(kafka_bootstrap, topic_prefix, events[1500:])
+
+    def ids() -> set[str]:
+        return {r["id"] for d in ("one", "two") for r in written(tmp_path / d, "analytics")}
+
+    await wait_for(lambda: ids() >= {e.id for e in events}, "every event written by one of the workers")
+    assert ids() == {e.id for e in events}
+    assert written(tmp_path / "two", "analytics"), "the second worker took a share"
+    assert one.consumer is not None and two.consumer is not None
+    assert not one.consumer.assignment() & two.consumer.assignment()
