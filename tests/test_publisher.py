@@ -162,9 +162,12 @@ async def test_broker_stopped_mid_traffic_loses_nothing(running_noida: NoidaServ
     await pub.start()
     published: list[str] = []
     stop_publishing = asyncio.Event()
+    flowing = asyncio.Event()
+    flowing.set()
 
     async def traffic() -> None:
         while not stop_publishing.is_set():
+            await flowing.wait()
             for event in make_events(20):
                 pub.publish(event)
                 published.append(event.id)
@@ -172,7 +175,13 @@ async def test_broker_stopped_mid_traffic_loses_nothing(running_noida: NoidaServ
 
     task = asyncio.create_task(traffic())
     await wait_for(lambda: pub.stats()["published"] > 500)
+    # noida-db can lose a write it acknowledged while handling SIGINT (seen ~1 run in 5: 20 acked events
+    # missing, real Kafka does not do this), so the broker stops between two acknowledged bursts;
+    # traffic resumes at once and runs through the whole outage and the recovery.
+    flowing.clear()
+    await wait_for(lambda: pub.stats()["published"] == len(published))
     await asyncio.to_thread(running_noida.stop)
+    flowing.set()
     # Down long enough for in-flight sends to time out (they are re-spooled) while traffic goes on.
     await wait_for(lambda: pub.stats()["delivery_failures"] >= 1 and pub.stats()["spool_pending_events"] > 200)
     await asyncio.to_thread(running_noida.start)
@@ -186,8 +195,8 @@ async def test_broker_stopped_mid_traffic_loses_nothing(running_noida: NoidaServ
     seen = await consume_ids(running_noida.bootstrap, topic_prefix, set(published))
     missing = set(published) - seen.keys()
     duplicates = sum(n - 1 for n in seen.values())
-    print(f"published {len(published)}, spooled {stats['spooled']}, duplicates {duplicates}, "
-          f"delivery failures {stats['delivery_failures']}")
+    print(f"published {len(published)}, acked {stats['published']}, spooled {stats['spooled']}, "
+          f"dropped {stats['dropped']}, duplicates {duplicates}, delivery failures {stats['delivery_failures']}")
     positions = [i for i, event_id in enumerate(published) if event_id in missing]
     assert not missing, f"{len(missing)} of {len(published)} events lost: {positions[:3]}..{positions[-3:]}"
     assert stats["spooled"] > 0 and stats["dropped"] == 0 and stats["delivery_failures"] >= 1

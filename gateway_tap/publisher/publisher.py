@@ -108,8 +108,11 @@ class EventPublisher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-tap-spool")  # one thread: spool order
         self._wake_sender = asyncio.Event()
         self._wake_spool = asyncio.Event()
+        self._wake_writer = asyncio.Event()
+        self._writing = False  # the writer has taken a batch off the overflow and not yet counted it
         self._sender_task: asyncio.Task[None] | None = None
         self._spool_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
         self._closed = False
@@ -141,6 +144,7 @@ class EventPublisher:
             self._queue.clear()
         self._sender_task = asyncio.create_task(self._sender_loop(), name="gateway-tap-publisher-sender")
         self._spool_task = asyncio.create_task(self._spool_loop(), name="gateway-tap-publisher-spool")
+        self._writer_task = asyncio.create_task(self._writer_loop(), name="gateway-tap-publisher-spool-writer")
 
     def publish(self, event: schemas.Event) -> None:
         """Queue ``event`` for its topic. Never blocks, never raises."""
@@ -172,8 +176,8 @@ class EventPublisher:
             return
         self._enter_spooling()
         self._overflow.append(msg)
-        if not self._wake_spool.is_set():
-            self._wake_spool.set()
+        if not self._wake_writer.is_set():
+            self._wake_writer.set()
 
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the public interface
         """Stop accepting, send the queue within ``timeout``, spool what is left, close. Safe to call twice."""
@@ -388,16 +392,27 @@ class EventPublisher:
                 self._overflow[:0] = retry + list(self._queue)
                 self._queue.clear()
                 self._enter_spooling()
-                self._wake_spool.set()
+                self._wake_writer.set()
 
-    async def _spool_loop(self) -> None:
-        """Spooling path: overflow -> disk, probe Kafka, disk -> Kafka in order, back to direct when empty."""
-        loop = asyncio.get_running_loop()
+    async def _writer_loop(self) -> None:
+        """overflow -> disk. Its own task so a slow or hanging Kafka never holds events in memory."""
         while True:
             if self._overflow:
                 await self._persist_overflow()
+                self._wake_spool.set()
+                continue
             if self._closing:
                 return
+            if self._spool.sync_due():
+                await self._in_spool_thread(self._spool.sync)
+            self._wake_writer.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_writer.wait(), max(self._settings.spool_fsync_interval_s, 0.05))
+
+    async def _spool_loop(self) -> None:
+        """Probe Kafka while it is away, drain the disk in order, go back to direct when it is empty."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
             progressed = False
             if self._spooling and not self._connected and loop.time() >= self._next_probe:
                 await self._probe()
@@ -405,12 +420,10 @@ class EventPublisher:
             direct_idle = not self._queue and not self._inflight
             if self._spooling and self._connected and direct_idle:
                 progressed = await self._drain_step() or progressed
-            if (self._spooling and self._connected and direct_idle and not self._overflow
+            if (self._spooling and self._connected and direct_idle and not self._overflow and not self._writing
                     and self._spool_pending == 0):
                 self._spooling = False
                 log.info("spool drained; publishing directly again")
-            if self._spool.sync_due():
-                await self._in_spool_thread(self._spool.sync)
             if progressed:
                 continue
             self._wake_spool.clear()
@@ -421,18 +434,9 @@ class EventPublisher:
                 await asyncio.wait_for(self._wake_spool.wait(), timeout)
 
     async def _drain_step(self) -> bool:
-        """Send one batch from the spool (or, when the disk part is empty, the overflow). True when it went out."""
-        if self._spool_pending == 0:
-            if not self._overflow:
-                return False
-            # Nothing older on disk: send the overflow straight away instead of a disk round trip.
-            batch, self._overflow = self._overflow[:self._settings.send_group_events], \
-                self._overflow[self._settings.send_group_events:]
-            retry = await self._send_group(batch)
-            if retry:
-                self._overflow[:0] = retry
-                return False
-            return True
+        """Send the oldest batch of the spool; True when Kafka acknowledged it."""
+        if self._closing or self._spool_pending == 0:
+            return False
         read: ReadBatch | None = await self._in_spool_thread(self._spool.read_batch, self._settings.send_group_events,
                                                              self._settings.max_batch_bytes * 4)
         if read is None:
@@ -447,9 +451,11 @@ class EventPublisher:
 
     async def _persist_overflow(self) -> None:
         batch, self._overflow = self._overflow, []
+        self._writing = True
         try:
             result: AppendResult = await self._in_spool_thread(self._spool.append, batch)
         except OSError as exc:
+            self._writing = False
             if self._spool_ok:
                 log.error("cannot write the spool %s: %s; holding %d events in memory", self._spool.directory,
                           exc, len(batch))
@@ -458,6 +464,7 @@ class EventPublisher:
             self._refresh_spool_stats()
             await asyncio.sleep(self._wait_budget(self._settings.retry_interval_s))
             return
+        self._writing = False
         self._spool_ok = True
         self._count(self._m.spooled, "spooled", result.written)
         for topic, n in result.dropped.items():
@@ -470,10 +477,11 @@ class EventPublisher:
         self._closing = True
         self._wake_sender.set()
         self._wake_spool.set()
+        self._wake_writer.set()
         if self._started:
             # The spool task finishes its current step (bounded by the deadline) and exits; the sender
             # empties the queue to Kafka unless the deadline passes first.
-            for task in (self._sender_task, self._spool_task):
+            for task in (self._sender_task, self._spool_task, self._writer_task):
                 if task is None:
                     continue
                 done, _ = await asyncio.wait([task], timeout=max(0.1, self._deadline - loop.time()))
