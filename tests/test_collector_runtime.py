@@ -323,3 +323,26 @@ async def test_two_workers_share_the_partitions_and_a_rebalance_loses_nothing(
     assert written(tmp_path / "two", "analytics"), "the second worker took a share"
     assert one.consumer is not None and two.consumer is not None
     assert not one.consumer.assignment() & two.consumer.assignment()
+
+
+class DownCollector(FileCollector):
+    """A sink that is down for good."""
+
+    async def flush(self) -> None:
+        raise RetryLater("sink down")
+
+
+async def test_stop_while_the_sink_is_down_gives_up_after_the_grace_period_without_committing(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix, partitions=1)
+    await produce_events(kafka_bootstrap, topic_prefix, analytics(10))
+    s = settings(tmp_path, group_id=f"{topic_prefix}-down", shutdown_grace_s=0.5,
+                 retry={"initial_backoff_ms": 100, "max_backoff_ms": 400})
+    rt = CollectorRuntime("down", DownCollector, s, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    task = asyncio.create_task(rt.run())
+    await wait_for(lambda: (rt.metrics.registry.get_sample_value(
+        "gateway_tap_collector_retries_total", {"collector": "down"}) or 0) >= 2, "the batch is being retried")
+    rt.request_stop()
+    assert await asyncio.wait_for(task, 30) == 1
+    tp = TopicPartition(topic_for("analytics", topic_prefix), 0)
+    assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] is None
