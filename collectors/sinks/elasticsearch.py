@@ -64,7 +64,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                             "description": "Seconds per HTTP request."},
         "bulk_max_events": {"type": "integer", "minimum": 1, "default": 1000},
         "bulk_max_bytes": {"type": "integer", "minimum": 1024, "default": 5 * 1024 * 1024},
-        "bulk_concurrency": {"type": "integer", "minimum": 1, "default": 4,
+        "bulk_concurrency": {"type": "integer", "minimum": 1, "default": 2,
                              "description": "Bulk requests in flight at once."},
         "max_retries": {"type": "integer", "minimum": 0, "default": 5,
                         "description": "Resends of 429/5xx items before the batch is handed back (RetryLater)."},
