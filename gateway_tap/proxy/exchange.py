@@ -22,12 +22,24 @@ _BODY_SECRETS = re.compile(
     rb"|\bsk-[A-Za-z0-9_-]{8,}|\bgt-[A-Za-z0-9_-]{8,}|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}")
 
 
+_sensitive_cache: dict[str, bool] = {}
+
+
+def _is_sensitive(key: str) -> bool:
+    known = _sensitive_cache.get(key)
+    if known is None:
+        known = key in SENSITIVE_HEADERS or any(word in key for word in _SENSITIVE_WORDS)
+        if len(_sensitive_cache) < 4096:  # header names repeat; a hostile client cannot grow this forever
+            _sensitive_cache[key] = known
+    return known
+
+
 def redact_headers(headers: Mapping[str, str], limit: int = 64) -> dict[str, str]:
     """Header name (lower case) to value, secrets replaced by ``[REDACTED]``."""
     out: dict[str, str] = {}
     for name, value in headers.items():
         key = name.lower()
-        if key in SENSITIVE_HEADERS or any(word in key for word in _SENSITIVE_WORDS):
+        if _is_sensitive(key):
             out[key] = REDACTED
         else:
             out[key] = value[:512]
@@ -152,19 +164,17 @@ class Exchange:
         upstream_ms = self.upstream_ms
         total_ms = self.total_ms
         overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
-        # model_construct: every value below is built by the tap with the right type, so validating it again
-        # would only cost time on every request (the tests decode every event with full validation).
-        error = (ErrorInfo.model_construct(type=self.error.type, code=self.error.code, message=self.error.message)
+        error = (ErrorInfo(type=self.error.type, code=self.error.code, message=self.error.message)
                  if self.error is not None else None)
         model = usage.model or self.requested_model or "unknown"
         common: dict[str, Any] = {"emitted_at": now, "gateway_id": gateway_id, "request_id": self.request_id,
                                   "app_id": self.app_id, "llm_id": self.llm_id, "user_id": self.user_id}
         events: list[Event] = [
-            ProxyLog.model_construct(
+            ProxyLog(
                 **common, method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
                 streamed=self.streamed,
-                latency=Latency.model_construct(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
+                latency=Latency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
                                 tap_overhead_ms=overhead),
                 request_headers=redact_headers(self.request_headers),
                 response_headers=redact_headers(self.response_headers),
@@ -173,7 +183,7 @@ class Exchange:
                 client_address=self.client_address, user_agent=self.user_agent, error=error,
                 blocked_by=self.blocked_by, metadata=self.metadata,
             ),
-            Analytics.model_construct(
+            Analytics(
                 **common, vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
                 cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
@@ -184,7 +194,7 @@ class Exchange:
             ),
         ]
         if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None:
-            events.append(BudgetUsage.model_construct(
+            events.append(BudgetUsage(
                 **common, model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period="monthly",
                 period_start=month_start(now), requests=1,
