@@ -32,7 +32,8 @@ from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over
 from collectors.settings import CollectorSettings, validate_collector_config
-from schemas import Event, EventDecodeError, EventType, decode_event, topic_for
+from schemas import EventDecodeError, EventType, topic_for
+from schemas.wire import LazyEvents, validate_event_bytes
 
 log = logging.getLogger("gateway_tap.collectors")
 
@@ -56,17 +57,29 @@ class ShutdownTimeout(Exception):
 
 @dataclass
 class _Bucket:
-    """The decoded events of one type in a batch, with their raw values and records (parallel lists)."""
+    """The validated events of one type in a batch, with their raw values and records (parallel lists).
 
-    events: list[Event] = field(default_factory=list)
+    ``events`` builds each pydantic model on first access only: sinks that write the
+    raw values (file, Elasticsearch) never pay for models they do not read.
+    """
+
+    event_type: EventType
     values: list[bytes] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
+    events: LazyEvents = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = LazyEvents(self.event_type, self.values)
+
+    def add(self, value: bytes, record: Record) -> None:
+        self.events.append(value)  # LazyEvents shares self.values, so this appends the value too
+        self.records.append(record)
 
     def drop(self, indexes: set[int]) -> None:
-        keep = [i for i in range(len(self.events)) if i not in indexes]
-        self.events = [self.events[i] for i in keep]
+        keep = [i for i in range(len(self.values)) if i not in indexes]
         self.values = [self.values[i] for i in keep]
         self.records = [self.records[i] for i in keep]
+        self.events = LazyEvents(self.event_type, self.values)
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, retry_after: float | None = None) -> float:
@@ -238,16 +251,14 @@ class CollectorRuntime:
                 dead.append(DeadLetter(rec, "empty message value", "EventDecodeError"))
                 continue
             try:
-                event = decode_event(value, event_type)
+                validate_event_bytes(value, event_type)
             except EventDecodeError as exc:
                 dead.append(DeadLetter(rec, str(exc), "EventDecodeError"))
                 continue
             bucket = buckets.get(event_type)
             if bucket is None:
-                bucket = buckets[event_type] = _Bucket()
-            bucket.events.append(event)
-            bucket.values.append(value)
-            bucket.records.append(rec)
+                bucket = buckets[event_type] = _Bucket(event_type)
+            bucket.add(value, rec)
         return buckets, dead
 
     async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:

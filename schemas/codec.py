@@ -59,7 +59,7 @@ def decode_event(raw: bytes | str | dict[str, Any], expected_type: EventType | N
         if not isinstance(data, dict):
             raise EventDecodeError(f"expected a JSON object, got {type(data).__name__}")
     event_type = data.get("type")
-    if event_type not in EVENT_MODELS:
+    if not isinstance(event_type, str) or event_type not in EVENT_MODELS:
         raise EventDecodeError(f"unknown event type {event_type!r}", "type")
     if expected_type is not None and event_type != expected_type:
         raise EventDecodeError(f"topic carries {expected_type!r} events, got {event_type!r}", "type")

@@ -138,3 +138,43 @@ def test_event_ids_are_uuid7_and_time_ordered() -> None:
     ids = [schemas.new_event_id() for _ in range(100)]
     assert all(i[14] == "7" for i in ids)
     assert ids == sorted(ids)
+
+
+WRONG_VALUES: list[Any] = [None, "x", "", -1, 0, 1.5, 2**62, True, [], {}, {"a": 1}, "2026-13-45", "2026-11-01"]
+
+
+@pytest.mark.parametrize("event", examples(), ids=lambda e: f"{e.type}-{e.request_id}")
+def test_fast_wire_validation_never_accepts_what_the_models_refuse(event: schemas.Event) -> None:
+    """The msgspec fast path (derived from the models) agrees with decode_event on every mutation."""
+    from schemas.wire import validate_event_bytes
+
+    base = orjson.loads(encode_event(event))
+    mutations: list[dict[str, Any]] = []
+    for name in [*base, "latency"]:
+        mutations.append({k: v for k, v in base.items() if k != name})
+        for wrong in WRONG_VALUES:
+            mutations.append({**base, name: wrong})
+    if "latency" in base:
+        for wrong in WRONG_VALUES:
+            mutations.append({**base, "latency": {**base["latency"], "total_ms": wrong}})
+    for mutated in mutations:
+        raw = orjson.dumps(mutated)
+        try:
+            expected: Any = decode_event(raw, event.type).type
+        except EventDecodeError as exc:
+            expected = (exc.field, str(exc))
+        try:
+            got: Any = validate_event_bytes(raw, event.type)
+        except EventDecodeError as exc:
+            got = (exc.field, str(exc))
+        assert got == expected, mutated
+
+
+def test_lazy_events_build_models_on_access_only() -> None:
+    from schemas.wire import LazyEvents
+
+    values = [encode_event(e) for e in examples() if e.type == "proxy_log"]
+    lazy = LazyEvents("proxy_log", list(values))
+    assert len(lazy) == 2 and lazy._cache == [None, None]
+    assert lazy[1].request_id == "req-2" and lazy._cache[0] is None
+    assert [e.request_id for e in lazy] == ["req-1", "req-2"]

@@ -1,0 +1,153 @@
+"""Fast wire validation of event message values, derived from the pydantic models.
+
+Collectors that write the message value as it is (files, Elasticsearch) only need
+to know that a value honours the contract; building a full pydantic model per
+event costs several times what parsing the JSON does. :func:`validate_event_bytes`
+checks a value against msgspec structs generated *from the models in
+:mod:`schemas.events`* (one source of truth; a test keeps both verdicts equal) at
+roughly the cost of ``orjson.loads``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from datetime import date, datetime
+from functools import cache
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import msgspec
+from pydantic import BaseModel
+
+from schemas.codec import ENVELOPE_REQUIRED, MAX_EVENT_BYTES, EventDecodeError
+from schemas.events import EVENT_MODELS, SCHEMA_VERSION, Event, EventType
+
+
+def _meta(metadata: list[Any]) -> msgspec.Meta | None:
+    bounds: dict[str, Any] = {}
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            bounds["ge"] = item.ge
+        elif isinstance(item, annotated_types.Le):
+            bounds["le"] = item.le
+        elif isinstance(item, annotated_types.Gt):
+            bounds["gt"] = item.gt
+        elif isinstance(item, annotated_types.Lt):
+            bounds["lt"] = item.lt
+        elif isinstance(item, annotated_types.MinLen):
+            bounds["min_length"] = item.min_length
+        elif isinstance(item, annotated_types.MaxLen):
+            bounds["max_length"] = item.max_length
+    return msgspec.Meta(**bounds) if bounds else None
+
+
+def _convert(tp: Any) -> Any:
+    """The msgspec equivalent of a pydantic field annotation."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extra = get_args(tp)
+        meta = _meta([m for e in extra for m in (getattr(e, "metadata", None) or [e])])
+        converted = _convert(base)
+        return Annotated[converted, meta] if meta is not None else converted
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_convert(a) for a in get_args(tp))]  # noqa: UP007 - built dynamically
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        key, value = get_args(tp)
+        return dict[_convert(key), _convert(value)]  # type: ignore[misc]
+    if origin in (list, typing.List):  # noqa: UP006
+        return list[_convert(get_args(tp)[0])]  # type: ignore[misc]
+    if origin is Literal:
+        return tp
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return _struct_for(tp)
+    if tp in (str, int, float, bool, type(None), datetime, date, Any):
+        return tp
+    raise TypeError(f"no wire type for {tp!r}")
+
+
+@cache
+def _struct_for(model: type[BaseModel], tag: str | None = None) -> type[msgspec.Struct]:
+    fields: list[tuple[str, Any, Any]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.rebuild_annotation()
+        wire_type = _convert(annotation)
+        if info.is_required() or name in ENVELOPE_REQUIRED or (tag is not None and name == "schema_version"):
+            fields.append((name, wire_type, msgspec.NODEFAULT))
+        else:
+            fields.append((name, wire_type, None))
+    return msgspec.defstruct(f"Wire{model.__name__}", fields, tag_field="type" if tag else None, tag=tag,
+                             kw_only=True, forbid_unknown_fields=False)
+
+
+def _event_structs() -> dict[EventType, type[msgspec.Struct]]:
+    return {name: _struct_for(model, name) for name, model in EVENT_MODELS.items()}
+
+
+_STRUCTS = _event_structs()
+# Always the tagged union: decoding a single tagged struct would accept a value with no ``type`` at all.
+_DECODER = msgspec.json.Decoder(Union[tuple(_STRUCTS.values())])  # noqa: UP007
+
+
+def validate_event_bytes(raw: bytes, expected_type: EventType | None = None) -> EventType:
+    """Check that ``raw`` is a valid event (of ``expected_type`` when given) and return its type.
+
+    Accepts and rejects exactly what :func:`schemas.decode_event` does, with the same
+    :class:`EventDecodeError` fields, but builds no model.
+    """
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventDecodeError(f"event is {len(raw)} bytes, larger than the {MAX_EVENT_BYTES} limit")
+    try:
+        wire = _DECODER.decode(raw)
+        event_type: EventType = type(wire).__struct_config__.tag
+        if expected_type is not None and event_type != expected_type:
+            raise msgspec.ValidationError("wrong type for the topic")
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        # msgspec is stricter than the models (no lax coercion), so a refusal here is not final:
+        # the models are the authority, and they also word the error (field path and reason).
+        from schemas.codec import decode_event
+
+        return decode_event(raw, expected_type).type
+    if wire.schema_version != SCHEMA_VERSION:
+        raise EventDecodeError(
+            f"unsupported schema_version {wire.schema_version!r} (this release reads {SCHEMA_VERSION})",
+            "schema_version",
+        )
+    return event_type
+
+
+class LazyEvents(typing.Sequence[Event]):
+    """Validated message values whose pydantic models are built on first access only.
+
+    Sinks that write values as they are never pay for the models.
+    """
+
+    __slots__ = ("_cache", "_event_type", "values")
+
+    def __init__(self, event_type: EventType, values: list[bytes]) -> None:
+        self._event_type = event_type
+        self.values = values
+        self._cache: list[Event | None] = [None] * len(values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @typing.overload
+    def __getitem__(self, index: int) -> Event: ...
+
+    @typing.overload
+    def __getitem__(self, index: slice) -> list[Event]: ...
+
+    def __getitem__(self, index: int | slice) -> Event | list[Event]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        event = self._cache[index]
+        if event is None:
+            from schemas.codec import decode_event
+
+            event = self._cache[index] = decode_event(self.values[index], self._event_type)
+        return event
+
+    def append(self, value: bytes) -> None:
+        self.values.append(value)
+        self._cache.append(None)
