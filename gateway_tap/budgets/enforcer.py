@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -41,7 +43,6 @@ from gateway_tap.budgets.periods import (
     micros_to_usd,
     period_end,
     period_start,
-    resets_at,
     usage_day,
     usd_to_micros,
     utc_clock,
@@ -160,6 +161,26 @@ class _Sums:
         return cost, tokens
 
 
+@dataclass(frozen=True, slots=True)
+class _Measure:
+    """A budget's current period and spend, in integers."""
+
+    start: date
+    resets_at: datetime
+    spent_cost: int
+    spent_tokens: int
+    reserved_cost: int
+    reserved_tokens: int
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(period: Period, day: date) -> tuple[date, date, datetime]:
+    """(start, exclusive end, reset time) of the period containing ``day``."""
+    start = period_start(period, day)
+    end = period_end(period, start)
+    return start, end, datetime.combine(end, dt_time(0), tzinfo=UTC)
+
+
 @dataclass(slots=True)
 class _Pending:
     app_id: str
@@ -216,8 +237,11 @@ class BudgetEnforcer:
         self._clock = clock
         self._metrics = _Metrics.get(registry)
         self._by_app: dict[str, list[BudgetSettings]] = {}
+        self._limit_micros: dict[int, int] = {}
         for budget in self.budgets:
             self._by_app.setdefault(budget.app_id, []).append(budget)
+            if budget.limit_usd is not None:
+                self._limit_micros[id(budget)] = usd_to_micros(budget.limit_usd)
         self._stored: dict[str, _Sums] = {}
         self._local: dict[str, _Sums] = {}  # pending (settled, not yet in the store)
         self._reserved: dict[str, _Sums] = {}  # in flight
@@ -229,6 +253,10 @@ class BudgetEnforcer:
         self._failing_since: float | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._metrics.inflight.set_function(lambda: self._inflight)
+        self._metrics.pending.set_function(lambda: len(self._pending))
+        self._count = {result: self._metrics.decisions.labels(result)
+                       for result in ("allowed", "blocked", "store_error_open", "store_error_closed")}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -283,7 +311,6 @@ class BudgetEnforcer:
         self.last_error = None
         self._metrics.refresh.observe(time.perf_counter() - started)
         self._metrics.last_refresh.set(time.time())
-        self._metrics.pending.set(len(self._pending))
 
     async def _refresh_once(self) -> None:
         try:
@@ -343,62 +370,63 @@ class BudgetEnforcer:
         budgets = self.applicable(app_id, llm_id)
         stale = bool(budgets) and not self.store_available
         if stale and self.settings.on_store_error == "fail_closed" and any(b.mode == "hard" for b in budgets):
-            self._metrics.decisions.labels("store_error_closed").inc()
+            self._count["store_error_closed"].inc()
             every = tuple(self._status(b, now) for b in budgets)
             return Decision(False, "budget_store_unavailable", max(1, math.ceil(self.settings.staleness_s)),
                             every[0], every, store_stale=True)
         statuses: list[BudgetStatus] = []
         blocked: tuple[BudgetStatus, float] | None = None
         for budget in budgets:
-            status = self._status(budget, now)
+            measure = self._measure(budget, now)
+            status = self._status(budget, now, measure)
             statuses.append(status)
             if budget.mode != "hard" or blocked is not None:
                 continue
-            retry = self._blocks(budget, status, est_cost, est_tokens, now)
+            retry = self._blocks(budget, measure, est_cost, est_tokens, now)
             if retry is not None:
                 blocked = (status, retry)
         if blocked is not None:
-            self._metrics.decisions.labels("blocked").inc()
+            self._count["blocked"].inc()
             return Decision(False, "budget_exceeded", blocked[1], blocked[0], tuple(statuses), store_stale=stale)
-        self._metrics.decisions.labels("store_error_open" if stale else "allowed").inc()
+        self._count["store_error_open" if stale else "allowed"].inc()
         reservation = None
         if reserve:
             reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens)
         return Decision(True, budgets=tuple(statuses), reservation=reservation, store_stale=stale)
 
-    def _blocks(self, budget: BudgetSettings, status: BudgetStatus, est_cost: int, est_tokens: int,
+    def _blocks(self, budget: BudgetSettings, m: _Measure, est_cost: int, est_tokens: int,
                 now: datetime) -> float | None:
         """Retry-After seconds if ``budget`` blocks this request, else None."""
-        until_reset = max(1, math.ceil((status.resets_at - now).total_seconds()))
-        soon = max(1, math.ceil(self.settings.staleness_s))  # reservations in flight may settle below the limit
         checks = []
         if budget.limit_usd is not None:
-            checks.append((usd_to_micros(status.spent_usd), usd_to_micros(status.reserved_usd),
-                           usd_to_micros(budget.limit_usd), est_cost))
+            checks.append((m.spent_cost, m.reserved_cost, self._limit_micros[id(budget)], est_cost))
         if budget.limit_tokens is not None:
-            checks.append((status.spent_tokens, status.reserved_tokens, budget.limit_tokens, est_tokens))
+            checks.append((m.spent_tokens, m.reserved_tokens, budget.limit_tokens, est_tokens))
         for spent, reserved, limit, estimate in checks:
-            if spent >= limit:
-                return until_reset
-            if spent + reserved >= limit or spent + reserved + estimate > limit:
-                return until_reset if spent + estimate > limit else soon
+            if spent >= limit or spent + reserved >= limit or spent + reserved + estimate > limit:
+                if spent >= limit or spent + estimate > limit:  # only the period reset can help
+                    return max(1, math.ceil((m.resets_at - now).total_seconds()))
+                return max(1, math.ceil(self.settings.staleness_s))  # in-flight requests may settle lower
         return None
 
-    def _status(self, budget: BudgetSettings, now: datetime) -> BudgetStatus:
-        start = period_start(budget.period, now)
-        end = period_end(budget.period, start)
+    def _measure(self, budget: BudgetSettings, now: datetime) -> _Measure:
+        start, end, reset = _bounds(budget.period, now.date())
         app = budget.app_id
-        s_cost, s_tokens = self._stored.get(app, _Sums()).total(budget.llm_id, start, end)
-        p_cost, p_tokens = self._local.get(app, _Sums()).total(budget.llm_id, start, end)
-        r_cost, r_tokens = self._reserved.get(app, _Sums()).total(budget.llm_id, start, end)
-        spent_cost, spent_tokens = s_cost + p_cost, s_tokens + p_tokens
-        exceeded = ((budget.limit_usd is not None and spent_cost >= usd_to_micros(budget.limit_usd))
-                    or (budget.limit_tokens is not None and spent_tokens >= budget.limit_tokens))
+        s_cost, s_tokens = self._stored[app].total(budget.llm_id, start, end) if app in self._stored else (0, 0)
+        p_cost, p_tokens = self._local[app].total(budget.llm_id, start, end) if app in self._local else (0, 0)
+        r_cost, r_tokens = (self._reserved[app].total(budget.llm_id, start, end)
+                            if app in self._reserved else (0, 0))
+        return _Measure(start, reset, s_cost + p_cost, s_tokens + p_tokens, r_cost, r_tokens)
+
+    def _status(self, budget: BudgetSettings, now: datetime, m: _Measure | None = None) -> BudgetStatus:
+        m = m or self._measure(budget, now)
+        exceeded = ((budget.limit_usd is not None and m.spent_cost >= self._limit_micros[id(budget)])
+                    or (budget.limit_tokens is not None and m.spent_tokens >= budget.limit_tokens))
         return BudgetStatus(
-            app_id=app, llm_id=budget.llm_id, period=budget.period, mode=budget.mode, period_start=start,
-            resets_at=resets_at(budget.period, now), limit_usd=budget.limit_usd, limit_tokens=budget.limit_tokens,
-            spent_usd=micros_to_usd(spent_cost), spent_tokens=spent_tokens, reserved_usd=micros_to_usd(r_cost),
-            reserved_tokens=r_tokens, exceeded=exceeded)
+            app_id=budget.app_id, llm_id=budget.llm_id, period=budget.period, mode=budget.mode,
+            period_start=m.start, resets_at=m.resets_at, limit_usd=budget.limit_usd,
+            limit_tokens=budget.limit_tokens, spent_usd=micros_to_usd(m.spent_cost), spent_tokens=m.spent_tokens,
+            reserved_usd=micros_to_usd(m.reserved_cost), reserved_tokens=m.reserved_tokens, exceeded=exceeded)
 
     # -- reservations ------------------------------------------------------------------------------------
     def _reserve(self, app_id: str, llm_id: str, day: date | None, cost: int, tokens: int) -> Reservation:
@@ -407,7 +435,6 @@ class BudgetEnforcer:
         reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens)
         self._reserved.setdefault(app_id, _Sums()).add((llm_id, day), cost, tokens)
         self._inflight += 1
-        self._metrics.inflight.set(self._inflight)
         return reservation
 
     def _settle(self, reservation: Reservation, usage: BudgetUsage | None) -> None:
@@ -415,7 +442,6 @@ class BudgetEnforcer:
         self._reserved[app].add((reservation.llm_id, reservation.day), -reservation.cost_micros,
                                 -reservation.tokens)
         self._inflight -= 1
-        self._metrics.inflight.set(self._inflight)
         if usage is None or usage.id in self._pending:
             return
         key = (usage.llm_id, usage_day(usage.period, usage.period_start, usage.emitted_at))
@@ -423,7 +449,6 @@ class BudgetEnforcer:
         tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
         self._pending[usage.id] = _Pending(usage.app_id, key, cost, tokens, time.monotonic())
         self._local.setdefault(usage.app_id, _Sums()).add(key, cost, tokens)
-        self._metrics.pending.set(len(self._pending))
 
     def _forget_pending(self, event_id: str) -> None:
         pending = self._pending.pop(event_id, None)
