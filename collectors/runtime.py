@@ -108,11 +108,15 @@ class CollectorRuntime:
     :param kafka_options: aiokafka client keyword arguments (``KafkaSettings.client_options()``).
     :param topic_prefix: prefix of the event topics.
     :param client_id: Kafka client id.
+    :param extras: added to the collector's ``services.extras`` (``build_runtime`` passes ``root_config``,
+        the whole validated config file, so e.g. the budget collector reads ``budgets`` and ``budget_store``).
     """
 
     def __init__(self, name: str, collector_cls: type[DataCollector], settings: CollectorSettings,
-                 kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap") -> None:
+                 kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap",
+                 extras: dict[str, Any] | None = None) -> None:
         self.name = name
+        self.extras = dict(extras or {})
         self.collector_cls = collector_cls
         self.settings = settings
         self.kafka_options = kafka_options
@@ -155,7 +159,7 @@ class CollectorRuntime:
         collector = self.collector = self.collector_cls()
         services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
                                      kafka_prefix=self.prefix,
-                                     extras={"group_instance_id": self.settings.group_instance_id})
+                                     extras={**self.extras, "group_instance_id": self.settings.group_instance_id})
         await collector.initialize(config, services)
         s = self.settings
         consumer = self.consumer = AIOKafkaConsumer(
@@ -406,7 +410,7 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     # Validate now so a bad config fails before any connection is made.
     validate_collector_config(name, collector_cls.config_schema, settings.config)
     return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
-                            config.kafka.topic_prefix, config.kafka.client_id)
+                            config.kafka.topic_prefix, config.kafka.client_id, extras={"root_config": config})
 
 
 def tune_gc() -> None:
