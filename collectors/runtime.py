@@ -71,10 +71,6 @@ class _Bucket:
     def __post_init__(self) -> None:
         self.events = LazyEvents(self.event_type, self.values)
 
-    def add(self, value: bytes, record: Record) -> None:
-        self.events.append(value)  # LazyEvents shares self.values, so this appends the value too
-        self.records.append(record)
-
     def drop(self, indexes: set[int]) -> None:
         keep = [i for i in range(len(self.values)) if i not in indexes]
         self.values = [self.values[i] for i in keep]
@@ -262,7 +258,8 @@ class CollectorRuntime:
             bucket = buckets.get(event_type)
             if bucket is None:
                 bucket = buckets[event_type] = _Bucket(event_type)
-            bucket.add(value, rec)
+            bucket.values.append(value)  # bucket.events shares this list
+            bucket.records.append(rec)
         return buckets, dead
 
     async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:

@@ -126,8 +126,8 @@ class LazyEvents(typing.Sequence[Event]):
 
     def __init__(self, event_type: EventType, values: list[bytes]) -> None:
         self._event_type = event_type
-        self.values = values
-        self._cache: list[Event | None] = [None] * len(values)
+        self.values = values  # shared, not copied: appending to the list grows this sequence
+        self._cache: dict[int, Event] = {}
 
     def __len__(self) -> int:
         return len(self.values)
@@ -141,13 +141,11 @@ class LazyEvents(typing.Sequence[Event]):
     def __getitem__(self, index: int | slice) -> Event | list[Event]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        event = self._cache[index]
+        if index < 0:
+            index += len(self.values)
+        event = self._cache.get(index)
         if event is None:
             from schemas.codec import decode_event
 
             event = self._cache[index] = decode_event(self.values[index], self._event_type)
         return event
-
-    def append(self, value: bytes) -> None:
-        self.values.append(value)
-        self._cache.append(None)

@@ -175,6 +175,7 @@ def test_lazy_events_build_models_on_access_only() -> None:
 
     values = [encode_event(e) for e in examples() if e.type == "proxy_log"]
     lazy = LazyEvents("proxy_log", list(values))
-    assert len(lazy) == 2 and lazy._cache == [None, None]
-    assert lazy[1].request_id == "req-2" and lazy._cache[0] is None
+    assert len(lazy) == 2 and lazy._cache == {}
+    assert lazy[1].request_id == "req-2" and list(lazy._cache) == [1]
+    assert lazy[-1] is lazy[1]
     assert [e.request_id for e in lazy] == ["req-1", "req-2"]
