@@ -117,12 +117,13 @@ async def test_collect_budget_end_to_end_sigkill_and_replay(
         expected[key] = expected.get(key, Spend()) + Spend(usd_to_micros(e.cost), e.total_tokens, 1)
 
     def worker_config(group_id: str, instance: str) -> dict[str, Any]:
+        # The store comes from the root budget_store section, as in deploy/gateway-tap.compose.yaml.
         return {"kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix},
+                "budget_store": budget_store_settings.model_dump(mode="json"),
                 "collectors": {"budget": {"group_id": group_id, "group_instance_id": instance,
                                           "session_timeout_ms": 10_000,
                                           "batch": {"max_events": 200, "max_wait_ms": 10},
-                                          "metrics": {"port": free_port()},
-                                          "config": config(budget_store_settings)}}}
+                                          "metrics": {"port": free_port()}}}}
 
     await produce_events(kafka_bootstrap, topic_prefix, events[:3000])
     store = await open_store(budget_store_settings)
