@@ -168,3 +168,18 @@ async def test_collect_budget_end_to_end_sigkill_and_replay(
 async def produce_in_chunks(bootstrap: str, prefix: str, events: list[Any], chunk: int = 250) -> None:
     for i in range(0, len(events), chunk):
         await produce_events(bootstrap, prefix, events[i:i + chunk])
+
+
+async def test_database_down_at_start_is_retry_later_until_it_is_up(pg_dsn: str) -> None:
+    relay = TcpRelay("127.0.0.1", 5432)  # not started yet: the port refuses connections
+    settings = BudgetStoreSettings(backend="postgres", timeout_s=1, postgres_schema="collector_late_db",
+                                   postgres_dsn=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+    event = usage(cost=0.5, at=NOW)
+    async with CollectorHarness(BudgetCollector, config(settings), name="budget") as h:
+        with pytest.raises(RetryLater):
+            await h.feed([event])
+        await relay.start()
+        await h.feed([event])  # the runtime's retry of the same batch
+        async with await open_store(settings) as s:
+            assert await s.spend("app", None, "monthly", MARCH) == Spend(500_000, 100, 1)
+    await relay.cut()

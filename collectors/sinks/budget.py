@@ -76,7 +76,9 @@ class BudgetCollector(DataCollector):
                                ["app_id", "llm_id", "period", "threshold"], registry=registry)
         self._batch_seconds = Histogram("gateway_tap_budget_batch_seconds", "Budget store transaction time.",
                                         registry=registry)
-        self.store = await open_store(store_settings)  # StoreUnavailable here: the worker exits and is restarted
+        # PostgreSQL connects lazily: a database that is still starting is a RetryLater on the first batch.
+        self.store = await open_store(store_settings, migrate=False)
+        self._migrated = False
 
     async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
         assert self.store is not None
@@ -85,6 +87,9 @@ class BudgetCollector(DataCollector):
         records = [UsageRecord.from_event(e) for e in events if e.id not in rejected]
         started = time.perf_counter()
         try:
+            if not self._migrated:
+                await self.store.migrate()
+                self._migrated = True
             result = await self.store.record_batch(records)
             # Alerts are checked for every record, duplicates included: a crash between the commit
             # and the alert leaves the threshold unclaimed, and the redelivered batch raises it.
