@@ -21,7 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from collectors.settings import CollectorSettings
-from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
+from gateway_tap.budgets.settings import (
+    BudgetEnforcementSettings,
+    BudgetSettings,
+    BudgetStoreSettings,
+    check_budget_references,
+)
 
 if TYPE_CHECKING:
     from gateway_tap.publisher.settings import PublisherSettings
@@ -232,7 +237,8 @@ def parse_config(data: Any, source: str | Path = "<config>") -> GatewayConfig:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigFileError(source, format_validation_error(exc)) from None
-    problems = _check_tap_references(config)
+    problems = _check_tap_references(config) + check_budget_references(
+        config.budgets, {a.id for a in config.apps}, {llm.id for llm in config.llms})
     if problems:
         raise ConfigFileError(source, problems)
     return config

@@ -156,3 +156,25 @@ async def test_unopenable_sqlite_is_retriable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreUnavailable):
         await open_store(BudgetStoreSettings(sqlite_path=str(tmp_path / "file" / "budgets.sqlite3")))
+
+
+def test_budget_config_sections_name_the_key_path() -> None:
+    from gateway_tap.config import ConfigFileError, parse_config
+
+    cfg = parse_config({"budgets": [{"app_id": "a", "limit_usd": 5}],
+                        "budget_store": {"backend": "postgres", "postgres_dsn_env": "X"},
+                        "budget_enforcement": {"on_store_error": "fail_closed"}})
+    assert cfg.budgets[0].mode == "hard" and cfg.budget_store.backend == "postgres"
+    assert cfg.budget_enforcement.staleness_s == 1.0
+    with pytest.raises(ConfigFileError) as info:
+        parse_config({"budgets": [{"app_id": "a", "limit_usd": -1, "perod": "daily"}],
+                      "budget_enforcement": {"on_store_error": "maybe"}})
+    text = str(info.value)
+    assert "budgets[0].limit_usd: Input should be greater than or equal to 0" in text
+    assert "budgets[0].perod: Extra inputs are not permitted" in text
+    assert "budget_enforcement.on_store_error: Input should be 'fail_open' or 'fail_closed'" in text
+    with pytest.raises(ConfigFileError) as info:
+        parse_config({"budgets": [{"app_id": "a", "limit_usd": 5}, {"app_id": "a", "limit_usd": 6},
+                                  {"app_id": "a", "limit_usd": 6, "period": "daily"}]})
+    assert str(info.value).count("duplicate budget") == 1
+    assert "budgets[1]: duplicate budget for app 'a' (monthly)" in str(info.value)

@@ -77,3 +77,24 @@ class BudgetEnforcementSettings(_Section):
     store_error_grace_s: float = Field(default=5.0, ge=0, description="Failed refreshes tolerated for this long.")
     pending_ttl_s: float = Field(default=3600.0, gt=0,
                                  description="Forget this tap's settled spend not seen in the store after this long.")
+
+
+def check_budget_references(budgets: list[BudgetSettings], app_ids: set[str], llm_ids: set[str]) -> list[str]:
+    """Cross-section problems of the ``budgets`` list, one ``key.path: message`` line each.
+
+    Duplicates of (app, LLM, period) are errors (their alerts would share one state);
+    unknown apps and LLMs are errors when the file declares ``apps`` / ``llms`` at all.
+    """
+    problems: list[str] = []
+    seen: set[tuple[str, str | None, str]] = set()
+    for i, budget in enumerate(budgets):
+        key = (budget.app_id, budget.llm_id, budget.period)
+        if key in seen:
+            problems.append(f"budgets[{i}]: duplicate budget for app {budget.app_id!r}"
+                            f"{f' x LLM {budget.llm_id!r}' if budget.llm_id else ''} ({budget.period})")
+        seen.add(key)
+        if app_ids and budget.app_id not in app_ids:
+            problems.append(f"budgets[{i}].app_id: unknown app {budget.app_id!r}")
+        if llm_ids and budget.llm_id is not None and budget.llm_id not in llm_ids:
+            problems.append(f"budgets[{i}].llm_id: unknown LLM {budget.llm_id!r}")
+    return problems
