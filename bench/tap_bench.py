@@ -1,7 +1,7 @@
 """Tap benchmark: wrk against (a) the mock upstream directly, (b) the tap in front of it with the three example
 plugins and event publishing to a real (noida-db) broker, (c) LiteLLM proxy 1.110.x in front of the same mock.
 
-    .venv/bin/python -m bench.tap_bench [--duration 10] [--concurrency 1,16,64] [--workers 1] [--write]
+    .venv/bin/python -m bench.tap_bench [--duration 10] [--concurrency 1,16,64] [--workers 1,2] [--write]
 
 LiteLLM is installed by this script into ``bench/.venv-litellm`` (its ``proxy`` extra pins a
 ``litellm-proxy`` package that is not on PyPI, so the proxy's dependencies are installed one by one).
@@ -98,6 +98,8 @@ class RssSampler:
             procs = [self.root, *self.root.children(recursive=True)]
             for proc in procs:
                 try:
+                    if "resource_tracker" in " ".join(proc.cmdline()):  # multiprocessing's helper, not a worker
+                        continue
                     self.peak[proc.pid] = max(self.peak.get(proc.pid, 0.0), proc.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
@@ -112,6 +114,7 @@ class RssSampler:
 
 
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     document = yaml.safe_load((ROOT / "examples" / "gateway-tap.yaml").read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
     document["kafka"]["topic_prefix"] = "bench"
@@ -137,12 +140,12 @@ def litellm_config(tmp: Path, mock_url: str) -> Path:
     return path
 
 
-def run(duration: int, levels: list[int], workers: int, with_litellm: bool) -> dict[str, object]:
+def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tap-bench-"))
     script = tmp / "post.lua"
     script.write_text(LUA)
     results: dict[str, dict[int, Result]] = {}
-    rss: dict[int, float] = {}
+    rss: dict[str, dict[int, float]] = {}
     notes: list[str] = []
     noida = NoidaServer(tmp / "noida", services=("kafka",), log_path=tmp / "noida.log").start()
     mock = mock_llm_process(log_path=tmp / "mock.log").start()
@@ -150,13 +153,14 @@ def run(duration: int, levels: list[int], workers: int, with_litellm: bool) -> d
     procs: list[ManagedProcess] = [mock]
     try:
         targets: list[tuple[str, str, ManagedProcess | None]] = [("direct", f"{mock_url}/v1/chat/completions", None)]
-        port = free_port()
-        tap = ManagedProcess("tap", cli_argv("serve", "--config", str(tap_config(tmp, mock_url, noida.bootstrap,
-                                                                                     port, workers))),
-                             ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), log_path=tmp / "tap.log",
-                             stop_signal=15, stop_timeout=30).start()
-        procs.append(tap)
-        targets.append(("tap", f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions", tap))
+        for count in workers:
+            port = free_port()
+            config = tap_config(tmp / f"w{count}", mock_url, noida.bootstrap, port, count)
+            tap = ManagedProcess(f"tap-{count}", cli_argv("serve", "--config", str(config)),
+                                 ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/readyz"),  # type: ignore[misc]
+                                 log_path=tmp / f"tap-{count}.log", stop_signal=15, stop_timeout=30).start()
+            procs.append(tap)
+            targets.append((f"tap ({count}w)", f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions", tap))
         if with_litellm:
             exe = ensure_litellm()
             if exe is None:
@@ -165,22 +169,23 @@ def run(duration: int, levels: list[int], workers: int, with_litellm: bool) -> d
                 lport = free_port()
                 litellm = ManagedProcess(
                     "litellm", [str(exe), "--config", str(litellm_config(tmp, mock_url)), "--host", "127.0.0.1",
-                                "--port", str(lport), "--num_workers", str(workers)],
+                                "--port", str(lport), "--num_workers", str(max(workers))],
                     ready=lambda: http_ok(f"http://127.0.0.1:{lport}/health/liveliness"),
                     env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},  # no network fetch at start-up
                     log_path=tmp / "litellm.log", start_timeout=180, stop_timeout=20).start()
                 procs.append(litellm)
-                targets.append(("litellm", f"http://127.0.0.1:{lport}/v1/chat/completions", litellm))
+                targets.append((f"litellm ({max(workers)}w)", f"http://127.0.0.1:{lport}/v1/chat/completions", litellm))
         for name, url, proc in targets:
             wrk(url, 16, 2, script)  # warm-up: connections, caches, JIT-less but lazy imports
             results[name] = {}
             for level in levels:
-                if name == "tap" and proc is not None and proc.pid is not None:
+                if name.startswith("tap") and proc is not None and proc.pid is not None:
                     with RssSampler(proc.pid) as sampler:
                         results[name][level] = wrk(url, level, duration, script)
+                    single = len(sampler.peak) == 1
                     for pid, mb in sampler.peak.items():
-                        if workers == 1 or pid != proc.pid:  # with workers > 1 the parent only supervises
-                            rss[pid] = max(rss.get(pid, 0.0), mb)
+                        if single or pid != proc.pid:  # with workers > 1 the parent only supervises
+                            rss.setdefault(name, {})[pid] = max(rss.get(name, {}).get(pid, 0.0), mb)
                 else:
                     results[name][level] = wrk(url, level, duration, script)
                 print(name, level, results[name][level], flush=True)
@@ -191,16 +196,17 @@ def run(duration: int, levels: list[int], workers: int, with_litellm: bool) -> d
     return {"results": results, "rss": rss, "notes": notes, "load": psutil.getloadavg()}
 
 
-def markdown(data: dict[str, object], duration: int, workers: int, command: str) -> str:
+def markdown(data: dict[str, object], duration: int, command: str) -> str:
     results: dict[str, dict[int, Result]] = data["results"]  # type: ignore[assignment]
-    rss: dict[int, float] = data["rss"]  # type: ignore[assignment]
+    rss: dict[str, dict[int, float]] = data["rss"]  # type: ignore[assignment]
     load = data["load"]
     lines = [
         "## Tap", "",
         f"`{command}`: wrk (1 thread, {duration} s per run, POST of a small chat completion) against (a) the mock "
-        f"upstream directly, (b) the tap ({workers} worker{'s' if workers > 1 else ''}, the three example plugins, "
+        "upstream directly, (b) the tap (N worker processes, the three example plugins, "
         "events published to a local noida-db broker with the default publisher settings: gzip, acks=all, "
-        "idempotent) and (c) LiteLLM proxy 1.110.x (same number of workers) in front of the same mock. "
+        "idempotent, access log off) and (c) LiteLLM proxy 1.110.2 (as many workers as the largest tap) in front of "
+        "the same mock. "
         f"Measured {time.strftime('%Y-%m-%d')} on the 2-core development machine while other work ran "
         f"(load average {load[0]:.1f} at the end): the numbers are noisy, and everything (wrk, mock, broker, "  # type: ignore[index]
         "proxy) shares the same 2 cores.", "",
@@ -211,16 +217,21 @@ def markdown(data: dict[str, object], duration: int, workers: int, command: str)
         for level, r in by_level.items():
             lines.append(f"| {name} | {level} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | "
                          f"{r.errors} |")
-    lines += ["", "| concurrency | tap added p50 ms | tap added p99 ms | RPS tap/direct | RPS tap/LiteLLM |",
-              "|---|---|---|---|---|"]
-    for level, tap in results.get("tap", {}).items():
-        direct = results["direct"][level]
-        lite = results.get("litellm", {}).get(level)
-        ratio = f"{tap.rps / lite.rps:.1f}x" if lite else "n/a"
-        lines.append(f"| {level} | {tap.p50_ms - direct.p50_ms:.2f} | {tap.p99_ms - direct.p99_ms:.2f} | "
-                     f"{tap.rps / direct.rps:.0%} | {ratio} |")
-    if rss:
-        lines += ["", "Tap peak RSS under load per worker: " + ", ".join(f"{mb:.0f} MB" for mb in rss.values()) + "."]
+    lite = next((by_level for name, by_level in results.items() if name.startswith("litellm")), {})
+    lines += ["", "| tap | concurrency | added p50 ms | added p99 ms | RPS tap/direct | RPS tap/LiteLLM |",
+              "|---|---|---|---|---|---|"]
+    for name, by_level in results.items():
+        if not name.startswith("tap"):
+            continue
+        for level, tap in by_level.items():
+            direct = results["direct"][level]
+            other = lite.get(level)
+            ratio = f"{tap.rps / other.rps:.1f}x" if other else "n/a"
+            lines.append(f"| {name} | {level} | {tap.p50_ms - direct.p50_ms:.2f} | {tap.p99_ms - direct.p99_ms:.2f} | "
+                         f"{tap.rps / direct.rps:.0%} | {ratio} |")
+    for name, peaks in rss.items():
+        lines += ["", f"{name} peak RSS under load per worker: " + ", ".join(f"{mb:.0f} MB" for mb in peaks.values())
+                  + "."]
     lines += [f"{note}" for note in data["notes"]]  # type: ignore[attr-defined]
     return "\n".join(lines) + "\n"
 
@@ -241,14 +252,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", default="1,2", help="Tap worker counts to measure, comma-separated.")
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--write", action="store_true", help="Replace the '## Tap' section of BENCHMARKS.md.")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    data = run(args.duration, levels, args.workers, not args.skip_litellm)
+    data = run(args.duration, levels, [int(x) for x in args.workers.split(",")], not args.skip_litellm)
     command = "python -m bench.tap_bench " + " ".join(sys.argv[1:])
-    section = markdown(data, args.duration, args.workers, command.strip())
+    section = markdown(data, args.duration, command.strip())
     print(section)
     if args.write:
         write_section(section)
