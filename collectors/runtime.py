@@ -19,7 +19,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -31,7 +31,7 @@ from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over
-from collectors.settings import CollectorSettings, validate_collector_config
+from collectors.settings import CollectorSettings, group_id_for, validate_collector_config
 from schemas import EventDecodeError, EventType, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
 
@@ -106,11 +106,17 @@ class CollectorRuntime:
     :param client_id: Kafka client id.
     :param extras: added to the collector's ``services.extras`` (``build_runtime`` passes ``root_config``,
         the whole validated config file, so e.g. the budget collector reads ``budgets`` and ``budget_store``).
+    :param ranges: bounded mode (``gateway-tap replay``): read only these partitions from ``start`` to ``stop``
+        (exclusive) offsets, assigned directly instead of joining the group (commits still go to the group
+        id), and return from :meth:`run` once every range is handled. Default None: subscribe and run forever.
+    :param on_batch_done: called with the number of records after each batch is committed (progress display).
     """
 
     def __init__(self, name: str, collector_cls: type[DataCollector], settings: CollectorSettings,
                  kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap",
-                 extras: dict[str, Any] | None = None) -> None:
+                 extras: dict[str, Any] | None = None,
+                 ranges: Mapping[TopicPartition, tuple[int, int]] | None = None,
+                 on_batch_done: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.extras = dict(extras or {})
         self.collector_cls = collector_cls
@@ -118,7 +124,7 @@ class CollectorRuntime:
         self.kafka_options = kafka_options
         self.prefix = topic_prefix
         self.client_id = client_id
-        self.group_id = settings.group_id or f"gateway-tap-collector-{name}"
+        self.group_id = group_id_for(name, settings)
         self.topic_types: dict[str, EventType] = {topic_for(t, topic_prefix): t for t in collector_cls.consumed_types()}
         self.metrics = CollectorMetrics(name)
         self.logger = BatchLogger(log, {"collector": name, "batch": 0})
@@ -132,6 +138,9 @@ class CollectorRuntime:
         self._retrying = False
         self._batches = 0
         self._healthy = False
+        self.ranges = dict(ranges) if ranges is not None else None
+        self._open_ranges: set[TopicPartition] = set()
+        self.on_batch_done = on_batch_done
 
     # -- control ------------------------------------------------------------------------------------------
 
@@ -171,7 +180,8 @@ class CollectorRuntime:
             session_timeout_ms=s.session_timeout_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
-        consumer.subscribe(list(self.topic_types), listener=_Listener(self))
+        if self.ranges is None:
+            consumer.subscribe(list(self.topic_types), listener=_Listener(self))
         dlq = self.dlq = DeadLetterPublisher(self.name, {**self.kafka_options,
                                                          "client_id": f"{self.client_id}-{self.name}-dlq"})
         runner = None
@@ -179,15 +189,19 @@ class CollectorRuntime:
         try:
             await dlq.start()
             await consumer.start()
+            if self.ranges is not None:
+                self._assign_ranges()
             if s.metrics.port is not None:
                 runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
             self._healthy = True
             log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topic_types),
                      self.group_id, s.group_instance_id)
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self.ranges_done:
                 records = await self._fetch_batch()
                 if records:
                     await self._process(records)
+                elif self.ranges is not None:
+                    await self._close_passed_ranges()
         except ShutdownTimeout as exc:
             log.error("%s", exc)
             code = 1
@@ -214,6 +228,8 @@ class CollectorRuntime:
         while not self._stopping.is_set():
             wait = b.max_wait_ms if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
             got = await self.consumer.getmany(timeout_ms=int(wait), max_records=b.max_events - len(records))
+            if self.ranges is not None:
+                got = self._clip_to_ranges(got)
             for recs in got.values():
                 records.extend(recs)
                 size += sum(r.serialized_value_size for r in recs)
@@ -237,6 +253,8 @@ class CollectorRuntime:
             await self._deliver_with_retry(buckets, dead)
             await self._commit(records)
             self._observe(records, buckets, dead, started)
+            if self.on_batch_done is not None:
+                self.on_batch_done(len(records))
         finally:
             self._idle.set()
 
@@ -370,6 +388,48 @@ class CollectorRuntime:
                                 dead[0].record.topic, dead[0].record.partition, dead[0].record.offset,
                                 dead[0].reason)
         m.batch_duration_c.observe(time.monotonic() - started)
+
+    # -- bounded ranges (replay) ------------------------------------------------------------------------------
+
+    @property
+    def ranges_done(self) -> bool:
+        """True in bounded mode once every range was fetched to its stop offset."""
+        return self.ranges is not None and not self._open_ranges
+
+    def _assign_ranges(self) -> None:
+        assert self.consumer is not None and self.ranges is not None
+        todo = {tp: start for tp, (start, stop) in self.ranges.items() if start < stop}
+        self._open_ranges = set(todo)
+        if todo:
+            self.consumer.assign(list(todo))
+            for tp, start in todo.items():
+                self.consumer.seek(tp, start)
+
+    def _close_range(self, tp: TopicPartition) -> None:
+        assert self.consumer is not None
+        self._open_ranges.discard(tp)
+        self.consumer.pause(tp)
+
+    def _clip_to_ranges(self, got: dict[TopicPartition, list[Record]]) -> dict[TopicPartition, list[Record]]:
+        """Drop records at or past their partition's stop offset; a partition that reached it is done."""
+        assert self.ranges is not None
+        clipped: dict[TopicPartition, list[Record]] = {}
+        for tp, recs in got.items():
+            stop = self.ranges[tp][1]
+            if recs and recs[-1].offset + 1 >= stop:
+                self._close_range(tp)
+                recs = [r for r in recs if r.offset < stop]
+            if recs:
+                clipped[tp] = recs
+        return clipped
+
+    async def _close_passed_ranges(self) -> None:
+        """Close ranges whose position passed the stop offset without a record at stop - 1
+        (transaction markers or compaction leave such gaps)."""
+        assert self.consumer is not None and self.ranges is not None
+        for tp in list(self._open_ranges):
+            if await self.consumer.position(tp) >= self.ranges[tp][1]:
+                self._close_range(tp)
 
     # -- rebalance ----------------------------------------------------------------------------------------
 

@@ -71,6 +71,11 @@ class CollectorSettings(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="The collector's own config (its schema).")
 
 
+def group_id_for(name: str, settings: CollectorSettings) -> str:
+    """The consumer group of collector NAME: ``group_id`` if set, else ``gateway-tap-collector-<NAME>``."""
+    return settings.group_id or f"gateway-tap-collector-{name}"
+
+
 def validate_collector_config(name: str, schema: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """Validate ``config`` against ``schema`` and fill in top-level ``default`` values.
 
