@@ -115,3 +115,31 @@ def collect(name: str, config_path: str | None, group_id: str | None, group_inst
     except (ConfigError, ConfigFileError) as exc:
         raise click.ClickException(str(exc)) from None
     raise SystemExit(run_collector(runtime))
+
+
+def _scaffold(kind: str, name: str, directory: str) -> None:
+    from gateway_tap.scaffold import ScaffoldError, next_steps, scaffold
+
+    try:
+        names, target = scaffold(kind, name, directory)  # type: ignore[arg-type]
+    except ScaffoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(next_steps(names, target))
+
+
+@main.command("new-collector")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to create the package folder.")
+def new_collector(name: str, directory: str) -> None:
+    """Scaffold a collector package NAME (entry point, config schema, README, passing tests)."""
+    _scaffold("collector", name, directory)
+
+
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to create the package folder.")
+def new_plugin(name: str, directory: str) -> None:
+    """Scaffold a tap plugin package NAME (entry point, config schema, README, passing tests)."""
+    _scaffold("plugin", name, directory)

@@ -1,0 +1,215 @@
+"""A test harness for plugin authors: run a plugin's hooks on a constructed request, without a server.
+
+```python
+async with PluginHarness("my_pkg.plugin:MyPlugin", {"header": "x-mine"}) as h:
+    sent = await h.request(json={"model": "gpt-4o-mini", "messages": []}, app_id="demo")
+    assert sent.stopped is None and sent.metadata == {"my_plugin": "seen"}
+    got = await h.response(sent, headers={"content-type": "application/json"}, body=b"{}")
+    assert got.headers["x-mine"] == "on"
+```
+
+The plugin is loaded exactly as the tap loads it (:func:`load_plugins`: ``use`` is
+``module:Class`` or an entry point name of group ``gateway_tap.plugins``, the config is
+validated against the plugin's schema, ``initialize`` is awaited, ``close`` on exit) and
+its hooks run through the same :class:`~gateway_tap.plugins.chain.BoundHook` (timeout,
+``on_error``) in the tap's order: pre-auth, auth, post-auth, then response headers and
+each body chunk. What the tap does after a hook (apply ``HookResult.modify`` headers,
+body and metadata; end the request on ``HookResult.stop``) is applied here too.
+A fail-closed hook that raises or times out raises :class:`HookFailed` in the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
+
+import orjson
+from multidict import CIMultiDict
+
+from gateway_tap.config import AppConfig, PluginConfig
+from gateway_tap.hooks import HookResult, Identity, TapRequest, TapResponse
+from gateway_tap.plugins.chain import SKIPPED, BoundHook, Chain, build_chains
+from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
+from gateway_tap.plugins.services import Gateway
+from gateway_tap.proxy.auth import AppIndex
+from gateway_tap.proxy.metrics import TapMetrics
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RequestInfo:
+    """What the hook context is built from (the tap keeps the same on its per-request exchange)."""
+
+    request_id: str
+    llm_id: str
+    vendor: str
+    app_id: str | None = None
+    user_id: str | None = None
+    model: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutcome:
+    """The request after the request hooks ran.
+
+    :ivar request: the request as it would be forwarded upstream (headers and body after the hooks).
+    :ivar stopped: the ``HookResult.stop`` that ended the request, if any; :attr:`stopped_by` names the plugin.
+    :ivar info: request id, app, user, model and the shared metadata; pass the outcome to :meth:`response`.
+    """
+
+    request: TapRequest
+    info: RequestInfo
+    stopped: HookResult | None = None
+    stopped_by: str | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Tags the hooks added; the tap puts them in ``proxy_log.metadata`` and ``analytics.tags``."""
+        return self.info.metadata
+
+
+@dataclass
+class ResponseOutcome:
+    """The response after the response hooks ran: what the client would receive."""
+
+    status: int
+    headers: CIMultiDict[str]
+    chunks: list[bytes]
+    stopped: HookResult | None = None
+    stopped_by: str | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class PluginHarness:
+    """Drives one plugin in-process, as configured under ``plugins:`` in the tap's config.
+
+    :param use: ``module:Class`` or an entry point name in group ``gateway_tap.plugins`` (a class object
+        defined at module level is accepted too).
+    :param config: the plugin's ``config`` (validated against its schema; raises :class:`PluginLoadError`).
+    :param name: the plugin's ``name`` (``ctx.plugin``, ``blocked_by``).
+    :param llm_id: the LLM the requests go to; :param vendor: its vendor (``openai`` or ``anthropic``).
+    :param apps: apps known to ``services.gateway`` (``get_app``, ``validate_credential``).
+    :param timeout_ms: per hook call; :param on_error: ``fail_closed`` (raise) or ``fail_open`` (skip the hook).
+    """
+
+    def __init__(self, use: str | type[Any], config: Mapping[str, Any] | None = None, *, name: str = "test",
+                 llm_id: str = "openai", vendor: str = "openai", apps: Iterable[AppConfig] = (),
+                 timeout_ms: float = 1000.0, on_error: Literal["fail_closed", "fail_open"] = "fail_closed") -> None:
+        if isinstance(use, type):
+            use = f"{use.__module__}:{use.__qualname__}"
+        self.settings = PluginConfig.model_validate({"name": name, "use": use, "timeout_ms": timeout_ms,
+                                                     "on_error": on_error, "config": dict(config or {})})
+        self.llm_id = llm_id
+        self.vendor = vendor
+        self.metrics = TapMetrics()
+        self.gateway = Gateway(AppIndex(apps))
+        self._loaded: list[LoadedPlugin] = []
+        self.chain = Chain()
+
+    @property
+    def plugin(self) -> Any:
+        """The plugin instance (after ``async with``)."""
+        return self._loaded[0].instance
+
+    async def __aenter__(self) -> Self:
+        self._loaded = await load_plugins([self.settings], self.gateway)
+        self.chain = build_chains(self._loaded, [self.llm_id], self.metrics)[self.llm_id]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await close_plugins(self._loaded)
+
+    async def request(self, body: bytes = b"", *, json: Any = None, method: str = "POST",
+                      path: str = "v1/chat/completions", query_string: str = "",
+                      headers: Mapping[str, str] | None = None, app_id: str | None = None,
+                      user_id: str | None = None, client_address: str | None = "127.0.0.1") -> RequestOutcome:
+        """Run pre-auth, auth and post-auth hooks on a request to ``/llm/{llm_id}/{path}``.
+
+        ``app_id``/``user_id`` stand for what the built-in key check would have found when no
+        auth hook of the plugin returns an :class:`Identity`. ``json`` is serialised as the body.
+        """
+        hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
+        if json is not None:
+            body = orjson.dumps(json)
+            hdrs.setdefault("content-type", "application/json")
+        req = TapRequest(method, path, query_string, hdrs, body, client_address)
+        info = RequestInfo(f"req_test_{next(_ids)}", self.llm_id, self.vendor)
+        out = RequestOutcome(req, info)
+        if await self._request_hooks(self.chain.pre_auth, out):
+            return out
+        for hook in self.chain.auth:
+            result = await hook.call(req, info)
+            if isinstance(result, Identity):
+                info.app_id, info.user_id = result.app_id, result.user_id
+                break
+            if isinstance(result, HookResult) and result.action == "stop":
+                out.stopped, out.stopped_by = result, hook.plugin
+                return out
+        else:
+            info.app_id, info.user_id = app_id, user_id
+        if req.body and method == "POST" and "json" in req.headers.get("content-type", "json"):
+            parsed = req.json()
+            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                info.model = parsed["model"]
+        await self._request_hooks(self.chain.post_auth, out)
+        return out
+
+    async def _request_hooks(self, hooks: Sequence[BoundHook], out: RequestOutcome) -> bool:
+        """Run ``hooks`` as the tap does; True when one stopped the request."""
+        for hook in hooks:
+            result = await hook.call(out.request, out.info)
+            if result is None or result is SKIPPED:
+                continue
+            if result.action == "stop":
+                out.stopped, out.stopped_by = result, hook.plugin
+                return True
+            if result.headers:
+                out.request.headers.update(result.headers)
+            if result.body is not None:
+                out.request.body = result.body
+            if result.metadata:
+                out.info.metadata.update(result.metadata)
+        return False
+
+    async def response(self, after: RequestOutcome | None = None, *, status: int = 200,
+                       headers: Mapping[str, str] | None = None, body: bytes | None = None,
+                       chunks: Sequence[bytes] | None = None) -> ResponseOutcome:
+        """Run the response hooks on an upstream response: the headers, then each body chunk.
+
+        Give ``body`` for a whole response (one chunk hook call) or ``chunks`` for a streamed one
+        (``streamed`` is true, as for ``text/event-stream``). ``after`` is the request it answers
+        (its metadata and ids are shared); a fresh request context is used without it.
+        """
+        info = after.info if after is not None else RequestInfo(f"req_test_{next(_ids)}", self.llm_id, self.vendor)
+        hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
+        streamed = chunks is not None
+        if streamed and "content-type" not in hdrs:
+            hdrs["content-type"] = "text/event-stream"
+        resp = TapResponse(status, hdrs, streamed)
+        for hook in self.chain.response_headers:
+            result = await hook.call(resp, info)
+            if result is None or result is SKIPPED:
+                continue
+            if result.action == "stop":
+                return ResponseOutcome(result.status, CIMultiDict(result.headers or {}), [result.body or b""],
+                                       result, hook.plugin)
+            if result.headers:
+                resp.headers.update(result.headers)
+            if result.metadata:
+                info.metadata.update(result.metadata)
+        sent: list[bytes] = []
+        for chunk in (chunks if chunks is not None else [body or b""]):
+            for hook in self.chain.response_chunk:
+                changed = await hook.call(chunk, info)
+                if changed is not SKIPPED:
+                    chunk = changed
+            if chunk or not streamed:
+                sent.append(chunk)
+        return ResponseOutcome(resp.status, resp.headers, sent)
