@@ -106,6 +106,8 @@ class CollectorRuntime:
     :param client_id: Kafka client id.
     :param extras: added to the collector's ``services.extras`` (``build_runtime`` passes ``root_config``,
         the whole validated config file, so e.g. the budget collector reads ``budgets`` and ``budget_store``).
+        They override the runtime's own entries: ``gateway-tap replay`` passes its own ``group_instance_id``
+        (the worker identity the file collector names its segments after) without joining as a static member.
     :param ranges: bounded mode (``gateway-tap replay``): read only these partitions from ``start`` to ``stop``
         (exclusive) offsets, assigned directly instead of joining the group (commits still go to the group
         id), and return from :meth:`run` once every range is handled. Default None: subscribe and run forever.
@@ -164,7 +166,7 @@ class CollectorRuntime:
         collector = self.collector = self.collector_cls()
         services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
                                      kafka_prefix=self.prefix,
-                                     extras={**self.extras, "group_instance_id": self.settings.group_instance_id})
+                                     extras={"group_instance_id": self.settings.group_instance_id, **self.extras})
         await collector.initialize(config, services)
         s = self.settings
         consumer = self.consumer = AIOKafkaConsumer(

@@ -6,9 +6,14 @@ fast and a command's dependencies load only when it runs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from gateway_tap import __version__
+
+if TYPE_CHECKING:
+    from gateway_tap.config import GatewayConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -143,3 +148,94 @@ def new_collector(name: str, directory: str) -> None:
 def new_plugin(name: str, directory: str) -> None:
     """Scaffold a tap plugin package NAME (entry point, config schema, README, passing tests)."""
     _scaffold("plugin", name, directory)
+
+
+def _load(config_path: str) -> GatewayConfig:
+    """The validated config file, or a ClickException naming each problem."""
+    from gateway_tap.config import ConfigFileError, load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("status")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (with per-partition detail) for scripts.")
+@click.option("--tap-url", "tap_urls", multiple=True, help="A tap's base or /metrics URL (repeatable; "
+              "default: tap.listen of the config).")
+def status(config_path: str, as_json: bool, tap_urls: tuple[str, ...]) -> None:
+    """Collector lag per topic, dead-letter counts, the taps' spools and budget use. Exit 2: Kafka unreachable."""
+    from gateway_tap.ops.status import run_status
+
+    raise SystemExit(run_status(_load(config_path), list(tap_urls), as_json))
+
+
+@main.command("replay")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
+@click.option("--collector", "name", required=True, help="Collector NAME to re-export through.")
+@click.option("--from", "start", required=True, metavar="TIME|OFFSET",
+              help="Offset (every partition), ISO 8601 time (naive = UTC), duration ago (30m, 2h, 7d), or earliest.")
+@click.option("--to", "stop", metavar="TIME|OFFSET", help="Exclusive end, same forms (default: the end at start).")
+@click.option("--types", "types", multiple=True, type=click.Choice(["proxy_log", "analytics", "budget_usage"]),
+              help="Only these event types (repeatable; default: all the collector consumes).")
+def replay(config_path: str, name: str, start: str, stop: str | None, types: tuple[str, ...]) -> None:
+    """Re-export a range of a collector's topics through it, under a separate consumer group (backfill)."""
+    from gateway_tap.ops.replay import run_replay
+
+    raise SystemExit(run_replay(_load(config_path), name, start, stop, list(types)))  # type: ignore[arg-type]
+
+
+@main.group("dlq")
+def dlq() -> None:
+    """Dead letters: list them with their reasons, show one, send chosen ones back after a fix."""
+
+
+_config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                              help="gateway-tap.yaml")
+
+
+@dlq.command("list")
+@_config_option
+@click.option("--topic", help="Only this DLQ topic (default: every <prefix>.*.dlq).")
+@click.option("--last", default=10, show_default=True, type=click.IntRange(0), help="Newest entries shown per topic.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def dlq_list(config_path: str, topic: str | None, last: int, as_json: bool) -> None:
+    """Per DLQ topic: the record count and the newest entries (original position, collector, error)."""
+    from rich.console import Console
+
+    from gateway_tap.ops.dlq import run_list
+
+    raise SystemExit(run_list(_load(config_path), topic, last, as_json, Console()))
+
+
+@dlq.command("show")
+@_config_option
+@click.argument("topic")
+@click.argument("entry", metavar="[PARTITION:]OFFSET")
+@click.option("--max-bytes", default=65536, show_default=True, type=click.IntRange(1), help="Value bytes shown.")
+def dlq_show(config_path: str, topic: str, entry: str, max_bytes: int) -> None:
+    """One dead letter: its headers (with the reason) and its value, pretty-printed when JSON."""
+    from rich.console import Console
+
+    from gateway_tap.ops.dlq import run_show
+
+    raise SystemExit(run_show(_load(config_path), topic, entry, max_bytes, Console()))
+
+
+@dlq.command("replay")
+@_config_option
+@click.argument("topic")
+@click.option("--offsets", help="Entries to send: 1,2,5 or PARTITION:OFFSET,...")
+@click.option("--all", "everything", is_flag=True, help="Send every entry of TOPIC.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_replay(config_path: str, topic: str, offsets: str | None, everything: bool, yes: bool) -> None:
+    """Send chosen dead letters back to their original topic (key, value, original headers)."""
+    from rich.console import Console
+
+    from gateway_tap.ops.dlq import run_replay
+
+    if bool(offsets) == everything:
+        raise click.UsageError("give exactly one of --offsets and --all")
+    raise SystemExit(run_replay(_load(config_path), topic, offsets, everything, yes, Console()))

@@ -1,0 +1,315 @@
+"""``gateway-tap status``: collector lag, dead letters, the taps' spools and budget use, in one report.
+
+:func:`gather_status` collects a :class:`StatusReport` (each part independently: an
+unreachable part is reported as such, never raised); :func:`render_status` prints it
+as rich tables and :func:`status_json` as one JSON document for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from gateway_tap.config import GatewayConfig
+from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
+from gateway_tap.ops.targets import collector_targets
+from schemas import EVENT_TYPES, dlq_topic, topic_for
+
+TAP_METRICS = {
+    "gateway_tap_publisher_spool_pending_events": "spool_pending_events",
+    "gateway_tap_publisher_spool_bytes": "spool_bytes",
+    "gateway_tap_publisher_queue_depth_events": "queue_depth_events",
+    "gateway_tap_publisher_kafka_connected": "kafka_connected",
+}
+"""Tap metric name -> :class:`TapStatus` field."""
+
+
+@dataclass
+class PartitionLag:
+    partition: int
+    committed: int | None
+    end: int
+    lag: int
+
+
+@dataclass
+class TopicLag:
+    """A group's position on one topic, summed over partitions (``exists`` False: topic not created yet)."""
+
+    topic: str
+    exists: bool
+    committed: int = 0
+    end: int = 0
+    lag: int = 0
+    partitions: list[PartitionLag] = field(default_factory=list)
+
+
+@dataclass
+class GroupStatus:
+    collector: str
+    group_id: str
+    topics: list[TopicLag]
+    note: str | None = None
+
+
+@dataclass
+class DlqStatus:
+    """A dead-letter topic; ``records`` is end - beginning offsets, exact for DLQs (plain producer, no
+    compaction, so offsets have no gaps)."""
+
+    topic: str
+    exists: bool
+    partitions: int = 0
+    records: int = 0
+
+
+@dataclass
+class TapStatus:
+    url: str
+    error: str | None = None
+    spool_pending_events: float | None = None
+    spool_bytes: float | None = None
+    queue_depth_events: float | None = None
+    kafka_connected: float | None = None
+
+
+@dataclass
+class BudgetLine:
+    app_id: str
+    llm_id: str | None
+    period: str
+    mode: str
+    period_start: str
+    limit_usd: float | None
+    limit_tokens: int | None
+    spent_usd: float
+    spent_tokens: int
+    used_pct: float
+
+
+@dataclass
+class StatusReport:
+    bootstrap: str
+    kafka_error: str | None = None
+    groups: list[GroupStatus] = field(default_factory=list)
+    dlq: list[DlqStatus] = field(default_factory=list)
+    taps: list[TapStatus] = field(default_factory=list)
+    budgets: list[BudgetLine] = field(default_factory=list)
+    budget_error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """2 when Kafka is unreachable (nothing about the pipeline is known), else 0."""
+        return 2 if self.kafka_error else 0
+
+
+def default_tap_urls(config: GatewayConfig) -> list[str]:
+    """The configured tap's metrics URL (a wildcard listen address is reached on loopback)."""
+    host = config.tap.listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return [f"http://{host}:{config.tap.listen.port}/metrics"]
+
+
+async def gather_status(config: GatewayConfig, tap_urls: list[str] | None = None,
+                        now: datetime | None = None) -> StatusReport:
+    """Every part of the report, gathered concurrently; failures are recorded in the report."""
+    report = StatusReport(bootstrap=config.kafka.bootstrap_servers)
+    urls = [u if u.rstrip("/").endswith("/metrics") else u.rstrip("/") + "/metrics"
+            for u in (tap_urls or default_tap_urls(config))]
+    _, _, report.taps = await asyncio.gather(_kafka_part(config, report),
+                                             _budget_part(config, report, now or datetime.now(UTC)),
+                                             asyncio.gather(*(tap_status(u) for u in urls)))
+    return report
+
+
+async def _kafka_part(config: GatewayConfig, report: StatusReport) -> None:
+    try:
+        async with KafkaInspector(config.kafka.client_options(), f"{config.kafka.client_id}-status") as kafka:
+            report.groups = await _group_lags(kafka, config)
+            report.dlq = await _dlq_sizes(kafka, config)
+    except KafkaUnavailable as exc:
+        report.kafka_error = str(exc)
+
+
+async def _group_lags(kafka: KafkaInspector, config: GatewayConfig) -> list[GroupStatus]:
+    targets = collector_targets(config)
+    parts = await kafka.partitions({t for target in targets for t in target.topics})
+    all_tps = [tp for tps in parts.values() for tp in tps]
+    begin, end = await kafka.offsets(all_tps)
+    groups = []
+    for target in targets:
+        committed = await kafka.committed(target.group_id)
+        topics = []
+        for topic in target.topics:
+            if topic not in parts:
+                topics.append(TopicLag(topic, exists=False))
+                continue
+            lag = TopicLag(topic, exists=True)
+            for tp in parts[topic]:
+                done = committed.get(tp)
+                # Without a commit the group starts at the beginning (auto_offset_reset: earliest).
+                behind = end[tp] - max(done if done is not None else begin[tp], begin[tp])
+                lag.partitions.append(PartitionLag(tp.partition, done, end[tp], max(0, behind)))
+                lag.committed += done or 0
+                lag.end += end[tp]
+                lag.lag += max(0, behind)
+            topics.append(lag)
+        groups.append(GroupStatus(target.name, target.group_id, topics, target.error))
+    return groups
+
+
+async def _dlq_sizes(kafka: KafkaInspector, config: GatewayConfig) -> list[DlqStatus]:
+    topics = await dlq_topics(kafka, config.kafka.topic_prefix)
+    parts = await kafka.partitions(topics)
+    begin, end = await kafka.offsets([tp for tps in parts.values() for tp in tps])
+    return [DlqStatus(t, t in parts, len(parts.get(t, [])), sum(end[tp] - begin[tp] for tp in parts.get(t, [])))
+            for t in topics]
+
+
+async def dlq_topics(kafka: KafkaInspector, prefix: str) -> list[str]:
+    """The DLQs of the three event topics (existing or not) plus any other existing ``<prefix>.*.dlq``."""
+    standard = [dlq_topic(topic_for(t, prefix)) for t in EVENT_TYPES]
+    others = sorted(t for t in await kafka.topics()
+                    if t.startswith(prefix + ".") and t.endswith(".dlq") and t not in standard)
+    return standard + others
+
+
+async def tap_status(url: str, timeout_s: float = 3.0) -> TapStatus:
+    """The publisher gauges from one tap's ``/metrics`` (summed over label sets)."""
+    status = TapStatus(url)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    status.error = f"HTTP {resp.status}"
+                    return status
+                text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        status.error = f"unreachable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+        return status
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                attr = TAP_METRICS.get(sample.name)
+                if attr is not None:
+                    setattr(status, attr, (getattr(status, attr) or 0.0) + sample.value)
+    except ValueError as exc:
+        status.error = f"unparsable metrics: {exc}"
+    if status.error is None and status.spool_pending_events is None:
+        status.error = "no gateway_tap_publisher_* metrics (not a tap?)"
+    return status
+
+
+async def _budget_part(config: GatewayConfig, report: StatusReport, now: datetime) -> None:
+    from gateway_tap.budgets.periods import micros_to_usd, period_start
+    from gateway_tap.budgets.store import BudgetStoreError, open_store
+
+    if not config.budgets:
+        return
+    store_settings = config.budget_store
+    if store_settings.backend == "sqlite" and not await asyncio.to_thread(Path(store_settings.sqlite_path).exists):
+        report.budget_error = f"no budget store yet at {store_settings.sqlite_path} (nothing recorded)"
+        return
+    try:
+        store = await open_store(store_settings, migrate=False)
+    except (BudgetStoreError, ValueError, OSError) as exc:
+        report.budget_error = f"budget store unavailable: {exc}"
+        return
+    try:
+        for b in config.budgets:
+            start = period_start(b.period, now)
+            spend = await store.spend(b.app_id, b.llm_id, b.period, start)
+            spent_usd = micros_to_usd(spend.cost_micros)
+            used = [spent_usd / b.limit_usd if b.limit_usd else None,
+                    spend.total_tokens / b.limit_tokens if b.limit_tokens else None]
+            pct = max((u for u in used if u is not None), default=0.0) * 100
+            report.budgets.append(BudgetLine(b.app_id, b.llm_id, b.period, b.mode, start.isoformat(), b.limit_usd,
+                                             b.limit_tokens, spent_usd, spend.total_tokens, round(pct, 2)))
+    except BudgetStoreError as exc:
+        report.budget_error = f"budget store unavailable: {exc}"
+        report.budgets = []
+    finally:
+        await store.close()
+
+
+def status_json(report: StatusReport) -> str:
+    """The report as one JSON document (per-partition detail included)."""
+    return orjson.dumps({**asdict(report), "exit_code": report.exit_code}, option=orjson.OPT_INDENT_2).decode()
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def render_status(report: StatusReport, console: Console) -> None:
+    """Rich tables: collector lag, dead letters, taps, budgets."""
+    if report.kafka_error:
+        console.print(f"[bold red]{report.kafka_error}[/]: collector lag and dead letters unknown")
+    else:
+        lag = Table(title="Collector lag", title_justify="left")
+        lag.add_column("collector / group", overflow="fold")
+        lag.add_column("topic", overflow="fold")
+        for col in ("committed", "end", "lag"):
+            lag.add_column(col, justify="right")
+        for g in report.groups:
+            label = [f"[bold]{g.collector}[/]", f"[dim]{g.group_id}[/]"]
+            if g.note:
+                label.append(f"[yellow]not loadable: {g.note}[/]")
+            for i, t in enumerate(g.topics):
+                cells = (_num(t.committed), _num(t.end), f"[{'red' if t.lag else 'green'}]{t.lag:,}[/]") \
+                    if t.exists else ("-", "-", "[dim]no topic[/]")
+                lag.add_row(label[i] if i < len(label) else "", t.topic, *cells, end_section=i == len(g.topics) - 1)
+        console.print(lag)
+        dlq = Table(title="Dead letters", title_justify="left")
+        for col in ("topic", "partitions", "records"):
+            dlq.add_column(col, justify="left" if col == "topic" else "right")
+        for d in report.dlq:
+            records = f"[{'red' if d.records else 'green'}]{d.records:,}[/]" if d.exists else "[dim]not created[/]"
+            dlq.add_row(d.topic, str(d.partitions) if d.exists else "-", records)
+        console.print(dlq)
+    taps = Table(title="Taps", title_justify="left")
+    for col in ("metrics", "kafka", "queue", "spool events", "spool bytes"):
+        taps.add_column(col, justify="left" if col == "metrics" else "right")
+    for tap in report.taps:
+        if tap.error:
+            taps.add_row(tap.url, f"[red]{tap.error}[/]", "", "", "")
+        else:
+            connected = "[green]connected[/]" if tap.kafka_connected else "[red]disconnected[/]"
+            taps.add_row(tap.url, connected, _num(tap.queue_depth_events), _num(tap.spool_pending_events),
+                         _num(tap.spool_bytes))
+    console.print(taps)
+    if report.budget_error:
+        console.print(f"[yellow]Budgets: {report.budget_error}[/]")
+    elif report.budgets:
+        budgets = Table(title="Budgets (current period)", title_justify="left")
+        for col in ("app", "llm", "period", "mode", "spent / limit USD", "tokens / limit", "used"):
+            budgets.add_column(col, justify="right" if col in ("used",) else "left")
+        for b in report.budgets:
+            colour = "red" if b.used_pct >= 100 else "yellow" if b.used_pct >= 80 else "green"
+            usd = f"{b.spent_usd:,.4f} / {b.limit_usd:,.2f}" if b.limit_usd is not None else f"{b.spent_usd:,.4f}"
+            tokens = f"{b.spent_tokens:,} / {b.limit_tokens:,}" if b.limit_tokens is not None else f"{b.spent_tokens:,}"
+            budgets.add_row(b.app_id, b.llm_id or "*", f"{b.period} from {b.period_start}", b.mode, usd, tokens,
+                            f"[{colour}]{b.used_pct:.1f}%[/]")
+        console.print(budgets)
+    else:
+        console.print("[dim]Budgets: none configured[/]")
+
+
+def run_status(config: GatewayConfig, tap_urls: list[str], as_json: bool, console: Console | None = None) -> int:
+    """``gateway-tap status``: gather, print (tables or JSON), return the exit code."""
+    quiet_client_logs()
+    report = asyncio.run(gather_status(config, tap_urls))
+    console = console or Console()
+    if as_json:
+        console.print_json(status_json(report)) if console.is_terminal else print(status_json(report))
+    else:
+        render_status(report, console)
+    return report.exit_code
