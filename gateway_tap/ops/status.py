@@ -263,10 +263,13 @@ def render_status(report: StatusReport, console: Console) -> None:
             label = [f"[bold]{g.collector}[/]", f"[dim]{g.group_id}[/]"]
             if g.note:
                 label.append(f"[yellow]not loadable: {g.note}[/]")
+            # One label line per topic row; whatever is left over goes into the last row.
+            cells = label[:len(g.topics) - 1] + ["\n".join(label[len(g.topics) - 1:])]
             for i, t in enumerate(g.topics):
-                cells = (_num(t.committed), _num(t.end), f"[{'red' if t.lag else 'green'}]{t.lag:,}[/]") \
+                numbers = (_num(t.committed), _num(t.end), f"[{'red' if t.lag else 'green'}]{t.lag:,}[/]") \
                     if t.exists else ("-", "-", "[dim]no topic[/]")
-                lag.add_row(label[i] if i < len(label) else "", t.topic, *cells, end_section=i == len(g.topics) - 1)
+                lag.add_row(cells[i] if i < len(cells) else "", t.topic, *numbers,
+                            end_section=i == len(g.topics) - 1)
         console.print(lag)
         dlq = Table(title="Dead letters", title_justify="left")
         for col in ("topic", "partitions", "records"):
