@@ -57,6 +57,20 @@ class Result:
     p95_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float = 0.0  # CPU time (user + system) of the server's processes per request
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process tree (children that exited are not counted)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def wrk(url: str, concurrency: int, duration: int, script: Path) -> Result:
@@ -152,7 +166,7 @@ def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool
     mock_url = f"http://127.0.0.1:{mock.env['GATEWAY_TAP_MOCK_PORT']}"
     procs: list[ManagedProcess] = [mock]
     try:
-        targets: list[tuple[str, str, ManagedProcess | None]] = [("direct", f"{mock_url}/v1/chat/completions", None)]
+        targets: list[tuple[str, str, ManagedProcess | None]] = [("direct", f"{mock_url}/v1/chat/completions", mock)]
         for count in workers:
             port = free_port()
             config = tap_config(tmp / f"w{count}", mock_url, noida.bootstrap, port, count)
@@ -179,7 +193,9 @@ def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool
             wrk(url, 16, 2, script)  # warm-up: connections, caches, JIT-less but lazy imports
             results[name] = {}
             for level in levels:
-                if name.startswith("tap") and proc is not None and proc.pid is not None:
+                assert proc is not None and proc.pid is not None
+                cpu_before = cpu_seconds(proc.pid)
+                if name.startswith("tap"):
                     with RssSampler(proc.pid) as sampler:
                         results[name][level] = wrk(url, level, duration, script)
                     single = len(sampler.peak) == 1
@@ -188,6 +204,8 @@ def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool
                             rss.setdefault(name, {})[pid] = max(rss.get(name, {}).get(pid, 0.0), mb)
                 else:
                     results[name][level] = wrk(url, level, duration, script)
+                r = results[name][level]
+                r.cpu_us = (cpu_seconds(proc.pid) - cpu_before) / max(1.0, r.rps * duration) * 1e6
                 print(name, level, results[name][level], flush=True)
     finally:
         for proc in reversed(procs):
@@ -210,13 +228,13 @@ def markdown(data: dict[str, object], duration: int, command: str) -> str:
         f"Measured {time.strftime('%Y-%m-%d')} on the 2-core development machine while other work ran "
         f"(load average {load[0]:.1f} at the end): the numbers are noisy, and everything (wrk, mock, broker, "  # type: ignore[index]
         "proxy) shares the same 2 cores.", "",
-        "| target | concurrency | RPS | p50 ms | p95 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| target | concurrency | RPS | p50 ms | p95 ms | p99 ms | errors | server CPU µs/request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, by_level in results.items():
         for level, r in by_level.items():
             lines.append(f"| {name} | {level} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | "
-                         f"{r.errors} |")
+                         f"{r.errors} | {r.cpu_us:.0f} |")
     lite = next((by_level for name, by_level in results.items() if name.startswith("litellm")), {})
     lines += ["", "| tap | concurrency | added p50 ms | added p99 ms | RPS tap/direct | RPS tap/LiteLLM |",
               "|---|---|---|---|---|---|"]
@@ -229,6 +247,18 @@ def markdown(data: dict[str, object], duration: int, command: str) -> str:
             ratio = f"{tap.rps / other.rps:.1f}x" if other else "n/a"
             lines.append(f"| {name} | {level} | {tap.p50_ms - direct.p50_ms:.2f} | {tap.p99_ms - direct.p99_ms:.2f} | "
                          f"{tap.rps / direct.rps:.0%} | {ratio} |")
+    taps = [by_level for name, by_level in results.items() if name.startswith("tap")]
+    if taps and 16 in taps[0] and 16 in results["direct"]:
+        tap16, direct16 = taps[0][16], results["direct"][16]
+        text = (f"Reading: RPS and latencies move by up to 2x between runs on this shared machine; server CPU per "
+                f"request is the stable figure. At concurrency 16 the tap used {tap16.cpu_us / direct16.cpu_us:.0f}x "
+                "the mock's CPU per request (aiohttp server and client, four hook calls, three events built, "
+                "encoded and produced with gzip)")
+        if 16 in lite:
+            text += f", and LiteLLM {lite[16].cpu_us / tap16.cpu_us:.0f}x the tap's"
+        text += (". With every process on the same two cores, RPS tap/direct is bounded by that CPU ratio, so the "
+                 "direct mock (a trivial handler) is a much harder baseline than a real upstream.")
+        lines += ["", text]
     for name, peaks in rss.items():
         lines += ["", f"{name} peak RSS under load per worker: " + ", ".join(f"{mb:.0f} MB" for mb in peaks.values())
                   + "."]
