@@ -11,7 +11,7 @@ One run, one private noida-db (Kafka + Elasticsearch on free ports), the same do
 4. ``runtime``: ``gateway-tap collect elasticsearch`` (a child process) draining the
    whole topic into a fresh Elasticsearch process: Kafka fetch + decode + collector + commits;
 5. freshness: the same child process while ``--rate`` events/s are produced for
-   ``--seconds``; every 10th event is a probe whose first appearance in ``_search``
+   ``--seconds``; every ``--probe-every``-th event is a probe whose first appearance in ``_search``
    results (polled every 100 ms) gives emitted -> searchable.
 
 Each contender writes into its own index prefix; indices are deleted between passes.
@@ -159,8 +159,8 @@ async def wait_committed(bootstrap: str, group: str, n: int) -> float:
 
 
 async def freshness(bootstrap: str, topic: str, es: AsyncElasticsearch, index: str, rate: int,
-                    seconds: float) -> list[float]:
-    """Produce ``rate`` events/s for ``seconds``; return emitted -> searchable (s) of every 10th event."""
+                    seconds: float, probe_every: int) -> list[float]:
+    """Produce ``rate`` events/s for ``seconds``; return emitted -> searchable (s) of every ``probe_every``-th event."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
     await producer.start()
     emitted: dict[str, float] = {}
@@ -190,7 +190,7 @@ async def freshness(bootstrap: str, topic: str, es: AsyncElasticsearch, index: s
             due = min(total, int((time.perf_counter() - start) * rate))
             while n < due:
                 event = make_event(n, datetime.now(UTC))
-                if n % 10 == 0:
+                if n % probe_every == 0:
                     emitted[event.id] = event.emitted_at.timestamp()
                 await producer.send(topic, encode_event(event), key=(event.app_id or "").encode())
                 n += 1
@@ -269,7 +269,7 @@ async def main(args: argparse.Namespace) -> None:
               f"(process start {ready - started:.1f}s not included)", flush=True)
 
         lags = await freshness(kafka.bootstrap, topic, es, tpl.alias_name(prefix, "analytics"), args.rate,
-                               args.seconds)
+                               args.seconds, args.probe_every)
     finally:
         if proc is not None:
             await asyncio.to_thread(proc.stop)
@@ -304,6 +304,8 @@ def parse_args() -> argparse.Namespace:
                         help="the collector's bulk_concurrency")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rate", type=int, default=1000, help="events/s in the freshness phase")
+    parser.add_argument("--probe-every", type=int, default=50,
+                        help="every Nth event is a freshness probe (searching is costly on noida: keep probes few)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
     parser.add_argument("--order", default="bare,collector,collector,bare",
                         help="contenders, in order (rates are averaged per contender)")
