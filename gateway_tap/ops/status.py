@@ -264,7 +264,7 @@ def render_status(report: StatusReport, console: Console) -> None:
             if g.note:
                 label.append(f"[yellow]not loadable: {g.note}[/]")
             # One label line per topic row; whatever is left over goes into the last row.
-            cells = label[:len(g.topics) - 1] + ["\n".join(label[len(g.topics) - 1:])]
+            cells = [*label[:len(g.topics) - 1], "\n".join(label[len(g.topics) - 1:])]
             for i, t in enumerate(g.topics):
                 numbers = (_num(t.committed), _num(t.end), f"[{'red' if t.lag else 'green'}]{t.lag:,}[/]") \
                     if t.exists else ("-", "-", "[dim]no topic[/]")
