@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -185,14 +184,24 @@ class ManagedProcess:
 
 
 def noida_binary() -> str:
-    """Path of the ``noida-db`` launcher installed with the ``dev`` extra."""
-    candidate = Path(sys.executable).with_name("noida-db")
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("noida-db")
-    if found is None:
-        raise StartupError("noida-db is not installed: install the project with its 'dev' extra (make test does)")
-    return found
+    """Path of the noida-db server binary shipped in the ``noida-db`` wheel (``dev`` extra).
+
+    The binary itself, not the ``noida-db`` launcher script: the launcher runs it under
+    ``subprocess.call``, which kills it outright when the launcher is interrupted, so a
+    "clean" stop would lose the last ~2 s of writes (noida's snapshot period).
+    """
+    try:
+        from importlib.resources import files
+
+        binary = files("noida_db").joinpath("noida-db")
+    except ModuleNotFoundError:
+        raise StartupError("noida-db is not installed: install the 'dev' extra (make test does)") from None
+    path = Path(str(binary))
+    if not path.is_file():
+        raise StartupError(f"noida-db binary missing at {path}: reinstall the 'dev' extra")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return str(path)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from elasticsearch import AsyncElasticsearch
 
 from collectors.sdk import BadEvents, RetryLater
 from collectors.sinks import es_templates as tpl
-from gateway_tap import devstack
 from gateway_tap.devstack import NoidaServer, free_port
 from tests.test_es_collector import analytics, count, es, open_collector
 
@@ -149,19 +147,6 @@ async def test_unreachable_cluster_is_retry_later(topic_prefix: str) -> None:
         await collector.close()
 
 
-@pytest.fixture
-def noida_direct(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the noida binary itself, not the ``noida-db`` launcher script.
-
-    The launcher runs the binary under ``subprocess.call``, which SIGKILLs it when the launcher
-    gets SIGINT: a "clean" stop then loses the writes of the last ~2 s (noida's snapshot period).
-    """
-    binary = files("noida_db").joinpath("noida-db")
-    if binary.is_file():
-        monkeypatch.setattr(devstack, "noida_binary", lambda: str(binary))
-
-
-@pytest.mark.usefixtures("noida_direct")
 async def test_server_down_then_back_loses_nothing(tmp_path: Path, topic_prefix: str) -> None:
     """Batches keep coming while the server is stopped (SIGINT) and restarted: RetryLater, then all indexed."""
     server = NoidaServer(data_dir=tmp_path / "noida", services=("elasticsearch",), log_path=tmp_path / "noida.log")
