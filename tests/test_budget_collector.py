@@ -35,7 +35,7 @@ def config(settings: BudgetStoreSettings, budgets: list[dict[str, Any]] | None =
 
 def alert_count(h: CollectorHarness, threshold: str) -> float:
     value = h.registry.get_sample_value("gateway_tap_budget_alerts_total",
-                                        {"app_id": "app", "llm_id": "*", "period": "monthly", "threshold": threshold})
+                                        {"app": "app", "llm": "*", "period": "monthly", "threshold": threshold})
     return value or 0.0
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from collectors.metrics import DURATION_BUCKETS
 from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
 from gateway_tap.budgets.periods import period_start, usd_to_micros
 from gateway_tap.budgets.settings import BudgetSettings, BudgetStoreSettings
@@ -59,6 +60,18 @@ class BudgetCollector(DataCollector):
 
     store: BudgetStore | None = None
 
+    @staticmethod
+    def register_metrics(registry: CollectorRegistry) -> tuple[Counter, Counter, Histogram]:
+        """The collector's own metrics (recorded, alerts, batch time) on ``registry``."""
+        return (
+            Counter("gateway_tap_budget_recorded_total", "Usage events recorded, by outcome.",
+                    ["outcome"], registry=registry),
+            Counter("gateway_tap_budget_alerts_total", "Budget threshold alerts raised.",
+                    ["app", "llm", "period", "threshold"], registry=registry),
+            Histogram("gateway_tap_budget_batch_seconds", "Budget store transaction time.",
+                      buckets=DURATION_BUCKETS, registry=registry),
+        )
+
     async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
         await super().initialize(config, services)
         try:
@@ -70,12 +83,7 @@ class BudgetCollector(DataCollector):
         self.budgets: list[BudgetSettings] = list(
             parsed.budgets if parsed.budgets is not None else (root.budgets if root is not None else []))
         registry = services.metrics if isinstance(services.metrics, CollectorRegistry) else CollectorRegistry()
-        self._recorded = Counter("gateway_tap_budget_recorded_total", "Usage events recorded, by outcome.",
-                                 ["outcome"], registry=registry)
-        self._alerts = Counter("gateway_tap_budget_alerts_total", "Budget threshold alerts raised.",
-                               ["app_id", "llm_id", "period", "threshold"], registry=registry)
-        self._batch_seconds = Histogram("gateway_tap_budget_batch_seconds", "Budget store transaction time.",
-                                        registry=registry)
+        self._recorded, self._alerts, self._batch_seconds = self.register_metrics(registry)
         # PostgreSQL connects lazily: a database that is still starting is a RetryLater on the first batch.
         self.store = await open_store(store_settings, migrate=False)
         self._migrated = False

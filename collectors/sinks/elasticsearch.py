@@ -247,10 +247,12 @@ class _Metrics:
             return
         from prometheus_client import Counter, Histogram
 
+        from collectors.metrics import DURATION_BUCKETS
+
         self.documents = Counter("gateway_tap_es_documents_total", "Bulk items by event type and outcome "
                                  "(indexed, rejected, retried)", ["type", "outcome"], registry=registry)
         self.bulk_seconds = Histogram("gateway_tap_es_bulk_seconds", "Duration of one bulk request",
-                                      registry=registry)
+                                      buckets=DURATION_BUCKETS, registry=registry)
 
     def count(self, event_type: str, outcome: str, n: int) -> None:
         if self.enabled and n:

@@ -14,8 +14,9 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+# 100 µs resolves the tap's own overhead and hook latency; 120 s covers long (streamed) LLM calls.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-           10.0, 30.0, 60.0)
+           10.0, 30.0, 60.0, 120.0)
 
 
 class RequestChildren(NamedTuple):

@@ -52,7 +52,9 @@ _OVERFLOW_FACTOR = 10
 """The overflow list waiting for the disk holds at most this many queues' worth of events."""
 
 
-class _Metrics:
+class PublisherMetrics:
+    """The publisher's ``gateway_tap_publisher_*`` metrics on one registry."""
+
     def __init__(self, registry: prometheus_client.CollectorRegistry | None) -> None:
         reg = registry if registry is not None else prometheus_client.REGISTRY
         p = "gateway_tap_publisher_"
@@ -88,7 +90,7 @@ class EventPublisher:
         self._spool = Spool(Path(spool_dir if spool_dir is not None else settings.spool_dir),
                             segment_bytes=settings.spool_segment_bytes, max_bytes=settings.spool_max_bytes,
                             on_full=settings.on_spool_full, fsync_interval_s=settings.spool_fsync_interval_s)
-        self._m = _Metrics(registry)
+        self._m = PublisherMetrics(registry)
         self._m.queue_depth.set_function(lambda: len(self._queue))
         self._m.spool_bytes.set_function(lambda: self._spool_bytes)
         self._m.spool_pending.set_function(lambda: self._spool_pending)
