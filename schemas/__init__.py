@@ -4,6 +4,7 @@ Everything that crosses Kafka is defined here and nowhere else.
 """
 
 from schemas.codec import MAX_EVENT_BYTES, EventDecodeError, decode_event, encode_event
+from schemas.control import ControlMessage, decode_control, encode_control
 from schemas.events import (
     EVENT_MODELS,
     EVENT_TYPES,
@@ -19,7 +20,15 @@ from schemas.events import (
     new_event_id,
     utc_now,
 )
-from schemas.topics import dlq_topic, message_headers, message_key, topic_for, type_for_topic
+from schemas.topics import (
+    control_headers,
+    control_topic,
+    dlq_topic,
+    message_headers,
+    message_key,
+    topic_for,
+    type_for_topic,
+)
 
 __all__ = [
     "EVENT_MODELS",
@@ -29,14 +38,19 @@ __all__ = [
     "Analytics",
     "AnyEvent",
     "BudgetUsage",
+    "ControlMessage",
     "ErrorInfo",
     "Event",
     "EventDecodeError",
     "EventType",
     "Latency",
     "ProxyLog",
+    "control_headers",
+    "control_topic",
+    "decode_control",
     "decode_event",
     "dlq_topic",
+    "encode_control",
     "encode_event",
     "message_headers",
     "message_key",

@@ -10,6 +10,8 @@ TOPIC_SUFFIXES: dict[EventType, str] = {
     "budget_usage": "budget_usage",
 }
 DLQ_SUFFIX = ".dlq"
+CONTROL_SUFFIX = "control"
+"""Edge-to-control messages (:mod:`schemas.control`): not an event stream, so not in ``TOPIC_SUFFIXES``."""
 
 
 def topic_for(event_type: EventType, prefix: str = "gateway") -> str:
@@ -23,6 +25,15 @@ def type_for_topic(topic: str, prefix: str = "gateway") -> EventType | None:
         if topic == f"{prefix}.{suffix}":
             return event_type
     return None
+
+
+def control_topic(prefix: str = "gateway") -> str:
+    """``gateway.control`` for the default prefix: where plugins' control messages go."""
+    return f"{prefix}.{CONTROL_SUFFIX}"
+
+
+def control_headers() -> list[tuple[str, bytes]]:
+    return [("type", b"control"), ("schema_version", str(SCHEMA_VERSION).encode())]
 
 
 def dlq_topic(topic: str) -> str:

@@ -179,3 +179,37 @@ def test_lazy_events_build_models_on_access_only() -> None:
     assert lazy[1].request_id == "req-2" and list(lazy._cache) == [1]
     assert lazy[-1] is lazy[1]
     assert [e.request_id for e in lazy] == ["req-1", "req-2"]
+
+
+def test_control_message_agrees_with_its_schema_and_round_trips() -> None:
+    from schemas import ControlMessage, control_topic, decode_control, encode_control
+
+    schema = schema_for("control")
+    assert set(ControlMessage.model_fields) | {"type"} == set(schema["properties"])
+    message = ControlMessage(gateway_id="tap-1", plugin="request_enricher", kind="request_counts",
+                             payload={"requests": 3, "by_llm": {"openai": 3}})
+    raw = encode_control(message)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    validator.validate(orjson.loads(raw))
+    assert decode_control(raw) == message
+    for name in schema["required"]:
+        broken = {k: v for k, v in orjson.loads(raw).items() if k != name}
+        assert not validator.is_valid(broken), name
+        with pytest.raises(EventDecodeError):
+            decode_control(orjson.dumps(broken))
+    assert control_topic("acme") == "acme.control" and type_for_topic("acme.control", "acme") is None
+    assert len(EVENT_MODELS) == 3  # control messages are not a fourth event type
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    (b"{nope", None), (b'{"type": "analytics"}', "type"), (b'{"type": "control", "schema_version": 9}',
+                                                          "schema_version"),
+    (b'{"type": "control", "schema_version": 1, "id": "x", "emitted_at": "2026-11-25T10:00:00Z", '
+     b'"gateway_id": "g", "plugin": "p", "kind": "k", "payload": [1]}', "payload"),
+])
+def test_control_decode_errors_name_the_field(raw: bytes, field: str | None) -> None:
+    from schemas import decode_control
+
+    with pytest.raises(EventDecodeError) as info:
+        decode_control(raw)
+    assert info.value.field == field
