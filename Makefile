@@ -22,7 +22,7 @@ services: $(STAMP)
 
 ## lint: ruff + mypy
 lint: $(STAMP)
-	$(BIN)/ruff check gateway_tap collectors schemas tests bench
+	$(BIN)/ruff check gateway_tap collectors schemas dashboards tests bench
 	$(BIN)/mypy
 
 ## test: lint, then the whole suite against real servers
@@ -30,8 +30,8 @@ test: $(STAMP) services lint
 	$(BIN)/python -m pytest -q -ra
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix gateway_tap collectors schemas tests bench
-	$(BIN)/ruff format gateway_tap collectors schemas tests bench
+	$(BIN)/ruff check --fix gateway_tap collectors schemas dashboards tests bench
+	$(BIN)/ruff format gateway_tap collectors schemas dashboards tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
