@@ -85,18 +85,32 @@ def check_config(config_path: str) -> None:
 
 
 @main.command("up")
-@click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(path_type=str),
-              help="Where the local stack keeps its data and logs.")
+@click.option("--config", "config_path", default="examples/gateway-tap.yaml", show_default=True,
+              type=click.Path(dir_okay=False, exists=True), help="Apps, LLMs, plugins, budgets and collectors to run.")
+@click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(file_okay=False),
+              help="Data, logs, the generated config and up.pids.")
+@click.option("--demo-traffic", is_flag=True, help="Send a steady trickle of realistic requests through the tap.")
+@click.option("--tap-port", default=8080, show_default=True, type=int)
 @click.option("--kafka-port", default=9092, show_default=True, type=int)
 @click.option("--es-port", default=9200, show_default=True, type=int)
 @click.option("--mock-port", default=8090, show_default=True, type=int)
-def up(state_dir: str, kafka_port: int, es_port: int, mock_port: int) -> None:
-    """Start the embedded local stack in the foreground; Ctrl-C stops everything."""
+@click.option("--file-metrics-port", default=9465, show_default=True, type=int)
+@click.option("--es-metrics-port", default=9466, show_default=True, type=int)
+@click.option("--budget-metrics-port", default=9467, show_default=True, type=int)
+@click.option("--plain", is_flag=True, help="Periodic summary lines instead of the live panel (default off a TTY).")
+def up(config_path: str, state_dir: str, demo_traffic: bool, tap_port: int, kafka_port: int, es_port: int,
+       mock_port: int, file_metrics_port: int, es_metrics_port: int, budget_metrics_port: int, plain: bool) -> None:
+    """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap, collectors.
+
+    Ctrl-C stops everything; a run after a crash first stops what the crashed one left behind.
+    """
     from pathlib import Path
 
-    from gateway_tap.stack import LocalStack, run_stack
+    from gateway_tap.stack import LocalStack, Ports, run_stack
 
-    run_stack(LocalStack(Path(state_dir), kafka_port=kafka_port, es_port=es_port, mock_port=mock_port))
+    ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port)
+    stack = LocalStack(Path(config_path), Path(state_dir), ports)
+    raise SystemExit(run_stack(stack, demo_traffic, interactive=False if plain else None))
 
 
 @main.command("collect")

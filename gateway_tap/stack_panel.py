@@ -1,0 +1,298 @@
+"""The live view of ``gateway-tap up``: what runs, whether it is healthy, and what flows through it.
+
+:class:`Monitor` samples the stack once a second on a thread of its own (process
+alive + health endpoint per component, the tap's and the collectors' ``/metrics``,
+budget use from the store) into a :class:`Snapshot`; :func:`show` renders it as a
+rich Live panel on a terminal, or as one summary line every 10 s otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from gateway_tap.budgets.store import BudgetStore
+    from gateway_tap.config import GatewayConfig
+    from gateway_tap.demo_traffic import DemoTraffic
+    from gateway_tap.stack import LocalStack
+
+PLAIN_INTERVAL_S = 10.0
+
+
+@dataclass
+class Health:
+    name: str
+    pid: int | None
+    alive: bool
+    healthy: bool
+    endpoint: str
+
+
+@dataclass
+class CollectorStats:
+    handled: float = 0.0
+    rate: float = 0.0
+    lag: float = 0.0
+    dead_lettered: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class BudgetUse:
+    app_id: str
+    llm_id: str | None
+    period: str
+    mode: str
+    spent_usd: float
+    limit_usd: float | None
+    tokens: int
+    limit_tokens: int | None
+
+    @property
+    def used_pct(self) -> float:
+        used = [self.spent_usd / self.limit_usd if self.limit_usd else None,
+                self.tokens / self.limit_tokens if self.limit_tokens else None]
+        return max((u for u in used if u is not None), default=0.0) * 100
+
+
+@dataclass
+class Snapshot:
+    components: list[Health] = field(default_factory=list)
+    tap_requests: float | None = None
+    tap_rps: float = 0.0
+    tap_rejected: float = 0.0
+    spool_pending: float | None = None
+    queue_depth: float | None = None
+    kafka_connected: bool | None = None
+    collectors: dict[str, CollectorStats] = field(default_factory=dict)
+    budgets: list[BudgetUse] = field(default_factory=list)
+    budget_note: str | None = None
+    traffic: dict[str, int] | None = None
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> sample name -> value summed over label sets."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+class Monitor:
+    """Samples ``stack`` every ``interval_s`` on a background thread; :attr:`snapshot` is the latest."""
+
+    def __init__(self, stack: LocalStack, traffic: DemoTraffic | None = None, interval_s: float = 1.0) -> None:
+        self.stack = stack
+        self.traffic = traffic
+        self.interval_s = interval_s
+        self.snapshot = Snapshot()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="up-monitor", daemon=True)
+        self._last: dict[str, tuple[float, float]] = {}  # counter name -> (monotonic time, value)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        from gateway_tap.config import load_config
+
+        assert self.stack.config_path is not None
+        config = load_config(self.stack.config_path)
+        store: BudgetStore | None = None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            try:
+                while not self._stop.is_set():
+                    snap = Snapshot(components=await asyncio.to_thread(self._health))
+                    await self._tap(session, snap)
+                    snap.collectors = dict.fromkeys(_collector_names(), CollectorStats(error="not scraped"))
+                    await asyncio.gather(*(self._collector(session, name, snap) for name in _collector_names()))
+                    store = await self._budgets(config, store, snap)
+                    snap.traffic = self.traffic.counts() if self.traffic is not None else None
+                    self.snapshot = snap
+                    await asyncio.to_thread(self._stop.wait, self.interval_s)
+            finally:
+                if store is not None:
+                    await store.close()
+
+    def _health(self) -> list[Health]:
+        out = []
+        for c in list(self.stack.components):
+            proc = c.process
+            alive = c.alive()
+            out.append(Health(c.name, proc.pid if proc else None, alive, alive and c.health(), c.endpoint))
+        return out
+
+    def _rate(self, key: str, value: float) -> float:
+        now = time.monotonic()
+        last = self._last.get(key)
+        self._last[key] = (now, value)
+        if last is None or now <= last[0] or value < last[1]:
+            return 0.0
+        return (value - last[1]) / (now - last[0])
+
+    async def _scrape(self, session: aiohttp.ClientSession, url: str) -> dict[str, float] | str:
+        try:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    return f"HTTP {resp.status}"
+                return parse_metrics(await resp.text())
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return type(exc).__name__
+
+    async def _tap(self, session: aiohttp.ClientSession, snap: Snapshot) -> None:
+        metrics = await self._scrape(session, f"http://127.0.0.1:{self.stack.ports.tap}/metrics")
+        if isinstance(metrics, str):
+            return
+        snap.tap_requests = metrics.get("gateway_tap_requests_total", 0.0)
+        snap.tap_rps = self._rate("tap", snap.tap_requests)
+        snap.tap_rejected = metrics.get("gateway_tap_rejected_requests_total", 0.0)
+        snap.spool_pending = metrics.get("gateway_tap_publisher_spool_pending_events")
+        snap.queue_depth = metrics.get("gateway_tap_publisher_queue_depth_events")
+        connected = metrics.get("gateway_tap_publisher_kafka_connected")
+        snap.kafka_connected = None if connected is None else connected > 0
+
+    async def _collector(self, session: aiohttp.ClientSession, name: str, snap: Snapshot) -> None:
+        port = self.stack.ports.collector_metrics(name)
+        metrics = await self._scrape(session, f"http://127.0.0.1:{port}/metrics")
+        if isinstance(metrics, str):
+            snap.collectors[name] = CollectorStats(error=metrics)
+            return
+        handled = metrics.get("gateway_tap_collector_events_handled_total", 0.0)
+        snap.collectors[name] = CollectorStats(
+            handled=handled, rate=self._rate(f"collector-{name}", handled),
+            lag=metrics.get("gateway_tap_collector_consumer_lag", 0.0),
+            dead_lettered=metrics.get("gateway_tap_collector_events_dead_lettered_total", 0.0))
+
+    async def _budgets(self, config: GatewayConfig, store: BudgetStore | None, snap: Snapshot) -> BudgetStore | None:
+        from gateway_tap.budgets.periods import micros_to_usd, period_start
+        from gateway_tap.budgets.store import BudgetStoreError, open_store
+
+        if not config.budgets:
+            return store
+        try:
+            if store is None:
+                store = await open_store(config.budget_store, migrate=False)
+            now = datetime.now(UTC)
+            for b in config.budgets:
+                spend = await store.spend(b.app_id, b.llm_id, b.period, period_start(b.period, now))
+                snap.budgets.append(BudgetUse(b.app_id, b.llm_id, b.period, b.mode, micros_to_usd(spend.cost_micros),
+                                              b.limit_usd, spend.total_tokens, b.limit_tokens))
+        except (BudgetStoreError, OSError, ValueError) as exc:
+            # Before the budget collector's first batch the tables do not exist yet.
+            snap.budgets = []
+            snap.budget_note = "no usage recorded yet" if "no such table" in str(exc) else f"store: {exc}"
+        return store
+
+
+def _collector_names() -> tuple[str, ...]:
+    from gateway_tap.stack import COLLECTORS
+
+    return COLLECTORS
+
+
+def _num(value: float | None, fmt: str = ",.0f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(snap: Snapshot, endpoints: dict[str, str]) -> Group:
+    """The panel: endpoints, components, pipeline, budgets and the demo traffic."""
+    ends = Table.grid(padding=(0, 2))
+    ends.add_column(style="bold")
+    ends.add_column()
+    for name, url in endpoints.items():
+        ends.add_row(name, url)
+
+    comps = Table(title="Components", title_justify="left", expand=False)
+    for col in ("component", "pid", "health", "endpoint"):
+        comps.add_column(col)
+    for h in snap.components:
+        health = "[green]healthy[/]" if h.healthy else "[yellow]unhealthy[/]" if h.alive else "[red]exited[/]"
+        comps.add_row(h.name, str(h.pid or "-"), health, h.endpoint)
+
+    flow = Table(title="Pipeline", title_justify="left")
+    for col in ("stage", "total", "per second", "lag", "detail"):
+        flow.add_column(col, justify="left" if col in ("stage", "detail") else "right")
+    kafka = "-" if snap.kafka_connected is None else "kafka connected" if snap.kafka_connected else \
+        "[red]kafka disconnected: spooling[/]"
+    flow.add_row("tap requests", _num(snap.tap_requests), _num(snap.tap_rps, ",.1f"), "",
+                 f"{kafka}; spool {_num(snap.spool_pending)} events; queue {_num(snap.queue_depth)}; "
+                 f"answered by the tap {_num(snap.tap_rejected)}")
+    for name, c in snap.collectors.items():
+        if c.error:
+            flow.add_row(f"collector {name}", "-", "-", "-", f"[red]metrics unreachable ({c.error})[/]")
+        else:
+            dead = f"[red]{c.dead_lettered:,.0f} dead-lettered[/]" if c.dead_lettered else ""
+            flow.add_row(f"collector {name}", _num(c.handled), _num(c.rate, ",.1f"),
+                         f"[{'yellow' if c.lag else 'green'}]{c.lag:,.0f}[/]", dead)
+
+    parts: list[Any] = [ends, comps, flow]
+    if snap.budgets:
+        budgets = Table(title="Budgets (current period)", title_justify="left")
+        for col in ("app", "period", "mode", "spent / limit USD", "tokens / limit", "used"):
+            budgets.add_column(col, justify="right" if col == "used" else "left")
+        for b in snap.budgets:
+            colour = "red" if b.used_pct >= 100 else "yellow" if b.used_pct >= 80 else "green"
+            usd = f"{b.spent_usd:,.4f}" + (f" / {b.limit_usd:,.2f}" if b.limit_usd is not None else "")
+            tokens = f"{b.tokens:,}" + (f" / {b.limit_tokens:,}" if b.limit_tokens is not None else "")
+            budgets.add_row(b.app_id + (f" x {b.llm_id}" if b.llm_id else ""), b.period, b.mode, usd, tokens,
+                            f"[{colour}]{b.used_pct:.1f}%[/]")
+        parts.append(budgets)
+    elif snap.budget_note:
+        parts.append(Text(f"Budgets: {snap.budget_note}", style="dim"))
+    if snap.traffic is not None:
+        parts.append(Text("demo traffic: " + ", ".join(f"{k} {v:,}" for k, v in snap.traffic.items())))
+    parts.append(Text("Ctrl-C stops everything", style="dim"))
+    return Group(*parts)
+
+
+def summary_line(snap: Snapshot) -> str:
+    """One line for logs: health, request rate, events per collector, lag, spool, budgets, demo traffic."""
+    down = [h.name for h in snap.components if not h.healthy]
+    items = [f"health {'ok' if not down else 'DOWN: ' + ','.join(down)}",
+             f"tap {_num(snap.tap_requests)} req ({snap.tap_rps:.1f}/s) spool {_num(snap.spool_pending)}"]
+    for name, c in snap.collectors.items():
+        items.append(f"{name} {'unreachable' if c.error else f'{c.handled:,.0f} ev lag {c.lag:,.0f}'}")
+    if snap.budgets:
+        items.append("budgets " + " ".join(f"{b.app_id} {b.used_pct:.0f}%" for b in snap.budgets))
+    if snap.traffic is not None:
+        items.append("demo " + " ".join(f"{k}={v}" for k, v in snap.traffic.items()))
+    return " | ".join(items)
+
+
+def show(monitor: Monitor, stopping: threading.Event, interactive: bool | None = None) -> None:
+    """Render until ``stopping`` is set: a Live panel on a terminal, periodic summary lines otherwise."""
+    console = Console()
+    endpoints = monitor.stack.endpoints()
+    if interactive is None:
+        interactive = console.is_terminal
+    if not interactive:
+        while not stopping.wait(PLAIN_INTERVAL_S):
+            print(f"{datetime.now().strftime('%H:%M:%S')} {summary_line(monitor.snapshot)}", flush=True)
+        return
+    with Live(render(monitor.snapshot, endpoints), console=console, refresh_per_second=2,
+              screen=False, transient=False) as live:
+        while not stopping.wait(1.0):
+            with contextlib.suppress(Exception):  # a rendering glitch must never take the stack down
+                live.update(render(monitor.snapshot, endpoints))
