@@ -47,6 +47,6 @@ def resolve_collector(name: str) -> type[DataCollector]:
                               f"not an entry point of group {ENTRY_POINT_GROUP}, and not module:Class")
     if not (isinstance(obj, type) and issubclass(obj, DataCollector)):
         raise ConfigError(f"{name!r} is {obj!r}, not a DataCollector subclass")
-    if not obj.consumed_types():
+    if not obj.consumed_types() and not obj.consumes_control():
         raise ConfigError(f"{name!r} consumes no event type: declare event_types or override a handler")
     return obj

@@ -30,9 +30,9 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
-from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over
+from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
 from collectors.settings import CollectorSettings, group_id_for, validate_collector_config
-from schemas import EventDecodeError, EventType, topic_for
+from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
 
 log = logging.getLogger("gateway_tap.collectors")
@@ -76,6 +76,22 @@ class _Bucket:
         self.values = [self.values[i] for i in keep]
         self.records = [self.records[i] for i in keep]
         self.events = LazyEvents(self.event_type, self.values)
+
+
+@dataclass
+class _ControlBucket:
+    """The decoded control messages of a batch with their records (parallel lists)."""
+
+    messages: list[ControlMessage] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+
+    def drop(self, ids: set[str]) -> list[tuple[Record, str]]:
+        """Remove the messages with these ids; returns their records."""
+        keep = [i for i, m in enumerate(self.messages) if m.id not in ids]
+        gone = [(self.records[i], self.messages[i].id) for i in range(len(self.messages)) if self.messages[i].id in ids]
+        self.messages = [self.messages[i] for i in keep]
+        self.records = [self.records[i] for i in keep]
+        return gone
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, retry_after: float | None = None) -> float:
@@ -128,6 +144,7 @@ class CollectorRuntime:
         self.client_id = client_id
         self.group_id = group_id_for(name, settings)
         self.topic_types: dict[str, EventType] = {topic_for(t, topic_prefix): t for t in collector_cls.consumed_types()}
+        self.control_topic = control_topic(topic_prefix) if collector_cls.consumes_control() else None
         self.metrics = CollectorMetrics(name)
         self.logger = BatchLogger(log, {"collector": name, "batch": 0})
         self.collector: DataCollector | None = None
@@ -152,6 +169,11 @@ class CollectorRuntime:
             log.info("stop requested: finishing the batch in hand (grace %.1fs)", self.settings.shutdown_grace_s)
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s
             self._stopping.set()
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic this collector reads: its event types', plus ``<prefix>.control`` if it handles control."""
+        return [*self.topic_types, *([self.control_topic] if self.control_topic else [])]
 
     @property
     def healthy(self) -> bool:
@@ -183,7 +205,7 @@ class CollectorRuntime:
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
         if self.ranges is None:
-            consumer.subscribe(list(self.topic_types), listener=_Listener(self))
+            consumer.subscribe(self.topics, listener=_Listener(self))
         dlq = self.dlq = DeadLetterPublisher(self.name, {**self.kafka_options,
                                                          "client_id": f"{self.client_id}-{self.name}-dlq"})
         runner = None
@@ -196,7 +218,7 @@ class CollectorRuntime:
             if s.metrics.port is not None:
                 runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
             self._healthy = True
-            log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topic_types),
+            log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topics),
                      self.group_id, s.group_instance_id)
             while not self._stopping.is_set() and not self.ranges_done:
                 records = await self._fetch_batch()
@@ -251,25 +273,33 @@ class CollectorRuntime:
             self._batches += 1
             assert self.logger.extra is not None
             self.logger.extra["batch"] = self._batches  # type: ignore[index]
-            buckets, dead = self._decode(records)
-            await self._deliver_with_retry(buckets, dead)
+            buckets, dead, control = self._decode(records)
+            await self._deliver_with_retry(buckets, dead, control)
             await self._commit(records)
-            self._observe(records, buckets, dead, started)
+            self._observe(records, buckets, dead, started, control)
             if self.on_batch_done is not None:
                 self.on_batch_done(len(records))
         finally:
             self._idle.set()
 
-    def _decode(self, records: list[Record]) -> tuple[dict[EventType, _Bucket], list[DeadLetter]]:
+    def _decode(self, records: list[Record]) -> tuple[dict[EventType, _Bucket], list[DeadLetter], _ControlBucket]:
         buckets: dict[EventType, _Bucket] = {}
         dead: list[DeadLetter] = []
+        control = _ControlBucket()
         topic_types = self.topic_types
         for rec in records:
-            event_type = topic_types[rec.topic]
             value = rec.value
             if value is None:  # a tombstone: nothing to decode
                 dead.append(DeadLetter(rec, "empty message value", "EventDecodeError"))
                 continue
+            if rec.topic == self.control_topic:
+                try:
+                    control.messages.append(decode_control(value))
+                    control.records.append(rec)
+                except EventDecodeError as exc:
+                    dead.append(DeadLetter(rec, str(exc), "EventDecodeError"))
+                continue
+            event_type = topic_types[rec.topic]
             try:
                 validate_event_bytes(value, event_type)
             except EventDecodeError as exc:
@@ -280,13 +310,14 @@ class CollectorRuntime:
                 bucket = buckets[event_type] = _Bucket(event_type)
             bucket.values.append(value)  # bucket.events shares this list
             bucket.records.append(rec)
-        return buckets, dead
+        return buckets, dead, control
 
-    async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:
+    async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
+                                  control: _ControlBucket) -> None:
         attempt = 0
         while True:
             try:
-                await self._deliver(buckets, dead)
+                await self._deliver(buckets, dead, control)
                 break
             except asyncio.CancelledError:
                 raise
@@ -306,7 +337,8 @@ class CollectorRuntime:
             assert self.consumer is not None
             self.consumer.resume(*self.consumer.paused())
 
-    async def _deliver(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter]) -> None:
+    async def _deliver(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
+                       control: _ControlBucket) -> None:
         """Hand every bucket over, flush, then publish the dead letters and wait for their acks."""
         collector = self.collector
         assert collector is not None
@@ -315,6 +347,10 @@ class CollectorRuntime:
                 rejected = await hand_over(collector, event_type, bucket.events, bucket.values)
                 if rejected:
                     self._reject(bucket, rejected, dead)
+        if control.messages:
+            rejected = await hand_over_control(collector, control.messages)
+            for rec, message_id in control.drop(set(rejected)):
+                dead.append(DeadLetter(rec, rejected[message_id], "BadEvent"))
         await collector.flush()
         if dead:
             assert self.dlq is not None
@@ -369,7 +405,7 @@ class CollectorRuntime:
                 self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, highwater - offset))
 
     def _observe(self, records: list[Record], buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
-                 started: float) -> None:
+                 started: float, control: _ControlBucket) -> None:
         m = self.metrics
         now = time.time()
         m.batch_size_c.observe(len(records))
@@ -381,10 +417,13 @@ class CollectorRuntime:
             hist = m.freshness_by_type[event_type]
             for event in events[::step]:
                 hist.observe(max(0.0, now - event.emitted_at.timestamp()))
+        if control.messages:
+            m.handled.labels(self.name, "control").inc(len(control.messages))
+            m.consumed.labels(self.name, "control").inc(len(control.messages))
         for letter in dead:
-            event_type = self.topic_types[letter.record.topic]
-            m.consumed_by_type[event_type].inc()
-            m.dead_letter(event_type, letter.error_class)
+            kind = self.topic_types.get(letter.record.topic, "control")
+            m.consumed.labels(self.name, kind).inc()
+            m.dead_letter(kind, letter.error_class)
         if dead:
             self.logger.warning("%d event(s) dead-lettered, first: %s[%d]@%d: %s", len(dead),
                                 dead[0].record.topic, dead[0].record.partition, dead[0].record.offset,

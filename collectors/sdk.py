@@ -5,7 +5,8 @@ Lifecycle (driven by the runtime, like Kafka Connect's SinkTask):
 1. the config is validated against :attr:`DataCollector.config_schema`;
 2. :meth:`DataCollector.initialize` is called once with the config and services;
 3. per batch, the batch handler of each event type is awaited
-   (:meth:`handle_proxy_log_batch`, ...), then :meth:`flush`;
+   (:meth:`handle_proxy_log_batch`, ...), then :meth:`handle_control_batch` for the
+   plugins' control messages (topic ``<prefix>.control``), then :meth:`flush`;
    only after ``flush`` returns are the batch's offsets committed;
 4. :meth:`close` on shutdown.
 
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from schemas import Analytics, BudgetUsage, Event, EventType, ProxyLog
+from schemas import Analytics, BudgetUsage, ControlMessage, Event, EventType, ProxyLog
 
 
 class CollectorError(Exception):
@@ -136,6 +137,14 @@ class DataCollector:
     async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
         await _loop(self.handle_budget_usage, events)
 
+    # Edge-to-control messages (``services.send_to_control`` in a tap's plugin). Overriding either handler
+    # subscribes the collector to ``<prefix>.control``. Reject a message with BadEvent / BadEvents by its id.
+    async def handle_control(self, message: ControlMessage) -> None:
+        raise NotImplementedError
+
+    async def handle_control_batch(self, messages: Sequence[ControlMessage]) -> None:
+        await _loop(self.handle_control, messages)
+
     async def flush(self) -> None:
         """Make everything handed over so far durable. Offsets are committed after this returns."""
 
@@ -155,6 +164,11 @@ class DataCollector:
                     break
         return tuple(found)
 
+    @classmethod
+    def consumes_control(cls) -> bool:
+        """True when the collector overrides a control handler (it then reads ``<prefix>.control``)."""
+        return any(getattr(cls, m) is not getattr(DataCollector, m) for m in ("handle_control", "handle_control_batch"))
+
     async def handle_batch(self, event_type: EventType, events: Sequence[Event]) -> None:
         """Dispatch one batch of one event type to the matching batch handler."""
         handler = getattr(self, f"handle_{event_type}_batch")
@@ -170,7 +184,7 @@ class DataCollector:
         await self.handle_batch(event_type, events)
 
 
-async def _loop(handler: Any, events: Sequence[Event]) -> None:
+async def _loop(handler: Any, events: Sequence[Event] | Sequence[ControlMessage]) -> None:
     rejected: dict[str, str] = {}
     for event in events:
         try:
@@ -200,4 +214,20 @@ async def hand_over(collector: DataCollector, event_type: EventType, events: Seq
     rejected: dict[str, str] = {}
     for event, value in zip(events, values, strict=True):
         rejected.update(await hand_over(collector, event_type, [event], [value]))
+    return rejected
+
+
+async def hand_over_control(collector: DataCollector, messages: Sequence[ControlMessage]) -> dict[str, str]:
+    """:func:`hand_over` for control messages: returns the rejected ones (id -> reason)."""
+    try:
+        await collector.handle_control_batch(messages)
+        return {}
+    except BadEvents as exc:
+        return exc.rejected
+    except BadEvent as exc:
+        if len(messages) == 1:
+            return {messages[0].id: exc.reason}
+    rejected: dict[str, str] = {}
+    for message in messages:
+        rejected.update(await hand_over_control(collector, [message]))
     return rejected

@@ -22,9 +22,9 @@ from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
-from collectors.sdk import CollectorServices, DataCollector, hand_over
+from collectors.sdk import CollectorServices, DataCollector, hand_over, hand_over_control
 from collectors.settings import validate_collector_config
-from schemas import Event, EventDecodeError, EventType, decode_event, encode_event
+from schemas import ControlMessage, Event, EventDecodeError, EventType, decode_event, encode_event
 
 
 class CollectorHarness:
@@ -38,6 +38,7 @@ class CollectorHarness:
     :ivar flushed: events handed over and not rejected before a successful :meth:`flush`.
     :ivar rejected: event id -> reason, for every event the collector rejected.
     :ivar undecodable: reasons of raw values :meth:`feed_raw` could not decode (the runtime dead-letters them).
+    :ivar handled_control: control messages handed over with :meth:`feed_control` and not rejected.
     """
 
     def __init__(self, collector_cls: type[DataCollector], config: dict[str, Any] | None = None, *,
@@ -53,6 +54,7 @@ class CollectorHarness:
         self.flushed: list[Event] = []
         self.rejected: dict[str, str] = {}
         self.undecodable: list[str] = []
+        self.handled_control: list[ControlMessage] = []
 
     async def __aenter__(self) -> Self:
         await self.collector.initialize(self.config, self.services)
@@ -86,6 +88,13 @@ class CollectorHarness:
             rejected = await hand_over(self.collector, event_type, events, [v for _, v in batch])
             self.rejected.update(rejected)
             self.handed.extend(e for e in events if e.id not in rejected)
+
+    async def feed_control(self, messages: Iterable[ControlMessage]) -> None:
+        """Hand control messages over as one batch, as the runtime does for ``<prefix>.control``."""
+        batch = list(messages)
+        rejected = await hand_over_control(self.collector, batch)
+        self.rejected.update(rejected)
+        self.handled_control.extend(m for m in batch if m.id not in rejected)
 
     async def flush(self) -> None:
         """Call the collector's ``flush``; on success everything handed over counts as flushed."""

@@ -1,34 +1,79 @@
-"""Adds configured headers to the upstream request and string metadata (tags) to the events.
+"""Adds configured headers to the upstream request and string metadata (tags) to the events, and reports
+how many requests it saw to the control plane.
 
 config::
 
     headers: {x-team: research}       # set on the upstream request
     metadata: {cost_center: "42"}     # carried into proxy_log.metadata and analytics.tags
     app_header: x-gateway-app         # also send the calling app's id under this header (optional)
+    report_every_s: 60                # send counters to <prefix>.control this often (0 = never on a timer)
+    report_every_requests: 0          # ... and after this many requests (0 = not by count)
+
+The report is a control message of kind ``request_counts`` with the requests seen since
+the previous report: ``{"requests": 5, "by_llm": {"openai": 3, "anthropic": 2}}``. Each
+worker process reports its own deltas, and the rest is sent at shutdown, so summing the
+reports of one ``gateway_id`` gives its total (``collectors/examples/control_counters.py``
+does that and exposes the sums as metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from gateway_tap.hooks import HookContext, HookResult, PluginServices, TapRequest
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+REPORT_KIND = "request_counts"
 
 
 class RequestEnricher:
     def config_schema(self) -> Mapping[str, Any]:
         return {"type": "object", "additionalProperties": False,
-                "properties": {"headers": _STRING_MAP, "metadata": _STRING_MAP, "app_header": {"type": "string"}}}
+                "properties": {"headers": _STRING_MAP, "metadata": _STRING_MAP, "app_header": {"type": "string"},
+                               "report_every_s": {"type": "number", "minimum": 0},
+                               "report_every_requests": {"type": "integer", "minimum": 0}}}
 
     async def initialize(self, config: Mapping[str, Any], services: PluginServices) -> None:
         self.headers: dict[str, str] = dict(config.get("headers", {}))
         self.metadata: dict[str, str] = dict(config.get("metadata", {}))
         self.app_header: str | None = config.get("app_header")
+        self.services = services
+        self.every_requests = int(config.get("report_every_requests", 0))
+        self.by_llm: Counter[str] = Counter()
+        every_s = float(config.get("report_every_s", 60))
+        self._timer = asyncio.create_task(self._report_periodically(every_s)) if every_s > 0 else None
 
     async def post_auth(self, request: TapRequest, ctx: HookContext) -> HookResult | None:
+        self.by_llm[ctx.llm_id] += 1
+        if self.every_requests and self.by_llm.total() >= self.every_requests:
+            self.report()
         headers = dict(self.headers)
         if self.app_header and ctx.app_id:
             headers[self.app_header] = ctx.app_id
         return HookResult.modify(headers=headers, metadata=self.metadata)
+
+    def report(self) -> None:
+        """Send the counts since the last report (nothing when there were no requests)."""
+        if not self.by_llm:
+            return
+        counts, self.by_llm = self.by_llm, Counter()
+        try:
+            self.services.send_to_control(REPORT_KIND, {"requests": counts.total(), "by_llm": dict(counts)})
+        except RuntimeError:  # no control channel (e.g. a harness without one): counting is best effort
+            pass
+
+    async def _report_periodically(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.report()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        self.report()

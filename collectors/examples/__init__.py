@@ -1,0 +1,1 @@
+"""Example collectors: templates for your own."""

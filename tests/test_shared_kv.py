@@ -1,0 +1,100 @@
+"""The plugins' shared key-value store (SQLite, WAL): shared across processes, TTL, byte bound with eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import types
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gateway_tap.plugins import shared_kv
+from gateway_tap.plugins.shared_kv import SharedKVStore
+
+
+def _incr_many(path: str, n: int) -> int:
+    async def run() -> int:
+        store = SharedKVStore(path)
+        kv = store.namespace("counter", 1 << 20)
+        last = 0
+        for _ in range(n):
+            last = await kv.incr("hits")
+        await kv.set("from_child", b"bytes stay bytes")
+        await store.close()
+        return last
+
+    return asyncio.run(run())
+
+
+def test_atomic_increments_from_two_processes_and_values_seen_across(tmp_path: Path) -> None:
+    path = str(tmp_path / "kv.sqlite")
+    # fork: the children need nothing but this module; a sync test, so no event loop is running when forking.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(_incr_many, [path, path], [150, 150]))
+    assert max(results) == 300
+
+    async def check() -> None:
+        store = SharedKVStore(path)
+        try:
+            kv = store.namespace("counter", 1 << 20)
+            assert await kv.get("hits") == 300
+            assert await kv.get("from_child") == b"bytes stay bytes"
+            assert await store.namespace("other", 1 << 20).get("hits") is None  # namespaces are apart
+            await kv.set("json", {"a": [1, 2]})
+            assert await kv.get("json") == {"a": [1, 2]}
+            await kv.delete("json")
+            assert await kv.get("json") is None
+        finally:
+            await store.close()
+            await store.close()  # twice is fine
+
+    asyncio.run(check())
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    """A settable wall clock for the store (expiry is wall-clock time)."""
+    fake = types.SimpleNamespace(now=1_000_000.0)
+    monkeypatch.setattr(shared_kv, "time", types.SimpleNamespace(time=lambda: fake.now))
+    return fake
+
+
+async def test_ttl_expiry(tmp_path: Path, clock: types.SimpleNamespace) -> None:
+    store = SharedKVStore(tmp_path / "kv.sqlite")
+    kv = store.namespace("p", 1 << 20)
+    try:
+        await kv.set("short", b"x", ttl_s=10)
+        await kv.set("forever", b"y")
+        await kv.incr("n", ttl_s=10)
+        clock.now += 9.9
+        assert await kv.get("short") == b"x" and await kv.incr("n") == 2
+        clock.now += 0.2
+        assert await kv.get("short") is None and await kv.get("forever") == b"y"
+        assert await kv.incr("n") == 1  # an expired counter starts over
+    finally:
+        await store.close()
+
+
+async def test_byte_bound_evicts_expired_then_oldest(tmp_path: Path, clock: types.SimpleNamespace) -> None:
+    store = SharedKVStore(tmp_path / "kv.sqlite")
+    kv = store.namespace("cache", 1000)
+    neighbour = store.namespace("neighbour", 1000)
+    try:
+        await neighbour.set("keep", b"n" * 500)
+        for i in range(5):  # 5 x (2 + 198) = 1000 bytes: exactly full
+            await kv.set(f"k{i}", b"v" * 198, ttl_s=100 if i == 3 else None)
+        assert await kv.usage() == (1000, 5)
+        clock.now += 200  # k3 expired: the next write drops it before any live entry
+        await kv.set("k5", b"v" * 198)
+        assert await kv.get("k0") == b"v" * 198 and await kv.get("k3") is None
+        await kv.set("k6", b"v" * 398)  # needs two entries' room: the two oldest go
+        assert [await kv.get(f"k{i}") is not None for i in range(7)] == [False, False, True, False, True, True, True]
+        used, entries = await kv.usage()
+        assert used <= 1000 and entries == 4
+        with pytest.raises(OverflowError):
+            await kv.set("huge", b"x" * 1000)
+        assert await neighbour.get("keep") == b"n" * 500  # the bound is per namespace
+    finally:
+        await store.close()
