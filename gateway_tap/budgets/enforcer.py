@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -75,8 +76,20 @@ class BudgetStatus:
     reserved_tokens: int
     exceeded: bool
 
+    @property
+    def used_ratio(self) -> float:
+        """Spend / limit (the larger of the USD and token ratios); a zero limit counts as fully used."""
+        ratios = [0.0]
+        for spent, limit in ((self.spent_usd, self.limit_usd), (float(self.spent_tokens), self.limit_tokens)):
+            if limit is not None:
+                ratios.append(spent / limit if limit > 0 else 1.0)
+        return max(ratios)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field plus ``used_ratio`` and ``percent_used`` (two decimals)."""
+        ratio = self.used_ratio
         return {
+            "used_ratio": ratio, "percent_used": round(ratio * 100, 2),
             "app_id": self.app_id, "llm_id": self.llm_id, "period": self.period, "mode": self.mode,
             "period_start": self.period_start.isoformat(), "resets_at": self.resets_at.isoformat(),
             "limit_usd": self.limit_usd, "limit_tokens": self.limit_tokens, "spent_usd": self.spent_usd,
@@ -191,7 +204,8 @@ class _Pending:
 
 
 class _Metrics:
-    _by_registry: dict[int, _Metrics] = {}
+    # Weak keys: a registry's id can be reused once it is garbage collected (tests build many).
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.decisions = Counter("gateway_tap_budget_decisions_total",
@@ -206,12 +220,18 @@ class _Metrics:
                               "Admitted requests still in flight.", registry=registry)
         self.pending = Gauge("gateway_tap_budget_pending_usages",
                              "Finished requests whose usage the store has not recorded yet.", registry=registry)
+        # livemax: with several workers the highest live view wins (each sees the store plus its own spend).
+        self.used_ratio = Gauge("gateway_tap_budget_used_ratio",
+                                "Spend / limit of each budget in its current period (the larger of USD and tokens); "
+                                "llm is empty for app-wide budgets.", ["app", "llm", "period"], registry=registry,
+                                multiprocess_mode="livemax")
 
     @classmethod
     def get(cls, registry: CollectorRegistry) -> _Metrics:
-        if id(registry) not in cls._by_registry:
-            cls._by_registry[id(registry)] = cls(registry)
-        return cls._by_registry[id(registry)]
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls(registry)
+        return metrics
 
 
 class BudgetEnforcer:
@@ -320,6 +340,14 @@ class BudgetEnforcer:
         except Exception as exc:  # a bug must not stop the refresh loop: log, count, keep going
             log.exception("budget cache refresh failed")
             self._store_failed(f"{type(exc).__name__}: {exc}")
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        """Set ``gateway_tap_budget_used_ratio`` for every budget (the refresh loop calls this)."""
+        now = self._clock()
+        for budget in self.budgets:
+            status = self._status(budget, now)
+            self._metrics.used_ratio.labels(budget.app_id, budget.llm_id or "", budget.period).set(status.used_ratio)
 
     def _store_failed(self, message: str) -> None:
         if self.last_error != message:

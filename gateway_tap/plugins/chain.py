@@ -123,11 +123,13 @@ def _bind(plugin: LoadedPlugin, hook: str, fn: Callable[..., Awaitable[Any]], me
 
 
 def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metrics: TapMetrics, *,
-                 builtin_post_auth: Sequence[BoundHook] = ()) -> dict[str, Chain]:
+                 builtin_post_auth: Sequence[BoundHook] = (),
+                 builtin_post_auth_after: Sequence[BoundHook] = ()) -> dict[str, Chain]:
     """One frozen :class:`Chain` per LLM id. ``plugins`` are already in run order.
 
     ``builtin_post_auth`` are the gateway's own post-auth steps (budget enforcement):
-    they run before any plugin's post-auth hook, on every LLM.
+    they run before any plugin's post-auth hook, on every LLM; ``builtin_post_auth_after``
+    run after them (``budget_enforcement.position: after_plugins``).
     """
     chains = {}
     for llm_id in llm_ids:
@@ -138,7 +140,8 @@ def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metric
             auth=tuple(_bind(p, "authenticate", p.instance.authenticate, metrics)
                        for p in attached if isinstance(p.instance, AuthHook)),
             post_auth=(*builtin_post_auth, *(_bind(p, "post_auth", p.instance.post_auth, metrics)
-                                             for p in attached if isinstance(p.instance, PostAuthHook))),
+                                             for p in attached if isinstance(p.instance, PostAuthHook)),
+                       *builtin_post_auth_after),
             response_headers=tuple(_bind(p, "on_response_headers", p.instance.on_response_headers, metrics)
                                    for p in attached if isinstance(p.instance, ResponseHook)),
             response_chunk=tuple(_bind(p, "on_response_chunk", p.instance.on_response_chunk, metrics)

@@ -17,13 +17,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway_tap.budgets.periods import Clock
 from gateway_tap.config import GatewayConfig
 from gateway_tap.hooks import EndpointProvider, HookContext
 from gateway_tap.plugins.chain import BoundHook, build_chains
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import BudgetStatusFn, Gateway
 from gateway_tap.proxy import errors
-from gateway_tap.proxy.auth import AppIndex
+from gateway_tap.proxy.auth import AppIndex, presented_key
+from gateway_tap.proxy.budget import BudgetGate, budget_services, unenforced_report
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
@@ -42,7 +44,7 @@ class TapApp:
 
     def __init__(self, config: GatewayConfig, publisher: EventPublisher, metrics: TapMetrics,
                  plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], apps: AppIndex,
-                 session: aiohttp.ClientSession, gateway: Gateway) -> None:
+                 session: aiohttp.ClientSession, gateway: Gateway, budget: BudgetGate | None = None) -> None:
         self.config = config
         self.publisher = publisher
         self.metrics = metrics
@@ -51,6 +53,7 @@ class TapApp:
         self.apps = apps
         self.session = session
         self.gateway = gateway
+        self.budget = budget
         self.handler = ProxyHandler(upstreams, apps, session, config.tap.limits.max_body_bytes, self.record)
         self.started = False
         tap = config.tap
@@ -68,6 +71,7 @@ class TapApp:
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
         router.add_get("/metrics", self.metrics_endpoint)
+        router.add_get("/budget", self.budget_endpoint)
         router.add_route("*", r"/llm/{llm_id}/{rest:.*}", self.handler.handle)
         for plugin in self.plugins:
             if isinstance(plugin.instance, EndpointProvider):
@@ -88,6 +92,8 @@ class TapApp:
         return handle
 
     async def _on_startup(self, app: web.Application) -> None:
+        if self.budget is not None:
+            await self.budget.start()
         await self.publisher.start()
         self.started = True
 
@@ -96,6 +102,8 @@ class TapApp:
         await close_plugins(self.plugins)
         await self.session.close()
         await self.publisher.stop()
+        if self.budget is not None:
+            await self.budget.stop()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"}, 200)
@@ -106,6 +114,19 @@ class TapApp:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def budget_endpoint(self, request: web.Request) -> web.Response:
+        """The calling app's budgets (spend, limits, % used, period, reset time); same auth as ``/llm``."""
+        rid = new_request_id()
+        key = presented_key(request.headers)
+        app = self.apps.app_for_key(key) if key is not None else None
+        if app is None:
+            return errors.error_response(errors.missing_key() if key is None else errors.unknown_key(), rid)
+        llm_id = request.query.get("llm_id") or None
+        report = self.budget.report(app.id, llm_id) if self.budget is not None else unenforced_report(app.id, llm_id)
+        resp = _json(report, 200)
+        resp.headers[REQUEST_ID_HEADER] = rid
+        return resp
 
     async def not_found(self, request: web.Request) -> web.Response:
         return errors.error_response(errors.not_found(request.path), new_request_id())
@@ -144,7 +165,10 @@ class TapApp:
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
             })
-        for event in ex.events(self.config.gateway_id, capture_bodies=self._capture, body_limit=self._body_limit):
+        events = ex.events(self.config.gateway_id, capture_bodies=self._capture, body_limit=self._body_limit)
+        if ex.budget is not None:
+            BudgetGate.settle(ex, events)
+        for event in events:
             self.publisher.publish(event)
 
 
@@ -154,19 +178,31 @@ def _json(data: Any, status: int) -> web.Response:
 
 async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher: EventPublisher | None = None,
                      metrics: TapMetrics | None = None, budget_status: BudgetStatusFn | None = None,
-                     builtin_post_auth: Sequence[BoundHook] = ()) -> TapApp:
+                     builtin_post_auth: Sequence[BoundHook] = (), budget_clock: Clock | None = None) -> TapApp:
     """Load plugins, compose the chains and wire everything for one worker.
 
     The publisher starts with the application (``on_startup``) and is drained on
-    cleanup; its spool lives in ``<spool_dir>/worker-<worker_index>``.
+    cleanup; its spool lives in ``<spool_dir>/worker-<worker_index>``. With
+    ``budgets`` configured, the budget store is opened here and the enforcer
+    refreshes from ``on_startup`` to cleanup; ``budget_clock`` replaces UTC now (tests).
 
     :raises gateway_tap.plugins.PluginLoadError: a plugin failed to load or initialise.
     """
     metrics = metrics or TapMetrics()
     apps = AppIndex(config.apps)
-    gateway = Gateway(apps, budget_status)
-    plugins = await load_plugins(config.plugins, gateway)
-    chains = build_chains(plugins, [llm.id for llm in config.llms], metrics, builtin_post_auth=builtin_post_auth)
+    budget = await BudgetGate.open(config, registry=metrics.registry, clock=budget_clock)
+    gateway = Gateway(apps, budget_status or (budget.status_for if budget is not None else None))
+    try:
+        plugins = await load_plugins(config.plugins, gateway)
+    except BaseException:
+        if budget is not None:
+            await budget.stop()
+        raise
+    steps = (budget.step(metrics, budget_services(gateway)),) if budget is not None else ()
+    after = config.budget_enforcement.position == "after_plugins"
+    chains = build_chains(plugins, [llm.id for llm in config.llms], metrics,
+                          builtin_post_auth=(*builtin_post_auth, *(() if after else steps)),
+                          builtin_post_auth_after=steps if after else ())
     upstreams = {llm.id: Upstream.build(llm, chains[llm.id]) for llm in config.llms}
     if publisher is None:
         settings = config.tap.publisher
@@ -177,4 +213,4 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
                                      enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
                                     skip_auto_headers=("User-Agent",))
-    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway)
+    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway, budget)

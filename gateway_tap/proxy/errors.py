@@ -76,3 +76,15 @@ def upstream_timeout(llm_id: str, which: str) -> TapError:
 
 def plugin_failed(plugin: str, hook: str, reason: str) -> TapError:
     return TapError(500, "plugin_error", "plugin_failed", f"plugin {plugin!r} failed in {hook}: {reason}")
+
+
+def budget_exceeded(message: str, retry_after: int) -> TapError:
+    """Over a hard budget: what OpenAI clients know as running out of quota."""
+    return TapError(429, "insufficient_quota", "budget_exceeded", message, headers={"Retry-After": str(retry_after)})
+
+
+def budget_store_unavailable(retry_after: int) -> TapError:
+    """``on_store_error: fail_closed`` while the budget store cannot be read."""
+    return TapError(503, "service_unavailable", "budget_store_unavailable",
+                    "budgets cannot be checked right now (budget store unreachable)",
+                    headers={"Retry-After": str(retry_after)})

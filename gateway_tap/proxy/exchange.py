@@ -11,6 +11,8 @@ from gateway_tap.proxy.accounting import Usage
 from schemas import Analytics, BudgetUsage, ErrorInfo, Event, Latency, ProxyLog, utc_now
 
 if TYPE_CHECKING:
+    from gateway_tap.budgets.enforcer import Reservation
+    from gateway_tap.budgets.settings import Period
     from gateway_tap.proxy.errors import TapError
 
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie",
@@ -69,6 +71,8 @@ class Exchange:
     __slots__ = (
         "app_id",
         "blocked_by",
+        "budget",
+        "budget_period",
         "client_address",
         "cost",
         "currency",
@@ -134,6 +138,8 @@ class Exchange:
         self.price_models: tuple[str | None, ...] = ()
         self.cost = 0.0
         self.currency = "USD"
+        self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
+        self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
 
     def fail(self, error: TapError) -> None:
         self.error = error
@@ -194,9 +200,10 @@ class Exchange:
             ),
         ]
         if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None:
+            period, start = self.budget_period or ("monthly", month_start(now))
             events.append(BudgetUsage(
                 **common, model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period="monthly",
-                period_start=month_start(now), requests=1,
+                total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period=period,
+                period_start=start, requests=1,
             ))
         return events

@@ -89,11 +89,18 @@ class ProxyHandler:
                 await resp.prepare(request)
                 await resp.write_eof()
             ex.response_bytes = len(resp.body) if isinstance(resp.body, bytes) else 0
+        except BaseException:
+            if ex.budget is not None:  # a bug or a cancelled handler must not leak the budget reservation
+                ex.budget.release()
+            raise
         ex.finished = time.perf_counter()
         try:
             self.finish(ex)
         except Exception:  # accounting must never break serving
             log.exception("recording request %s failed", ex.request_id)
+        finally:
+            if ex.budget is not None:  # finish() settled it; released here only when recording failed first
+                ex.budget.release()
         return resp
 
     async def _run_request_hooks(self, hooks: tuple[BoundHook, ...], req: TapRequest, ex: Exchange) -> None:
