@@ -362,3 +362,21 @@ async def test_get_budget_auth_and_streams_cut_off_release_their_reservation(
             return all(b.reserved_tokens == 0 and b.reserved_usd == 0 for b in enforcer.status("test"))
         await wait_until(released, "the cut-off stream settled its reservation")
         assert sample(await metrics_text(http, tap), "gateway_tap_budget_inflight_reservations") == 0
+
+
+async def test_budgets_reconfigured_live(mock_llm: str, kafka_bootstrap: str, topic_prefix: str,
+                                         tmp_path: Path) -> None:
+    """What a config reload calls: new limits apply to the next request; the spend seen so far is kept."""
+    doc = document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path,
+                   BudgetStoreSettings(sqlite_path=str(tmp_path / "b.sqlite3")), [{"app_id": "test", "limit_usd": 1}])
+    async with budget_tap(doc, Clock(datetime(2026, 3, 15, tzinfo=UTC))) as tap, aiohttp.ClientSession() as http:
+        assert tap.tap.budget is not None
+        assert (await post(http, tap, chat(100, 10))).status == 200
+        tighter = parse_config({**doc, "budgets": [{"app_id": "test", "llm_id": "openai", "limit_tokens": 40}]})
+        tap.tap.budget.reconfigure(tighter.budgets, tighter.budget_enforcement)
+        assert_budget_refusal(await post(http, tap, chat(100, 10)))  # 35 tokens spent + 35 estimated > 40
+        _, report = await get_budget(http, tap, AUTH)
+        [budget] = report["budgets"]
+        assert (budget["llm_id"], budget["limit_tokens"], budget["spent_tokens"]) == ("openai", 40, 35)
+        text = await metrics_text(http, tap)
+        assert sample(text, 'gateway_tap_budget_used_ratio{app="test",llm="",period="monthly"}') is None

@@ -251,17 +251,14 @@ class BudgetEnforcer:
     def __init__(self, budgets: Sequence[BudgetSettings], store: BudgetStore,
                  settings: BudgetEnforcementSettings | None = None, *, clock: Clock = utc_clock,
                  registry: CollectorRegistry = REGISTRY) -> None:
-        self.budgets = tuple(budgets)
         self.store = store
         self.settings = settings or BudgetEnforcementSettings()
         self._clock = clock
         self._metrics = _Metrics.get(registry)
+        self.budgets: tuple[BudgetSettings, ...] = ()
         self._by_app: dict[str, list[BudgetSettings]] = {}
         self._limit_micros: dict[int, int] = {}
-        for budget in self.budgets:
-            self._by_app.setdefault(budget.app_id, []).append(budget)
-            if budget.limit_usd is not None:
-                self._limit_micros[id(budget)] = usd_to_micros(budget.limit_usd)
+        self.reconfigure(budgets)
         self._stored: dict[str, _Sums] = {}
         self._local: dict[str, _Sums] = {}  # pending (settled, not yet in the store)
         self._reserved: dict[str, _Sums] = {}  # in flight
@@ -277,6 +274,27 @@ class BudgetEnforcer:
         self._metrics.pending.set_function(lambda: len(self._pending))
         self._count = {result: self._metrics.decisions.labels(result)
                        for result in ("allowed", "blocked", "store_error_open", "store_error_closed")}
+
+    def reconfigure(self, budgets: Sequence[BudgetSettings], settings: BudgetEnforcementSettings | None = None) -> None:
+        """Take new budgets (and enforcement settings) live, e.g. on a config reload.
+
+        Decisions from now on use them; the spend views (store, pending, reserved) are per app and
+        LLM, not per budget, so they carry over; reservations in flight settle as usual.
+        """
+        by_app: dict[str, list[BudgetSettings]] = {}
+        limits: dict[int, int] = {}
+        for budget in budgets:
+            by_app.setdefault(budget.app_id, []).append(budget)
+            if budget.limit_usd is not None:
+                limits[id(budget)] = usd_to_micros(budget.limit_usd)
+        gone = {(b.app_id, b.llm_id or "", b.period) for b in self.budgets} - {
+            (b.app_id, b.llm_id or "", b.period) for b in budgets}
+        self.budgets, self._by_app, self._limit_micros = tuple(budgets), by_app, limits
+        if settings is not None:
+            self.settings = settings
+        for labels in gone:
+            with contextlib.suppress(KeyError):
+                self._metrics.used_ratio.remove(*labels)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer, Decision
 from gateway_tap.budgets.periods import Clock, period_start, utc_clock
-from gateway_tap.budgets.settings import Period
+from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, Period
 from gateway_tap.budgets.store import BudgetStore, open_store
 from gateway_tap.config import GatewayConfig, ModelPrice
 from gateway_tap.hooks import PluginServices, TapRequest
@@ -115,6 +115,12 @@ class BudgetGate:
         """Stop refreshing and close the store. Safe to call twice."""
         await self.enforcer.stop()
         await self.store.close()
+
+    def reconfigure(self, budgets: Sequence[BudgetSettings], settings: BudgetEnforcementSettings) -> None:
+        """New ``budgets`` / ``budget_enforcement`` from a config reload, live (``enabled`` and
+        ``budget_store`` changes need a restart; ``position`` is applied when the chains are recomposed)."""
+        self.settings = settings
+        self.enforcer.reconfigure(budgets, settings)
 
     def step(self, metrics: TapMetrics, services: PluginServices) -> BudgetStep:
         """The post-auth step to put into every LLM's chain."""
