@@ -1,0 +1,211 @@
+"""Live configuration reload of one tap worker (SIGHUP, or ``tap.reload.watch``).
+
+A reload validates the file (:func:`load_config`), loads the plugins against the
+ones in force (unchanged ones keep their instance and state, changed ones are
+told through ``on_config_change`` or re-initialised), composes the chains and
+upstreams into a new :class:`Snapshot` and swaps the handler's reference to it:
+requests already running finish with the snapshot they started with. Plugins the
+new snapshot no longer uses are closed once no older snapshot has a request in
+flight. Any failure before the swap leaves the configuration in force untouched.
+
+Settings bound to sockets, processes or connections need a restart and are only
+reported when they change: see :data:`RESTART_KEYS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway_tap.config import ConfigFileError, GatewayConfig, PluginConfig, load_config
+from gateway_tap.config_reload import FileFingerprint, ReloadMetrics, changed_keys
+from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plugins
+from gateway_tap.proxy.snapshot import Snapshot
+from gateway_tap.proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from gateway_tap.proxy.app import TapApp
+
+log = logging.getLogger("gateway_tap.reload")
+
+LoadFn = Callable[[list[PluginConfig], Sequence[LoadedPlugin]], Awaitable[list[LoadedPlugin]]]
+"""Load the plugins section against the plugins in force (:func:`load_plugins` with the tap's services)."""
+ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], dict[str, Upstream]]
+"""Build the per-LLM upstreams with their hook chains (built-in steps included) for a config."""
+
+RESTART_KEYS = ("gateway_id", "kafka", "tap.listen", "tap.workers", "tap.limits", "tap.log_level",
+                "tap.upstream_max_connections", "tap.publisher", "tap.shared_kv_path", "budget_store")
+"""Read once at start: a change is logged and takes effect at the next restart."""
+
+DRAIN_POLL_S = 0.05
+
+
+class ConfigReloader:
+    """Reloads ``config_path`` into ``tap``; one per worker, reloads run one at a time."""
+
+    def __init__(self, tap: TapApp, config_path: str | Path | None, *, load: LoadFn, compose: ComposeFn) -> None:
+        self.tap = tap
+        self.path = Path(config_path) if config_path is not None else None
+        self._load = load
+        self._compose = compose
+        self.metrics = ReloadMetrics(tap.metrics.registry, "gateway_tap_")
+        self.generation = 0
+        self._lock = asyncio.Lock()
+        self._fingerprint = FileFingerprint(self.path) if self.path is not None else None
+        self._draining: list[Snapshot] = []
+        self._retiring: list[LoadedPlugin] = []
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Remember the file as loaded and start polling it (only acts while ``tap.reload.watch`` is on)."""
+        if self._fingerprint is not None and self._watcher is None:
+            await asyncio.to_thread(self._fingerprint.remember)
+            self._watcher = asyncio.create_task(self._watch(), name="config-watch")
+
+    async def stop(self) -> None:
+        """Stop watching, wait for a reload in progress, close plugins still waiting for their requests."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        async with self._lock:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            retiring, self._retiring = self._retiring, []
+            await close_plugins(retiring)
+
+    def request(self, reason: str = "SIGHUP") -> None:
+        """Schedule a reload from the file (safe to call from a signal handler on the loop)."""
+        if self.path is None:
+            log.warning("reload requested (%s) but the tap was not started from a file", reason)
+            return
+        self._spawn(self.reload_file(reason))
+
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        assert self._fingerprint is not None
+        while True:
+            settings = self.tap.snapshot.config.tap.reload
+            await asyncio.sleep(settings.interval_s)
+            if self.tap.snapshot.config.tap.reload.watch and await asyncio.to_thread(self._fingerprint.changed):
+                await self.reload_file("file changed")
+
+    # -- reloading -------------------------------------------------------------------------------------------
+
+    async def reload_file(self, reason: str = "SIGHUP") -> bool:
+        """Validate and apply the file. False when rejected (logged with every key path; nothing changed)."""
+        assert self.path is not None
+        async with self._lock:
+            if self._fingerprint is not None:
+                await asyncio.to_thread(self._fingerprint.remember)
+            try:
+                config = await asyncio.to_thread(load_config, self.path)
+            except ConfigFileError as exc:
+                log.error("configuration reload rejected (%s); the configuration in force stays: %s", reason, exc,
+                          extra={"problems": exc.problems, "generation": self.generation})
+                self.metrics.rejected("invalid")
+                return False
+            return await self._apply_locked(config, reason)
+
+    async def apply(self, config: GatewayConfig, reason: str = "apply") -> bool:
+        """Apply an already validated config (tests, embedding). False when a plugin rejected it."""
+        async with self._lock:
+            return await self._apply_locked(config, reason)
+
+    async def _apply_locked(self, config: GatewayConfig, reason: str) -> bool:
+        tap = self.tap
+        old = tap.snapshot
+        try:
+            plugins = await self._load(config.plugins, old.plugins)
+        except PluginLoadError as exc:
+            log.error("configuration reload rejected (%s); the configuration in force stays: %s", reason,
+                      "; ".join(exc.problems), extra={"problems": exc.problems, "generation": self.generation})
+            self.metrics.rejected("invalid")
+            return False
+        try:
+            upstreams = self._compose(config, plugins)
+            new = Snapshot(self.generation + 1, config, plugins, upstreams)
+        except Exception:
+            log.exception("configuration reload failed (%s); the configuration in force stays", reason)
+            await close_plugins([p for p in plugins if all(p.instance is not q.instance for q in old.plugins)])
+            self.metrics.rejected("failed")
+            return False
+        self._swap(old, new)
+        self._report(old, new, reason)
+        return True
+
+    def _swap(self, old: Snapshot, new: Snapshot) -> None:
+        tap = self.tap
+        tap.handler.snapshot = new  # the one reference requests read: from here on new requests see `new`
+        tap.gateway.use_apps(new.apps)
+        self.generation = new.generation
+        self.metrics.succeeded(new.generation)
+        self._update_budgets(old.config, new.config)
+        kept = {id(p.instance) for p in new.plugins}
+        retired = [p for p in old.plugins if id(p.instance) not in kept]
+        # Only snapshots with requests in flight (and the one just replaced) can still reach old instances.
+        self._draining = [s for s in self._draining if s.inflight > 0] + [old]
+        if retired:
+            self._retiring.extend(retired)
+            self._spawn(self._close_when_drained(list(self._draining), retired, old.config))
+
+    def _update_budgets(self, old: GatewayConfig, new: GatewayConfig) -> None:
+        if changed_keys(old, new, ("budgets", "budget_enforcement")) == []:
+            return
+        gate = getattr(self.tap, "budget", None)
+        update = getattr(gate, "reconfigure", None)
+        if update is None:
+            log.warning("budgets changed but budget enforcement %s; restart the tap to apply them",
+                        "is off" if gate is None else "cannot take new budgets live")
+            return
+        update(new.budgets, new.budget_enforcement)
+
+    async def _close_when_drained(self, snapshots: list[Snapshot], retired: list[LoadedPlugin],
+                                  old: GatewayConfig) -> None:
+        """Close ``retired`` once no request started under ``snapshots`` is running (bounded by the longest
+        upstream timeout: a request cannot legitimately last longer)."""
+        limit = max((llm.timeouts.total_s for llm in old.llms), default=0.0) + 5.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        # Polled: ``inflight`` is a bare counter so the hot path pays no more than an increment.
+        while any(s.inflight > 0 for s in snapshots) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        if any(s.inflight > 0 for s in snapshots):
+            log.warning("closing %d replaced plugin(s) with requests still in flight after %.0fs",
+                        len(retired), limit)
+        self._retiring = [p for p in self._retiring if p not in retired]
+        await close_plugins(retired)
+        log.info("closed replaced plugin(s) %s", ", ".join(p.name for p in retired))
+
+    def _report(self, old: Snapshot, new: Snapshot, reason: str) -> None:
+        before = {p.name: p for p in old.plugins}
+        kept, told, fresh = [], [], []
+        for plugin in new.plugins:
+            prev = before.get(plugin.name)
+            if prev is None or prev.instance is not plugin.instance:
+                fresh.append(plugin.name)
+            elif prev.settings.config != plugin.settings.config:
+                told.append(plugin.name)
+            else:
+                kept.append(plugin.name)
+        removed = [name for name in before if name not in {p.name for p in new.plugins}]
+        restart = changed_keys(old.config, new.config, RESTART_KEYS)
+        log.info("configuration reloaded (%s): generation %d", reason, new.generation, extra={
+            "generation": new.generation, "plugins_kept": kept, "plugins_notified": told,
+            "plugins_initialised": fresh, "plugins_removed": removed})
+        if restart:
+            log.warning("changed settings take effect only after a restart: %s", ", ".join(restart),
+                        extra={"keys": restart})
