@@ -1,5 +1,7 @@
 """Tap benchmark: wrk against (a) the mock upstream directly, (b) the tap in front of it with the three example
-plugins and event publishing to a real (noida-db) broker, (c) LiteLLM proxy 1.110.x in front of the same mock.
+plugins and event publishing to a real (noida-db) broker, (c) LiteLLM proxy 1.110.x in front of the same mock,
+(d) the tap with the response cache plugin added (shared store, every request a hit), and hits vs misses of
+that cache with 20 ms of injected upstream latency.
 
     .venv/bin/python -m bench.tap_bench [--duration 10] [--concurrency 1,16,64] [--workers 1,2] [--write]
 
@@ -36,11 +38,16 @@ LITELLM_PROXY_DEPS = ["uvicorn", "fastapi", "starlette", "backoff", "rq", "apsch
 # One key for both proxies: the tap's app key and LiteLLM's master key (it refuses to start without a strong one).
 APP_KEY = "sk-bench-6f1d2c9a8b7e4f3a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello benchmark"}],"max_tokens":4}'
-LUA = f"""
+CACHE_PLUGIN = {"name": "response_cache", "use": "gateway_tap.plugins.examples.response_cache:ResponseCache",
+                "order": 40, "kv": {"backend": "shared", "max_bytes": 16 * 1024 * 1024}, "config": {"ttl_s": 3600}}
+UPSTREAM_LATENCY_MS = 20
+LUA_HEAD = f"""
 wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {APP_KEY}"
+"""
+LUA_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("BENCH %d %d %d %d %d %d\\n", summary.requests, summary.duration,
@@ -48,6 +55,12 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
+LUA = LUA_HEAD + LUA_DONE
+
+
+def lua(headers: dict[str, str]) -> str:
+    """The POST script with extra request headers."""
+    return LUA_HEAD + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()) + LUA_DONE
 
 
 @dataclass
@@ -127,7 +140,7 @@ class RssSampler:
         self._thread.join()
 
 
-def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int) -> Path:
+def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, cache: bool = False) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     document = yaml.safe_load((ROOT / "examples" / "gateway-tap.yaml").read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
@@ -138,6 +151,8 @@ def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int
     for llm in document["llms"]:
         llm["upstream_url"] = mock_url
     document["apps"][0]["key_hashes"] = ["sha256:" + hashlib.sha256(APP_KEY.encode()).hexdigest()]
+    if cache:
+        document["plugins"].append(CACHE_PLUGIN)
     path = tmp / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -152,6 +167,38 @@ def litellm_config(tmp: Path, mock_url: str) -> Path:
         "general_settings": {"master_key": APP_KEY},
     }))
     return path
+
+
+@dataclass
+class CacheSaving:
+    """The response cache at one concurrency with injected upstream latency: all hits vs all misses."""
+
+    concurrency: int
+    hits: Result
+    misses: Result
+    hit_ratio: float
+
+
+def cache_saving(url: str, stats_url: str, tmp: Path, concurrency: int, duration: int) -> CacheSaving:
+    import json
+    import urllib.request
+
+    def stats() -> dict[str, int]:
+        with urllib.request.urlopen(stats_url, timeout=5) as resp:
+            data: dict[str, int] = json.loads(resp.read())
+            return data
+
+    latency = {"x-mock-latency-ms": str(UPSTREAM_LATENCY_MS)}
+    hits_script, misses_script = tmp / "hits.lua", tmp / "misses.lua"
+    hits_script.write_text(lua(latency))
+    # no-cache: never looked up, still stored: the full miss path (upstream call + store).
+    misses_script.write_text(lua({**latency, "Cache-Control": "no-cache"}))
+    misses = wrk(url, concurrency, duration, misses_script)
+    before = stats()
+    hits = wrk(url, concurrency, duration, hits_script)
+    after = stats()
+    served = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
+    return CacheSaving(concurrency, hits, misses, (after["hits"] - before["hits"]) / max(1, served))
 
 
 def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool) -> dict[str, object]:
@@ -175,6 +222,14 @@ def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool
                                  log_path=tmp / f"tap-{count}.log", stop_signal=15, stop_timeout=30).start()
             procs.append(tap)
             targets.append((f"tap ({count}w)", f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions", tap))
+        cport = free_port()
+        config = tap_config(tmp / "cache", mock_url, noida.bootstrap, cport, 1, cache=True)
+        cached = ManagedProcess("tap-cache", cli_argv("serve", "--config", str(config)),
+                                ready=lambda: http_ok(f"http://127.0.0.1:{cport}/readyz"),
+                                log_path=tmp / "tap-cache.log", stop_signal=15, stop_timeout=30).start()
+        procs.append(cached)
+        cache_url = f"http://127.0.0.1:{cport}/llm/openai/v1/chat/completions"
+        targets.append(("tap + response cache (100% hits, 1w)", cache_url, cached))
         if with_litellm:
             exe = ensure_litellm()
             if exe is None:
@@ -207,11 +262,14 @@ def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool
                 r = results[name][level]
                 r.cpu_us = (cpu_seconds(proc.pid) - cpu_before) / max(1.0, r.rps * duration) * 1e6
                 print(name, level, results[name][level], flush=True)
+        saving = cache_saving(cache_url, f"http://127.0.0.1:{cport}/plugins/response_cache/stats", tmp,
+                              16 if 16 in levels else levels[-1], duration)
+        print("cache", saving, flush=True)
     finally:
         for proc in reversed(procs):
             proc.stop()
         noida.stop()
-    return {"results": results, "rss": rss, "notes": notes, "load": psutil.getloadavg()}
+    return {"results": results, "rss": rss, "notes": notes, "load": psutil.getloadavg(), "cache": saving}
 
 
 def markdown(data: dict[str, object], duration: int, command: str) -> str:
@@ -259,6 +317,14 @@ def markdown(data: dict[str, object], duration: int, command: str) -> str:
         text += (". With every process on the same two cores, RPS tap/direct is bounded by that CPU ratio, so the "
                  "direct mock (a trivial handler) is a much harder baseline than a real upstream.")
         lines += ["", text]
+    saving: CacheSaving = data["cache"]  # type: ignore[assignment]
+    hits, misses = saving.hits, saving.misses
+    lines += ["", f"Response cache (tap, 1 worker, example plugins + `response_cache` on the shared SQLite store) "
+              f"with {UPSTREAM_LATENCY_MS} ms of injected upstream latency at concurrency {saving.concurrency}: "
+              f"hit ratio {saving.hit_ratio:.0%}; hits p50 {hits.p50_ms:.2f} ms / p99 {hits.p99_ms:.2f} ms at "
+              f"{hits.rps:,.0f} RPS vs misses (`cache-control: no-cache`: upstream call + store) p50 "
+              f"{misses.p50_ms:.2f} ms / p99 {misses.p99_ms:.2f} ms at {misses.rps:,.0f} RPS: a hit saves "
+              f"{misses.p50_ms - hits.p50_ms:.1f} ms at p50."]
     for name, peaks in rss.items():
         lines += ["", f"{name} peak RSS under load per worker: " + ", ".join(f"{mb:.0f} MB" for mb in peaks.values())
                   + "."]
