@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -30,6 +31,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
+from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
 from collectors.settings import CollectorSettings, group_id_for, validate_collector_config
 from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
@@ -128,13 +130,16 @@ class CollectorRuntime:
         (exclusive) offsets, assigned directly instead of joining the group (commits still go to the group
         id), and return from :meth:`run` once every range is handled. Default None: subscribe and run forever.
     :param on_batch_done: called with the number of records after each batch is committed (progress display).
+    :param config_path: the file the settings came from; :meth:`request_reload` (SIGHUP) re-reads it between
+        batches (:mod:`collectors.reload`). ``overrides`` are re-applied to every reload (CLI options).
     """
 
     def __init__(self, name: str, collector_cls: type[DataCollector], settings: CollectorSettings,
                  kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap",
                  extras: dict[str, Any] | None = None,
                  ranges: Mapping[TopicPartition, tuple[int, int]] | None = None,
-                 on_batch_done: Callable[[int], None] | None = None) -> None:
+                 on_batch_done: Callable[[int], None] | None = None, config_path: str | Path | None = None,
+                 overrides: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.extras = dict(extras or {})
         self.collector_cls = collector_cls
@@ -160,6 +165,8 @@ class CollectorRuntime:
         self.ranges = dict(ranges) if ranges is not None else None
         self._open_ranges: set[TopicPartition] = set()
         self.on_batch_done = on_batch_done
+        self.services: CollectorServices | None = None
+        self.reloader = CollectorReloader(self, config_path, overrides) if config_path is not None else None
 
     # -- control ------------------------------------------------------------------------------------------
 
@@ -175,6 +182,13 @@ class CollectorRuntime:
         """Every topic this collector reads: its event types', plus ``<prefix>.control`` if it handles control."""
         return [*self.topic_types, *([self.control_topic] if self.control_topic else [])]
 
+    def request_reload(self) -> None:
+        """Re-read the config file at the next batch boundary (SIGHUP); ignored without a file."""
+        if self.reloader is None:
+            log.warning("reload requested but collector %s was not started from a config file", self.name)
+            return
+        self.reloader.request()
+
     @property
     def healthy(self) -> bool:
         return self._healthy
@@ -186,7 +200,7 @@ class CollectorRuntime:
         """
         config = validate_collector_config(self.name, self.collector_cls.config_schema, self.settings.config)
         collector = self.collector = self.collector_cls()
-        services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
+        services = self.services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
                                      kafka_prefix=self.prefix,
                                      extras={"group_instance_id": self.settings.group_instance_id, **self.extras})
         await collector.initialize(config, services)
@@ -226,13 +240,15 @@ class CollectorRuntime:
                     await self._process(records)
                 elif self.ranges is not None:
                     await self._close_passed_ranges()
+                if self.reloader is not None and self.reloader.requested:
+                    await self.reloader.apply()  # between batches: the last one is flushed and committed
         except ShutdownTimeout as exc:
             log.error("%s", exc)
             code = 1
         finally:
             self._healthy = False
             with contextlib.suppress(Exception):
-                await collector.close()
+                await (self.collector or collector).close()  # a reload may have replaced the instance
             await consumer.stop()  # static members do not leave the group: a restart takes over at once
             await dlq.stop()
             if runner is not None:
@@ -508,7 +524,8 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     # Validate now so a bad config fails before any connection is made.
     validate_collector_config(name, collector_cls.config_schema, settings.config)
     return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
-                            config.kafka.topic_prefix, config.kafka.client_id, extras={"root_config": config})
+                            config.kafka.topic_prefix, config.kafka.client_id, extras={"root_config": config},
+                            config_path=config_path, overrides=overrides)
 
 
 def tune_gc() -> None:
@@ -539,6 +556,7 @@ def run_collector(runtime: CollectorRuntime) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
         tune_gc()
         try:
             return await runtime.run()
