@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## run: start the embedded local stack in the foreground (Ctrl-C stops everything)
+## run: start the embedded local stack in the foreground (Ctrl-C stops everything);
+##      options go in UP_ARGS, e.g. make run UP_ARGS=--demo-traffic
+UP_ARGS ?=
 run: $(STAMP)
-	$(BIN)/gateway-tap up
+	$(BIN)/gateway-tap up $(UP_ARGS)
 
 ## services: make sure the machine services the suite needs are up and installed
 services: $(STAMP)

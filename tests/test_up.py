@@ -189,6 +189,19 @@ def test_up_demo_traffic_fills_every_sink_and_ctrl_c_leaves_nothing(make_up: typ
         wait_for(lambda t=event_type: es_count(up, t) >= 20, FILL_TIMEOUT_S, f"{event_type} in Elasticsearch", up)
     wait_for(lambda: {"demo", "demo-tiny"} <= budget_rows(state).keys(), FILL_TIMEOUT_S,
              "budget rows for both demo apps", up)
+    tiny = openai.OpenAI(base_url=f"{up.tap_url}/llm/openai/v1", api_key="gt-demo-tiny-key", max_retries=0)
+    refusals: list[openai.RateLimitError] = []
+
+    def tiny_refused() -> bool:  # the demo traffic uses up demo-tiny's 2,000 daily tokens within a minute
+        try:
+            tiny.chat.completions.create(model="gpt-4o-mini", max_tokens=256,
+                                         messages=[{"role": "user", "content": "one more"}])
+        except openai.RateLimitError as exc:
+            refusals.append(exc)
+        return bool(refusals)
+
+    wait_for(tiny_refused, FILL_TIMEOUT_S, "429 for the tiny-budget app", up)
+    assert "insufficient_quota" in str(refusals[0].body)
     # Blocked and answered requests alike are logged, with no key anywhere in the files.
     proxy_lines = b"".join(p.read_bytes() for p in (state / "events" / "proxy_log").glob("*.jsonl"))
     assert b"gt-demo-key" not in proxy_lines and b"gt-demo-tiny-key" not in proxy_lines
