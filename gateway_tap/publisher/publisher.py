@@ -52,6 +52,10 @@ _OVERFLOW_FACTOR = 10
 """The overflow list waiting for the disk holds at most this many queues' worth of events."""
 
 
+DROP_REASONS = ("unencodable", "after_stop", "too_large", "spool_backlog", "rejected", "spool_full", "spool_error")
+"""Every ``reason`` label of ``gateway_tap_publisher_events_dropped_total``."""
+
+
 class PublisherMetrics:
     """The publisher's ``gateway_tap_publisher_*`` metrics on one registry."""
 
@@ -72,6 +76,12 @@ class PublisherMetrics:
         self.spool_pending = prometheus_client.Gauge(p + "spool_pending_events", "Events in the spool not yet sent.",
                                                      registry=reg)
         self.connected = prometheus_client.Gauge(p + "kafka_connected", "1 when Kafka is reachable.", registry=reg)
+        # Every series exists from the start at 0, so rate() and alerts see the first spooled or dropped event.
+        for kind in schemas.EVENT_TYPES:
+            self.published.labels(kind)
+            self.spooled.labels(kind)
+            for reason in DROP_REASONS:
+                self.dropped.labels(kind, reason)
 
 
 class EventPublisher:
