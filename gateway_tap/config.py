@@ -160,6 +160,17 @@ class PluginConfig(Section):
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, description="Validated against the plugin's schema.")
+class PluginKVSettings(Section):
+    """Which key-value store ``services.kv`` is for this plugin."""
+
+    backend: Literal["memory", "shared"] = Field(
+        "memory", description="memory: a dict per worker process (fastest, not shared, lost on restart); shared: "
+                              "the SQLite file tap.shared_kv_path, shared by the tap's worker processes.")
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0,
+                           description="shared only: bound on this plugin's keys + values; the oldest entries "
+                                       "are evicted to make room.")
+
+
 
 
 class GatewayConfig(Section):
@@ -171,6 +182,7 @@ class GatewayConfig(Section):
     tap: TapSettings = Field(default_factory=TapSettings)  # type: ignore[arg-type]
     llms: list[LLMConfig] = Field(default_factory=list)
     apps: list[AppConfig] = Field(default_factory=list)
+    kv: PluginKVSettings = Field(default_factory=PluginKVSettings)  # type: ignore[arg-type]
     plugins: list[PluginConfig] = Field(default_factory=list)
     budgets: list[BudgetSettings] = Field(default_factory=list, description="Spend/token budgets per app (x LLM).")
     budget_store: BudgetStoreSettings = Field(default_factory=BudgetStoreSettings)  # type: ignore[arg-type]

@@ -98,13 +98,15 @@ class Identity:
 class HookResult:
     """What a hook decided. Use the constructors, not the fields."""
 
-    action: Literal["continue", "stop"] = "continue"
+    action: Literal["continue", "stop", "respond"] = "continue"
     status: int = 200
     code: str | None = None
     message: str = ""
     body: bytes | None = None
     headers: Mapping[str, str] | None = None
     metadata: Mapping[str, str] | None = None
+    cache_hit: bool = False
+    charge: bool = True
 
     @classmethod
     def proceed(cls) -> HookResult:
@@ -122,6 +124,18 @@ class HookResult:
              headers: Mapping[str, str] | None = None) -> HookResult:
         """End the request with ``status``. Without ``body`` the client gets the standard error JSON."""
         return cls("stop", status, code, message, body, headers)
+
+    @classmethod
+    def respond(cls, status: int, body: bytes, *, headers: Mapping[str, str] | None = None,
+                cache_hit: bool = False, charge: bool = True) -> HookResult:
+        """Answer the request with this (non-streamed) response instead of calling the upstream.
+
+        Unlike :meth:`stop` it is a success, accounted like an upstream answer: the response
+        hooks run on it, its ``usage`` counts in analytics, and the events record zero upstream
+        latency and ``cache_hit``. ``charge=False`` records no cost and no budget usage for it
+        (a response cache serving an answer that was already paid for).
+        """
+        return cls("respond", status, body=body, headers=headers, cache_hit=cache_hit, charge=charge)
 
 
 class KeyValueStore(Protocol):
@@ -150,6 +164,10 @@ class GatewayServices(Protocol):
         ...
 
 
+ControlSink = Callable[[str, str, Mapping[str, Any]], str]
+"""``(plugin, kind, payload) -> message id``: how :meth:`PluginServices.send_to_control` reaches the publisher."""
+
+
 @dataclass(slots=True)
 class PluginServices:
     """Services handed to a plugin at :func:`initialize` and on every context."""
@@ -157,6 +175,22 @@ class PluginServices:
     kv: KeyValueStore
     logger: logging.Logger
     gateway: GatewayServices
+    plugin: str = ""
+    control: ControlSink | None = None
+
+    def send_to_control(self, kind: str, payload: Mapping[str, Any]) -> str:
+        """Send ``payload`` (a JSON object) to the control plane: topic ``<prefix>.control``.
+
+        The tap wraps it in the envelope (``id``, ``gateway_id``, ``emitted_at``, ``plugin``, ``kind``,
+        see ``schemas/control.schema.json``) and hands it to the same non-blocking, spooled publisher
+        as the events; collectors receive it in ``handle_control``. Returns the message id.
+
+        :raises TypeError: ``payload`` is not JSON-serialisable.
+        :raises RuntimeError: the plugin runs without a control channel.
+        """
+        if self.control is None:
+            raise RuntimeError("no control channel: send_to_control works inside a tap or a PluginHarness")
+        return self.control(self.plugin, kind, payload)
 
 
 @dataclass(slots=True)
@@ -174,6 +208,8 @@ class HookContext:
     user_id: str | None = None
     model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Scratch space of this plugin for this request: the same dict in each of its hooks (e.g. a cache key
+    computed in ``post_auth`` and used in ``on_response_chunk``)."""
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -41,6 +41,7 @@ class RequestInfo(Protocol):
     user_id: str | None
     model: str | None
     metadata: dict[str, str]
+    plugin_state: dict[str, dict[str, Any]]
 
 
 class HookFailed(Exception):
@@ -72,8 +73,11 @@ class BoundHook:
         self._errors = {kind: metrics.hook_errors.labels(plugin, hook, kind) for kind in ("exception", "timeout")}
 
     def context(self, info: RequestInfo) -> HookContext:
+        state = info.plugin_state.get(self.plugin)
+        if state is None:
+            state = info.plugin_state[self.plugin] = {}
         return HookContext(info.request_id, info.llm_id, info.vendor, self.plugin, self.config, self.services,
-                           info.metadata, info.app_id, info.user_id, info.model)
+                           info.metadata, info.app_id, info.user_id, info.model, state)
 
     async def call(self, arg: Any, info: RequestInfo) -> Any:
         """Run the hook on ``arg``; :data:`SKIPPED` when a fail-open hook failed.

@@ -1,4 +1,4 @@
-"""Services plugins get: a namespaced key-value store and the gateway's own lookups."""
+"""Services plugins get: a namespaced key-value store, the gateway's own lookups and the control channel."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from schemas import ControlMessage, control_headers, control_topic, encode_control
+
 if TYPE_CHECKING:
     from gateway_tap.config import AppConfig
     from gateway_tap.proxy.auth import AppIndex
+    from gateway_tap.publisher import EventPublisher
 
 BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 
@@ -76,3 +79,23 @@ class Gateway:
         if self.budget_status_fn is None:
             return None
         return await self.budget_status_fn(app_id, llm_id)
+
+
+class ControlChannel:
+    """Sends plugins' control messages to ``<prefix>.control`` through the tap's event publisher.
+
+    Messages are keyed by ``gateway_id``, so one tap's messages stay in order within a partition.
+    """
+
+    def __init__(self, publisher: EventPublisher, gateway_id: str, prefix: str) -> None:
+        self._publisher = publisher
+        self._gateway_id = gateway_id
+        self._topic = control_topic(prefix)
+        self._key = gateway_id.encode()
+
+    def send(self, plugin: str, kind: str, payload: Mapping[str, Any]) -> str:
+        """Queue one message (never blocks); returns its id. :raises TypeError: payload is not JSON."""
+        message = ControlMessage(gateway_id=self._gateway_id, plugin=plugin, kind=kind, payload=dict(payload))
+        value = encode_control(message)  # orjson raises TypeError here, in the plugin's call, not later
+        self._publisher.publish_message(self._topic, value, self._key, control_headers())
+        return message.id

@@ -35,6 +35,7 @@ from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import Gateway
 from gateway_tap.proxy.auth import AppIndex
 from gateway_tap.proxy.metrics import TapMetrics
+from schemas import ControlMessage, encode_control
 
 _ids = itertools.count(1)
 
@@ -50,6 +51,7 @@ class RequestInfo:
     user_id: str | None = None
     model: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    plugin_state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,12 +61,15 @@ class RequestOutcome:
     :ivar request: the request as it would be forwarded upstream (headers and body after the hooks).
     :ivar stopped: the ``HookResult.stop`` that ended the request, if any; :attr:`stopped_by` names the plugin.
     :ivar info: request id, app, user, model and the shared metadata; pass the outcome to :meth:`response`.
+    :ivar served: the ``HookResult.respond`` of a hook that answered instead of the upstream (the tap would
+        run the response hooks on it: ``await h.response(sent, status=served.status, body=served.body)``).
     """
 
     request: TapRequest
     info: RequestInfo
     stopped: HookResult | None = None
     stopped_by: str | None = None
+    served: HookResult | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -110,8 +115,16 @@ class PluginHarness:
         self.vendor = vendor
         self.metrics = TapMetrics()
         self.gateway = Gateway(AppIndex(apps))
+        self.control_messages: list[ControlMessage] = []
+        """What the plugin sent with ``services.send_to_control`` (envelope filled in, gateway id ``harness``)."""
         self._loaded: list[LoadedPlugin] = []
         self.chain = Chain()
+
+    def _control(self, plugin: str, kind: str, payload: Mapping[str, Any]) -> str:
+        message = ControlMessage(gateway_id="harness", plugin=plugin, kind=kind, payload=dict(payload))
+        encode_control(message)  # the same TypeError as in the tap for a payload that is not JSON
+        self.control_messages.append(message)
+        return message.id
 
     @property
     def plugin(self) -> Any:
@@ -119,7 +132,7 @@ class PluginHarness:
         return self._loaded[0].instance
 
     async def __aenter__(self) -> Self:
-        self._loaded = await load_plugins([self.settings], self.gateway)
+        self._loaded = await load_plugins([self.settings], self.gateway, control=self._control)
         self.chain = build_chains(self._loaded, [self.llm_id], self.metrics)[self.llm_id]
         return self
 
@@ -169,6 +182,9 @@ class PluginHarness:
                 continue
             if result.action == "stop":
                 out.stopped, out.stopped_by = result, hook.plugin
+                return True
+            if result.action == "respond":
+                out.served = result
                 return True
             if result.headers:
                 out.request.headers.update(result.headers)
