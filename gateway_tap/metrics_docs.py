@@ -34,6 +34,7 @@ class MetricDoc:
 def tap_registry() -> CollectorRegistry:
     """A fresh registry holding every metric a tap worker serves on ``/metrics``."""
     from gateway_tap.budgets.enforcer import _Metrics as BudgetEnforcerMetrics
+    from gateway_tap.config_reload import ReloadMetrics
     from gateway_tap.proxy.metrics import TapMetrics
     from gateway_tap.publisher.publisher import PublisherMetrics
 
@@ -41,6 +42,7 @@ def tap_registry() -> CollectorRegistry:
     TapMetrics(registry)
     PublisherMetrics(registry)
     BudgetEnforcerMetrics(registry)
+    ReloadMetrics(registry, "gateway_tap_")  # as gateway_tap.proxy.reload registers them
     return registry
 
 
@@ -49,9 +51,11 @@ def collector_registry() -> CollectorRegistry:
     from collectors.metrics import CollectorMetrics
     from collectors.sinks.budget import BudgetCollector
     from collectors.sinks.elasticsearch import _Metrics as ElasticsearchMetrics
+    from gateway_tap.config_reload import ReloadMetrics
 
     registry = CollectorRegistry()
     CollectorMetrics("file", registry)
+    ReloadMetrics(registry, "gateway_tap_collector_", {"collector": "file"})  # as collectors.reload does
     ElasticsearchMetrics(registry)
     BudgetCollector.register_metrics(registry)
     return registry
