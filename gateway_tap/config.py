@@ -89,6 +89,13 @@ class LimitSettings(Section):
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
 
 
+class ReloadSettings(Section):
+    """Live configuration reload: always on SIGHUP; with ``watch`` also when the file's content changes."""
+
+    watch: bool = Field(False, description="Poll the file and reload when its content changed.")
+    interval_s: float = Field(2.0, gt=0, description="Polling interval of watch (stat; hashed only on change).")
+
+
 class TapSettings(Section):
     """The proxy process: listening socket, workers, limits, logging and event publishing."""
 
@@ -101,6 +108,10 @@ class TapSettings(Section):
     body_capture_bytes: int = Field(4096, ge=0, description="Captured bodies are truncated to this many bytes.")
     upstream_max_connections: int = Field(1000, ge=1, description="Pooled upstream connections per worker.")
     publisher: PublisherSettings = Field(default_factory=_default_publisher)
+    shared_kv_path: str | None = Field(
+        None, description="SQLite file of the plugins' shared key-value store (plugins[].kv.backend: shared), "
+                          "shared by this tap's worker processes; default <publisher.spool_dir>/plugin-kv.sqlite.")
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)  # type: ignore[arg-type]
 
 
 class ModelPrice(Section):
@@ -149,17 +160,6 @@ class AppConfig(Section):
         return value
 
 
-class PluginConfig(Section):
-    """One plugin in the hook chain."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; also the /plugins/{name}/ slug.")
-    use: str = Field(description="'package.module:Class' or an entry point name in group gateway_tap.plugins.")
-    llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids it attaches to, or '*'.")
-    order: int = Field(0, description="Lower runs first; ties keep file order.")
-    timeout_ms: float = Field(1000.0, gt=0, description="Per hook call.")
-    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
-    enabled: bool = True
-    config: dict[str, Any] = Field(default_factory=dict, description="Validated against the plugin's schema.")
 class PluginKVSettings(Section):
     """Which key-value store ``services.kv`` is for this plugin."""
 
@@ -171,6 +171,18 @@ class PluginKVSettings(Section):
                                        "are evicted to make room.")
 
 
+class PluginConfig(Section):
+    """One plugin in the hook chain."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; also the /plugins/{name}/ slug.")
+    use: str = Field(description="'package.module:Class' or an entry point name in group gateway_tap.plugins.")
+    llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids it attaches to, or '*'.")
+    order: int = Field(0, description="Lower runs first; ties keep file order.")
+    timeout_ms: float = Field(1000.0, gt=0, description="Per hook call.")
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    enabled: bool = True
+    config: dict[str, Any] = Field(default_factory=dict, description="Validated against the plugin's schema.")
+    kv: PluginKVSettings = Field(default_factory=PluginKVSettings)  # type: ignore[arg-type]
 
 
 class GatewayConfig(Section):
@@ -182,7 +194,6 @@ class GatewayConfig(Section):
     tap: TapSettings = Field(default_factory=TapSettings)  # type: ignore[arg-type]
     llms: list[LLMConfig] = Field(default_factory=list)
     apps: list[AppConfig] = Field(default_factory=list)
-    kv: PluginKVSettings = Field(default_factory=PluginKVSettings)  # type: ignore[arg-type]
     plugins: list[PluginConfig] = Field(default_factory=list)
     budgets: list[BudgetSettings] = Field(default_factory=list, description="Spend/token budgets per app (x LLM).")
     budget_store: BudgetStoreSettings = Field(default_factory=BudgetStoreSettings)  # type: ignore[arg-type]

@@ -12,7 +12,11 @@ the capabilities below (checked structurally, no base class needed):
 - :class:`ConfigSchemaProvider` declares a JSON Schema its ``config`` must match.
 
 Optional lifecycle: ``async def initialize(self, config, services)`` after the
-config validated, ``async def close(self)`` at shutdown.
+config validated, ``async def close(self)`` at shutdown (or, after a configuration
+reload removed or replaced it, once no request uses it any more), and
+``async def on_config_change(self, config)``: when present, a reload that changes
+the plugin's ``config`` calls it (after validating the new config) instead of
+replacing the instance with a freshly initialised one.
 
 A hook returns ``None`` (or :meth:`HookResult.proceed`) to continue, may mutate
 the request/response it is given or return :meth:`HookResult.modify`, and stops

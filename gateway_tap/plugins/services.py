@@ -69,6 +69,10 @@ class Gateway:
         self._apps = apps
         self.budget_status_fn = budget_status
 
+    def use_apps(self, apps: AppIndex) -> None:
+        """Answer from ``apps`` from now on (a configuration reload)."""
+        self._apps = apps
+
     def validate_credential(self, key: str) -> AppConfig | None:
         return self._apps.app_for_key(key)
 

@@ -18,11 +18,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway_tap.budgets.periods import Clock
-from gateway_tap.config import GatewayConfig
-from gateway_tap.hooks import EndpointProvider, HookContext
+from gateway_tap.config import GatewayConfig, PluginConfig
+from gateway_tap.hooks import HookContext
 from gateway_tap.plugins.chain import BoundHook, build_chains
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
-from gateway_tap.plugins.services import BudgetStatusFn, Gateway
+from gateway_tap.plugins.services import BudgetStatusFn, ControlChannel, Gateway
+from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.auth import AppIndex, presented_key
 from gateway_tap.proxy.budget import BudgetGate, budget_services, unenforced_report
@@ -31,6 +32,8 @@ from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics, status_class
+from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
+from gateway_tap.proxy.snapshot import Snapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
 
@@ -44,27 +47,48 @@ class TapApp:
 
     def __init__(self, config: GatewayConfig, publisher: EventPublisher, metrics: TapMetrics,
                  plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], apps: AppIndex,
-                 session: aiohttp.ClientSession, gateway: Gateway, budget: BudgetGate | None = None) -> None:
-        self.config = config
+                 session: aiohttp.ClientSession, gateway: Gateway, budget: BudgetGate | None = None,
+                 shared_kv: SharedKVStore | None = None, *, config_path: str | Path | None = None,
+                 load: LoadFn | None = None, compose: ComposeFn | None = None) -> None:
+        self.shared_kv = shared_kv
         self.publisher = publisher
         self.metrics = metrics
-        self.plugins = plugins
-        self.upstreams = upstreams
-        self.apps = apps
         self.session = session
         self.gateway = gateway
         self.budget = budget
-        self.handler = ProxyHandler(upstreams, apps, session, config.tap.limits.max_body_bytes, self.record)
+        snapshot = Snapshot(0, config, plugins, upstreams, apps)
+        self.handler = ProxyHandler(snapshot, session, config.tap.limits.max_body_bytes, self.record)
+        # Without load/compose (a hand-built TapApp) the configuration is fixed for the app's lifetime.
+        self.reloader = ConfigReloader(self, config_path, load=load, compose=compose) \
+            if load is not None and compose is not None else None
         self.started = False
         tap = config.tap
-        self._capture = tap.capture_bodies
-        self._body_limit = tap.body_capture_bytes
-        self._access_log = tap.access_log
         self.web_app = web.Application(client_max_size=tap.limits.max_body_bytes)
         self.web_app[TAP_KEY] = self
         self._routes()
         self.web_app.on_startup.append(self._on_startup)
         self.web_app.on_cleanup.append(self._on_cleanup)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The runtime configuration in force (what a request starting now captures)."""
+        return self.handler.snapshot
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.handler.snapshot.config
+
+    @property
+    def plugins(self) -> list[LoadedPlugin]:
+        return self.handler.snapshot.plugins
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        return self.handler.snapshot.upstreams
+
+    @property
+    def apps(self) -> AppIndex:
+        return self.handler.snapshot.apps
 
     def _routes(self) -> None:
         router = self.web_app.router
@@ -73,33 +97,42 @@ class TapApp:
         router.add_get("/metrics", self.metrics_endpoint)
         router.add_get("/budget", self.budget_endpoint)
         router.add_route("*", r"/llm/{llm_id}/{rest:.*}", self.handler.handle)
-        for plugin in self.plugins:
-            if isinstance(plugin.instance, EndpointProvider):
-                for endpoint in plugin.instance.endpoints():
-                    path = f"/plugins/{plugin.name}/{endpoint.path.lstrip('/')}"
-                    router.add_route(endpoint.method, path, self._endpoint_handler(plugin, endpoint.handler))
+        # One route for every plugin endpoint, resolved per request from the snapshot: a reload may add some.
+        router.add_route("*", "/plugins/{plugin}/{path:.*}", self.plugin_endpoint)
         router.add_route("*", "/{tail:.*}", self.not_found)
 
-    def _endpoint_handler(self, plugin: LoadedPlugin, fn: Any) -> Any:
-        async def handle(request: web.Request) -> web.StreamResponse:
+    async def plugin_endpoint(self, request: web.Request) -> web.StreamResponse:
+        snap = self.handler.snapshot
+        found = snap.endpoint(request.match_info["plugin"], request.match_info["path"], request.method)
+        if found is None:
+            return await self.not_found(request)
+        plugin, fn = found
+        snap.inflight += 1
+        try:
             rid = new_request_id()
             ctx = HookContext(rid, "", "", plugin.name, plugin.settings.config, plugin.services, {})
             resp: web.StreamResponse = await fn(request, ctx)
-            if not resp.prepared:
-                resp.headers[REQUEST_ID_HEADER] = rid
-            return resp
-
-        return handle
+        finally:
+            snap.inflight -= 1
+        if not resp.prepared:
+            resp.headers[REQUEST_ID_HEADER] = rid
+        return resp
 
     async def _on_startup(self, app: web.Application) -> None:
         if self.budget is not None:
             await self.budget.start()
         await self.publisher.start()
+        if self.reloader is not None:
+            await self.reloader.start()
         self.started = True
 
     async def _on_cleanup(self, app: web.Application) -> None:
         self.started = False
-        await close_plugins(self.plugins)
+        if self.reloader is not None:
+            await self.reloader.stop()  # closes replaced plugins still waiting for their last requests
+        await close_plugins(self.plugins)  # before the publisher stops: a plugin's last control message goes out
+        if self.shared_kv is not None:
+            await self.shared_kv.close()
         await self.session.close()
         await self.publisher.stop()
         if self.budget is not None:
@@ -131,13 +164,16 @@ class TapApp:
     async def not_found(self, request: web.Request) -> web.Response:
         return errors.error_response(errors.not_found(request.path), new_request_id())
 
-    def record(self, ex: Exchange) -> None:
-        """Metrics, the access log line and the three events for a finished request. Never raises into serving."""
+    def record(self, ex: Exchange, snap: Snapshot) -> None:
+        """Metrics, the access log line and the three events for a finished request. Never raises into serving.
+
+        ``snap`` is the snapshot the request ran with (its LLMs, apps and capture settings).
+        """
         m = self.metrics
-        up = self.upstreams.get(ex.llm_id)
+        up = snap.upstreams.get(ex.llm_id)
         llm = ex.llm_id if up is not None else "unknown"
         app = ex.app_id or "none"
-        if app != "none" and app not in self.apps.by_id:
+        if app != "none" and app not in snap.apps.by_id:
             app = "other"  # ids an auth plugin invented: keep the label set bounded
         model = up.model_label(ex.model) if up is not None else "other"
         c = m.request_children(app, llm, model, status_class(ex.status))
@@ -157,7 +193,7 @@ class TapApp:
             c.cost.inc(ex.cost)
         if ex.error is not None and ex.upstream_start is None:
             m.rejected.labels(llm, ex.error.code).inc()
-        if self._access_log:
+        if snap.access_log:
             access_log.info("request", extra={
                 "request_id": ex.request_id, "app": ex.app_id, "llm": ex.llm_id, "model": ex.model,
                 "method": ex.method, "path": ex.path, "status": ex.status, "streamed": ex.streamed,
@@ -165,7 +201,7 @@ class TapApp:
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
             })
-        events = ex.events(self.config.gateway_id, capture_bodies=self._capture, body_limit=self._body_limit)
+        events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit)
         if ex.budget is not None:
             BudgetGate.settle(ex, events)
         for event in events:
@@ -178,7 +214,8 @@ def _json(data: Any, status: int) -> web.Response:
 
 async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher: EventPublisher | None = None,
                      metrics: TapMetrics | None = None, budget_status: BudgetStatusFn | None = None,
-                     builtin_post_auth: Sequence[BoundHook] = (), budget_clock: Clock | None = None) -> TapApp:
+                     builtin_post_auth: Sequence[BoundHook] = (), budget_clock: Clock | None = None,
+                     config_path: str | Path | None = None) -> TapApp:
     """Load plugins, compose the chains and wire everything for one worker.
 
     The publisher starts with the application (``on_startup``) and is drained on
@@ -186,31 +223,49 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
     ``budgets`` configured, the budget store is opened here and the enforcer
     refreshes from ``on_startup`` to cleanup; ``budget_clock`` replaces UTC now (tests).
 
+    ``config_path`` is the file ``config`` came from: SIGHUP (:meth:`ConfigReloader.request`) and
+    ``tap.reload.watch`` reload it.
+
     :raises gateway_tap.plugins.PluginLoadError: a plugin failed to load or initialise.
     """
     metrics = metrics or TapMetrics()
+    kv_data: dict[str, tuple[Any, float | None]] = {}  # memory KV backing, kept across reloads
     apps = AppIndex(config.apps)
     budget = await BudgetGate.open(config, registry=metrics.registry, clock=budget_clock)
     gateway = Gateway(apps, budget_status or (budget.status_for if budget is not None else None))
+    settings = config.tap.publisher
+    if publisher is None:
+        publisher = EventPublisher(config.kafka, settings,
+                                   spool_dir=Path(settings.spool_dir) / f"worker-{worker_index}",
+                                   registry=metrics.registry)
+    # Plugins may send control messages from initialize on: they queue until the publisher starts.
+    control = ControlChannel(publisher, config.gateway_id, config.kafka.topic_prefix)
+    # Opened on first use only, so a reload may add a plugin with kv.backend: shared.
+    shared_kv = SharedKVStore(config.tap.shared_kv_path or Path(settings.spool_dir) / "plugin-kv.sqlite")
+
+    async def load(settings: list[PluginConfig], previous: Sequence[LoadedPlugin] = ()) -> list[LoadedPlugin]:
+        return await load_plugins(settings, gateway, control=control.send, shared_kv=shared_kv, previous=previous,
+                                  kv_data=kv_data)
+
     try:
-        plugins = await load_plugins(config.plugins, gateway)
+        plugins = await load(config.plugins)
     except BaseException:
         if budget is not None:
             await budget.stop()
         raise
     steps = (budget.step(metrics, budget_services(gateway)),) if budget is not None else ()
-    after = config.budget_enforcement.position == "after_plugins"
-    chains = build_chains(plugins, [llm.id for llm in config.llms], metrics,
-                          builtin_post_auth=(*builtin_post_auth, *(() if after else steps)),
-                          builtin_post_auth_after=steps if after else ())
-    upstreams = {llm.id: Upstream.build(llm, chains[llm.id]) for llm in config.llms}
-    if publisher is None:
-        settings = config.tap.publisher
-        publisher = EventPublisher(config.kafka, settings,
-                                   spool_dir=Path(settings.spool_dir) / f"worker-{worker_index}",
-                                   registry=metrics.registry)
+
+    def compose(cfg: GatewayConfig, loaded: Sequence[LoadedPlugin]) -> dict[str, Upstream]:
+        after = cfg.budget_enforcement.position == "after_plugins"
+        chains = build_chains(loaded, [llm.id for llm in cfg.llms], metrics,
+                              builtin_post_auth=(*builtin_post_auth, *(() if after else steps)),
+                              builtin_post_auth_after=steps if after else ())
+        return {llm.id: Upstream.build(llm, chains[llm.id]) for llm in cfg.llms}
+
+    upstreams = compose(config, plugins)
     connector = aiohttp.TCPConnector(limit=config.tap.upstream_max_connections, ttl_dns_cache=300,
                                      enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
                                     skip_auto_headers=("User-Agent",))
-    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway, budget)
+    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway, budget, shared_kv,
+                  config_path=config_path, load=load, compose=compose)

@@ -38,6 +38,7 @@ from gateway_tap.proxy.accounting import (
 from gateway_tap.proxy.auth import AppIndex, presented_key
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.snapshot import Snapshot
 from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,27 @@ def _hook_error(exc: HookFailed) -> TapError:
 
 
 class ProxyHandler:
-    """Serves ``/llm/...``; ``finish`` is called with every completed :class:`Exchange`."""
+    """Serves ``/llm/...``; ``finish`` is called with every completed :class:`Exchange` and its snapshot.
 
-    def __init__(self, upstreams: dict[str, Upstream], apps: AppIndex, session: aiohttp.ClientSession,
-                 max_body_bytes: int, finish: Callable[[Exchange], None]) -> None:
-        self.upstreams = upstreams
-        self.apps = apps
+    ``snapshot`` is the runtime configuration in force; a reload replaces it (one reference swap).
+    """
+
+    def __init__(self, snapshot: Snapshot, session: aiohttp.ClientSession, max_body_bytes: int,
+                 finish: Callable[[Exchange, Snapshot], None]) -> None:
+        self.snapshot = snapshot
         self.session = session
         self.max_body_bytes = max_body_bytes
         self.finish = finish
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        snap = self.snapshot  # captured once: a reload during this request never changes what it sees
+        snap.inflight += 1
+        try:
+            return await self._handle(request, snap)
+        finally:
+            snap.inflight -= 1
+
+    async def _handle(self, request: web.Request, snap: Snapshot) -> web.StreamResponse:
         llm_id = request.match_info["llm_id"]
         ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter())
         ex.client_address = request.remote
@@ -80,7 +91,7 @@ class ProxyHandler:
         ex.request_headers = request.headers
         resp: web.StreamResponse
         try:
-            resp = await self._proxy(request, ex)
+            resp = await self._proxy(request, ex, snap)
         except TapError as err:
             ex.fail(err)
             resp = errors.error_response(err, ex.request_id)
@@ -95,7 +106,7 @@ class ProxyHandler:
             raise
         ex.finished = time.perf_counter()
         try:
-            self.finish(ex)
+            self.finish(ex, snap)
         except Exception:  # accounting must never break serving
             log.exception("recording request %s failed", ex.request_id)
         finally:
@@ -103,7 +114,9 @@ class ProxyHandler:
                 ex.budget.release()
         return resp
 
-    async def _run_request_hooks(self, hooks: tuple[BoundHook, ...], req: TapRequest, ex: Exchange) -> None:
+    async def _run_request_hooks(self, hooks: tuple[BoundHook, ...], req: TapRequest,
+                                 ex: Exchange) -> HookResult | None:
+        """Run request hooks in order; the ``respond`` result of a hook that answered itself, else None."""
         for hook in hooks:
             try:
                 result = await hook.call(req, ex)
@@ -113,14 +126,18 @@ class ProxyHandler:
                 continue
             if result.action == "stop":
                 raise _stop_error(result, hook.plugin)
+            if result.action == "respond":
+                ex.served_by = hook.plugin
+                return result  # type: ignore[no-any-return]
             if result.headers:
                 req.headers.update(result.headers)
             if result.body is not None:
                 req.body = result.body
             if result.metadata:
                 ex.metadata.update(result.metadata)
+        return None
 
-    async def _authenticate(self, up: Upstream, req: TapRequest, ex: Exchange) -> None:
+    async def _authenticate(self, up: Upstream, req: TapRequest, ex: Exchange, apps: AppIndex) -> None:
         for hook in up.chain.auth:
             try:
                 result = await hook.call(req, ex)
@@ -135,15 +152,15 @@ class ProxyHandler:
             key = presented_key(req.headers)
             if key is None:
                 raise errors.missing_key()
-            app = self.apps.app_for_key(key)
+            app = apps.app_for_key(key)
             if app is None:
                 raise errors.unknown_key()
             ex.app_id = app.id
-        if ex.app_id in self.apps.by_id and not self.apps.allowed(ex.app_id, up.id):
+        if ex.app_id in apps.by_id and not apps.allowed(ex.app_id, up.id):
             raise errors.llm_not_allowed(ex.app_id, up.id)
 
-    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        up = self.upstreams.get(ex.llm_id)
+    async def _proxy(self, request: web.Request, ex: Exchange, snap: Snapshot) -> web.StreamResponse:
+        up = snap.upstreams.get(ex.llm_id)
         if up is None:
             raise errors.unknown_llm(ex.llm_id)
         ex.vendor = up.vendor
@@ -162,8 +179,10 @@ class ProxyHandler:
                          body, ex.client_address)
         chain = up.chain
         if chain.pre_auth:
-            await self._run_request_hooks(chain.pre_auth, req, ex)
-        await self._authenticate(up, req, ex)
+            served = await self._run_request_hooks(chain.pre_auth, req, ex)
+            if served is not None:
+                return await self._serve_local(request, up, ex, None, served)
+        await self._authenticate(up, req, ex, snap.apps)
 
         parsed: Any = None
         if body and request.method == "POST" and "json" in request.headers.get("content-type", "json"):
@@ -174,8 +193,11 @@ class ProxyHandler:
             if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
                 ex.model = ex.requested_model = parsed["model"]
         if chain.post_auth:
-            await self._run_request_hooks(chain.post_auth, req, ex)
+            served = await self._run_request_hooks(chain.post_auth, req, ex)
             parsed = req.json() if req.body is not body else parsed
+            if served is not None:
+                ex.request_body = req.body
+                return await self._serve_local(request, up, ex, parsed, served)
 
         strip_usage = False
         stream_requested = isinstance(parsed, dict) and parsed.get("stream") is True
@@ -226,8 +248,25 @@ class ProxyHandler:
                 headers.add(name, value)
         streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
         tap_resp = TapResponse(upstream.status, headers, streamed)
-        chain = up.chain
-        for hook in chain.response_headers:
+        await self._run_response_header_hooks(up, tap_resp, ex)
+        if not tap_resp.streamed:
+            return await self._respond_whole(request, up, upstream, tap_resp, ex, parsed)
+        return await self._respond_stream(request, up, upstream, tap_resp, ex, parsed, strip_usage)
+
+    async def _serve_local(self, request: web.Request, up: Upstream, ex: Exchange, parsed: Any,
+                           result: HookResult) -> web.StreamResponse:
+        """A plugin answered (``HookResult.respond``): the whole-response path, without the upstream."""
+        ex.cache_hit = result.cache_hit
+        ex.charge = result.charge
+        ex.first_chunk = time.perf_counter()
+        headers: CIMultiDict[str] = CIMultiDict(result.headers or {})
+        headers.setdefault("content-type", "application/json")
+        tap_resp = TapResponse(result.status, headers, False)
+        await self._run_response_header_hooks(up, tap_resp, ex)
+        return await self._send_whole(request, up, tap_resp, ex, parsed, result.body or b"")
+
+    async def _run_response_header_hooks(self, up: Upstream, tap_resp: TapResponse, ex: Exchange) -> None:
+        for hook in up.chain.response_headers:
             try:
                 result = await hook.call(tap_resp, ex)
             except HookFailed as exc:
@@ -244,9 +283,6 @@ class ProxyHandler:
         ex.status = tap_resp.status
         ex.streamed = tap_resp.streamed
         ex.response_headers = tap_resp.headers
-        if not tap_resp.streamed:
-            return await self._respond_whole(request, up, upstream, tap_resp, ex, parsed)
-        return await self._respond_stream(request, up, upstream, tap_resp, ex, parsed, strip_usage)
 
     async def _respond_whole(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
                              tap_resp: TapResponse, ex: Exchange, parsed: Any) -> web.StreamResponse:
@@ -257,9 +293,16 @@ class ProxyHandler:
         except aiohttp.ClientError as exc:
             raise errors.upstream_unreachable(up.id, f"response body broke off: {type(exc).__name__}") from None
         ex.upstream_end = ex.first_chunk = time.perf_counter()
-        if 200 <= upstream.status < 300:
+        return await self._send_whole(request, up, tap_resp, ex, parsed, body)
+
+    async def _send_whole(self, request: web.Request, up: Upstream, tap_resp: TapResponse, ex: Exchange,
+                          parsed: Any, body: bytes) -> web.StreamResponse:
+        """Account a whole response body, run the chunk hooks on it once, and send it."""
+        if 200 <= tap_resp.status < 300:
             ex.usage = usage_from_body(up.vendor, body)
             self._price(up, ex, parsed, estimated_completion=None)
+            if not ex.charge:
+                ex.cost = 0.0
         for hook in up.chain.response_chunk:
             try:
                 result = await hook.call(body, ex)

@@ -4,6 +4,11 @@ With several workers the parent only supervises: it points ``PROMETHEUS_MULTIPRO
 at a fresh directory before spawning, so ``/metrics`` on any worker aggregates all of
 them, restarts a worker that died, and on SIGTERM/SIGINT stops them all (each drains
 its publisher into Kafka or its own spool ``<spool_dir>/worker-<n>``).
+
+SIGHUP reloads the configuration file (:mod:`gateway_tap.proxy.reload`): each worker
+reloads itself; the parent forwards the signal to every worker. Workers start with
+SIGHUP blocked (inherited from the parent around the spawn) until their handler is in
+place, so a reload requested while a worker starts is delivered, not fatal.
 """
 
 from __future__ import annotations
@@ -30,17 +35,21 @@ def run_worker(config_path: str, worker_index: int, workers: int, port: int | No
 
     from gateway_tap.proxy.logs import configure_logging
 
+    early_hup: list[int] = []  # a SIGHUP before the event loop's handler exists: reload once serving
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     config = load_config(config_path)
     configure_logging(config.tap.log_level)
-    uvloop.run(_serve_worker(config, worker_index, workers, port or config.tap.listen.port))
+    uvloop.run(_serve_worker(config, worker_index, workers, port or config.tap.listen.port, config_path, early_hup))
 
 
-async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, port: int) -> None:
+async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, port: int,
+                        config_path: str | None = None, early_hup: list[int] | None = None) -> None:
     from aiohttp import web
 
     from gateway_tap.proxy.app import create_app
 
-    tap = await create_app(config, worker_index=worker_index)
+    tap = await create_app(config, worker_index=worker_index, config_path=config_path)
     runner = web.AppRunner(tap.web_app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
     site = web.TCPSite(runner, config.tap.listen.host, port, reuse_port=workers > 1)
@@ -51,6 +60,10 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
     # interrupt the drain, as aiohttp's GracefulExit would.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if tap.reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, tap.reloader.request)
+        if early_hup:
+            tap.reloader.request("SIGHUP during start-up")
     log.info("worker serving", extra={"worker": worker_index, "pid": os.getpid(), "port": port})
     await stop.wait()
     log.info("worker stopping", extra={"worker": worker_index, "pid": os.getpid()})
@@ -73,22 +86,41 @@ def serve(config_path: str, workers: int | None = None, port: int | None = None)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
+    reload_requested = False
+
     def spawn(index: int) -> BaseProcess:
         proc = ctx.Process(target=run_worker, args=(config_path, index, count, port),
                            name=f"gateway-tap-worker-{index}")
-        proc.start()
+        # The child inherits the blocked SIGHUP across exec and unblocks it once its handler is set;
+        # here it stays pending until the unblock below, so the parent loses none either.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return proc
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     procs = {i: spawn(i) for i in range(count)}
     try:
         while not stopping:
             time.sleep(0.2)
+            if reload_requested:
+                reload_requested = False
+                log.info("SIGHUP: workers reload the configuration", extra={"workers": len(procs)})
+                for proc in procs.values():
+                    if proc.is_alive() and proc.pid is not None:
+                        os.kill(proc.pid, signal.SIGHUP)
             for index, proc in list(procs.items()):
                 if not proc.is_alive() and not stopping:
                     log.warning("worker exited, restarting", extra={"worker": index, "exitcode": proc.exitcode})
