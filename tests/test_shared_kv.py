@@ -50,7 +50,11 @@ def test_atomic_increments_from_two_processes_and_values_seen_across(tmp_path: P
             await store.close()
             await store.close()  # twice is fine
 
-    asyncio.run(check())
+    loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the suite's event loop
+    try:
+        loop.run_until_complete(check())
+    finally:
+        loop.close()
 
 
 @pytest.fixture
