@@ -212,8 +212,10 @@ class _Metrics:
                                  "Budget admission decisions by result.", ["result"], registry=registry)
         self.store_errors = Counter("gateway_tap_budget_store_errors_total",
                                     "Failed budget cache refreshes.", registry=registry)
+        # A SQLite refresh takes well under a millisecond, a PostgreSQL one a few; 10 s is a store in trouble.
         self.refresh = Histogram("gateway_tap_budget_refresh_seconds", "Budget cache refresh duration.",
-                                 registry=registry)
+                                 buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                          0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=registry)
         self.last_refresh = Gauge("gateway_tap_budget_last_refresh_timestamp_seconds",
                                   "Unix time of the last successful budget cache refresh.", registry=registry)
         self.inflight = Gauge("gateway_tap_budget_inflight_reservations",
