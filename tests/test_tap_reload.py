@@ -327,3 +327,32 @@ async def test_sighup_reload_under_traffic_drops_nothing(mock_llm: str, kafka_bo
     for e in costs:
         assert e.cost == pytest.approx((e.prompt_tokens * 1000.0 + e.completion_tokens * 2000.0) / 1e6)
         assert e.cost > 0
+
+
+async def test_watch_reloads_when_the_content_changes(mock_llm: str, kafka_bootstrap: str, topic_prefix: str,
+                                                      tmp_path: Path) -> None:
+    document = tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path / "spool",
+                          tap={"reload": {"watch": True, "interval_s": 0.05}})
+    path = tmp_path / "tap.yaml"
+    path.write_text(yaml.safe_dump(document))
+    from aiohttp import web
+
+    from gateway_tap.config import load_config
+    from gateway_tap.proxy.app import create_app
+
+    tap = await create_app(load_config(path), config_path=path)
+    runner = web.AppRunner(tap.web_app, access_log=None)
+    await runner.setup()
+    try:
+        path.touch()  # same content: not a reload
+        await asyncio.sleep(0.3)
+        assert tap.snapshot.generation == 0
+        document["apps"].append({"id": "newapp", "key_hashes": [key_hash(NEW_KEY)]})
+        path.write_text(yaml.safe_dump(document))
+        for _ in range(200):
+            if tap.snapshot.generation == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert tap.snapshot.generation == 1 and "newapp" in tap.apps.by_id
+    finally:
+        await runner.cleanup()
