@@ -10,6 +10,10 @@ Lifecycle (driven by the runtime, like Kafka Connect's SinkTask):
    only after ``flush`` returns are the batch's offsets committed;
 4. :meth:`close` on shutdown.
 
+On SIGHUP the runtime re-reads the config file between batches (:mod:`collectors.reload`): a changed
+``config`` is passed to ``async def on_config_change(self, config)`` when the collector defines it,
+else the collector is closed and a fresh instance initialised with the new config.
+
 Delivery is at-least-once: a batch may be handed over again after a crash or a
 rebalance, so sinks must be idempotent by ``event.id``.
 
