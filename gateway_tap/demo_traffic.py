@@ -112,7 +112,8 @@ class DemoTraffic:
 
     def counts(self) -> dict[str, int]:
         """Requests sent and their outcomes so far (``ok``, ``blocked``, ``over_budget``, ``http_<n>``, ``error``)."""
-        return dict(self._counts)
+        counts = dict(self._counts)
+        return {k: counts.pop(k, 0) for k in ("sent", "ok", "blocked", "over_budget")} | counts
 
     async def _run(self) -> None:
         kinds = [k for k in MIX if k.app in self.keys]

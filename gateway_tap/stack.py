@@ -357,10 +357,10 @@ class LocalStack:
         noida = NoidaServer(data_dir=(self.state_dir / "noida").resolve(), kafka_port=p.kafka, es_port=p.es,
                             log_path=logs / "noida.log")
         self._start(Component("noida-db", noida, lambda: http_ok(noida.es_url + "/") and noida.process is not None
-                              and noida.process.running(), f"kafka 127.0.0.1:{p.kafka}, es {noida.es_url}"))
+                              and noida.process.running(), f":{p.kafka} :{p.es}"))
         mock = mock_llm_process(p.mock, log_path=logs / "mock-llm.log")
         self._start(Component("mock-llm", mock, lambda: http_ok(f"http://127.0.0.1:{p.mock}/healthz"),
-                              f"http://127.0.0.1:{p.mock}/v1"))
+                              f":{p.mock}"))
         # The collectors start together (each takes a few seconds to import and join its group).
         batch = []
         for name in COLLECTORS:
@@ -368,11 +368,11 @@ class LocalStack:
             proc = ManagedProcess(f"collector-{name}", cli_argv("collect", name, "--config", cfg),
                                   log_path=logs / f"collector-{name}.log", start_timeout=60.0, stop_timeout=40.0)
             batch.append(Component(f"collector-{name}", proc, _health(f"http://127.0.0.1:{port}/healthz"),
-                                   f"http://127.0.0.1:{port}/metrics"))
+                                   f":{port}"))
         self._start(*batch)
         tap = ManagedProcess("tap", cli_argv("serve", "--config", cfg), log_path=logs / "tap.log",
                              start_timeout=60.0, stop_timeout=30.0)
-        self._start(Component("tap", tap, _health(f"http://127.0.0.1:{p.tap}/readyz"), f"http://127.0.0.1:{p.tap}"))
+        self._start(Component("tap", tap, _health(f"http://127.0.0.1:{p.tap}/readyz"), f":{p.tap}"))
 
     def _start(self, *components: Component) -> None:
         for c in components:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -217,53 +218,44 @@ def _num(value: float | None, fmt: str = ",.0f") -> str:
 
 
 def render(snap: Snapshot, endpoints: dict[str, str]) -> Group:
-    """The panel: endpoints, components, pipeline, budgets and the demo traffic."""
-    ends = Table.grid(padding=(0, 2))
-    ends.add_column(style="bold")
-    ends.add_column()
-    for name, url in endpoints.items():
-        ends.add_row(name, url)
-
-    comps = Table(title="Components", title_justify="left", expand=False)
-    for col in ("component", "pid", "health", "endpoint"):
-        comps.add_column(col)
+    """The panel, compact enough for a 24-line terminal: one row per component (health, endpoint, what
+    flows through it), budget use, the demo traffic's outcomes, and where files, logs and config are."""
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, title_justify="left",
+                  title=f"[bold]gateway-tap up[/]  {sum(h.healthy for h in snap.components)}/"
+                        f"{len(snap.components)} healthy")
+    for col in ("component", "pid", "health", "ports", "total", "/s", "lag", "dlq"):
+        table.add_column(col, justify="left" if col in ("component", "health", "ports") else "right", no_wrap=True)
     for h in snap.components:
-        health = "[green]healthy[/]" if h.healthy else "[yellow]unhealthy[/]" if h.alive else "[red]exited[/]"
-        comps.add_row(h.name, str(h.pid or "-"), health, h.endpoint)
-
-    flow = Table(title="Pipeline", title_justify="left")
-    for col in ("stage", "total", "per second", "lag", "detail"):
-        flow.add_column(col, justify="left" if col in ("stage", "detail") else "right")
-    kafka = "-" if snap.kafka_connected is None else "kafka connected" if snap.kafka_connected else \
-        "[red]kafka disconnected: spooling[/]"
-    flow.add_row("tap requests", _num(snap.tap_requests), _num(snap.tap_rps, ",.1f"), "",
-                 f"{kafka}; spool {_num(snap.spool_pending)} events; queue {_num(snap.queue_depth)}; "
-                 f"answered by the tap {_num(snap.tap_rejected)}")
-    for name, c in snap.collectors.items():
-        if c.error:
-            flow.add_row(f"collector {name}", "-", "-", "-", f"[red]metrics unreachable ({c.error})[/]")
-        else:
-            dead = f"[red]{c.dead_lettered:,.0f} dead-lettered[/]" if c.dead_lettered else ""
-            flow.add_row(f"collector {name}", _num(c.handled), _num(c.rate, ",.1f"),
-                         f"[{'yellow' if c.lag else 'green'}]{c.lag:,.0f}[/]", dead)
-
-    parts: list[Any] = [ends, comps, flow]
-    if snap.budgets:
-        budgets = Table(title="Budgets (current period)", title_justify="left")
-        for col in ("app", "period", "mode", "spent / limit USD", "tokens / limit", "used"):
-            budgets.add_column(col, justify="right" if col == "used" else "left")
-        for b in snap.budgets:
-            colour = "red" if b.used_pct >= 100 else "yellow" if b.used_pct >= 80 else "green"
-            usd = f"{b.spent_usd:,.4f}" + (f" / {b.limit_usd:,.2f}" if b.limit_usd is not None else "")
-            tokens = f"{b.tokens:,}" + (f" / {b.limit_tokens:,}" if b.limit_tokens is not None else "")
-            budgets.add_row(b.app_id + (f" x {b.llm_id}" if b.llm_id else ""), b.period, b.mode, usd, tokens,
-                            f"[{colour}]{b.used_pct:.1f}%[/]")
-        parts.append(budgets)
-    elif snap.budget_note:
-        parts.append(Text(f"Budgets: {snap.budget_note}", style="dim"))
+        health = "[green]ok[/]" if h.healthy else "[yellow]down[/]" if h.alive else "[red]exited[/]"
+        row = ["", "", "", ""]
+        if h.name == "tap":
+            row = [_num(snap.tap_requests), _num(snap.tap_rps, ",.1f"), "", ""]
+        elif h.name.startswith("collector-"):
+            c = snap.collectors.get(h.name.removeprefix("collector-"))
+            if c is not None and c.error is None:
+                row = [_num(c.handled), _num(c.rate, ",.1f"), f"[{'yellow' if c.lag else 'green'}]{c.lag:,.0f}[/]",
+                       f"[{'red' if c.dead_lettered else 'green'}]{c.dead_lettered:,.0f}[/]"]
+        table.add_row(h.name.replace("collector-", "collect "), str(h.pid or "-"), health, h.endpoint, *row)
+    parts: list[Any] = [table]
+    if snap.tap_requests is not None:
+        kafka = "[green]connected[/]" if snap.kafka_connected else "[red]down: spooling to disk[/]"
+        parts.append(Text.from_markup(f"[bold]tap[/]  kafka {kafka}, spool {_num(snap.spool_pending)} events, "
+                                      f"queue {_num(snap.queue_depth)}, answered by the tap {_num(snap.tap_rejected)}"))
+    for b in snap.budgets:
+        colour = "red" if b.used_pct >= 100 else "yellow" if b.used_pct >= 80 else "green"
+        limit = f"${b.spent_usd:,.4f} of ${b.limit_usd:,.2f}" if b.limit_usd is not None else \
+            f"{b.tokens:,} of {b.limit_tokens:,} tokens"
+        line = Text("budget ", style="bold")
+        line.append(f"{b.app_id}{' x ' + b.llm_id if b.llm_id else ''} ", style="bold")
+        line.append(f"{b.used_pct:.1f}%", style=colour)
+        line.append(f"  {limit}, {b.period}, {b.mode}")
+        parts.append(line)
+    if not snap.budgets and snap.budget_note:
+        parts.append(Text(f"budgets  {snap.budget_note}", style="dim"))
     if snap.traffic is not None:
-        parts.append(Text("demo traffic: " + ", ".join(f"{k} {v:,}" for k, v in snap.traffic.items())))
-    parts.append(Text("Ctrl-C stops everything", style="dim"))
+        parts.append(Text("demo traffic  " + ", ".join(f"{k} {v:,}" for k, v in snap.traffic.items())))
+    where = ", ".join(f"{k} {endpoints[k]}" for k in ("files", "logs", "config") if endpoints.get(k))
+    parts.append(Text(f"{where}\nCtrl-C stops everything", style="dim"))
     return Group(*parts)
 
 

@@ -268,3 +268,64 @@ def test_up_names_the_option_for_a_busy_port(make_up: type[Up], tmp_path: Path) 
     err = result.stderr.decode()
     assert f"port {ports['--es-port']} (es) is in use" in err and "--es-port" in err, err
     assert not (tmp_path / "state" / "up.pids").exists()
+
+
+def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> None:
+    from gateway_tap.config import load_config
+    from gateway_tap.stack import Ports, write_stack_config
+
+    ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,
+                  budget_metrics=19467)
+    config = load_config(write_stack_config(ROOT / "examples" / "gateway-tap.yaml", tmp_path, ports))
+    state = tmp_path.resolve()
+    assert config.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert config.tap.listen.port == 18080 and config.tap.publisher.spool_dir == str(state / "spool")
+    assert {llm.upstream_url for llm in config.llms} == {"http://127.0.0.1:18090"}
+    assert config.budget_store.backend == "sqlite" and config.budget_store.sqlite_path == str(state / "budgets.sqlite3")
+    assert {n: c.metrics.port for n, c in config.collectors.items()} == {
+        "file": 19465, "elasticsearch": 19466, "budget": 19467}
+    assert config.collectors["file"].config["directory"] == str(state / "events")
+    assert config.collectors["elasticsearch"].config["hosts"] == ["http://127.0.0.1:19200"]
+    assert all(c.group_instance_id for c in config.collectors.values())  # noida never evicts a dead member
+    tiny = next(b for b in config.budgets if b.app_id == "demo-tiny")
+    assert tiny.mode == "hard" and tiny.limit_tokens
+    assert {p.name for p in config.plugins} == {"prompt_firewall", "request_enricher", "response_modifier"}
+
+
+def test_leftover_cleanup_kills_only_processes_that_are_still_ours(tmp_path: Path) -> None:
+    from gateway_tap.stack import ChildRecord, kill_leftovers
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+             for _ in range(2)]
+    try:
+        ours, reused = (psutil.Process(p.pid) for p in procs)
+        records = [ChildRecord("ours", ours.pid, ours.create_time(), ours.cmdline()),
+                   # Same pid and command line but another start time: the pid was reused, not ours.
+                   ChildRecord("reused", reused.pid, reused.create_time() - 100, reused.cmdline())]
+        said: list[str] = []
+        assert kill_leftovers(records, tmp_path, said.append, timeout=5) == [ours.pid]
+        assert procs[0].wait(5) != 0 and procs[1].poll() is None
+        assert said == [f"stopping leftover ours (pid {ours.pid}) from a previous run"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_panel_and_summary_render_a_snapshot() -> None:
+    from rich.console import Console
+
+    from gateway_tap.stack_panel import BudgetUse, CollectorStats, Health, Snapshot, render, summary_line
+
+    snap = Snapshot(components=[Health("tap", 1, True, True, ":8080"),
+                                Health("collector-file", 2, True, False, ":9465")],
+                    tap_requests=120, tap_rps=8.5, spool_pending=0, kafka_connected=True,
+                    collectors={"file": CollectorStats(handled=300, rate=20, lag=4)},
+                    budgets=[BudgetUse("demo-tiny", None, "daily", "hard", 0.0, None, 2100, 2000)],
+                    traffic={"sent": 10, "ok": 8, "over_budget": 2})
+    console = Console(width=80, record=True)
+    console.print(render(snap, {"files": "/s/events"}))
+    text = console.export_text()
+    assert "1/2 healthy" in text and "collect file" in text and "105.0%" in text and "over_budget 2" in text
+    line = summary_line(snap)
+    assert "DOWN: collector-file" in line and "tap 120 req (8.5/s)" in line and "demo-tiny 105%" in line
