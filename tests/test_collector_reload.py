@@ -39,7 +39,9 @@ async def test_sighup_reload_applies_between_batches_and_loses_nothing(kafka_boo
     first, second = tmp_path / "out-1", tmp_path / "out-2"
     config: dict[str, Any] = {
         "kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix},
+        # Own group: a static member stays in its group after it stopped, other tests must not share it.
         "collectors": {"file": {"metrics": {"port": port}, "group_instance_id": "reload-1",
+                                "group_id": f"reload-{topic_prefix}",
                                 "batch": {"max_wait_ms": 20}, "config": {"directory": str(first)}}}}
     proc = collect_process("reload", "file", config, tmp_path)
     path = tmp_path / "gateway-tap-0.yaml"
