@@ -73,6 +73,8 @@ class Exchange:
         "blocked_by",
         "budget",
         "budget_period",
+        "cache_hit",
+        "charge",
         "client_address",
         "cost",
         "currency",
@@ -84,6 +86,7 @@ class Exchange:
         "method",
         "model",
         "path",
+        "plugin_state",
         "price_models",
         "request_body",
         "request_bytes",
@@ -93,6 +96,7 @@ class Exchange:
         "response_body",
         "response_bytes",
         "response_headers",
+        "served_by",
         "started",
         "status",
         "streamed",
@@ -140,6 +144,10 @@ class Exchange:
         self.currency = "USD"
         self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
+        self.plugin_state: dict[str, dict[str, Any]] = {}
+        self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
+        self.cache_hit = False
+        self.charge = True  # False: a plugin's answer that costs nothing (no cost, no budget usage)
 
     def fail(self, error: TapError) -> None:
         self.error = error
@@ -167,7 +175,7 @@ class Exchange:
         """proxy_log and analytics always; budget_usage when tokens or cost were consumed."""
         now = utc_now()
         usage = self.usage or Usage()
-        upstream_ms = self.upstream_ms
+        upstream_ms = 0.0 if self.served_by is not None else self.upstream_ms
         total_ms = self.total_ms
         overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
         error = (ErrorInfo(type=self.error.type, code=self.error.code, message=self.error.message)
@@ -196,10 +204,10 @@ class Exchange:
                 tokens_estimated=usage.estimated, cost=self.cost, currency=self.currency, latency_ms=total_ms,
                 ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
                 upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
-                tool_calls=usage.tool_calls, blocked_by=self.blocked_by, tags=self.metadata,
+                tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=self.blocked_by, tags=self.metadata,
             ),
         ]
-        if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None:
+        if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None and self.charge:
             period, start = self.budget_period or ("monthly", month_start(now))
             events.append(BudgetUsage(
                 **common, model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
