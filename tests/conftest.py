@@ -112,3 +112,18 @@ def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
     import uvloop
 
     return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_session_event_loop(event_loop_policy: asyncio.AbstractEventLoopPolicy) -> Iterator[None]:
+    """Put the session's event loop back after each test.
+
+    ``asyncio.run`` (called by CLI commands that sync tests invoke in the main thread)
+    unsets the thread's current loop when it finishes, which would break every async
+    test that follows with "There is no current event loop".
+    """
+    # Peek without get_event_loop(), which would create a stray loop when none is set yet.
+    loop: asyncio.AbstractEventLoop | None = getattr(getattr(event_loop_policy, "_local", None), "_loop", None)
+    yield
+    if loop is not None and not loop.is_closed():
+        event_loop_policy.set_event_loop(loop)

@@ -154,7 +154,9 @@ async def test_concurrent_requests_exact_spend_bounded_overspend_and_get_budget(
     clock = Clock(datetime(2026, 3, 31, 23, 0, tzinfo=UTC))  # one hour before the monthly reset
     doc = document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path, budget_store_settings,
                    [{"app_id": "test", "limit_usd": limit_usd, "period": "monthly"}])
-    doc["collectors"] = {"budget": {"group_id": "budget", "group_instance_id": "budget-1",
+    # Group ids unique to the test: noida keeps every member a group ever had, so a shared group wedges.
+    doc["collectors"] = {"budget": {"group_id": f"{topic_prefix}-budget",
+                                    "group_instance_id": f"{topic_prefix}-budget-1",
                                     "session_timeout_ms": 10_000, "batch": {"max_events": 20, "max_wait_ms": 10},
                                     "metrics": {"port": free_port()}}}
     await create_topics(kafka_bootstrap, topic_prefix)
