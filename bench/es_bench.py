@@ -262,7 +262,7 @@ async def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         await asyncio.to_thread(proc.start)
         ready = time.perf_counter()
-        finished = await wait_committed(kafka.bootstrap, "gateway-tap-collector-elasticsearch", args.events)
+        finished = await wait_committed(kafka.bootstrap, f"{topic_prefix}.collector.elasticsearch", args.events)
         assert await count_docs(es, tpl.alias_name(prefix, "analytics")) == args.events
         runtime_rate = args.events / (finished - ready)
         print(f"runtime    {args.events} docs in {finished - ready:6.2f}s = {runtime_rate:8.0f} docs/s "

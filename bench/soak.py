@@ -577,7 +577,7 @@ class Soak:
         _, end = await inspector.offsets(tps)
         lags: dict[str, int] = {}
         for name, types in COLLECTOR_GROUPS.items():
-            committed = await inspector.committed(f"gateway-tap-collector-{name}")
+            committed = await inspector.committed(f"{self.prefix}.collector.{name}")
             topics = {topic_for(t, self.prefix) for t in types}
             lags[name] = sum(end[tp] - committed.get(tp, 0) for tp in tps if tp.topic in topics)
         return lags

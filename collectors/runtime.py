@@ -147,7 +147,7 @@ class CollectorRuntime:
         self.kafka_options = kafka_options
         self.prefix = topic_prefix
         self.client_id = client_id
-        self.group_id = group_id_for(name, settings)
+        self.group_id = group_id_for(name, settings, topic_prefix)
         self.topic_types: dict[str, EventType] = {topic_for(t, topic_prefix): t for t in collector_cls.consumed_types()}
         self.control_topic = control_topic(topic_prefix) if collector_cls.consumes_control() else None
         self.metrics = CollectorMetrics(name)

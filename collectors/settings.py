@@ -55,7 +55,7 @@ class CollectorSettings(_Section):
 
     plugin: str | None = Field(None, description="What to run when it is not NAME itself: a built-in, an entry "
                                                  "point of group gateway_tap.collectors, or module:Class.")
-    group_id: str | None = Field(None, description="Consumer group (default: gateway-tap-collector-<NAME>).")
+    group_id: str | None = Field(None, description="Consumer group (default: <kafka.topic_prefix>.collector.<NAME>).")
     group_instance_id: str | None = Field(None, description="Static membership id; a restarted worker with the "
                                                             "same id takes over its partitions without a rebalance.")
     session_timeout_ms: int = Field(30_000, gt=0)
@@ -71,9 +71,13 @@ class CollectorSettings(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="The collector's own config (its schema).")
 
 
-def group_id_for(name: str, settings: CollectorSettings) -> str:
-    """The consumer group of collector NAME: ``group_id`` if set, else ``gateway-tap-collector-<NAME>``."""
-    return settings.group_id or f"gateway-tap-collector-{name}"
+def group_id_for(name: str, settings: CollectorSettings, topic_prefix: str = "gateway") -> str:
+    """The consumer group of collector NAME: ``group_id`` if set, else ``<topic_prefix>.collector.<NAME>``.
+
+    The topic prefix is part of the default so that two pipelines sharing a Kafka
+    cluster (``gateway``, ``staging``, ...) never share a consumer group.
+    """
+    return settings.group_id or f"{topic_prefix}.collector.{name}"
 
 
 def validate_collector_config(name: str, schema: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

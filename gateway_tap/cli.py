@@ -116,7 +116,7 @@ def up(config_path: str, state_dir: str, demo_traffic: bool, tap_port: int, kafk
 @main.command("collect")
 @click.argument("name")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="The gateway-tap YAML file.")
-@click.option("--group-id", help="Consumer group (default: the config's, else gateway-tap-collector-NAME).")
+@click.option("--group-id", help="Consumer group (default: the config's, else <topic_prefix>.collector.NAME).")
 @click.option("--group-instance-id", help="Static group membership id (overrides the config).")
 @click.option("--log-level", default="INFO", show_default=True)
 def collect(name: str, config_path: str | None, group_id: str | None, group_instance_id: str | None,

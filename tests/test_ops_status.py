@@ -81,7 +81,7 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
     groups = {g.collector: g for g in report.groups}
     assert set(groups) == {"file", "elasticsearch", "budget"}
     assert groups["file"].group_id == f"{topic_prefix}-file"
-    assert groups["elasticsearch"].group_id == "gateway-tap-collector-elasticsearch"
+    assert groups["elasticsearch"].group_id == f"{topic_prefix}.collector.elasticsearch"
     file_lag = {t.topic: t for t in groups["file"].topics}
     assert file_lag[topic].end == 27 and file_lag[topic].committed == 22 and file_lag[topic].lag == 5
     assert sum(p.lag for p in file_lag[topic].partitions) == 5 and len(file_lag[topic].partitions) == 3
@@ -127,7 +127,7 @@ def test_cli_tables_and_json(tmp_path: Path, kafka_bootstrap: str, topic_prefix:
     tap_url = f"http://127.0.0.1:{free_port()}"
     result = RUNNER.invoke(main, ["status", "--config", config_path, "--tap-url", tap_url])
     assert result.exit_code == 0, result.output
-    for text in ("Collector lag", f"{topic_prefix}-file", "gateway-tap-collector-budget", "Dead letters",
+    for text in ("Collector lag", f"{topic_prefix}-file", f"{topic_prefix}.collector.budget", "Dead letters",
                  f"{topic_prefix}.analytics.dlq", "unreachable", "no budget store yet"):
         assert text in result.output
     result = RUNNER.invoke(main, ["status", "--config", config_path, "--tap-url", tap_url, "--json"])

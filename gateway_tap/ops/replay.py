@@ -148,7 +148,7 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
     prefix = config.kafka.topic_prefix
     async with KafkaInspector(config.kafka.client_options(), f"{config.kafka.client_id}-replay") as kafka:
         ranges = await plan_ranges(kafka, [topic_for(t, prefix) for t in chosen], start, stop)
-    group = replay_group_id(group_id_for(name, settings))
+    group = replay_group_id(group_id_for(name, settings, prefix))
     planned = sum(b - a for a, b in ranges.values())
     console = console or Console(stderr=True)
     console.print(f"replaying {planned:,} record(s) of {', '.join(sorted({tp.topic for tp in ranges}))} "

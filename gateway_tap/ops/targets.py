@@ -35,8 +35,8 @@ def collector_target(config: GatewayConfig, name: str) -> CollectorTarget:
     except ConfigError as exc:
         types, error = tuple(EVENT_TYPES), str(exc)
     prefix = config.kafka.topic_prefix
-    return CollectorTarget(name, group_id_for(name, settings), types, tuple(topic_for(t, prefix) for t in types),
-                           error)
+    return CollectorTarget(name, group_id_for(name, settings, prefix), types,
+                           tuple(topic_for(t, prefix) for t in types), error)
 
 
 def collector_targets(config: GatewayConfig) -> list[CollectorTarget]:
