@@ -102,3 +102,19 @@ async def test_byte_bound_evicts_expired_then_oldest(tmp_path: Path, clock: type
         assert await neighbour.get("keep") == b"n" * 500  # the bound is per namespace
     finally:
         await store.close()
+
+
+async def test_bytes_values_are_evicted_before_counters(tmp_path: Path) -> None:
+    """A cache's bookkeeping (incr counters, JSON) outlives the cached payloads (bytes) it describes."""
+    store = SharedKVStore(tmp_path / "kv.sqlite")
+    kv = store.namespace("cache", 600)
+    try:
+        assert await kv.incr("stats:hits") == 1  # the oldest write of all
+        for i in range(4):
+            await kv.set(f"entry{i}", b"x" * 190)
+        assert await kv.get("entry0") is None and await kv.get("entry3") == b"x" * 190
+        assert await kv.incr("stats:hits") == 2
+        used, _ = await kv.usage()
+        assert used <= 600
+    finally:
+        await store.close()

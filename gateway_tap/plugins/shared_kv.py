@@ -11,7 +11,9 @@ connection), never on the event loop.
 
 Bounds: each plugin's namespace holds at most ``max_bytes`` of keys and values (counted
 exactly by triggers in ``kv_usage``). A write that would exceed it first drops the
-namespace's expired entries, then its oldest writes (FIFO), until the new entry fits; a
+namespace's expired entries, then its oldest writes (FIFO; ``bytes`` values such as cached
+responses go before JSON values such as ``incr`` counters, so bookkeeping outlives the
+payloads it describes), until the new entry fits; a
 single value larger than ``max_bytes`` is refused with :class:`OverflowError`. On disk the
 file is about ``sum(max_bytes) x 1.3`` (page overhead; freed pages are reused, not
 returned) plus the WAL (checkpointed at ~4 MB). Memory per worker: SQLite's page cache
@@ -133,13 +135,15 @@ def _make_room(conn: sqlite3.Connection, ns: str, size: int, max_bytes: int) -> 
     need = used() + size - max_bytes
     if need <= 0:
         return
-    freed, last = 0, None
-    for rowid, entry_size in conn.execute("SELECT rowid, size FROM kv WHERE ns = ? ORDER BY rowid", (ns,)):
-        freed, last = freed + entry_size, rowid
+    freed = 0
+    doomed: list[int] = []
+    rows = conn.execute("SELECT rowid, size FROM kv WHERE ns = ? ORDER BY is_bytes DESC, rowid", (ns,))
+    for rowid, entry_size in rows:
+        freed += entry_size
+        doomed.append(rowid)
         if freed >= need:
             break
-    if last is not None:
-        conn.execute("DELETE FROM kv WHERE ns = ? AND rowid <= ?", (ns, last))
+    conn.executemany("DELETE FROM kv WHERE rowid = ?", ((rowid,) for rowid in doomed))
 
 
 def _write(conn: sqlite3.Connection, ns: str, key: str, blob: bytes, is_bytes: int, expires: float | None,
