@@ -176,12 +176,17 @@ class PidFile:
         except (OSError, orjson.JSONDecodeError, TypeError):
             return []
 
-    def add(self, name: str, pid: int) -> None:
+    def add(self, name: str, pid: int, argv: list[str]) -> None:
+        """Record a child just spawned with ``argv``.
+
+        ``argv`` is what we asked for, not what /proc shows now: right after the fork the
+        child may not have exec'd yet and still show our own command line.
+        """
         import psutil
 
         try:
             proc = psutil.Process(pid)
-            self.children.append(ChildRecord(name, pid, proc.create_time(), proc.cmdline()))
+            self.children.append(ChildRecord(name, pid, proc.create_time(), list(argv)))
         except psutil.Error:
             return  # already gone: nothing to clean up later
         self._write()
@@ -385,7 +390,7 @@ class LocalStack:
             else:
                 c.runner.start()  # no ready probe: returns at once, so the pid is recorded before we wait
             if c.process is not None and c.process.pid is not None and self._pids is not None:
-                self._pids.add(c.name, c.process.pid)
+                self._pids.add(c.name, c.process.pid, list(c.process.argv))
         for c in components:
             self._wait_ready(c)
 
