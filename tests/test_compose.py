@@ -216,7 +216,7 @@ def test_app_services_match_the_cli(services: dict[str, dict[str, Any]]) -> None
 def test_app_config_is_valid_and_matches_the_stack() -> None:
     from collectors.registry import resolve_collector
     from collectors.settings import validate_collector_config
-    from schemas.topics import TOPIC_SUFFIXES
+    from schemas.topics import CONTROL_SUFFIX, TOPIC_SUFFIXES
 
     config = load_config(APP_CONFIG)
     assert config.kafka.bootstrap_servers == "kafka:9092"
@@ -226,10 +226,11 @@ def test_app_config_is_valid_and_matches_the_stack() -> None:
     for name, settings in config.collectors.items():
         assert settings.metrics.host == "0.0.0.0" and settings.metrics.port == 9465, name
         validate_collector_config(name, resolve_collector(settings.plugin or name).config_schema, settings.config)
-    # kafka-init creates exactly the event topics of schemas.topics (plus their .dlq) under the config's prefix.
+    # kafka-init creates exactly the event and control topics of schemas.topics (plus their .dlq) under the
+    # config's prefix.
     script = (ROOT / "deploy" / "kafka-init.sh").read_text()
     loop = re.search(r"for stream in ([a-z_ ]+); do", script)
-    assert loop and set(loop.group(1).split()) == set(TOPIC_SUFFIXES.values())
+    assert loop and set(loop.group(1).split()) == {*TOPIC_SUFFIXES.values(), CONTROL_SUFFIX}
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     assert compose["services"]["kafka-init"]["environment"]["TOPIC_PREFIX"] == config.kafka.topic_prefix
 
