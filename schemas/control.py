@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.codec import MAX_EVENT_BYTES, EventDecodeError
+from schemas.codec import EventDecodeError, build_model, parse_object, validate_envelope
 from schemas.events import SCHEMA_VERSION, new_event_id, utc_now
 
 CONTROL_TYPE = "control"
@@ -59,27 +59,8 @@ def decode_control(raw: bytes | str | dict[str, Any]) -> ControlMessage:
     :raises EventDecodeError: invalid JSON, not a control message, unsupported ``schema_version``,
         a missing or invalid envelope field, or a value over 1 MiB.
     """
-    if isinstance(raw, dict):
-        data = raw
-    else:
-        if len(raw) > MAX_EVENT_BYTES:
-            raise EventDecodeError(f"message is {len(raw)} bytes, larger than the {MAX_EVENT_BYTES} limit")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise EventDecodeError(f"invalid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise EventDecodeError(f"expected a JSON object, got {type(data).__name__}")
+    data = parse_object(raw, "message")
     if data.get("type") != CONTROL_TYPE:
         raise EventDecodeError(f"expected a {CONTROL_TYPE!r} message, got type {data.get('type')!r}", "type")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise EventDecodeError(f"unsupported schema_version {data.get('schema_version')!r} "
-                               f"(this release reads {SCHEMA_VERSION})", "schema_version")
-    for name in CONTROL_REQUIRED:
-        if name not in data:
-            raise EventDecodeError("Field required", name)
-    try:
-        return ControlMessage.model_validate({k: v for k, v in data.items() if k != "type"})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise EventDecodeError(first["msg"], ".".join(str(p) for p in first["loc"]) or "$") from None
+    validate_envelope(data, CONTROL_REQUIRED)
+    return build_model(ControlMessage, data)
