@@ -21,6 +21,7 @@ from schemas.events import (
     utc_now,
 )
 from schemas.topics import (
+    CONTROL_SUFFIX,
     control_headers,
     control_topic,
     dlq_topic,
@@ -31,6 +32,7 @@ from schemas.topics import (
 )
 
 __all__ = [
+    "CONTROL_SUFFIX",
     "EVENT_MODELS",
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",

@@ -50,6 +50,19 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+async def wait_for_published_control(tap_url: str) -> None:
+    series = 'gateway_tap_publisher_events_published_total{type="control"}'
+    async with asyncio.timeout(20), aiohttp.ClientSession() as http:  # bounds a hang; not a timing assertion
+        while True:
+            async with http.get(f"{tap_url}/metrics") as resp:
+                text = await resp.text()
+            values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)]
+            assert values, f"{series} not exported"
+            if values[0] >= 1:
+                return
+            await asyncio.sleep(0.1)
+
+
 async def test_enricher_counters_reach_the_receiver_per_gateway(mock_llm: str, kafka_bootstrap: str,
                                                                 topic_prefix: str, tmp_path: Path) -> None:
     # Two taps (gateway ids tap-a, tap-b); a report every 2 requests, the remainder at shutdown.
@@ -60,6 +73,8 @@ async def test_enricher_counters_reach_the_receiver_per_gateway(mock_llm: str, k
         async with running_tap(document) as tap:
             for llm, n in traffic.items():
                 await send(tap.url, llm, n)
+            # The publisher counts control messages under their own type, not as "other".
+            await wait_for_published_control(tap.url)
     topic = control_topic(topic_prefix)
     records = await read_topic(kafka_bootstrap, topic, 3)  # tap-a: 2 + 2; tap-b: 2
     messages = [decode_control(r.value) for r in records]

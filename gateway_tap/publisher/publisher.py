@@ -77,7 +77,7 @@ class PublisherMetrics:
                                                      registry=reg)
         self.connected = prometheus_client.Gauge(p + "kafka_connected", "1 when Kafka is reachable.", registry=reg)
         # Every series exists from the start at 0, so rate() and alerts see the first spooled or dropped event.
-        for kind in schemas.EVENT_TYPES:
+        for kind in (*schemas.EVENT_TYPES, schemas.CONTROL_SUFFIX):
             self.published.labels(kind)
             self.spooled.labels(kind)
             for reason in DROP_REASONS:
@@ -231,7 +231,9 @@ class EventPublisher:
     def _type(self, topic: str) -> str:
         kind = self._types.get(topic)
         if kind is None:
-            kind = schemas.type_for_topic(topic, self._kafka.topic_prefix) or "other"
+            prefix = self._kafka.topic_prefix
+            kind = schemas.type_for_topic(topic, prefix) or (
+                schemas.CONTROL_SUFFIX if topic == schemas.control_topic(prefix) else "other")
             self._types[topic] = kind
         return kind
 
