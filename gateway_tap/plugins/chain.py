@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import types
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,27 +42,6 @@ class RequestInfo(Protocol):
     model: str | None
     metadata: dict[str, str]
     plugin_state: dict[str, dict[str, Any]]
-
-
-@types.coroutine
-def _resume(coro: Any, suspended_on: Any) -> Generator[Any, Any, Any]:
-    """Drive ``coro`` on from its first suspension, exactly as ``await coro`` would have."""
-    while True:
-        try:
-            sent = yield suspended_on
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation (e.g. the timeout) goes into the hook
-            try:
-                suspended_on = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                suspended_on = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
 
 
 class HookFailed(Exception):
@@ -108,19 +86,8 @@ class BoundHook:
         """
         start = time.perf_counter()
         try:
-            awaitable = self.fn(arg, self.context(info))
-            if type(awaitable) is not types.CoroutineType:
-                async with asyncio.timeout(self.timeout_s):
-                    return await awaitable
-            # Run the first step eagerly: most hooks finish without ever suspending, and then
-            # no timer is needed (a timeout can only fire at a suspension point anyway).
-            try:
-                suspended_on = awaitable.send(None)
-            except StopIteration as done:
-                return done.value
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + self.timeout_s
-                                          - (time.perf_counter() - start)):
-                return await _resume(awaitable, suspended_on)
+            async with asyncio.timeout(self.timeout_s):
+                return await self.fn(arg, self.context(info))
         except TimeoutError:
             return self._failed(info, "timeout", f"timed out after {self.timeout_s * 1000:.0f} ms")
         except Exception as exc:
