@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from gateway_tap.publisher.spool import MAGIC, Message, Spool, encode_record
+from gateway_tap.publisher.spool import MAGIC, Message, Spool, adopt_orphan_spools, encode_record
 
 
 def msg(i: int, topic: str = "p.analytics", size: int = 100) -> Message:
@@ -125,3 +125,20 @@ def test_record_bigger_than_the_read_batch_is_read_whole(tmp_path: Path) -> None
     spool.append([big, msg(2)])
     batch = spool.read_batch(max_bytes=1000)
     assert batch is not None and batch.messages[0] == big
+
+
+def test_spools_of_workers_that_no_longer_exist_are_adopted(tmp_path: Path) -> None:
+    """After a restart with fewer workers, worker-<k> spools (k >= workers) move to worker-<k % workers>."""
+    sent = {n: [msg(100 * n + i) for i in range(10)] for n in range(4)}
+    for n, messages in sent.items():
+        spool = reopen(tmp_path / f"worker-{n}", segment_bytes=600)  # several segments each
+        spool.append(messages)
+        spool.close()
+    (tmp_path / "worker-3" / "not-a-segment.txt").write_text("kept")
+    moved = adopt_orphan_spools(tmp_path, workers=2)
+    assert moved > 0
+    assert not (tmp_path / "worker-2").exists()  # emptied and removed
+    assert (tmp_path / "worker-3" / "not-a-segment.txt").exists() and not list((tmp_path / "worker-3").glob("*.seg"))
+    assert drain(reopen(tmp_path / "worker-0")) == sent[0] + sent[2]  # its own first, then the orphan's
+    assert drain(reopen(tmp_path / "worker-1")) == sent[1] + sent[3]
+    assert adopt_orphan_spools(tmp_path, workers=2) == 0

@@ -22,9 +22,11 @@ import signal
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from gateway_tap.config import GatewayConfig, load_config
+from gateway_tap.publisher.spool import adopt_orphan_spools
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ def serve(config_path: str, workers: int | None = None, port: int | None = None)
     """Run the tap; returns the exit code."""
     config: GatewayConfig = load_config(config_path)
     count = workers or config.tap.workers
+    # Before any worker opens its spool: spools of worker indexes this run will not have.
+    adopt_orphan_spools(Path(config.tap.publisher.spool_dir), count)
     if count == 1:
         run_worker(config_path, 0, 1, port)
         return 0

@@ -362,11 +362,7 @@ class Spool:
 
     def _sync_dir(self) -> None:
         # The new file's directory entry must survive a power loss as well.
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_directory(self.directory)
 
     # ---------------------------------------------------------------- reading
 
@@ -484,3 +480,42 @@ class Spool:
         if self._reader is not None:
             self._reader[1].close()
             self._reader = None
+
+
+def adopt_orphan_spools(root: Path, workers: int) -> int:
+    """Hand the spools of workers that no longer exist to the ones that do; returns segments moved.
+
+    A tap's worker ``n`` spools into ``<root>/worker-<n>``. After a restart with fewer
+    workers, ``worker-<k>`` for ``k >= workers`` would never be drained: its segments
+    move to ``worker-<k % workers>``, numbered after that spool's own, so they are sent
+    after what was already there (per-key order only ever held within one worker).
+    Call it before any worker opens its spool.
+    """
+    moved = 0
+    for orphan in sorted(root.glob("worker-*"), key=lambda p: p.name):
+        index = orphan.name.removeprefix("worker-")
+        if not index.isdigit() or int(index) < workers or not orphan.is_dir():
+            continue
+        target = root / f"worker-{int(index) % workers}"
+        target.mkdir(parents=True, exist_ok=True)
+        next_seq = max((int(p.stem) for p in target.glob("*.seg") if p.stem.isdigit()), default=-1) + 1
+        segments = sorted(p for p in orphan.glob("*.seg") if p.stem.isdigit())
+        for segment in segments:
+            os.replace(segment, target / f"{next_seq:016d}.seg")
+            next_seq += 1
+        if segments:
+            _fsync_directory(target)  # the renames survive a crash right after
+            moved += len(segments)
+        with contextlib.suppress(OSError):
+            orphan.rmdir()  # only when empty: anything else in it is left alone
+    if moved:
+        log.warning("adopted %d spool segment(s) of workers that no longer exist", moved)
+    return moved
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
