@@ -30,6 +30,11 @@ from gateway_tap.publisher.spool import adopt_orphan_spools
 
 log = logging.getLogger(__name__)
 
+RESTART_RESET_S = 30.0
+"""A worker that ran this long before dying is restarted at once (after 0.5 s)."""
+RESTART_MAX_S = 30.0
+"""Longest wait before restarting a worker that keeps dying young."""
+
 
 def run_worker(config_path: str, worker_index: int, workers: int, port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM in this process, then drain (in-flight requests, then the publisher)."""
@@ -116,6 +121,9 @@ def serve(config_path: str, workers: int | None = None, port: int | None = None)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     procs = {i: spawn(i) for i in range(count)}
+    started = dict.fromkeys(procs, time.monotonic())
+    delays: dict[int, float] = {}
+    restart_at: dict[int, float] = {}
     try:
         while not stopping:
             time.sleep(0.2)
@@ -126,10 +134,21 @@ def serve(config_path: str, workers: int | None = None, port: int | None = None)
                     if proc.is_alive() and proc.pid is not None:
                         os.kill(proc.pid, signal.SIGHUP)
             for index, proc in list(procs.items()):
-                if not proc.is_alive() and not stopping:
-                    log.warning("worker exited, restarting", extra={"worker": index, "exitcode": proc.exitcode})
+                if proc.is_alive() or stopping or time.monotonic() < restart_at.get(index, 0.0):
+                    continue
+                if index not in restart_at:  # first noticed: log once, then wait out the backoff
                     _mark_dead(proc)
-                    procs[index] = spawn(index)
+                    # A worker that dies young is likely to die again (bad plugin, port, disk):
+                    # back off exponentially instead of respawning in a tight loop.
+                    young = time.monotonic() - started[index] < RESTART_RESET_S
+                    delays[index] = min(RESTART_MAX_S, delays.get(index, 0.5) * 2) if young else 0.5
+                    restart_at[index] = time.monotonic() + delays[index]
+                    log.warning("worker exited, restarting", extra={"worker": index, "exitcode": proc.exitcode,
+                                                                     "in_s": delays[index]})
+                    continue
+                del restart_at[index]
+                procs[index] = spawn(index)
+                started[index] = time.monotonic()
     finally:
         for proc in procs.values():
             if proc.is_alive() and proc.pid is not None:
