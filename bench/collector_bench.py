@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from bench.kafka_fill import fill_topic
 from collectors.runtime import CollectorRuntime, tune_gc
 from collectors.settings import CollectorSettings
 from collectors.sinks.file import FileCollector
@@ -61,30 +62,6 @@ def make_values(n: int) -> list[bytes]:
         latency_ms=12.5, ttft_ms=3.2, status_code=200, choices=1, tags={"team": "search"})))
     prefix = uuid.uuid4().hex[:8]
     return [orjson.dumps(template | {"id": f"{prefix}-{i:08d}", "request_id": f"req-{i}"}) for i in range(n)]
-
-
-async def produce(bootstrap: str, topic: str, partitions: int, values: list[bytes]) -> float:
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1)
-    await producer.start()
-    started = time.monotonic()
-    try:
-        step = 5000
-        for offset in range(0, len(values), step):
-            futures = [await producer.send(topic, value, key=str(i % 64).encode())
-                       for i, value in enumerate(values[offset:offset + step], offset)]
-            await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
 
 
 async def consume_bare(bootstrap: str, topic: str, expected: int, out: Path, batch: int) -> Result:
@@ -173,7 +150,7 @@ async def main(args: argparse.Namespace) -> None:
         topic = topic_for("analytics", prefix)
         values = make_values(args.events)
         size = sum(len(v) for v in values) / len(values)
-        produce_s = await produce(bootstrap, topic, args.partitions, values)
+        produce_s = await fill_topic(bootstrap, topic, args.partitions, values)
         del values
         print(f"produced {args.events} events ({size:.0f} B avg) to {args.partitions} partitions "
               f"in {produce_s:.1f}s ({args.events / produce_s:,.0f}/s)")

@@ -20,7 +20,7 @@ launching the consumer (process start for faust) to its first event.
 
 Usage::
 
-    .venv/bin/python bench/faust_vs_aiokafka.py [--events 200000] [--partitions 4]
+    .venv/bin/python -m bench.faust_vs_aiokafka [--events 200000] [--partitions 4]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.kafka_fill import fill_topic
 from gateway_tap.devstack import ManagedProcess, NoidaServer, StartupError
 from schemas.events import Analytics
 
@@ -135,31 +136,6 @@ def sample_event_values(n: int) -> list[bytes]:
     return values
 
 
-async def produce(bootstrap: str, topic: str, partitions: int, values: list[bytes]) -> float:
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024,
-                                enable_idempotence=False, acks=1)
-    await producer.start()
-    started = time.monotonic()
-    try:
-        step = 5000
-        for offset in range(0, len(values), step):
-            futures = [await producer.send(topic, value, key=str(i % 64).encode())
-                       for i, value in enumerate(values[offset:offset + step], offset)]
-            await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
-
-
 async def consume_aiokafka(bootstrap: str, topic: str, expected: int) -> Result:
     """The collector runtime's loop without a sink: batch fetch, decode, commit per batch."""
     from aiokafka import AIOKafkaConsumer
@@ -246,7 +222,7 @@ def main() -> None:
             topic = "bench.analytics"
             values = sample_event_values(args.events)
             size = sum(map(len, values)) / len(values)
-            took = asyncio.run(produce(noida.bootstrap, topic, args.partitions, values))
+            took = asyncio.run(fill_topic(noida.bootstrap, topic, args.partitions, values))
             del values
             print(f"produced {args.events} events ({size:.0f} B avg) to {args.partitions} partitions "
                   f"in {took:.2f}s ({args.events / took:,.0f}/s)", flush=True)
