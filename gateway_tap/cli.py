@@ -43,13 +43,14 @@ def mock_llm(host: str, port: int, latency_ms: float, chunk_delay_ms: float, err
 @click.argument("key", required=False)
 def hash_key(key: str | None) -> None:
     """Print the sha256 hash to put in an app's ``key_hashes`` (generates a new key when none is given)."""
-    import hashlib
     import secrets
+
+    from gateway_tap.apps import hash_key as key_hash
 
     if key is None:
         key = "gt-" + secrets.token_urlsafe(32)
         click.echo(f"key:  {key}")
-    click.echo(f"sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+    click.echo(key_hash(key))
 
 
 @main.command("serve")

@@ -211,9 +211,9 @@ class HookContext:
     app_id: str | None = None
     user_id: str | None = None
     model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Scratch space of this plugin for this request: the same dict in each of its hooks (e.g. a cache key
-    computed in ``post_auth`` and used in ``on_response_chunk``)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """This plugin's state for this request: the same dict in each of its hooks (e.g. a cache key computed
+    in ``post_auth`` and used in ``on_response_chunk``); other plugins never see it."""
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -276,5 +276,3 @@ class ConfigSchemaProvider(Protocol):
         """A JSON Schema (draft 2020-12) for the plugin's ``config``."""
         ...
 
-
-HOOK_NAMES = ("pre_auth", "authenticate", "post_auth", "on_response_headers", "on_response_chunk")

@@ -61,7 +61,7 @@ class ChunkBreaker:
         return None
 
     async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
-        ctx.extra["n"] = ctx.extra.get("n", 0) + 1
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
         count = int(ctx.metadata.get("chunks", "0")) + 1
         ctx.metadata["chunks"] = str(count)
         if count == 3:

@@ -1,14 +1,16 @@
-"""Plugin loading and the hook chain (see :mod:`gateway_tap.hooks` for the SDK)."""
+"""Plugin loading and the hook engine (see :mod:`gateway_tap.hooks` for the SDK)."""
 
-from gateway_tap.plugins.chain import BoundHook, Chain, HookFailed, build_chains
+from gateway_tap.plugins.chain import Chain, HookFailed, PluginHook, Step, Stopped, build_chains
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, load_plugins, validate_plugin_configs
 
 __all__ = [
-    "BoundHook",
     "Chain",
     "HookFailed",
     "LoadedPlugin",
+    "PluginHook",
     "PluginLoadError",
+    "Step",
+    "Stopped",
     "build_chains",
     "load_plugins",
     "validate_plugin_configs",

@@ -1,8 +1,23 @@
-"""The hook chain: composed once per LLM at start-up, then only iterated on the hot path.
+"""The hook engine: one chain per LLM, composed once at start-up, and the one place its rules live.
 
-Every call goes through :class:`BoundHook`, which applies the plugin's timeout,
-measures latency per plugin and hook, and turns a failure into either "skip this
-hook" (``fail_open``) or :class:`HookFailed` (``fail_closed``).
+A chain is a tuple of :class:`Step` per stage. A step is either a plugin's hook
+(:class:`PluginHook`: the plugin's timeout, ``on_error`` and metrics applied around
+the call) or a built-in gateway step (budget enforcement) implementing the same
+:class:`Step` protocol. The rules, which the proxy and ``PluginHarness`` both get
+from the ``run_*`` functions below and never re-implement:
+
+- steps run in chain order (plugins by ``order``, then file order; built-in post-auth
+  steps before or after the plugins' as configured); a stop ends the stage at once;
+- a plugin hook that raises, times out or returns something its stage does not accept
+  is skipped when it is ``fail_open`` and raises :class:`HookFailed` when it is
+  ``fail_closed``;
+- ``None`` / :meth:`HookResult.proceed` continue; :meth:`HookResult.modify` sets the
+  headers, replaces the body and adds the metadata, then continues;
+  :meth:`HookResult.stop` raises :class:`Stopped`; :meth:`HookResult.respond` (request
+  stages) ends the stage with an answer that replaces the upstream call;
+- auth: the first :class:`Identity` wins, a stop rejects, ``None`` defers to the next
+  auth hook and finally to the caller's built-in key check;
+- a chunk hook returns the bytes to send (``b""`` drops the chunk).
 """
 
 from __future__ import annotations
@@ -14,38 +29,66 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
 from gateway_tap.hooks import (
     AuthHook,
     HookContext,
+    HookResult,
+    Identity,
     PluginServices,
     PostAuthHook,
     PreAuthHook,
     ResponseHook,
+    TapRequest,
+    TapResponse,
 )
 from gateway_tap.plugins.loader import LoadedPlugin
-from gateway_tap.proxy.metrics import TapMetrics
 
 log = logging.getLogger(__name__)
 
 SKIPPED: Any = object()
-"""Returned by :meth:`BoundHook.call` when a fail-open hook failed: act as if it had not run."""
+"""Returned by :meth:`PluginHook.run` when a fail-open hook failed: act as if it had not run."""
+
+# 100 µs resolves a hook and the tap's own overhead; 120 s covers long (streamed) LLM calls. The tap's request
+# histograms use the same buckets, so hook latency and request latency read on one scale.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0)
 
 
-class RequestInfo(Protocol):
-    """What the chain needs to know about the request in flight."""
+class HookMetrics:
+    """``gateway_tap_hook_*``: latency and failures per plugin and hook (built-in steps included)."""
 
-    request_id: str
-    llm_id: str
-    vendor: str
-    app_id: str | None
-    user_id: str | None
-    model: str | None
-    metadata: dict[str, str]
-    plugin_state: dict[str, dict[str, Any]]
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.seconds = Histogram("gateway_tap_hook_duration_seconds", "Latency of each plugin hook.",
+                                 ["plugin", "hook"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.errors = Counter("gateway_tap_hook_errors", "Hook exceptions and timeouts.",
+                              ["plugin", "hook", "kind"], registry=registry)
+
+
+class RequestScope:
+    """What the chain knows about one request in flight; every hook context is built from it.
+
+    The tap's per-request ``Exchange`` extends it; ``PluginHarness`` uses it as it is.
+    ``metadata`` is shared by every hook of the request (it ends up in the events);
+    ``plugin_states`` holds each plugin's own per-request ``ctx.state``.
+    """
+
+    __slots__ = ("app_id", "llm_id", "metadata", "model", "plugin_states", "request_id", "user_id", "vendor")
+
+    def __init__(self, request_id: str, llm_id: str, vendor: str = "unknown") -> None:
+        self.request_id = request_id
+        self.llm_id = llm_id
+        self.vendor = vendor
+        self.app_id: str | None = None
+        self.user_id: str | None = None
+        self.model: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.plugin_states: dict[str, dict[str, Any]] = {}
 
 
 class HookFailed(Exception):
-    """A fail-closed hook raised or timed out."""
+    """A fail-closed hook raised, timed out or returned something its stage does not accept."""
 
     def __init__(self, plugin: str, hook: str, reason: str, timed_out: bool) -> None:
         super().__init__(f"{plugin}.{hook}: {reason}")
@@ -55,100 +98,233 @@ class HookFailed(Exception):
         self.timed_out = timed_out
 
 
-class BoundHook:
+class Stopped(Exception):
+    """A hook ended the request with :meth:`HookResult.stop`; ``plugin`` names it (``blocked_by``)."""
+
+    def __init__(self, result: HookResult, plugin: str) -> None:
+        super().__init__(f"stopped by {plugin}: {result.status} {result.message}")
+        self.result = result
+        self.plugin = plugin
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A step answered the request itself (:meth:`HookResult.respond`) instead of the upstream."""
+
+    result: HookResult
+    plugin: str
+
+
+class Step(Protocol):
+    """One link of a chain: a plugin's hook or a built-in gateway step.
+
+    ``run`` gets the stage's argument (the request, the response, or a body chunk) and the
+    request's scope, and returns what a hook of that stage returns (or :data:`SKIPPED`).
+    A built-in step may raise its own error to answer the request.
+    """
+
+    @property
+    def name(self) -> str:
+        """The plugin (or built-in step) name: ``blocked_by`` and the metric label."""
+        ...
+
+    async def run(self, arg: Any, scope: RequestScope) -> Any: ...
+
+
+_ACCEPTS: dict[str, tuple[type, ...]] = {
+    "pre_auth": (HookResult, type(None)),
+    "authenticate": (Identity, HookResult, type(None)),
+    "post_auth": (HookResult, type(None)),
+    "on_response_headers": (HookResult, type(None)),
+    "on_response_chunk": (bytes, bytearray),
+}
+"""What each hook may return; anything else is the plugin's failure, handled by its ``on_error``."""
+
+
+class PluginHook:
     """One plugin's hook with its policy and metric children resolved up front."""
 
-    __slots__ = ("_errors", "_latency", "config", "fail_open", "fn", "hook", "plugin", "services", "timeout_s")
+    __slots__ = ("_accepts", "_errors", "_latency", "config", "fail_open", "fn", "hook", "name", "services",
+                 "timeout_s")
 
     def __init__(self, plugin: str, hook: str, fn: Callable[..., Awaitable[Any]], *, config: Mapping[str, Any],
-                 services: PluginServices, timeout_s: float, fail_open: bool, metrics: TapMetrics) -> None:
-        self.plugin = plugin
+                 services: PluginServices, timeout_s: float, fail_open: bool, metrics: HookMetrics) -> None:
+        self.name = plugin
         self.hook = hook
         self.fn = fn
         self.config = config
         self.services = services
         self.timeout_s = timeout_s
         self.fail_open = fail_open
-        self._latency = metrics.hook_seconds.labels(plugin, hook)
-        self._errors = {kind: metrics.hook_errors.labels(plugin, hook, kind) for kind in ("exception", "timeout")}
+        self._accepts = _ACCEPTS[hook]
+        self._latency = metrics.seconds.labels(plugin, hook)
+        self._errors = {kind: metrics.errors.labels(plugin, hook, kind) for kind in ("exception", "timeout")}
 
-    def context(self, info: RequestInfo) -> HookContext:
-        state = info.plugin_state.get(self.plugin)
+    def context(self, scope: RequestScope) -> HookContext:
+        state = scope.plugin_states.get(self.name)
         if state is None:
-            state = info.plugin_state[self.plugin] = {}
-        return HookContext(info.request_id, info.llm_id, info.vendor, self.plugin, self.config, self.services,
-                           info.metadata, info.app_id, info.user_id, info.model, state)
+            state = scope.plugin_states[self.name] = {}
+        return HookContext(scope.request_id, scope.llm_id, scope.vendor, self.name, self.config, self.services,
+                           scope.metadata, scope.app_id, scope.user_id, scope.model, state)
 
-    async def call(self, arg: Any, info: RequestInfo) -> Any:
-        """Run the hook on ``arg``; :data:`SKIPPED` when a fail-open hook failed.
+    async def run(self, arg: Any, scope: RequestScope) -> Any:
+        """The hook's result on ``arg``; :data:`SKIPPED` when a fail-open hook failed.
 
-        :raises HookFailed: a fail-closed hook raised or exceeded its timeout.
+        :raises HookFailed: a fail-closed hook raised, exceeded its timeout or returned a wrong type.
         """
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self.fn(arg, self.context(info))
+                result = await self.fn(arg, self.context(scope))
         except TimeoutError:
-            return self._failed(info, "timeout", f"timed out after {self.timeout_s * 1000:.0f} ms")
+            return self._failed(scope, "timeout", f"timed out after {self.timeout_s * 1000:.0f} ms")
         except Exception as exc:
-            return self._failed(info, "exception", repr(exc))
+            return self._failed(scope, "exception", repr(exc))
         finally:
             self._latency.observe(time.perf_counter() - start)
+        if not isinstance(result, self._accepts):
+            expected = " or ".join("None" if t is type(None) else t.__name__ for t in self._accepts)
+            return self._failed(scope, "exception", f"returned {type(result).__name__}, expected {expected}")
+        return result
 
-    def _failed(self, info: RequestInfo, kind: str, reason: str) -> Any:
+    def _failed(self, scope: RequestScope, kind: str, reason: str) -> Any:
         self._errors[kind].inc()
-        log.warning("hook failed", extra={"plugin": self.plugin, "hook": self.hook, "request_id": info.request_id,
+        log.warning("hook failed", extra={"plugin": self.name, "hook": self.hook, "request_id": scope.request_id,
                                           "reason": reason, "on_error": "fail_open" if self.fail_open else
                                           "fail_closed"})
         if self.fail_open:
             return SKIPPED
-        raise HookFailed(self.plugin, self.hook, reason, kind == "timeout")
+        raise HookFailed(self.name, self.hook, reason, kind == "timeout")
 
+
+# -- running a chain: the rules, once ------------------------------------------------------------------------
+
+async def run_request_hooks(steps: Sequence[Step], request: TapRequest, scope: RequestScope) -> Answered | None:
+    """Pre-auth or post-auth: run ``steps`` on ``request`` in order, applying what each decided.
+
+    :returns: the answer of a step that responded itself (the stage ends there), else None.
+    :raises Stopped: a step stopped the request.
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run(request, scope)
+        if result is None or result is SKIPPED:
+            continue
+        if result.action == "stop":
+            raise Stopped(result, step.name)
+        if result.action == "respond":
+            return Answered(result, step.name)
+        if result.headers:
+            request.headers.update(result.headers)
+        if result.body is not None:
+            request.body = result.body
+        if result.metadata:
+            scope.metadata.update(result.metadata)
+    return None
+
+
+async def run_auth_hooks(steps: Sequence[Step], request: TapRequest, scope: RequestScope) -> Identity | None:
+    """The first :class:`Identity` an auth hook returns (set on ``scope``), or None: every hook deferred and the
+    caller's built-in key check decides.
+
+    :raises Stopped: an auth hook rejected the request.
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run(request, scope)
+        if isinstance(result, Identity):
+            scope.app_id, scope.user_id = result.app_id, result.user_id
+            return result
+        if isinstance(result, HookResult) and result.action == "stop":
+            raise Stopped(result, step.name)
+    return None
+
+
+async def run_response_header_hooks(steps: Sequence[Step], response: TapResponse, scope: RequestScope) -> None:
+    """Response headers, before anything is sent: status and headers may change in place or by ``modify``.
+
+    :raises Stopped: a hook replaces the response with its stop result.
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run(response, scope)
+        if result is None or result is SKIPPED:
+            continue
+        if result.action == "stop":
+            raise Stopped(result, step.name)
+        if result.headers:
+            response.headers.update(result.headers)
+        if result.metadata:
+            scope.metadata.update(result.metadata)
+
+
+async def run_chunk_hooks(steps: Sequence[Step], chunk: bytes, scope: RequestScope) -> bytes:
+    """The bytes to write instead of ``chunk`` (``b""``: nothing) after every chunk hook ran on it.
+
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run(chunk, scope)
+        if result is not SKIPPED:
+            chunk = result
+    return chunk
+
+
+def parse_request_json(request: TapRequest, scope: RequestScope) -> Any:
+    """The JSON body of a POST that declares JSON (else None), setting ``scope.model`` from its ``model``.
+
+    :raises orjson.JSONDecodeError: the body is not JSON.
+    """
+    if not request.body or request.method != "POST" or "json" not in request.headers.get("content-type", "json"):
+        return None
+    parsed = request.json()
+    if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+        scope.model = parsed["model"]
+    return parsed
+
+
+# -- composing chains -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Chain:
-    """The hooks of one LLM, in run order."""
+    """The steps of one LLM, per stage, in run order."""
 
-    pre_auth: tuple[BoundHook, ...] = ()
-    auth: tuple[BoundHook, ...] = ()
-    post_auth: tuple[BoundHook, ...] = ()
-    response_headers: tuple[BoundHook, ...] = ()
-    response_chunk: tuple[BoundHook, ...] = ()
+    pre_auth: tuple[Step, ...] = ()
+    auth: tuple[Step, ...] = ()
+    post_auth: tuple[Step, ...] = ()
+    response_headers: tuple[Step, ...] = ()
+    response_chunk: tuple[Step, ...] = ()
 
 
 def _attached(plugin: LoadedPlugin, llm_id: str) -> bool:
     return "*" in plugin.settings.llms or llm_id in plugin.settings.llms
 
 
-def _bind(plugin: LoadedPlugin, hook: str, fn: Callable[..., Awaitable[Any]], metrics: TapMetrics) -> BoundHook:
+def _bind(plugin: LoadedPlugin, hook: str, metrics: HookMetrics) -> PluginHook:
     s = plugin.settings
-    return BoundHook(s.name, hook, fn, config=s.config, services=plugin.services, timeout_s=s.timeout_ms / 1000,
-                     fail_open=s.on_error == "fail_open", metrics=metrics)
+    return PluginHook(s.name, hook, getattr(plugin.instance, hook), config=s.config, services=plugin.services,
+                      timeout_s=s.timeout_ms / 1000, fail_open=s.on_error == "fail_open", metrics=metrics)
 
 
-def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metrics: TapMetrics, *,
-                 builtin_post_auth: Sequence[BoundHook] = (),
-                 builtin_post_auth_after: Sequence[BoundHook] = ()) -> dict[str, Chain]:
+def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metrics: HookMetrics, *,
+                 post_auth_before: Sequence[Step] = (), post_auth_after: Sequence[Step] = ()) -> dict[str, Chain]:
     """One frozen :class:`Chain` per LLM id. ``plugins`` are already in run order.
 
-    ``builtin_post_auth`` are the gateway's own post-auth steps (budget enforcement):
-    they run before any plugin's post-auth hook, on every LLM; ``builtin_post_auth_after``
-    run after them (``budget_enforcement.position: after_plugins``).
+    ``post_auth_before`` / ``post_auth_after`` are the gateway's own post-auth steps (budget
+    enforcement, ``budget_enforcement.position``): they run on every LLM, before or after the
+    plugins' post-auth hooks.
     """
     chains = {}
     for llm_id in llm_ids:
         attached = [p for p in plugins if _attached(p, llm_id)]
+        responders = [p for p in attached if isinstance(p.instance, ResponseHook)]
         chains[llm_id] = Chain(
-            pre_auth=tuple(_bind(p, "pre_auth", p.instance.pre_auth, metrics)
-                           for p in attached if isinstance(p.instance, PreAuthHook)),
-            auth=tuple(_bind(p, "authenticate", p.instance.authenticate, metrics)
-                       for p in attached if isinstance(p.instance, AuthHook)),
-            post_auth=(*builtin_post_auth, *(_bind(p, "post_auth", p.instance.post_auth, metrics)
-                                             for p in attached if isinstance(p.instance, PostAuthHook)),
-                       *builtin_post_auth_after),
-            response_headers=tuple(_bind(p, "on_response_headers", p.instance.on_response_headers, metrics)
-                                   for p in attached if isinstance(p.instance, ResponseHook)),
-            response_chunk=tuple(_bind(p, "on_response_chunk", p.instance.on_response_chunk, metrics)
-                                 for p in attached if isinstance(p.instance, ResponseHook)),
+            pre_auth=tuple(_bind(p, "pre_auth", metrics) for p in attached if isinstance(p.instance, PreAuthHook)),
+            auth=tuple(_bind(p, "authenticate", metrics) for p in attached if isinstance(p.instance, AuthHook)),
+            post_auth=(*post_auth_before,
+                       *(_bind(p, "post_auth", metrics) for p in attached if isinstance(p.instance, PostAuthHook)),
+                       *post_auth_after),
+            response_headers=tuple(_bind(p, "on_response_headers", metrics) for p in responders),
+            response_chunk=tuple(_bind(p, "on_response_chunk", metrics) for p in responders),
         )
     return chains

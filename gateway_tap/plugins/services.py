@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from schemas import ControlMessage, control_headers, control_topic, encode_control
 
 if TYPE_CHECKING:
+    from gateway_tap.apps import AppIndex
     from gateway_tap.config import AppConfig
-    from gateway_tap.proxy.auth import AppIndex
     from gateway_tap.publisher import EventPublisher
 
 BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]

@@ -11,47 +11,44 @@ async with PluginHarness("my_pkg.plugin:MyPlugin", {"header": "x-mine"}) as h:
 The plugin is loaded exactly as the tap loads it (:func:`load_plugins`: ``use`` is
 ``module:Class`` or an entry point name of group ``gateway_tap.plugins``, the config is
 validated against the plugin's schema, ``initialize`` is awaited, ``close`` on exit) and
-its hooks run through the same :class:`~gateway_tap.plugins.chain.BoundHook` (timeout,
-``on_error``) in the tap's order: pre-auth, auth, post-auth, then response headers and
-each body chunk. What the tap does after a hook (apply ``HookResult.modify`` headers,
-body and metadata; end the request on ``HookResult.stop``) is applied here too.
-A fail-closed hook that raises or times out raises :class:`HookFailed` in the test.
+its hooks run through the tap's own hook engine (:mod:`gateway_tap.plugins.chain`: the
+same timeout, ``on_error``, order and interpretation of every ``HookResult``): pre-auth,
+auth, post-auth, then response headers and each body chunk. Where the tap would answer
+with an error, the outcome records it instead (``stopped`` / ``stopped_by``); a
+fail-closed hook that raises or times out raises :class:`HookFailed` in the test.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import orjson
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
+from gateway_tap.apps import AppIndex
 from gateway_tap.config import AppConfig, PluginConfig
-from gateway_tap.hooks import HookResult, Identity, TapRequest, TapResponse
-from gateway_tap.plugins.chain import SKIPPED, BoundHook, Chain, build_chains
+from gateway_tap.hooks import HookResult, TapRequest, TapResponse
+from gateway_tap.plugins.chain import (
+    Chain,
+    HookMetrics,
+    RequestScope,
+    Stopped,
+    build_chains,
+    parse_request_json,
+    run_auth_hooks,
+    run_chunk_hooks,
+    run_request_hooks,
+    run_response_header_hooks,
+)
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import Gateway
-from gateway_tap.proxy.auth import AppIndex
-from gateway_tap.proxy.metrics import TapMetrics
 from schemas import ControlMessage, encode_control
 
 _ids = itertools.count(1)
-
-
-@dataclass
-class RequestInfo:
-    """What the hook context is built from (the tap keeps the same on its per-request exchange)."""
-
-    request_id: str
-    llm_id: str
-    vendor: str
-    app_id: str | None = None
-    user_id: str | None = None
-    model: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    plugin_state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,13 +57,14 @@ class RequestOutcome:
 
     :ivar request: the request as it would be forwarded upstream (headers and body after the hooks).
     :ivar stopped: the ``HookResult.stop`` that ended the request, if any; :attr:`stopped_by` names the plugin.
-    :ivar info: request id, app, user, model and the shared metadata; pass the outcome to :meth:`response`.
+    :ivar scope: request id, app, user, model, the shared metadata and each plugin's ``ctx.state``; pass the
+        outcome to :meth:`response`.
     :ivar served: the ``HookResult.respond`` of a hook that answered instead of the upstream (the tap would
         run the response hooks on it: ``await h.response(sent, status=served.status, body=served.body)``).
     """
 
     request: TapRequest
-    info: RequestInfo
+    scope: RequestScope
     stopped: HookResult | None = None
     stopped_by: str | None = None
     served: HookResult | None = None
@@ -74,7 +72,7 @@ class RequestOutcome:
     @property
     def metadata(self) -> dict[str, str]:
         """Tags the hooks added; the tap puts them in ``proxy_log.metadata`` and ``analytics.tags``."""
-        return self.info.metadata
+        return self.scope.metadata
 
 
 @dataclass
@@ -113,7 +111,8 @@ class PluginHarness:
                                                      "on_error": on_error, "config": dict(config or {})})
         self.llm_id = llm_id
         self.vendor = vendor
-        self.metrics = TapMetrics()
+        self.registry = CollectorRegistry()
+        """The hook metrics (``gateway_tap_hook_*``) of the harness's own requests."""
         self.gateway = Gateway(AppIndex(apps))
         self.control_messages: list[ControlMessage] = []
         """What the plugin sent with ``services.send_to_control`` (envelope filled in, gateway id ``harness``)."""
@@ -133,7 +132,7 @@ class PluginHarness:
 
     async def __aenter__(self) -> Self:
         self._loaded = await load_plugins([self.settings], self.gateway, control=self._control)
-        self.chain = build_chains(self._loaded, [self.llm_id], self.metrics)[self.llm_id]
+        self.chain = build_chains(self._loaded, [self.llm_id], HookMetrics(self.registry))[self.llm_id]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -153,46 +152,22 @@ class PluginHarness:
             body = orjson.dumps(json)
             hdrs.setdefault("content-type", "application/json")
         req = TapRequest(method, path, query_string, hdrs, body, client_address)
-        info = RequestInfo(f"req_test_{next(_ids)}", self.llm_id, self.vendor)
-        out = RequestOutcome(req, info)
-        if await self._request_hooks(self.chain.pre_auth, out):
+        out = RequestOutcome(req, self._scope())
+        try:
+            answered = await run_request_hooks(self.chain.pre_auth, req, out.scope)
+            if answered is None:
+                if await run_auth_hooks(self.chain.auth, req, out.scope) is None:
+                    out.scope.app_id, out.scope.user_id = app_id, user_id
+                parse_request_json(req, out.scope)
+                answered = await run_request_hooks(self.chain.post_auth, req, out.scope)
+        except Stopped as stop:
+            out.stopped, out.stopped_by = stop.result, stop.plugin
             return out
-        for hook in self.chain.auth:
-            result = await hook.call(req, info)
-            if isinstance(result, Identity):
-                info.app_id, info.user_id = result.app_id, result.user_id
-                break
-            if isinstance(result, HookResult) and result.action == "stop":
-                out.stopped, out.stopped_by = result, hook.plugin
-                return out
-        else:
-            info.app_id, info.user_id = app_id, user_id
-        if req.body and method == "POST" and "json" in req.headers.get("content-type", "json"):
-            parsed = req.json()
-            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
-                info.model = parsed["model"]
-        await self._request_hooks(self.chain.post_auth, out)
+        out.served = answered.result if answered is not None else None
         return out
 
-    async def _request_hooks(self, hooks: Sequence[BoundHook], out: RequestOutcome) -> bool:
-        """Run ``hooks`` as the tap does; True when one stopped the request."""
-        for hook in hooks:
-            result = await hook.call(out.request, out.info)
-            if result is None or result is SKIPPED:
-                continue
-            if result.action == "stop":
-                out.stopped, out.stopped_by = result, hook.plugin
-                return True
-            if result.action == "respond":
-                out.served = result
-                return True
-            if result.headers:
-                out.request.headers.update(result.headers)
-            if result.body is not None:
-                out.request.body = result.body
-            if result.metadata:
-                out.info.metadata.update(result.metadata)
-        return False
+    def _scope(self) -> RequestScope:
+        return RequestScope(f"req_test_{next(_ids)}", self.llm_id, self.vendor)
 
     async def response(self, after: RequestOutcome | None = None, *, status: int = 200,
                        headers: Mapping[str, str] | None = None, body: bytes | None = None,
@@ -203,29 +178,21 @@ class PluginHarness:
         (``streamed`` is true, as for ``text/event-stream``). ``after`` is the request it answers
         (its metadata and ids are shared); a fresh request context is used without it.
         """
-        info = after.info if after is not None else RequestInfo(f"req_test_{next(_ids)}", self.llm_id, self.vendor)
+        scope = after.scope if after is not None else self._scope()
         hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
         streamed = chunks is not None
         if streamed and "content-type" not in hdrs:
             hdrs["content-type"] = "text/event-stream"
         resp = TapResponse(status, hdrs, streamed)
-        for hook in self.chain.response_headers:
-            result = await hook.call(resp, info)
-            if result is None or result is SKIPPED:
-                continue
-            if result.action == "stop":
-                return ResponseOutcome(result.status, CIMultiDict(result.headers or {}), [result.body or b""],
-                                       result, hook.plugin)
-            if result.headers:
-                resp.headers.update(result.headers)
-            if result.metadata:
-                info.metadata.update(result.metadata)
+        try:
+            await run_response_header_hooks(self.chain.response_headers, resp, scope)
+        except Stopped as stop:
+            result = stop.result
+            return ResponseOutcome(result.status, CIMultiDict(result.headers or {}), [result.body or b""], result,
+                                   stop.plugin)
         sent: list[bytes] = []
         for chunk in (chunks if chunks is not None else [body or b""]):
-            for hook in self.chain.response_chunk:
-                changed = await hook.call(chunk, info)
-                if changed is not SKIPPED:
-                    chunk = changed
+            chunk = await run_chunk_hooks(self.chain.response_chunk, chunk, scope)
             if chunk or not streamed:
                 sent.append(chunk)
         return ResponseOutcome(resp.status, resp.headers, sent)

@@ -17,16 +17,16 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway_tap.apps import AppIndex, presented_key
 from gateway_tap.budgets.periods import Clock
 from gateway_tap.config import GatewayConfig, PluginConfig
 from gateway_tap.hooks import HookContext
-from gateway_tap.plugins.chain import BoundHook, build_chains
+from gateway_tap.plugins.chain import build_chains
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import BudgetStatusFn, ControlChannel, Gateway
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
-from gateway_tap.proxy.auth import AppIndex, presented_key
-from gateway_tap.proxy.budget import BudgetGate, budget_services, unenforced_report
+from gateway_tap.proxy.budget import BudgetGate, unenforced_report
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
@@ -214,7 +214,7 @@ def _json(data: Any, status: int) -> web.Response:
 
 async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher: EventPublisher | None = None,
                      metrics: TapMetrics | None = None, budget_status: BudgetStatusFn | None = None,
-                     builtin_post_auth: Sequence[BoundHook] = (), budget_clock: Clock | None = None,
+                     budget_clock: Clock | None = None,
                      config_path: str | Path | None = None) -> TapApp:
     """Load plugins, compose the chains and wire everything for one worker.
 
@@ -253,13 +253,13 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
         if budget is not None:
             await budget.stop()
         raise
-    steps = (budget.step(metrics, budget_services(gateway)),) if budget is not None else ()
+    steps = (budget.step(metrics.hooks),) if budget is not None else ()
 
     def compose(cfg: GatewayConfig, loaded: Sequence[LoadedPlugin]) -> dict[str, Upstream]:
         after = cfg.budget_enforcement.position == "after_plugins"
-        chains = build_chains(loaded, [llm.id for llm in cfg.llms], metrics,
-                              builtin_post_auth=(*builtin_post_auth, *(() if after else steps)),
-                              builtin_post_auth_after=steps if after else ())
+        chains = build_chains(loaded, [llm.id for llm in cfg.llms], metrics.hooks,
+                              post_auth_before=() if after else steps,
+                              post_auth_after=steps if after else ())
         return {llm.id: Upstream.build(llm, chains[llm.id]) for llm in cfg.llms}
 
     upstreams = compose(config, plugins)

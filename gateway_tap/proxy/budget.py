@@ -32,13 +32,11 @@ from gateway_tap.budgets.periods import Clock, period_start, utc_clock
 from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, Period
 from gateway_tap.budgets.store import BudgetStore, open_store
 from gateway_tap.config import GatewayConfig, ModelPrice
-from gateway_tap.hooks import PluginServices, TapRequest
-from gateway_tap.plugins.chain import BoundHook, RequestInfo
-from gateway_tap.plugins.services import MemoryKV
+from gateway_tap.hooks import TapRequest
+from gateway_tap.plugins.chain import HookMetrics, RequestScope
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.accounting import Usage, cost_of, estimate_prompt_tokens, price_for
 from gateway_tap.proxy.exchange import Exchange
-from gateway_tap.proxy.metrics import TapMetrics
 from schemas import BudgetUsage, Event
 
 log = logging.getLogger(__name__)
@@ -122,9 +120,9 @@ class BudgetGate:
         self.settings = settings
         self.enforcer.reconfigure(budgets, settings)
 
-    def step(self, metrics: TapMetrics, services: PluginServices) -> BudgetStep:
+    def step(self, metrics: HookMetrics) -> BudgetStep:
         """The post-auth step to put into every LLM's chain."""
-        return BudgetStep(self, metrics, services)
+        return BudgetStep(self, metrics)
 
     def admit(self, req: TapRequest, ex: Exchange) -> None:
         """Admit the request (reservation on ``ex.budget``) or raise the 429/503 :class:`TapError`."""
@@ -194,32 +192,23 @@ def _refusal(decision: Decision, now: datetime) -> errors.TapError:
                                   retry_after)
 
 
-class BudgetStep(BoundHook):
-    """The built-in post-auth step. Unlike a plugin hook it works on the :class:`Exchange` itself
-    (the reservation rides on it) and raises the tap's own error instead of returning a stop result."""
+class BudgetStep:
+    """The built-in post-auth step (a :class:`~gateway_tap.plugins.chain.Step`, not a plugin): it works on the
+    :class:`Exchange` itself (the reservation rides on it) and answers with the tap's own 429/503 error."""
 
-    __slots__ = ("gate",)
+    __slots__ = ("_latency", "gate")
 
-    def __init__(self, gate: BudgetGate, metrics: TapMetrics, services: PluginServices) -> None:
-        super().__init__("budget", "post_auth", _not_called, config={}, services=services,
-                         timeout_s=0.0, fail_open=False, metrics=metrics)
+    name = "budget"
+
+    def __init__(self, gate: BudgetGate, metrics: HookMetrics) -> None:
         self.gate = gate
+        self._latency = metrics.seconds.labels(self.name, "post_auth")
 
-    async def call(self, arg: Any, info: RequestInfo) -> None:
+    async def run(self, arg: Any, scope: RequestScope) -> None:
         """:raises gateway_tap.proxy.errors.TapError: the budget refuses the request."""
-        assert isinstance(info, Exchange) and isinstance(arg, TapRequest)
+        assert isinstance(scope, Exchange) and isinstance(arg, TapRequest)
         start = time.perf_counter()
         try:
-            self.gate.admit(arg, info)
+            self.gate.admit(arg, scope)
         finally:
             self._latency.observe(time.perf_counter() - start)
-
-
-async def _not_called(arg: Any, ctx: Any) -> None:  # BudgetStep overrides call()
-    raise AssertionError("BudgetStep.call is the entry point")
-
-
-def budget_services(gateway: Any) -> PluginServices:
-    """The services object a :class:`BudgetStep` is bound with (it uses none of them)."""
-    return PluginServices(MemoryKV({}, "budget"), log, gateway)
-

@@ -78,6 +78,12 @@ def plugin_failed(plugin: str, hook: str, reason: str) -> TapError:
     return TapError(500, "plugin_error", "plugin_failed", f"plugin {plugin!r} failed in {hook}: {reason}")
 
 
+def internal_error() -> TapError:
+    """Something failed that the tap did not anticipate (a bug): the details are in its log, by request id."""
+    return TapError(500, "internal_error", "internal_error",
+                    "the gateway failed to handle this request; its log has the details under this request id")
+
+
 def budget_exceeded(message: str, retry_after: int) -> TapError:
     """Over a hard budget: what OpenAI clients know as running out of quota."""
     return TapError(429, "insufficient_quota", "budget_exceeded", message, headers={"Retry-After": str(retry_after)})

@@ -7,10 +7,13 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
+from gateway_tap.plugins.chain import RequestScope
 from gateway_tap.proxy.accounting import Usage
 from schemas import Analytics, BudgetUsage, ErrorInfo, Event, Latency, ProxyLog, utc_now
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from gateway_tap.budgets.enforcer import Reservation
     from gateway_tap.budgets.settings import Period
     from gateway_tap.proxy.errors import TapError
@@ -65,11 +68,10 @@ def month_start(now: datetime) -> date:
     return date(now.year, now.month, 1)
 
 
-class Exchange:
-    """Everything recorded about one request, filled in as it progresses."""
+class Exchange(RequestScope):
+    """Everything recorded about one request, filled in as it progresses (the hook chain's scope plus the rest)."""
 
     __slots__ = (
-        "app_id",
         "blocked_by",
         "budget",
         "budget_period",
@@ -81,18 +83,13 @@ class Exchange:
         "error",
         "finished",
         "first_chunk",
-        "llm_id",
-        "metadata",
         "method",
-        "model",
         "path",
-        "plugin_state",
-        "price_models",
         "request_body",
         "request_bytes",
         "request_headers",
-        "request_id",
         "requested_model",
+        "response",
         "response_body",
         "response_bytes",
         "response_headers",
@@ -105,22 +102,14 @@ class Exchange:
         "upstream_start",
         "usage",
         "user_agent",
-        "user_id",
-        "vendor",
     )
 
     def __init__(self, request_id: str, method: str, path: str, llm_id: str, started: float) -> None:
-        self.request_id = request_id
+        super().__init__(request_id, llm_id)
         self.method = method
         self.path = path
-        self.llm_id = llm_id
-        self.vendor = "unknown"
         self.started = started
-        self.app_id: str | None = None
-        self.user_id: str | None = None
-        self.model: str | None = None
         self.requested_model: str | None = None
-        self.metadata: dict[str, str] = {}
         self.status = 0
         self.streamed = False
         self.error: TapError | None = None
@@ -129,6 +118,7 @@ class Exchange:
         self.response_bytes = 0
         self.request_headers: Mapping[str, str] = {}
         self.response_headers: Mapping[str, str] = {}
+        self.response: web.StreamResponse | None = None  # once created: tells whether the status line went out
         self.request_body: bytes = b""
         self.response_body: bytes = b""
         self.client_address: str | None = None
@@ -139,12 +129,10 @@ class Exchange:
         self.upstream_end: float | None = None
         self.finished = started
         self.usage: Usage | None = None
-        self.price_models: tuple[str | None, ...] = ()
         self.cost = 0.0
         self.currency = "USD"
         self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
-        self.plugin_state: dict[str, dict[str, Any]] = {}
         self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
         self.cache_hit = False
         self.charge = True  # False: a plugin's answer that costs nothing (no cost, no budget usage)

@@ -23,8 +23,19 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway_tap.hooks import HookResult, Identity, TapRequest, TapResponse
-from gateway_tap.plugins.chain import SKIPPED, BoundHook, HookFailed
+from gateway_tap.apps import AppIndex, presented_key
+from gateway_tap.hooks import TapRequest, TapResponse
+from gateway_tap.plugins.chain import (
+    Answered,
+    HookFailed,
+    Step,
+    Stopped,
+    parse_request_json,
+    run_auth_hooks,
+    run_chunk_hooks,
+    run_request_hooks,
+    run_response_header_hooks,
+)
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.accounting import (
     StreamAccounting,
@@ -35,7 +46,6 @@ from gateway_tap.proxy.accounting import (
     price_for,
     usage_from_body,
 )
-from gateway_tap.proxy.auth import AppIndex, presented_key
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.snapshot import Snapshot
@@ -50,7 +60,8 @@ def new_request_id() -> str:
     return "req_" + uuid_utils.uuid7().hex
 
 
-def _stop_error(result: HookResult, plugin: str) -> TapError:
+def _stop_error(stop: Stopped) -> TapError:
+    result, plugin = stop.result, stop.plugin
     kind = "permission_error" if result.status == 403 else "plugin_error" if result.status >= 500 else \
         "invalid_request_error"
     return TapError(result.status, kind, result.code or "blocked_by_plugin",
@@ -93,15 +104,24 @@ class ProxyHandler:
         try:
             resp = await self._proxy(request, ex, snap)
         except TapError as err:
-            ex.fail(err)
-            resp = errors.error_response(err, ex.request_id)
-            ex.response_headers = resp.headers
-            with contextlib.suppress(*_CLIENT_GONE):
-                await resp.prepare(request)
-                await resp.write_eof()
-            ex.response_bytes = len(resp.body) if isinstance(resp.body, bytes) else 0
+            resp = await self._send_error(request, ex, err)
+        except Stopped as stop:
+            resp = await self._send_error(request, ex, _stop_error(stop))
+        except HookFailed as exc:
+            resp = await self._send_error(request, ex, _hook_error(exc))
+        except Exception:
+            # A bug of ours, or a failure nobody anticipated: still one recorded exchange, and a JSON 500 with the
+            # request id unless the status line is already out (then the stream just ends).
+            log.exception("request %s failed unexpectedly", ex.request_id)
+            if ex.response is not None and ex.response.prepared:
+                ex.error = errors.internal_error()
+                resp = ex.response
+                with contextlib.suppress(Exception):
+                    await resp.write_eof()
+            else:
+                resp = await self._send_error(request, ex, errors.internal_error())
         except BaseException:
-            if ex.budget is not None:  # a bug or a cancelled handler must not leak the budget reservation
+            if ex.budget is not None:  # a cancelled handler must not leak the budget reservation
                 ex.budget.release()
             raise
         ex.finished = time.perf_counter()
@@ -114,41 +134,20 @@ class ProxyHandler:
                 ex.budget.release()
         return resp
 
-    async def _run_request_hooks(self, hooks: tuple[BoundHook, ...], req: TapRequest,
-                                 ex: Exchange) -> HookResult | None:
-        """Run request hooks in order; the ``respond`` result of a hook that answered itself, else None."""
-        for hook in hooks:
-            try:
-                result = await hook.call(req, ex)
-            except HookFailed as exc:
-                raise _hook_error(exc) from None
-            if result is None or result is SKIPPED:
-                continue
-            if result.action == "stop":
-                raise _stop_error(result, hook.plugin)
-            if result.action == "respond":
-                ex.served_by = hook.plugin
-                return result  # type: ignore[no-any-return]
-            if result.headers:
-                req.headers.update(result.headers)
-            if result.body is not None:
-                req.body = result.body
-            if result.metadata:
-                ex.metadata.update(result.metadata)
-        return None
+    @staticmethod
+    async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
+        """Answer with the OpenAI-style error JSON (nothing was sent yet)."""
+        ex.fail(err)
+        resp = errors.error_response(err, ex.request_id)
+        ex.response_headers = resp.headers
+        with contextlib.suppress(*_CLIENT_GONE):
+            await resp.prepare(request)
+            await resp.write_eof()
+        ex.response_bytes = len(resp.body) if isinstance(resp.body, bytes) else 0
+        return resp
 
     async def _authenticate(self, up: Upstream, req: TapRequest, ex: Exchange, apps: AppIndex) -> None:
-        for hook in up.chain.auth:
-            try:
-                result = await hook.call(req, ex)
-            except HookFailed as exc:
-                raise _hook_error(exc) from None
-            if isinstance(result, Identity):
-                ex.app_id, ex.user_id = result.app_id, result.user_id
-                break
-            if isinstance(result, HookResult) and result.action == "stop":
-                raise _stop_error(result, hook.plugin)
-        else:
+        if await run_auth_hooks(up.chain.auth, req, ex) is None:
             key = presented_key(req.headers)
             if key is None:
                 raise errors.missing_key()
@@ -179,21 +178,18 @@ class ProxyHandler:
                          body, ex.client_address)
         chain = up.chain
         if chain.pre_auth:
-            served = await self._run_request_hooks(chain.pre_auth, req, ex)
+            served = await run_request_hooks(chain.pre_auth, req, ex)
             if served is not None:
                 return await self._serve_local(request, up, ex, None, served)
         await self._authenticate(up, req, ex, snap.apps)
 
-        parsed: Any = None
-        if body and request.method == "POST" and "json" in request.headers.get("content-type", "json"):
-            try:
-                parsed = req.json()
-            except orjson.JSONDecodeError as exc:
-                raise errors.malformed_json(str(exc)) from None
-            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
-                ex.model = ex.requested_model = parsed["model"]
+        try:
+            parsed = parse_request_json(req, ex)
+        except orjson.JSONDecodeError as exc:
+            raise errors.malformed_json(str(exc)) from None
+        ex.requested_model = ex.model
         if chain.post_auth:
-            served = await self._run_request_hooks(chain.post_auth, req, ex)
+            served = await run_request_hooks(chain.post_auth, req, ex)
             parsed = req.json() if req.body is not body else parsed
             if served is not None:
                 ex.request_body = req.body
@@ -254,8 +250,10 @@ class ProxyHandler:
         return await self._respond_stream(request, up, upstream, tap_resp, ex, parsed, strip_usage)
 
     async def _serve_local(self, request: web.Request, up: Upstream, ex: Exchange, parsed: Any,
-                           result: HookResult) -> web.StreamResponse:
+                           answered: Answered) -> web.StreamResponse:
         """A plugin answered (``HookResult.respond``): the whole-response path, without the upstream."""
+        result = answered.result
+        ex.served_by = answered.plugin
         ex.cache_hit = result.cache_hit
         ex.charge = result.charge
         ex.first_chunk = time.perf_counter()
@@ -266,19 +264,7 @@ class ProxyHandler:
         return await self._send_whole(request, up, tap_resp, ex, parsed, result.body or b"")
 
     async def _run_response_header_hooks(self, up: Upstream, tap_resp: TapResponse, ex: Exchange) -> None:
-        for hook in up.chain.response_headers:
-            try:
-                result = await hook.call(tap_resp, ex)
-            except HookFailed as exc:
-                raise _hook_error(exc) from None
-            if result is None or result is SKIPPED:
-                continue
-            if result.action == "stop":
-                raise _stop_error(result, hook.plugin)
-            if result.headers:
-                tap_resp.headers.update(result.headers)
-            if result.metadata:
-                ex.metadata.update(result.metadata)
+        await run_response_header_hooks(up.chain.response_headers, tap_resp, ex)
         tap_resp.headers[REQUEST_ID_HEADER] = ex.request_id
         ex.status = tap_resp.status
         ex.streamed = tap_resp.streamed
@@ -303,16 +289,11 @@ class ProxyHandler:
             self._price(up, ex, parsed, estimated_completion=None)
             if not ex.charge:
                 ex.cost = 0.0
-        for hook in up.chain.response_chunk:
-            try:
-                result = await hook.call(body, ex)
-            except HookFailed as exc:
-                raise _hook_error(exc) from None
-            if result is not SKIPPED:
-                body = result
+        if up.chain.response_chunk:
+            body = await run_chunk_hooks(up.chain.response_chunk, body, ex)
         ex.response_body = body
         ex.response_bytes = len(body)
-        resp = web.Response(status=tap_resp.status, body=body, headers=tap_resp.headers)
+        resp = ex.response = web.Response(status=tap_resp.status, body=body, headers=tap_resp.headers)
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.prepare(request)
             await resp.write_eof()
@@ -321,7 +302,7 @@ class ProxyHandler:
     async def _respond_stream(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
                               tap_resp: TapResponse, ex: Exchange, parsed: Any,
                               strip_usage: bool) -> web.StreamResponse:
-        resp = web.StreamResponse(status=tap_resp.status, headers=tap_resp.headers)
+        resp = ex.response = web.StreamResponse(status=tap_resp.status, headers=tap_resp.headers)
         try:
             await resp.prepare(request)
         except _CLIENT_GONE:
@@ -360,12 +341,10 @@ class ProxyHandler:
         return resp
 
     @staticmethod
-    async def _write_chunk(resp: web.StreamResponse, data: bytes, hooks: tuple[BoundHook, ...], ex: Exchange,
+    async def _write_chunk(resp: web.StreamResponse, data: bytes, hooks: tuple[Step, ...], ex: Exchange,
                            captured: list[bytes]) -> None:
-        for hook in hooks:
-            result = await hook.call(data, ex)
-            if result is not SKIPPED:
-                data = result
+        if hooks:
+            data = await run_chunk_hooks(hooks, data, ex)
         if data:
             ex.response_bytes += len(data)
             if len(captured) < 64:

@@ -14,9 +14,8 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-# 100 µs resolves the tap's own overhead and hook latency; 120 s covers long (streamed) LLM calls.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-           10.0, 30.0, 60.0, 120.0)
+from gateway_tap.plugins.chain import LATENCY_BUCKETS as BUCKETS
+from gateway_tap.plugins.chain import HookMetrics
 
 
 class RequestChildren(NamedTuple):
@@ -58,10 +57,7 @@ class TapMetrics:
                             ["app", "llm", "model"], registry=r)
         self.rejected = Counter("gateway_tap_rejected_requests", "Requests the tap answered itself.",
                                 ["llm", "code"], registry=r)
-        self.hook_seconds = Histogram("gateway_tap_hook_duration_seconds", "Latency of each plugin hook.",
-                                      ["plugin", "hook"], buckets=BUCKETS, registry=r)
-        self.hook_errors = Counter("gateway_tap_hook_errors", "Hook exceptions and timeouts.",
-                                   ["plugin", "hook", "kind"], registry=r)
+        self.hooks = HookMetrics(r)
         self._children: dict[tuple[str, str, str, str], RequestChildren] = {}
 
     def request_children(self, app: str, llm: str, model: str, sc: str) -> RequestChildren:

@@ -76,7 +76,7 @@ class ResponseCache:
         key = cache_key(ctx.llm_id, request.path, ctx.model, body, ctx.app_id if self.per_app else None)
         directives = request.headers.get("cache-control", "").lower()
         if "no-store" not in directives:
-            ctx.extra["key"] = key  # the response hooks store the answer under it
+            ctx.state["key"] = key  # the response hooks store the answer under it
         if "no-cache" in directives:
             return None
         try:
@@ -88,28 +88,28 @@ class ResponseCache:
             return None
         head, _, cached = entry.partition(_SEP)
         meta = orjson.loads(head)
-        ctx.extra["hit"] = True
+        ctx.state["hit"] = True
         await self._count("hits")
         return HookResult.respond(int(meta["status"]), cached, headers={"content-type": meta["content_type"]},
                                   cache_hit=True, charge=self.charge_hits)
 
     async def on_response_headers(self, response: TapResponse, ctx: HookContext) -> HookResult | None:
-        if ctx.extra.get("hit"):
+        if ctx.state.get("hit"):
             response.headers["x-cache"] = "hit"
             return None
         response.headers["x-cache"] = "miss"
-        if "key" in ctx.extra:
+        if "key" in ctx.state:
             await self._count("misses")
             if response.status == 200 and not response.streamed:
-                ctx.extra["content_type"] = response.headers.get("content-type", "application/json")
+                ctx.state["content_type"] = response.headers.get("content-type", "application/json")
         return None
 
     async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
-        content_type = ctx.extra.pop("content_type", None)  # set only for a cacheable miss: whole body, once
+        content_type = ctx.state.pop("content_type", None)  # set only for a cacheable miss: whole body, once
         if content_type is not None and len(chunk) <= self.max_entry_bytes:
             head = orjson.dumps({"status": 200, "content_type": content_type})
             try:
-                await self.kv.set(ctx.extra["key"], head + _SEP + chunk, ttl_s=self.ttl_s)
+                await self.kv.set(ctx.state["key"], head + _SEP + chunk, ttl_s=self.ttl_s)
                 await self._count("stores")
             except Exception as exc:
                 self.log.warning("cache store failed: %r", exc)

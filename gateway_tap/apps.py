@@ -1,4 +1,4 @@
-"""The built-in key check: sha256 of the presented key, looked up by hash."""
+"""Apps and their keys: the sha256 key hash, the key a request presents, and the index the tap authenticates with."""
 
 from __future__ import annotations
 
