@@ -25,8 +25,8 @@ from gateway_tap.budgets.store import (
     BudgetStoreError,
     DailyTotal,
     RecordResult,
-    Snapshot,
     Spend,
+    SpendSnapshot,
     StoreUnavailable,
     UsageRecord,
 )
@@ -158,7 +158,7 @@ class PostgresBudgetStore(BudgetStore):
         async with self._connection() as conn:
             return await self._totals(conn, since, until, app_ids)
 
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
         async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             totals = await self._totals(conn, since, None, app_ids)
             recorded: set[str] = set()
@@ -166,7 +166,7 @@ class PostgresBudgetStore(BudgetStore):
                 rows = await conn.fetch("SELECT event_id FROM budget_ledger WHERE event_id = ANY($1::text[])",
                                         list(event_ids))
                 recorded = {r[0] for r in rows}
-        return Snapshot(totals, recorded)
+        return SpendSnapshot(totals, recorded)
 
     async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
         async with self._connection() as conn:

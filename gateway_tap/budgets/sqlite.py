@@ -25,8 +25,8 @@ from gateway_tap.budgets.store import (
     BudgetStoreError,
     DailyTotal,
     RecordResult,
-    Snapshot,
     Spend,
+    SpendSnapshot,
     StoreUnavailable,
     UsageRecord,
 )
@@ -158,7 +158,7 @@ class SqliteBudgetStore(BudgetStore):
         async with self._transaction() as conn:
             return await self._totals(conn, since, until, app_ids)
 
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
         async with self._transaction() as conn:
             totals = await self._totals(conn, since, None, app_ids)
             recorded: set[str] = set()
@@ -167,7 +167,7 @@ class SqliteBudgetStore(BudgetStore):
                         "SELECT event_id FROM budget_ledger WHERE event_id IN (SELECT value FROM json_each(?))",
                         (orjson.dumps(list(event_ids)).decode(),)) as cur:
                     recorded = {r[0] for r in await cur.fetchall()}
-        return Snapshot(totals, recorded)
+        return SpendSnapshot(totals, recorded)
 
     async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
         async with self._transaction("IMMEDIATE") as conn:

@@ -101,7 +101,7 @@ class RecordResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
+class SpendSnapshot:
     """A consistent read for the enforcer: daily totals and which of the asked event ids are recorded."""
 
     totals: list[DailyTotal]
@@ -129,7 +129,7 @@ class BudgetStore(ABC):
         """Totals rows with ``since <= day < until`` (all apps when ``app_ids`` is None)."""
 
     @abstractmethod
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> Snapshot:
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
         """Daily totals since ``since`` for ``app_ids`` plus which ``event_ids`` are recorded, read atomically."""
 
     @abstractmethod

@@ -33,7 +33,7 @@ from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics, status_class
 from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
-from gateway_tap.proxy.snapshot import Snapshot
+from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
 
@@ -56,7 +56,7 @@ class TapApp:
         self.session = session
         self.gateway = gateway
         self.budget = budget
-        snapshot = Snapshot(0, config, plugins, upstreams, apps)
+        snapshot = ConfigSnapshot(0, config, plugins, upstreams, apps)
         self.handler = ProxyHandler(snapshot, session, config.tap.limits.max_body_bytes, self.record)
         # Without load/compose (a hand-built TapApp) the configuration is fixed for the app's lifetime.
         self.reloader = ConfigReloader(self, config_path, load=load, compose=compose) \
@@ -70,7 +70,7 @@ class TapApp:
         self.web_app.on_cleanup.append(self._on_cleanup)
 
     @property
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> ConfigSnapshot:
         """The runtime configuration in force (what a request starting now captures)."""
         return self.handler.snapshot
 
@@ -164,7 +164,7 @@ class TapApp:
     async def not_found(self, request: web.Request) -> web.Response:
         return errors.error_response(errors.not_found(request.path), new_request_id())
 
-    def record(self, ex: Exchange, snap: Snapshot) -> None:
+    def record(self, ex: Exchange, snap: ConfigSnapshot) -> None:
         """Metrics, the access log line and the three events for a finished request. Never raises into serving.
 
         ``snap`` is the snapshot the request ran with (its LLMs, apps and capture settings).

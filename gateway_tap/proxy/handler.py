@@ -48,7 +48,7 @@ from gateway_tap.proxy.accounting import (
 )
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
-from gateway_tap.proxy.snapshot import Snapshot
+from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class ProxyHandler:
     ``snapshot`` is the runtime configuration in force; a reload replaces it (one reference swap).
     """
 
-    def __init__(self, snapshot: Snapshot, session: aiohttp.ClientSession, max_body_bytes: int,
-                 finish: Callable[[Exchange, Snapshot], None]) -> None:
+    def __init__(self, snapshot: ConfigSnapshot, session: aiohttp.ClientSession, max_body_bytes: int,
+                 finish: Callable[[Exchange, ConfigSnapshot], None]) -> None:
         self.snapshot = snapshot
         self.session = session
         self.max_body_bytes = max_body_bytes
@@ -94,7 +94,7 @@ class ProxyHandler:
         finally:
             snap.inflight -= 1
 
-    async def _handle(self, request: web.Request, snap: Snapshot) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, snap: ConfigSnapshot) -> web.StreamResponse:
         llm_id = request.match_info["llm_id"]
         ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter())
         ex.client_address = request.remote
@@ -158,7 +158,7 @@ class ProxyHandler:
         if ex.app_id in apps.by_id and not apps.allowed(ex.app_id, up.id):
             raise errors.llm_not_allowed(ex.app_id, up.id)
 
-    async def _proxy(self, request: web.Request, ex: Exchange, snap: Snapshot) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, ex: Exchange, snap: ConfigSnapshot) -> web.StreamResponse:
         up = snap.upstreams.get(ex.llm_id)
         if up is None:
             raise errors.unknown_llm(ex.llm_id)

@@ -3,7 +3,7 @@
 A reload validates the file (:func:`load_config`), loads the plugins against the
 ones in force (unchanged ones keep their instance and state, changed ones are
 told through ``on_config_change`` or re-initialised), composes the chains and
-upstreams into a new :class:`Snapshot` and swaps the handler's reference to it:
+upstreams into a new :class:`ConfigSnapshot` and swaps the handler's reference to it:
 requests already running finish with the snapshot they started with. Plugins the
 new snapshot no longer uses are closed once no older snapshot has a request in
 flight. Any failure before the swap leaves the configuration in force untouched.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from gateway_tap.config import ConfigFileError, GatewayConfig, PluginConfig, load_config
 from gateway_tap.config_reload import FileFingerprint, ReloadMetrics, changed_keys
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plugins
-from gateway_tap.proxy.snapshot import Snapshot
+from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class ConfigReloader:
         self.generation = 0
         self._lock = asyncio.Lock()
         self._fingerprint = FileFingerprint(self.path) if self.path is not None else None
-        self._draining: list[Snapshot] = []
+        self._draining: list[ConfigSnapshot] = []
         self._retiring: list[LoadedPlugin] = []
         self._tasks: set[asyncio.Task[object]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -137,7 +137,7 @@ class ConfigReloader:
             return False
         try:
             upstreams = self._compose(config, plugins)
-            new = Snapshot(self.generation + 1, config, plugins, upstreams)
+            new = ConfigSnapshot(self.generation + 1, config, plugins, upstreams)
         except Exception:
             log.exception("configuration reload failed (%s); the configuration in force stays", reason)
             await close_plugins([p for p in plugins if all(p.instance is not q.instance for q in old.plugins)])
@@ -147,7 +147,7 @@ class ConfigReloader:
         self._report(old, new, reason)
         return True
 
-    def _swap(self, old: Snapshot, new: Snapshot) -> None:
+    def _swap(self, old: ConfigSnapshot, new: ConfigSnapshot) -> None:
         tap = self.tap
         tap.handler.snapshot = new  # the one reference requests read: from here on new requests see `new`
         tap.gateway.use_apps(new.apps)
@@ -173,7 +173,7 @@ class ConfigReloader:
             return
         update(new.budgets, new.budget_enforcement)
 
-    async def _close_when_drained(self, snapshots: list[Snapshot], retired: list[LoadedPlugin],
+    async def _close_when_drained(self, snapshots: list[ConfigSnapshot], retired: list[LoadedPlugin],
                                   old: GatewayConfig) -> None:
         """Close ``retired`` once no request started under ``snapshots`` is running (bounded by the longest
         upstream timeout: a request cannot legitimately last longer)."""
@@ -190,7 +190,7 @@ class ConfigReloader:
         await close_plugins(retired)
         log.info("closed replaced plugin(s) %s", ", ".join(p.name for p in retired))
 
-    def _report(self, old: Snapshot, new: Snapshot, reason: str) -> None:
+    def _report(self, old: ConfigSnapshot, new: ConfigSnapshot, reason: str) -> None:
         before = {p.name: p for p in old.plugins}
         kept, told, fresh = [], [], []
         for plugin in new.plugins:

@@ -20,7 +20,7 @@ EndpointTable = dict[tuple[str, str], dict[str, tuple[LoadedPlugin, EndpointHand
 """(plugin name, path below /plugins/{name}/) -> method (or ``*``) -> plugin and handler."""
 
 
-class Snapshot:
+class ConfigSnapshot:
     """Configuration, app index, per-LLM upstreams (with their hook chains) and plugin endpoints.
 
     Immutable by convention except ``inflight``: the number of requests using it right now.
