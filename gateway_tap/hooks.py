@@ -6,8 +6,14 @@ the capabilities below (checked structurally, no base class needed):
 - :class:`PreAuthHook` runs before authentication (rate limits, IP filters);
 - :class:`AuthHook` replaces the built-in key check;
 - :class:`PostAuthHook` runs once the app is known (firewalls, enrichment);
-- :class:`ResponseHook` sees the upstream response headers, then every body chunk
-  (each streamed chunk, or the whole body once for non-streamed responses);
+- :class:`ResponseHeadersHook` sees the response's status and headers before anything is sent;
+- :class:`ResponseBodyHook` sees a whole non-streamed body before anything is sent, and may
+  change it or replace the answer with an error (output moderation);
+- :class:`StreamEventHook` sees each server-sent event of a streamed response, parsed (OpenAI
+  ``data:`` chunks and ``[DONE]``, Anthropic typed events), and may rewrite or drop it, or end the
+  stream with an error event the clients' SDKs raise;
+- :class:`ResponseChunkHook` sees the raw bytes of every body write (each streamed chunk as read
+  from the upstream, or the whole body once) and returns the bytes to send;
 - :class:`EndpointProvider` serves its own routes under ``/plugins/{name}/...``;
 - :class:`ConfigSchemaProvider` declares a JSON Schema its ``config`` must match.
 
@@ -20,7 +26,8 @@ replacing the instance with a freshly initialised one.
 
 A hook returns ``None`` (or :meth:`HookResult.proceed`) to continue, may mutate
 the request/response it is given or return :meth:`HookResult.modify`, and stops
-the request with :meth:`HookResult.stop`.
+the request with :meth:`HookResult.stop`. The rules of the chain live in
+:mod:`gateway_tap.plugins.chain`.
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ class Identity:
 class HookResult:
     """What a hook decided. Use the constructors, not the fields."""
 
-    action: Literal["continue", "stop", "respond"] = "continue"
+    action: Literal["continue", "stop", "respond", "drop"] = "continue"
     status: int = 200
     code: str | None = None
     message: str = ""
@@ -140,6 +147,83 @@ class HookResult:
         (a response cache serving an answer that was already paid for).
         """
         return cls("respond", status, body=body, headers=headers, cache_hit=cache_hit, charge=charge)
+
+    @classmethod
+    def drop(cls) -> HookResult:
+        """From :meth:`StreamEventHook.on_stream_event`: send nothing for this event (later hooks skip it too)."""
+        return cls("drop")
+
+
+class StreamEvent:
+    """One server-sent event of a streamed response, as :class:`StreamEventHook` hooks see it.
+
+    ``data`` is the event's data (lines joined by ``\n``): a JSON chunk, or ``[DONE]`` at the end of an
+    OpenAI stream; ``event`` is the event type (Anthropic: ``message_start``, ``content_block_delta``, ...;
+    None for OpenAI). Change ``data`` (or :meth:`set_json`) / ``event`` in place, or build a new one; an
+    event nobody changed is forwarded byte for byte as the upstream sent it.
+    """
+
+    __slots__ = ("_data", "_event", "_json", "id", "raw")
+
+    def __init__(self, data: str, event: str | None = None, id: str | None = None,
+                 raw: bytes | None = None) -> None:
+        self._data = data
+        self._event = event
+        self._json: Any = _UNPARSED
+        self.id = id
+        self.raw = raw
+        """The bytes the upstream sent for this event (``None`` once it changed): what is forwarded as is."""
+
+    @property
+    def data(self) -> str:
+        return self._data
+
+    @data.setter
+    def data(self, value: str) -> None:
+        self._data = value
+        self._json = _UNPARSED
+        self.raw = None
+
+    @property
+    def event(self) -> str | None:
+        return self._event
+
+    @event.setter
+    def event(self, value: str | None) -> None:
+        self._event = value
+        self.raw = None
+
+    @property
+    def done(self) -> bool:
+        """True for OpenAI's end-of-stream marker ``data: [DONE]``."""
+        return self._data == "[DONE]"
+
+    def json(self) -> Any:
+        """The data parsed as JSON (parsed once); None for ``[DONE]`` or data that is not JSON."""
+        if self._json is _UNPARSED:
+            try:
+                self._json = None if self.done else orjson.loads(self._data)
+            except orjson.JSONDecodeError:
+                self._json = None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        """Replace the data with ``value`` serialised as JSON."""
+        self.data = orjson.dumps(value).decode()
+        self._json = value
+
+    def encode(self) -> bytes:
+        """The event on the wire: the upstream's bytes when unchanged, else ``event:``/``id:``/``data:`` lines."""
+        if self.raw is not None:
+            return self.raw
+        out = f"event: {self._event}\n" if self._event is not None else ""
+        if self.id is not None:
+            out += f"id: {self.id}\n"
+        out += "".join(f"data: {line}\n" for line in self._data.split("\n"))
+        return (out + "\n").encode()
+
+    def __repr__(self) -> str:
+        return f"StreamEvent(event={self._event!r}, data={self._data[:60]!r})"
 
 
 class KeyValueStore(Protocol):
@@ -243,14 +327,47 @@ class PostAuthHook(Protocol):
 
 
 @runtime_checkable
-class ResponseHook(Protocol):
+class ResponseHeadersHook(Protocol):
     async def on_response_headers(self, response: TapResponse, ctx: HookContext) -> HookOutcome:
         """Before anything is sent: may change status/headers or stop with a different response."""
         ...
 
-    async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
-        """Before each body write; returns the bytes to send (``b""`` drops the chunk)."""
+
+@runtime_checkable
+class ResponseBodyHook(Protocol):
+    async def on_response_body(self, response: TapResponse, body: bytes, ctx: HookContext) -> HookOutcome:
+        """A whole non-streamed body (upstream's or a plugin's answer), before anything is sent.
+
+        ``None`` sends it; :meth:`HookResult.modify` replaces the body (``body=``) and sets headers
+        (``response.status`` may be changed in place); :meth:`HookResult.stop` sends the stop's error
+        instead of the answer (e.g. ``403 content_blocked``).
+        """
         ...
+
+
+@runtime_checkable
+class StreamEventHook(Protocol):
+    async def on_stream_event(self, event: StreamEvent, ctx: HookContext) -> StreamEvent | HookResult | None:
+        """Each parsed server-sent event of a streamed response, before it is sent.
+
+        ``None`` sends the event (with any in-place change); a :class:`StreamEvent` is sent instead of it;
+        :meth:`HookResult.drop` sends nothing for it; :meth:`HookResult.stop` ends the stream with a final
+        error event in the vendor's format (the ``openai`` and ``anthropic`` SDKs raise it), after which
+        nothing more of the upstream's answer is sent.
+        """
+        ...
+
+
+@runtime_checkable
+class ResponseChunkHook(Protocol):
+    async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
+        """Before each body write, on the raw bytes; returns the bytes to send (``b""`` drops the chunk)."""
+        ...
+
+
+@runtime_checkable
+class ResponseHook(ResponseHeadersHook, ResponseChunkHook, Protocol):
+    """Headers and raw chunks together (each of the two also works alone)."""
 
 
 EndpointHandler = Callable[["web.Request", HookContext], Awaitable["web.StreamResponse"]]

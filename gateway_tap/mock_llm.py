@@ -13,7 +13,10 @@ Fault injection, per request through headers (or for every request through CLI
 options): ``x-mock-latency-ms`` (delay before the first byte),
 ``x-mock-status`` (answer with that HTTP status and an error body),
 ``x-mock-no-usage: 1`` (omit usage, so the tap must estimate),
-``x-mock-chunk-delay-ms`` (delay between streamed chunks).
+``x-mock-chunk-delay-ms`` (delay between streamed chunks),
+``x-mock-reply`` (words to answer with instead of ``"tok"``, cycled; usage is unchanged),
+``x-mock-split-events: 1`` (write each streamed event in two halves, apart in time, so a
+reader sees it cut across two socket reads).
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ class MockLLM:
         cid = f"chatcmpl-mock{self.requests}"
         usage = {"prompt_tokens": prompt, "completion_tokens": completion * n,
                  "total_tokens": prompt + completion * n}
+        words = _words(request, completion)
         if not body.get("stream"):
-            text = " ".join(["tok"] * completion)
+            text = " ".join(words)
             payload: dict[str, Any] = {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text},
@@ -151,18 +155,19 @@ class MockLLM:
                 data["usage"] = None
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
+        write = _writer(request, resp)
         for i in range(n):
-            await resp.write(chunk({"role": "assistant", "content": ""}, None, i))
-            for _ in range(completion):
+            await write(chunk({"role": "assistant", "content": ""}, None, i))
+            for word in words:
                 if delay:
                     await asyncio.sleep(delay)
-                await resp.write(chunk({"content": "tok "}, None, i))
-            await resp.write(chunk({}, "stop", i))
+                await write(chunk({"content": word + " "}, None, i))
+            await write(chunk({}, "stop", i))
         if include_usage:
             final = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], "usage": usage}
-            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            await write(b"data: " + orjson.dumps(final) + b"\n\n")
+        await write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
@@ -188,7 +193,8 @@ class MockLLM:
         prompt = prompt_tokens_for(body)
         completion = completion_tokens_for(body)
         mid = f"msg_mock{self.requests}"
-        text = " ".join(["tok"] * completion)
+        words = _words(request, completion)
+        text = " ".join(words)
         if not body.get("stream"):
             return _json({
                 "id": mid, "type": "message", "role": "assistant", "model": model,
@@ -199,8 +205,10 @@ class MockLLM:
         await resp.prepare(request)
         delay = float(request.headers.get("x-mock-chunk-delay-ms", self.options.chunk_delay_ms)) / 1000
 
+        write = _writer(request, resp)
+
         async def send(event: str, data: dict[str, Any]) -> None:
-            await resp.write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+            await write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
 
         await send("message_start", {"type": "message_start", "message": {
             "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
@@ -208,11 +216,11 @@ class MockLLM:
             "usage": {"input_tokens": prompt, "output_tokens": 1}}})
         await send("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}})
-        for _ in range(completion):
+        for word in words:
             if delay:
                 await asyncio.sleep(delay)
             await send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                               "delta": {"type": "text_delta", "text": "tok "}})
+                                               "delta": {"type": "text_delta", "text": word + " "}})
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
         await send("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": "end_turn", "stop_sequence": None},
@@ -220,6 +228,26 @@ class MockLLM:
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
         return resp
+
+
+def _words(request: web.Request, count: int) -> list[str]:
+    """The reply's words: ``x-mock-reply`` cycled to ``count`` words, else ``"tok"``."""
+    reply = request.headers.get("x-mock-reply", "").split()
+    return [reply[i % len(reply)] for i in range(count)] if reply else ["tok"] * count
+
+
+def _writer(request: web.Request, resp: web.StreamResponse) -> Any:
+    """``resp.write``, or with ``x-mock-split-events: 1`` a write in two halves 5 ms apart."""
+    if request.headers.get("x-mock-split-events") != "1":
+        return resp.write
+
+    async def split(data: bytes) -> None:
+        half = len(data) // 2
+        await resp.write(data[:half])
+        await asyncio.sleep(0.005)
+        await resp.write(data[half:])
+
+    return split
 
 
 def _error(vendor: str, status: int, kind: str, message: str) -> web.Response:

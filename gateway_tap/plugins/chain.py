@@ -17,6 +17,11 @@ from the ``run_*`` functions below and never re-implement:
   stages) ends the stage with an answer that replaces the upstream call;
 - auth: the first :class:`Identity` wins, a stop rejects, ``None`` defers to the next
   auth hook and finally to the caller's built-in key check;
+- a body hook (whole non-streamed body, before anything is sent) continues, modifies the body and
+  headers, or stops: the client then gets the stop's error instead of the answer;
+- a stream event hook passes, rewrites (in place or by returning an event) or drops
+  (:meth:`HookResult.drop`) each parsed server-sent event, or stops: the caller ends the stream
+  with an error event;
 - a chunk hook returns the bytes to send (``b""`` drops the chunk).
 """
 
@@ -39,7 +44,11 @@ from gateway_tap.hooks import (
     PluginServices,
     PostAuthHook,
     PreAuthHook,
-    ResponseHook,
+    ResponseBodyHook,
+    ResponseChunkHook,
+    ResponseHeadersHook,
+    StreamEvent,
+    StreamEventHook,
     TapRequest,
     TapResponse,
 )
@@ -99,12 +108,28 @@ class HookFailed(Exception):
 
 
 class Stopped(Exception):
-    """A hook ended the request with :meth:`HookResult.stop`; ``plugin`` names it (``blocked_by``)."""
+    """A hook ended the request with :meth:`HookResult.stop`; ``plugin`` names it (``blocked_by``).
+
+    ``error_type``, ``code`` and ``message`` are what the client's error says (JSON body or final stream event).
+    """
 
     def __init__(self, result: HookResult, plugin: str) -> None:
         super().__init__(f"stopped by {plugin}: {result.status} {result.message}")
         self.result = result
         self.plugin = plugin
+
+    @property
+    def error_type(self) -> str:
+        status = self.result.status
+        return "permission_error" if status == 403 else "plugin_error" if status >= 500 else "invalid_request_error"
+
+    @property
+    def code(self) -> str:
+        return self.result.code or "blocked_by_plugin"
+
+    @property
+    def message(self) -> str:
+        return self.result.message or f"request stopped by plugin {self.plugin!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +161,8 @@ _ACCEPTS: dict[str, tuple[type, ...]] = {
     "authenticate": (Identity, HookResult, type(None)),
     "post_auth": (HookResult, type(None)),
     "on_response_headers": (HookResult, type(None)),
+    "on_response_body": (HookResult, type(None)),
+    "on_stream_event": (StreamEvent, HookResult, type(None)),
     "on_response_chunk": (bytes, bytearray),
 }
 """What each hook may return; anything else is the plugin's failure, handled by its ``on_error``."""
@@ -258,6 +285,48 @@ async def run_response_header_hooks(steps: Sequence[Step], response: TapResponse
             scope.metadata.update(result.metadata)
 
 
+async def run_body_hooks(steps: Sequence[Step], response: TapResponse, body: bytes, scope: RequestScope) -> bytes:
+    """A whole non-streamed body, before anything is sent: the body to send after every body hook ran.
+
+    :raises Stopped: a hook replaces the answer with its stop result.
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run((response, body), scope)
+        if result is None or result is SKIPPED:
+            continue
+        if result.action == "stop":
+            raise Stopped(result, step.name)
+        if result.headers:
+            response.headers.update(result.headers)
+        if result.body is not None:
+            body = result.body
+        if result.metadata:
+            scope.metadata.update(result.metadata)
+    return body
+
+
+async def run_event_hooks(steps: Sequence[Step], event: StreamEvent, scope: RequestScope) -> StreamEvent | None:
+    """The event to send instead of ``event`` after every stream event hook ran on it; None: send nothing.
+
+    :raises Stopped: a hook ends the stream (the caller sends the error event).
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    for step in steps:
+        result = await step.run(event, scope)
+        if result is None or result is SKIPPED:
+            continue
+        if isinstance(result, StreamEvent):
+            event = result
+        elif result.action == "drop":
+            return None
+        elif result.action == "stop":
+            raise Stopped(result, step.name)
+        elif result.metadata:
+            scope.metadata.update(result.metadata)
+    return event
+
+
 async def run_chunk_hooks(steps: Sequence[Step], chunk: bytes, scope: RequestScope) -> bytes:
     """The bytes to write instead of ``chunk`` (``b""``: nothing) after every chunk hook ran on it.
 
@@ -293,6 +362,8 @@ class Chain:
     auth: tuple[Step, ...] = ()
     post_auth: tuple[Step, ...] = ()
     response_headers: tuple[Step, ...] = ()
+    response_body: tuple[Step, ...] = ()
+    stream_event: tuple[Step, ...] = ()
     response_chunk: tuple[Step, ...] = ()
 
 
@@ -302,8 +373,15 @@ def _attached(plugin: LoadedPlugin, llm_id: str) -> bool:
 
 def _bind(plugin: LoadedPlugin, hook: str, metrics: HookMetrics) -> PluginHook:
     s = plugin.settings
-    return PluginHook(s.name, hook, getattr(plugin.instance, hook), config=s.config, services=plugin.services,
-                      timeout_s=s.timeout_ms / 1000, fail_open=s.on_error == "fail_open", metrics=metrics)
+    fn = getattr(plugin.instance, hook)
+    if hook == "on_response_body":  # the one hook with two arguments: run_body_hooks passes (response, body)
+        method = fn
+
+        async def fn(pair: tuple[TapResponse, bytes], ctx: HookContext) -> Any:
+            return await method(pair[0], pair[1], ctx)
+
+    return PluginHook(s.name, hook, fn, config=s.config, services=plugin.services, timeout_s=s.timeout_ms / 1000,
+                      fail_open=s.on_error == "fail_open", metrics=metrics)
 
 
 def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metrics: HookMetrics, *,
@@ -317,14 +395,17 @@ def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metric
     chains = {}
     for llm_id in llm_ids:
         attached = [p for p in plugins if _attached(p, llm_id)]
-        responders = [p for p in attached if isinstance(p.instance, ResponseHook)]
+
+        def bound(capability: type, hook: str, attached: list[LoadedPlugin] = attached) -> tuple[PluginHook, ...]:
+            return tuple(_bind(p, hook, metrics) for p in attached if isinstance(p.instance, capability))
+
         chains[llm_id] = Chain(
-            pre_auth=tuple(_bind(p, "pre_auth", metrics) for p in attached if isinstance(p.instance, PreAuthHook)),
-            auth=tuple(_bind(p, "authenticate", metrics) for p in attached if isinstance(p.instance, AuthHook)),
-            post_auth=(*post_auth_before,
-                       *(_bind(p, "post_auth", metrics) for p in attached if isinstance(p.instance, PostAuthHook)),
-                       *post_auth_after),
-            response_headers=tuple(_bind(p, "on_response_headers", metrics) for p in responders),
-            response_chunk=tuple(_bind(p, "on_response_chunk", metrics) for p in responders),
+            pre_auth=bound(PreAuthHook, "pre_auth"),
+            auth=bound(AuthHook, "authenticate"),
+            post_auth=(*post_auth_before, *bound(PostAuthHook, "post_auth"), *post_auth_after),
+            response_headers=bound(ResponseHeadersHook, "on_response_headers"),
+            response_body=bound(ResponseBodyHook, "on_response_body"),
+            stream_event=bound(StreamEventHook, "on_stream_event"),
+            response_chunk=bound(ResponseChunkHook, "on_response_chunk"),
         )
     return chains

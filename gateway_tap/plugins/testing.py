@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.apps import AppIndex
 from gateway_tap.config import AppConfig, PluginConfig
-from gateway_tap.hooks import HookResult, TapRequest, TapResponse
+from gateway_tap.hooks import HookResult, StreamEvent, TapRequest, TapResponse
 from gateway_tap.plugins.chain import (
     Chain,
     HookMetrics,
@@ -40,12 +40,14 @@ from gateway_tap.plugins.chain import (
     build_chains,
     parse_request_json,
     run_auth_hooks,
+    run_body_hooks,
     run_chunk_hooks,
     run_request_hooks,
     run_response_header_hooks,
 )
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import Gateway
+from gateway_tap.plugins.sse import EventReader, EventRelay
 from schemas import ControlMessage, encode_control
 
 _ids = itertools.count(1)
@@ -77,7 +79,10 @@ class RequestOutcome:
 
 @dataclass
 class ResponseOutcome:
-    """The response after the response hooks ran: what the client would receive."""
+    """The response after the response hooks ran: what the client would receive.
+
+    :ivar stopped: the ``HookResult.stop`` that replaced the answer (or ended the stream), if any.
+    """
 
     status: int
     headers: CIMultiDict[str]
@@ -88,6 +93,12 @@ class ResponseOutcome:
     @property
     def body(self) -> bytes:
         return b"".join(self.chunks)
+
+    def events(self) -> list[StreamEvent]:
+        """The body parsed as server-sent events (for a streamed response)."""
+        reader = EventReader()
+        found = [*reader.feed(self.body), *reader.flush()]
+        return [e for e in found if isinstance(e, StreamEvent)]
 
 
 class PluginHarness:
@@ -172,11 +183,15 @@ class PluginHarness:
     async def response(self, after: RequestOutcome | None = None, *, status: int = 200,
                        headers: Mapping[str, str] | None = None, body: bytes | None = None,
                        chunks: Sequence[bytes] | None = None) -> ResponseOutcome:
-        """Run the response hooks on an upstream response: the headers, then each body chunk.
+        """Run the response hooks on an upstream response, as the tap does.
 
-        Give ``body`` for a whole response (one chunk hook call) or ``chunks`` for a streamed one
-        (``streamed`` is true, as for ``text/event-stream``). ``after`` is the request it answers
-        (its metadata and ids are shared); a fresh request context is used without it.
+        Give ``body`` for a whole response: header hooks, body hooks, then one chunk hook call. Or
+        ``chunks`` for a streamed one (``streamed`` is true, as for ``text/event-stream``): header
+        hooks, then the chunks are parsed as server-sent events for the stream event hooks (an
+        event split across chunks is seen whole), and the chunk hooks run on what they let through;
+        a stop ends the stream with the vendor's error event (``stopped`` / ``stopped_by`` say so).
+        ``after`` is the request it answers (its metadata and ids are shared); a fresh request
+        context is used without it.
         """
         scope = after.scope if after is not None else self._scope()
         hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
@@ -184,15 +199,31 @@ class PluginHarness:
         if streamed and "content-type" not in hdrs:
             hdrs["content-type"] = "text/event-stream"
         resp = TapResponse(status, hdrs, streamed)
+        chain = self.chain
         try:
-            await run_response_header_hooks(self.chain.response_headers, resp, scope)
+            await run_response_header_hooks(chain.response_headers, resp, scope)
+            if chunks is None:
+                body = await run_body_hooks(chain.response_body, resp, body or b"", scope)
         except Stopped as stop:
             result = stop.result
             return ResponseOutcome(result.status, CIMultiDict(result.headers or {}), [result.body or b""], result,
                                    stop.plugin)
+        if chunks is None:
+            return ResponseOutcome(resp.status, resp.headers, [await run_chunk_hooks(chain.response_chunk, body or b"",
+                                                                                     scope)])
+        # A stream: the event hooks on each parsed event (as the tap does), then the chunk hooks on what they sent.
+        relay = EventRelay(chain.stream_event, self.vendor, scope) if chain.stream_event else None
         sent: list[bytes] = []
-        for chunk in (chunks if chunks is not None else [body or b""]):
-            chunk = await run_chunk_hooks(self.chain.response_chunk, chunk, scope)
-            if chunk or not streamed:
-                sent.append(chunk)
+        for chunk in [*chunks, None]:
+            if relay is not None:
+                data = await (relay.feed(chunk) if chunk is not None else relay.flush())
+            elif chunk is None:
+                break
+            else:
+                data = chunk
+            data = await run_chunk_hooks(chain.response_chunk, data, scope)
+            if data:
+                sent.append(data)
+            if relay is not None and relay.stopped is not None:
+                return ResponseOutcome(resp.status, resp.headers, sent, relay.stopped.result, relay.stopped.plugin)
         return ResponseOutcome(resp.status, resp.headers, sent)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway_tap.config import ModelPrice
+from gateway_tap.hooks import StreamEvent
 
 CHARS_PER_TOKEN = 4
 
@@ -143,12 +144,14 @@ def prepare_openai_stream(body: dict[str, Any]) -> bool:
 class StreamAccounting:
     """Incremental SSE reader: finds usage in the stream and, for OpenAI, optionally strips the usage chunk.
 
-    :meth:`feed` returns the bytes to forward. When nothing must be stripped the
-    chunk passes through untouched (the events are only inspected); otherwise
-    only complete events are forwarded and a partial one waits for its end.
+    Two ways in. :meth:`feed` takes raw chunks and returns the bytes to forward: when nothing
+    must be stripped the chunk passes through untouched (the events are only inspected);
+    otherwise only complete events are forwarded and a partial one waits for its end. When the
+    events are parsed anyway (stream event hooks), :meth:`account` takes one parsed event.
+    ``complete`` turns true once the upstream's final usage report was seen.
     """
 
-    __slots__ = ("_buffer", "_strip", "_vendor", "events", "usage")
+    __slots__ = ("_buffer", "_strip", "_vendor", "complete", "events", "usage")
 
     def __init__(self, vendor: str, strip_usage_chunk: bool) -> None:
         self._vendor = vendor
@@ -156,6 +159,7 @@ class StreamAccounting:
         self._buffer = b""
         self.usage = Usage()
         self.events = 0
+        self.complete = False
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk if self._buffer else chunk
@@ -184,23 +188,28 @@ class StreamAccounting:
             self._inspect(rest)
         return rest if self._strip else b""
 
+    def account(self, event: StreamEvent) -> bool:
+        """Account one parsed event; False when it is the injected usage-only chunk to strip."""
+        self.events += 1
+        payload = event.json()
+        if not isinstance(payload, dict):
+            return True
+        if self._vendor == "anthropic":
+            self._anthropic(event.event or payload.get("type"), payload)
+            return True
+        return self._openai(payload)
+
     def _inspect(self, event: bytes) -> bool:
-        """Account one event; False when it is the injected usage-only chunk to strip."""
+        """Account one raw event; False when it is the injected usage-only chunk to strip."""
         if not event.strip():
             return True
         self.events += 1
         if self._vendor == "anthropic":
+            # Byte checks first: only these few events carry what accounting needs, so most are never parsed.
             if b"message_start" in event or b"message_delta" in event:
                 payload = _data_of(event)
                 if isinstance(payload, dict):
-                    message = payload.get("message")
-                    if isinstance(message, dict):
-                        if isinstance(message.get("model"), str):
-                            self.usage.model = message["model"]
-                        if isinstance(message.get("usage"), dict):
-                            apply_anthropic_usage(self.usage, message["usage"])
-                    elif isinstance(payload.get("usage"), dict):
-                        apply_anthropic_usage(self.usage, payload["usage"])
+                    self._anthropic(payload.get("type"), payload)
             elif b"tool_use" in event and b"content_block_start" in event:
                 self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
             return True
@@ -208,18 +217,45 @@ class StreamAccounting:
                                         and b'"usage": null' not in event):
             payload = _data_of(event)
             if isinstance(payload, dict):
-                if self.usage.model is None and isinstance(payload.get("model"), str):
-                    self.usage.model = payload["model"]
-                reported = payload.get("usage")
-                if isinstance(reported, dict):
-                    apply_openai_usage(self.usage, reported)
-                    if self._strip and payload.get("choices") == []:
-                        return False
+                return self._openai(payload)
         return True
 
-    def estimate_completion_tokens(self) -> int:
-        """Without a usage report: one token per content event is how both vendors stream."""
-        return max(0, self.events - (4 if self._vendor == "anthropic" else 2))
+    def _anthropic(self, kind: Any, payload: dict[str, Any]) -> None:
+        if kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, dict):
+                if isinstance(message.get("model"), str):
+                    self.usage.model = message["model"]
+                if isinstance(message.get("usage"), dict):
+                    apply_anthropic_usage(self.usage, message["usage"])
+        elif kind == "message_delta":
+            if isinstance(payload.get("usage"), dict):
+                apply_anthropic_usage(self.usage, payload["usage"])
+                self.complete = True
+        elif kind == "content_block_start":
+            block = payload.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
+
+    def _openai(self, payload: dict[str, Any]) -> bool:
+        if self.usage.model is None and isinstance(payload.get("model"), str):
+            self.usage.model = payload["model"]
+        reported = payload.get("usage")
+        if isinstance(reported, dict):
+            apply_openai_usage(self.usage, reported)
+            self.complete = True
+            if self._strip and payload.get("choices") == []:
+                return False
+        return True
+
+    def estimate_completion_tokens(self, events: int | None = None) -> int:
+        """Without a usage report: one token per content event is how both vendors stream.
+
+        ``events`` counts the events the client got when that differs from what the upstream sent
+        (hooks dropped some, or ended the stream early); default: every event accounted.
+        """
+        seen = self.events if events is None else events
+        return max(0, seen - (4 if self._vendor == "anthropic" else 2))
 
 
 def _data_of(event: bytes) -> Any:

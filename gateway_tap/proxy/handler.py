@@ -3,7 +3,10 @@
 Order: body limit -> pre-auth hooks -> auth (plugin or built-in key check) ->
 LLM allowed -> JSON parse (only for POST bodies, for model and stream flag) ->
 post-auth (built-in steps, then plugins) -> upstream -> response hooks on the
-headers, then on each body chunk -> client. The events, metrics and access log
+headers, then the body hooks on a whole answer or the stream event hooks on each
+parsed event of a streamed one, then the chunk hooks on each body write -> client.
+The chain's rules are :mod:`gateway_tap.plugins.chain`'s; this module only says
+what the answers mean in HTTP. The events, metrics and access log
 are produced after the client has its response, so they add no latency.
 """
 
@@ -32,10 +35,12 @@ from gateway_tap.plugins.chain import (
     Stopped,
     parse_request_json,
     run_auth_hooks,
+    run_body_hooks,
     run_chunk_hooks,
     run_request_hooks,
     run_response_header_hooks,
 )
+from gateway_tap.plugins.sse import EventRelay
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.accounting import (
     StreamAccounting,
@@ -61,11 +66,8 @@ def new_request_id() -> str:
 
 
 def _stop_error(stop: Stopped) -> TapError:
-    result, plugin = stop.result, stop.plugin
-    kind = "permission_error" if result.status == 403 else "plugin_error" if result.status >= 500 else \
-        "invalid_request_error"
-    return TapError(result.status, kind, result.code or "blocked_by_plugin",
-                    result.message or f"request stopped by plugin {plugin!r}", blocked_by=plugin, body=result.body,
+    result = stop.result
+    return TapError(result.status, stop.error_type, stop.code, stop.message, blocked_by=stop.plugin, body=result.body,
                     headers=dict(result.headers) if result.headers else None)
 
 
@@ -283,12 +285,19 @@ class ProxyHandler:
 
     async def _send_whole(self, request: web.Request, up: Upstream, tap_resp: TapResponse, ex: Exchange,
                           parsed: Any, body: bytes) -> web.StreamResponse:
-        """Account a whole response body, run the chunk hooks on it once, and send it."""
+        """Account a whole response body, run the body hooks and the chunk hooks on it once, and send it."""
         if 200 <= tap_resp.status < 300:
             ex.usage = usage_from_body(up.vendor, body)
             self._price(up, ex, parsed, estimated_completion=None)
             if not ex.charge:
                 ex.cost = 0.0
+        if up.chain.response_body:
+            try:
+                body = await run_body_hooks(up.chain.response_body, tap_resp, body, ex)
+            except Stopped:
+                self._withhold_completion(up, ex)  # the client gets the stop's error, not the answer
+                raise
+            ex.status = tap_resp.status  # a body hook may have changed it
         if up.chain.response_chunk:
             body = await run_chunk_hooks(up.chain.response_chunk, body, ex)
         ex.response_body = body
@@ -310,17 +319,25 @@ class ProxyHandler:
             return resp
         # From here on the status line is out: a failure can only end the stream, never change the response.
         acct = StreamAccounting(up.vendor, strip_usage) if 200 <= upstream.status < 300 else None
+        relay = EventRelay(up.chain.stream_event, up.vendor, ex, acct.account if acct is not None else None) \
+            if up.chain.stream_event else None
         hooks = up.chain.response_chunk
         captured: list[bytes] = []
         try:
             async for chunk in upstream.content.iter_any():
                 if ex.first_chunk is None:
                     ex.first_chunk = time.perf_counter()
-                out = acct.feed(chunk) if acct is not None else chunk
+                if relay is not None:
+                    out = await relay.feed(chunk)
+                else:
+                    out = acct.feed(chunk) if acct is not None else chunk
                 if out:
                     await self._write_chunk(resp, out, hooks, ex, captured)
-            if acct is not None:
-                tail = acct.flush()
+                if relay is not None and relay.stopped is not None:
+                    ex.error, ex.blocked_by = _stop_error(relay.stopped), relay.stopped.plugin
+                    break  # a hook ended the stream: nothing more of the upstream's answer goes out
+            else:
+                tail = await relay.flush() if relay is not None else acct.flush() if acct is not None else b""
                 if tail:
                     await self._write_chunk(resp, tail, hooks, ex, captured)
         except TimeoutError:
@@ -335,7 +352,13 @@ class ProxyHandler:
         ex.response_body = b"".join(captured)
         if acct is not None:
             ex.usage = acct.usage
-            self._price(up, ex, parsed, estimated_completion=acct.estimate_completion_tokens())
+            delivered = relay.delivered if relay is not None else None
+            if relay is not None and relay.stopped is not None and not acct.complete:
+                # Cut before the upstream's final usage report: bill what the client got, estimated.
+                acct.usage.estimated = True
+                acct.usage.completion_tokens = acct.estimate_completion_tokens(delivered)
+                acct.usage.total_tokens = 0
+            self._price(up, ex, parsed, estimated_completion=acct.estimate_completion_tokens(delivered))
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.write_eof()
         return resp
@@ -352,6 +375,16 @@ class ProxyHandler:
             await resp.write(data)
 
     @staticmethod
+    def _withhold_completion(up: Upstream, ex: Exchange) -> None:
+        """A body hook replaced the answer with an error: the completion was not delivered, so not billed."""
+        usage = ex.usage
+        if usage is None:
+            return
+        usage.completion_tokens = 0
+        usage.total_tokens = usage.prompt_tokens
+        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model)) if ex.charge else 0.0
+
+    @staticmethod
     def _price(up: Upstream, ex: Exchange, parsed: Any, estimated_completion: int | None) -> None:
         usage = ex.usage or Usage()
         if not usage.found:
@@ -365,3 +398,4 @@ class ProxyHandler:
         if usage.model:
             ex.model = usage.model
         ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model))
+
