@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.apps import AppIndex
 from gateway_tap.config import PluginConfig
-from gateway_tap.hooks import HookContext, HookResult, Identity, PluginServices, TapRequest, TapResponse
+from gateway_tap.hooks import HookContext, HookResult, Identity, PluginServices, StreamEvent, TapRequest, TapResponse
 from gateway_tap.plugins.chain import (
     Answered,
     HookFailed,
@@ -26,7 +26,9 @@ from gateway_tap.plugins.chain import (
     build_chains,
     parse_request_json,
     run_auth_hooks,
+    run_body_hooks,
     run_chunk_hooks,
+    run_event_hooks,
     run_request_hooks,
     run_response_header_hooks,
 )
@@ -257,3 +259,45 @@ def test_build_chains_by_capability_attachment_and_builtin_position() -> None:
     hook = anthropic.post_auth[1]
     assert isinstance(hook, PluginHook)
     assert (hook.hook, hook.timeout_s, hook.fail_open) == ("post_auth", 0.25, True)
+
+
+async def test_body_hooks_modify_then_stop() -> None:
+    async def shorten(pair: Any, ctx: HookContext) -> HookResult:
+        response, body = pair
+        response.status = 203
+        return HookResult.modify(body=body[:2], headers={"x-cut": "1"})
+
+    async def veto(pair: Any, ctx: HookContext) -> HookResult | None:
+        return HookResult.stop(403, "blocked", code="content_blocked") if pair[1] == b"no" else None
+
+    resp = TapResponse(200, CIMultiDict(), False)
+    steps = [_hook("s", "on_response_body", shorten), _hook("v", "on_response_body", veto)]
+    assert await run_body_hooks(steps, resp, b"okay", _scope()) == b"ok"
+    assert (resp.status, resp.headers["x-cut"]) == (203, "1")
+    with pytest.raises(Stopped) as stopped:
+        await run_body_hooks(steps, TapResponse(200, CIMultiDict(), False), b"nope", _scope())
+    assert (stopped.value.plugin, stopped.value.code, stopped.value.error_type) == ("v", "content_blocked",
+                                                                                  "permission_error")
+
+
+async def test_event_hooks_replace_drop_and_stop_in_order() -> None:
+    seen: list[str] = []
+
+    async def replace(event: StreamEvent, ctx: HookContext) -> StreamEvent | HookResult | None:
+        seen.append(f"replace:{event.data}")
+        if event.data == "drop-me":
+            return HookResult.drop()
+        if event.data == "stop-me":
+            return HookResult.stop(403, "no")
+        return StreamEvent(event.data.upper())
+
+    async def after(event: StreamEvent, ctx: HookContext) -> None:
+        seen.append(f"after:{event.data}")
+
+    steps = [_hook("r", "on_stream_event", replace), _hook("a", "on_stream_event", after)]
+    out = await run_event_hooks(steps, StreamEvent("hi"), _scope())
+    assert out is not None and out.data == "HI" and out.raw is None
+    assert await run_event_hooks(steps, StreamEvent("drop-me"), _scope()) is None
+    with pytest.raises(Stopped):
+        await run_event_hooks(steps, StreamEvent("stop-me"), _scope())
+    assert seen == ["replace:hi", "after:HI", "replace:drop-me", "replace:stop-me"]
