@@ -27,9 +27,9 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer
-from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from gateway_tap.budgets.store import BudgetStore, UsageRecord, open_store
 from gateway_tap.devstack import POSTGRES_DEFAULT_DSN, ensure_postgres
+from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from schemas import BudgetUsage, new_event_id
 
 DAY = date(2026, 3, 15)

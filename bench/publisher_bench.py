@@ -18,9 +18,9 @@ from pathlib import Path
 
 import prometheus_client
 
-from gateway_tap.config import KafkaSettings
 from gateway_tap.devstack import NoidaServer
-from gateway_tap.publisher import EventPublisher, PublisherSettings
+from gateway_tap.publisher import EventPublisher
+from gateway_tap.settings import KafkaSettings, PublisherSettings
 from schemas import Analytics
 
 

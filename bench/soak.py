@@ -216,8 +216,8 @@ class Soak:
         finally:
             await admin.close()
         self.pg_dsn = f"{self.o.pg_admin_dsn.rpartition('/')[0]}/{self.pg_db}"
-        from gateway_tap.budgets.settings import BudgetStoreSettings
         from gateway_tap.budgets.store import open_store
+        from gateway_tap.settings import BudgetStoreSettings
 
         store = await open_store(BudgetStoreSettings(backend="postgres", postgres_dsn=self.pg_dsn), migrate=True)
         await store.close()

@@ -1,6 +1,6 @@
 """Configuration reload of a collector worker (SIGHUP), applied by the runtime between batches.
 
-The file is validated whole (:func:`gateway_tap.config.load_config`), then the
+The file is validated whole (:func:`gateway_tap.settings.load_config`), then the
 collector's ``config`` against its schema; a rejected file is logged with the key
 path and changes nothing. Applied live: ``batch``, ``retry``, ``shutdown_grace_s``
 and the collector's ``config``. A changed ``config`` goes to the collector's
@@ -18,13 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collectors.config import validate_collector_config
 from collectors.sdk import ConfigError, DataCollector
-from collectors.settings import CollectorSettings, validate_collector_config
 from gateway_tap.config_reload import ReloadMetrics, changed_keys
+from gateway_tap.settings import CollectorSettings
 
 if TYPE_CHECKING:
     from collectors.runtime import CollectorRuntime
-    from gateway_tap.config import GatewayConfig
+    from gateway_tap.settings import GatewayConfig
 
 log = logging.getLogger("gateway_tap.collectors.reload")
 
@@ -84,14 +85,14 @@ class CollectorReloader:
         return True
 
     def _validate(self) -> tuple[GatewayConfig, CollectorSettings, dict[str, Any]]:
-        from gateway_tap.config import load_config
+        from gateway_tap.settings import load_config
 
         root = load_config(self.path)
         rt = self.runtime
         settings = root.collectors.get(rt.name) or CollectorSettings.model_validate({})
         if self.overrides:
             settings = settings.model_copy(update=self.overrides)
-        config = validate_collector_config(rt.name, rt.collector_cls.config_schema, settings.config)
+        config = validate_collector_config(rt.name, rt.collector_cls, settings.config)
         return root, settings, config
 
     async def _apply_collector_config(self, config: dict[str, Any], root: GatewayConfig) -> None:
@@ -113,7 +114,7 @@ class CollectorReloader:
             # The old one is closed: bring it back with its old config before reporting the failure.
             services.extras["root_config"] = rt.extras.get("root_config")
             back: DataCollector = rt.collector_cls()
-            old_config = validate_collector_config(rt.name, rt.collector_cls.config_schema, rt.settings.config)
+            old_config = validate_collector_config(rt.name, rt.collector_cls, rt.settings.config)
             await back.initialize(old_config, services)
             rt.collector = back
             raise

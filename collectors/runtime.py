@@ -28,12 +28,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from collectors.config import validate_collector_config
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
-from collectors.settings import CollectorSettings, group_id_for, validate_collector_config
+from gateway_tap.settings import CollectorSettings, group_id_for
 from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
 
@@ -198,7 +199,7 @@ class CollectorRuntime:
 
         :raises ConfigError: the collector's config does not match its schema.
         """
-        config = validate_collector_config(self.name, self.collector_cls.config_schema, self.settings.config)
+        config = validate_collector_config(self.name, self.collector_cls, self.settings.config)
         collector = self.collector = self.collector_cls()
         services = self.services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
                                      kafka_prefix=self.prefix,
@@ -513,7 +514,7 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     :raises ConfigFileError: the file is invalid.
     :raises ConfigError: NAME cannot be resolved or its config does not match the schema.
     """
-    from gateway_tap.config import GatewayConfig, load_config
+    from gateway_tap.settings import GatewayConfig, load_config
 
     config = load_config(config_path) if config_path else GatewayConfig()
     settings = config.collectors.get(name) or CollectorSettings.model_validate({})
@@ -522,7 +523,7 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
         settings = settings.model_copy(update=overrides)
     collector_cls = resolve_collector(settings.plugin or name)
     # Validate now so a bad config fails before any connection is made.
-    validate_collector_config(name, collector_cls.config_schema, settings.config)
+    validate_collector_config(name, collector_cls, settings.config)
     return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
                             config.kafka.topic_prefix, config.kafka.client_id, extras={"root_config": config},
                             config_path=config_path, overrides=overrides)

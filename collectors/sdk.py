@@ -2,7 +2,8 @@
 
 Lifecycle (driven by the runtime, like Kafka Connect's SinkTask):
 
-1. the config is validated against :attr:`DataCollector.config_schema`;
+1. the config is validated against :attr:`DataCollector.Config` (a pydantic model), or else
+   against :attr:`DataCollector.config_schema` (JSON Schema);
 2. :meth:`DataCollector.initialize` is called once with the config and services;
 3. per batch, the batch handler of each event type is awaited
    (:meth:`handle_proxy_log_batch`, ...), then :meth:`handle_control_batch` for the
@@ -35,6 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
+from gateway_tap.settings import CollectorDefaults
 from schemas import Analytics, BudgetUsage, ControlMessage, Event, EventType, ProxyLog
 
 
@@ -90,13 +94,16 @@ class CollectorServices:
     :param logger: a logger bound to the collector.
     :param metrics: a prometheus registry the collector may register its own metrics on.
     :param kafka_prefix: topic prefix in use.
-    :param extras: runtime-specific services (e.g. a Kafka producer for alerts).
+    :param defaults: the root sections of the config file a collector may fall back on (``budgets``,
+        ``budget_store``); empty defaults when the runtime was not started from a file.
+    :param extras: runtime-specific services (``group_instance_id``: the worker's static membership id).
     """
 
     name: str
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
     metrics: Any = None
     kafka_prefix: str = "gateway"
+    defaults: CollectorDefaults = field(default_factory=CollectorDefaults)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,8 +117,17 @@ class DataCollector:
 
     name: ClassVar[str] = ""
     event_types: ClassVar[tuple[EventType, ...]] = ()
+    Config: ClassVar[type[BaseModel] | None] = None
+    """This collector's config as a pydantic model (preferred). When set, ``collectors.<NAME>.config`` is
+    validated with it (defaults filled in) and :attr:`config_schema` is derived from it."""
     config_schema: ClassVar[dict[str, Any]] = {"type": "object"}
-    """JSON Schema (draft 2020-12) of this collector's config; validated before initialize."""
+    """JSON Schema (draft 2020-12) of this collector's config; validated before initialize when there is no
+    :attr:`Config`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.Config is not None and "config_schema" not in cls.__dict__:
+            cls.config_schema = cls.Config.model_json_schema()
 
     config: dict[str, Any]
     services: CollectorServices

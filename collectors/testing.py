@@ -22,8 +22,8 @@ from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
+from collectors.config import validate_collector_config
 from collectors.sdk import CollectorServices, DataCollector, hand_over, hand_over_control
-from collectors.settings import validate_collector_config
 from schemas import ControlMessage, Event, EventDecodeError, EventType, decode_event, encode_event
 
 
@@ -45,7 +45,7 @@ class CollectorHarness:
                  name: str = "test", extras: dict[str, Any] | None = None) -> None:
         self.collector_cls = collector_cls
         self.name = name
-        self.config = validate_collector_config(name, collector_cls.config_schema, config or {})
+        self.config = validate_collector_config(name, collector_cls, config or {})
         self.registry = CollectorRegistry()
         self.services = CollectorServices(name=name, logger=logging.getLogger(f"gateway_tap.collectors.{name}"),
                                           metrics=self.registry, extras=dict(extras or {}))

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDictProxy, MultiMapping
 
-from gateway_tap.config import AppConfig
+from gateway_tap.settings import AppConfig
 
 
 def hash_key(key: str) -> str:

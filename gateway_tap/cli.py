@@ -13,7 +13,7 @@ import click
 from gateway_tap import __version__
 
 if TYPE_CHECKING:
-    from gateway_tap.config import GatewayConfig
+    from gateway_tap.settings import GatewayConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,8 +59,8 @@ def hash_key(key: str | None) -> None:
 @click.option("--port", type=int, help="Override tap.listen.port.")
 def serve(config_path: str, workers: int | None, port: int | None) -> None:
     """Run the tap (reverse proxy, hooks, event publishing)."""
-    from gateway_tap.config import ConfigFileError
     from gateway_tap.proxy.server import serve as run
+    from gateway_tap.settings import ConfigFileError
 
     try:
         raise SystemExit(run(config_path, workers, port))
@@ -72,8 +72,8 @@ def serve(config_path: str, workers: int | None, port: int | None) -> None:
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def check_config(config_path: str) -> None:
     """Validate a config file (including plugin configs); exit 1 listing each key path and problem."""
-    from gateway_tap.config import ConfigFileError, load_config
     from gateway_tap.plugins.loader import validate_plugin_configs
+    from gateway_tap.settings import ConfigFileError, load_config
 
     try:
         config = load_config(config_path)
@@ -127,7 +127,7 @@ def collect(name: str, config_path: str | None, group_id: str | None, group_inst
 
     from collectors.runtime import build_runtime, run_collector
     from collectors.sdk import ConfigError
-    from gateway_tap.config import ConfigFileError
+    from gateway_tap.settings import ConfigFileError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -167,7 +167,7 @@ def new_plugin(name: str, directory: str) -> None:
 
 def _load(config_path: str) -> GatewayConfig:
     """The validated config file, or a ClickException naming each problem."""
-    from gateway_tap.config import ConfigFileError, load_config
+    from gateway_tap.settings import ConfigFileError, load_config
 
     try:
         return load_config(config_path)

@@ -1,7 +1,7 @@
 """What the tap and the collectors share to reload their configuration file: metrics, change detection, diffs.
 
 A reload (SIGHUP, or a change seen by ``tap.reload.watch``) validates the whole file
-with :func:`gateway_tap.config.load_config` first; an invalid file is rejected with
+with :func:`gateway_tap.settings.load_config` first; an invalid file is rejected with
 a logged error naming each key path, and the configuration in force stays.
 """
 

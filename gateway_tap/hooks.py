@@ -43,7 +43,7 @@ from multidict import CIMultiDict
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway_tap.config import AppConfig
+    from gateway_tap.settings import AppConfig
 
 _UNPARSED: Any = object()
 

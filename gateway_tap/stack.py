@@ -110,7 +110,7 @@ def write_stack_config(source: Path, state_dir: Path, ports: Ports) -> Path:
 
     :raises StackError: the source is unreadable or the result is invalid (key paths named).
     """
-    from gateway_tap.config import ConfigFileError, parse_config
+    from gateway_tap.settings import ConfigFileError, parse_config
 
     try:
         doc = yaml.safe_load(source.read_text()) or {}

@@ -26,8 +26,8 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from gateway_tap.budgets.store import BudgetStore
-    from gateway_tap.config import GatewayConfig
     from gateway_tap.demo_traffic import DemoTraffic
+    from gateway_tap.settings import GatewayConfig
     from gateway_tap.stack import LocalStack
 
 PLAIN_INTERVAL_S = 10.0
@@ -117,7 +117,7 @@ class Monitor:
         asyncio.run(self._loop())
 
     async def _loop(self) -> None:
-        from gateway_tap.config import load_config
+        from gateway_tap.settings import load_config
 
         assert self.stack.config_path is not None
         config = load_config(self.stack.config_path)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gateway_tap.budgets.periods import period_start
-from gateway_tap.budgets.settings import BudgetStoreSettings, Period
 from gateway_tap.budgets.store import BudgetStore, open_store
 from gateway_tap.devstack import free_port
+from gateway_tap.settings import BudgetStoreSettings, Period
 from schemas import BudgetUsage
 
 _seq = itertools.count()

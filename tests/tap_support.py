@@ -13,9 +13,9 @@ from typing import Any
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.config import parse_config
 from gateway_tap.devstack import free_port
 from gateway_tap.proxy.app import TapApp, create_app
+from gateway_tap.settings import parse_config
 from schemas import EVENT_TYPES, Event, decode_event, topic_for
 
 APP_KEY = "gt-test-key-0123456789"

@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer
 from gateway_tap.budgets.periods import usd_to_micros
-from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
 from gateway_tap.devstack import free_port
+from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from tests.budget_support import TcpRelay, usage
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)

@@ -11,9 +11,9 @@ import pytest
 
 from gateway_tap.budgets import migrations
 from gateway_tap.budgets.periods import period_end, period_start, resets_at, usage_day, usd_to_micros
-from gateway_tap.budgets.settings import BudgetSettings, BudgetStoreSettings
 from gateway_tap.budgets.store import BudgetStore, Spend, StoreUnavailable, UsageRecord, open_store
 from gateway_tap.devstack import free_port
+from gateway_tap.settings import BudgetSettings, BudgetStoreSettings
 from tests.budget_support import usage
 
 MARCH = date(2026, 3, 1)
@@ -159,7 +159,7 @@ async def test_unopenable_sqlite_is_retriable(tmp_path: Path) -> None:
 
 
 def test_budget_config_sections_name_the_key_path() -> None:
-    from gateway_tap.config import ConfigFileError, parse_config
+    from gateway_tap.settings import ConfigFileError, parse_config
 
     cfg = parse_config({"budgets": [{"app_id": "a", "limit_usd": 5}],
                         "budget_store": {"backend": "postgres", "postgres_dsn_env": "X"},

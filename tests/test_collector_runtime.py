@@ -20,9 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from collectors import BadEvents, RetryLater
 from collectors.runtime import CollectorRuntime
-from collectors.settings import CollectorSettings
 from collectors.sinks.file import FileCollector
 from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.settings import CollectorSettings
 from schemas import Analytics, Event, EventType, ProxyLog, encode_event, message_headers, topic_for
 from tests.test_schemas import examples
 

@@ -11,11 +11,11 @@ import orjson
 import pytest
 
 from collectors import BadEvent, BadEvents, ConfigError, DataCollector, RetryLater
+from collectors.config import validate_collector_config
 from collectors.registry import resolve_collector
-from collectors.settings import validate_collector_config
 from collectors.sinks.file import FileCollector, repair_torn_tail
 from collectors.testing import CollectorHarness
-from gateway_tap.config import ConfigFileError, parse_config
+from gateway_tap.settings import ConfigFileError, parse_config
 from schemas import Analytics, BudgetUsage, encode_event
 from tests.test_schemas import examples
 
@@ -157,13 +157,13 @@ def test_consumed_types_declared_or_derived() -> None:
 
 def test_config_errors_name_the_key_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        validate_collector_config("file", FileCollector.config_schema,
+        validate_collector_config("file", FileCollector,
                                   {"directory": 3, "fsync": "sometimes", "colour": "red"})
     lines_ = str(err.value).splitlines()
     assert "collectors.file.config.directory: 3 is not of type 'string'" in lines_
     assert any(line.startswith("collectors.file.config.fsync: 'sometimes' is not one of") for line in lines_)
     assert any(line.startswith("collectors.file.config: Additional properties") for line in lines_)
-    filled = validate_collector_config("file", FileCollector.config_schema, {"directory": "d"})
+    filled = validate_collector_config("file", FileCollector, {"directory": "d"})
     assert filled["fsync"] == "always" and filled["rotate_interval_s"] == 3600
     with pytest.raises(ConfigFileError, match=r"collectors\.file\.batch\.max_events: Input should be greater"):
         parse_config({"collectors": {"file": {"batch": {"max_events": 0}}}})

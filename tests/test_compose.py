@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway_tap.config import load_config
+from gateway_tap.settings import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -214,8 +214,8 @@ def test_app_services_match_the_cli(services: dict[str, dict[str, Any]]) -> None
 # ------------------------------------------------------------ app configuration
 
 def test_app_config_is_valid_and_matches_the_stack() -> None:
+    from collectors.config import validate_collector_config
     from collectors.registry import resolve_collector
-    from collectors.settings import validate_collector_config
     from schemas.topics import CONTROL_SUFFIX, TOPIC_SUFFIXES
 
     config = load_config(APP_CONFIG)
@@ -225,7 +225,7 @@ def test_app_config_is_valid_and_matches_the_stack() -> None:
     assert set(config.collectors) == set(COLLECTORS)
     for name, settings in config.collectors.items():
         assert settings.metrics.host == "0.0.0.0" and settings.metrics.port == 9465, name
-        validate_collector_config(name, resolve_collector(settings.plugin or name).config_schema, settings.config)
+        validate_collector_config(name, resolve_collector(settings.plugin or name), settings.config)
     # kafka-init creates exactly the event and control topics of schemas.topics (plus their .dlq) under the
     # config's prefix.
     script = (ROOT / "deploy" / "kafka-init.sh").read_text()

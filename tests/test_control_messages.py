@@ -16,10 +16,10 @@ from collectors.examples.control_counters import ControlCounters
 from collectors.registry import resolve_collector
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import DataCollector
-from collectors.settings import CollectorSettings
 from collectors.testing import CollectorHarness
 from gateway_tap.devstack import free_port
 from gateway_tap.plugins.testing import PluginHarness
+from gateway_tap.settings import CollectorSettings
 from schemas import ControlMessage, control_topic, decode_control
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, running_tap, tap_config
 from tests.test_collector_runtime import produce, read_topic

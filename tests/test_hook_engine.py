@@ -14,7 +14,6 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway_tap.apps import AppIndex
-from gateway_tap.config import PluginConfig
 from gateway_tap.hooks import HookContext, HookResult, Identity, PluginServices, StreamEvent, TapRequest, TapResponse
 from gateway_tap.plugins.chain import (
     Answered,
@@ -34,6 +33,7 @@ from gateway_tap.plugins.chain import (
 )
 from gateway_tap.plugins.loader import LoadedPlugin
 from gateway_tap.plugins.services import Gateway, MemoryKV
+from gateway_tap.settings import PluginConfig
 
 SERVICES = PluginServices(MemoryKV({}, "t"), logging.getLogger("test"), Gateway(AppIndex([])))
 

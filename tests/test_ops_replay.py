@@ -14,10 +14,10 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from collectors.runtime import build_runtime
-from gateway_tap.budgets.settings import BudgetStoreSettings
 from gateway_tap.budgets.store import open_store
 from gateway_tap.cli import main
 from gateway_tap.ops.replay import ReplayError, parse_position
+from gateway_tap.settings import BudgetStoreSettings
 from schemas import ProxyLog, topic_for
 from tests.budget_support import usage
 from tests.test_collector_runtime import analytics, create_topics, produce_events, read_topic, wait_for, written

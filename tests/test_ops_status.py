@@ -14,12 +14,11 @@ import yaml
 from click.testing import CliRunner
 
 from collectors.runtime import build_runtime
-from gateway_tap.budgets.settings import BudgetStoreSettings
 from gateway_tap.budgets.store import UsageRecord, open_store
 from gateway_tap.cli import main
-from gateway_tap.config import parse_config
 from gateway_tap.devstack import free_port
 from gateway_tap.ops.status import gather_status
+from gateway_tap.settings import BudgetStoreSettings, parse_config
 from schemas import topic_for
 from tests.budget_support import usage
 from tests.tap_support import running_tap, tap_config

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from gateway_tap.config import AppConfig
 from gateway_tap.hooks import HookContext, HookResult, Identity, TapRequest, TapResponse
 from gateway_tap.plugins import HookFailed, PluginLoadError
 from gateway_tap.plugins.testing import PluginHarness
+from gateway_tap.settings import AppConfig
 from tests.tap_support import APP_KEY, key_hash
 
 EXAMPLES = "gateway_tap.plugins.examples"

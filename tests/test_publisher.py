@@ -14,9 +14,9 @@ import prometheus_client
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.config import KafkaSettings
 from gateway_tap.devstack import NoidaServer
-from gateway_tap.publisher import EventPublisher, PublisherSettings
+from gateway_tap.publisher import EventPublisher
+from gateway_tap.settings import KafkaSettings, PublisherSettings
 from schemas import EVENT_TYPES, Analytics, BudgetUsage, Event, Latency, ProxyLog, decode_event, topic_for
 
 FAST = {"delivery_timeout_s": 2.0, "retry_interval_s": 0.2, "linger_ms": 2}

@@ -118,8 +118,8 @@ async def test_reload_keeps_unchanged_plugins_and_swaps_the_rest(mock_llm: str, 
     document = tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path / "spool", plugins=plugins)
     path = tmp_path / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
-    from gateway_tap.config import load_config
     from gateway_tap.proxy.app import create_app
+    from gateway_tap.settings import load_config
 
     tap = await create_app(load_config(path), config_path=path)
     from aiohttp import web
@@ -337,8 +337,8 @@ async def test_watch_reloads_when_the_content_changes(mock_llm: str, kafka_boots
     path.write_text(yaml.safe_dump(document))
     from aiohttp import web
 
-    from gateway_tap.config import load_config
     from gateway_tap.proxy.app import create_app
+    from gateway_tap.settings import load_config
 
     tap = await create_app(load_config(path), config_path=path)
     runner = web.AppRunner(tap.web_app, access_log=None)

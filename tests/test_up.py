@@ -271,7 +271,7 @@ def test_up_names_the_option_for_a_busy_port(make_up: type[Up], tmp_path: Path) 
 
 
 def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> None:
-    from gateway_tap.config import load_config
+    from gateway_tap.settings import load_config
     from gateway_tap.stack import Ports, write_stack_config
 
     ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,

@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from collectors.metrics import DURATION_BUCKETS
 from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
 from gateway_tap.budgets.periods import period_start, usd_to_micros
-from gateway_tap.budgets.settings import BudgetSettings, BudgetStoreSettings
 from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
+from gateway_tap.settings import BudgetSettings, BudgetStoreSettings
 from schemas import BudgetUsage
 
 

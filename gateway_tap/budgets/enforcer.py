@@ -48,8 +48,8 @@ from gateway_tap.budgets.periods import (
     usd_to_micros,
     utc_clock,
 )
-from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, Period
 from gateway_tap.budgets.store import BudgetStore, BudgetStoreError
+from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, Period
 from schemas import BudgetUsage
 
 log = logging.getLogger("gateway_tap.budgets")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from gateway_tap.budgets.settings import Period
+from gateway_tap.settings import Period
 
 Clock = Callable[[], datetime]
 """Returns the current aware UTC datetime; injected in tests."""

@@ -19,7 +19,6 @@ from typing import Any
 import asyncpg
 
 from gateway_tap.budgets import migrations
-from gateway_tap.budgets.settings import BudgetStoreSettings
 from gateway_tap.budgets.store import (
     BudgetStore,
     BudgetStoreError,
@@ -30,6 +29,7 @@ from gateway_tap.budgets.store import (
     StoreUnavailable,
     UsageRecord,
 )
+from gateway_tap.settings import BudgetStoreSettings
 
 _RECORD = """
 WITH stage AS (

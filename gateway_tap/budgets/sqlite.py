@@ -19,7 +19,6 @@ import aiosqlite
 import orjson
 
 from gateway_tap.budgets import migrations
-from gateway_tap.budgets.settings import BudgetStoreSettings
 from gateway_tap.budgets.store import (
     BudgetStore,
     BudgetStoreError,
@@ -30,6 +29,7 @@ from gateway_tap.budgets.store import (
     StoreUnavailable,
     UsageRecord,
 )
+from gateway_tap.settings import BudgetStoreSettings
 
 _STAGE = """CREATE TEMP TABLE IF NOT EXISTS budget_stage (
     event_id TEXT PRIMARY KEY, app_id TEXT, llm_id TEXT, day TEXT, cost_micros INTEGER,

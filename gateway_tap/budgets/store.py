@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from gateway_tap.budgets.periods import period_end, usage_day, usd_to_micros
-from gateway_tap.budgets.settings import BudgetStoreSettings, Period
+from gateway_tap.settings import BudgetStoreSettings, Period
 from schemas import BudgetUsage
 
 

@@ -21,9 +21,9 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
-from gateway_tap.config import GatewayConfig
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, Record, quiet_client_logs
 from gateway_tap.ops.status import dlq_topics
+from gateway_tap.settings import GatewayConfig
 
 DLQ_HEADER_NAMES = ("collector", "error", "error_class", "original_topic", "original_partition", "original_offset")
 """The headers the runtime appends, in order (see :func:`collectors.dlq.dlq_headers`)."""

@@ -26,12 +26,12 @@ from aiokafka import TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from collectors.config import validate_collector_config
 from collectors.registry import resolve_collector
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import ConfigError
-from collectors.settings import CollectorSettings, MetricsSettings, group_id_for, validate_collector_config
-from gateway_tap.config import GatewayConfig
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
+from gateway_tap.settings import CollectorSettings, GatewayConfig, MetricsSettings, group_id_for
 from schemas import EventType, topic_for
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
@@ -138,7 +138,7 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
     """
     settings = config.collectors.get(name) or CollectorSettings.model_validate({})
     collector_cls = resolve_collector(settings.plugin or name)
-    validate_collector_config(name, collector_cls.config_schema, settings.config)
+    validate_collector_config(name, collector_cls, settings.config)
     consumed = collector_cls.consumed_types()
     chosen = tuple(types) if types else consumed
     unknown = [t for t in chosen if t not in consumed]

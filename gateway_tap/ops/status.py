@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from gateway_tap.config import GatewayConfig
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
 from gateway_tap.ops.targets import collector_targets
+from gateway_tap.settings import GatewayConfig
 from schemas import EVENT_TYPES, dlq_topic, topic_for
 
 TAP_METRICS = {

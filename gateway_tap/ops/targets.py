@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from collectors.registry import BUILTINS, resolve_collector
 from collectors.sdk import ConfigError
-from collectors.settings import CollectorSettings, group_id_for
-from gateway_tap.config import GatewayConfig
+from gateway_tap.settings import CollectorSettings, GatewayConfig, group_id_for
 from schemas import EVENT_TYPES, EventType, topic_for
 
 

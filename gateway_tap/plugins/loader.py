@@ -13,10 +13,10 @@ from typing import Any
 
 import jsonschema
 
-from gateway_tap.config import PluginConfig
 from gateway_tap.hooks import ConfigSchemaProvider, ControlSink, GatewayServices, KeyValueStore, PluginServices
 from gateway_tap.plugins.services import MemoryKV
 from gateway_tap.plugins.shared_kv import SharedKVStore
+from gateway_tap.settings import PluginConfig
 
 ENTRY_POINT_GROUP = "gateway_tap.plugins"
 

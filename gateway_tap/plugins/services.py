@@ -10,8 +10,8 @@ from schemas import ControlMessage, control_headers, control_topic, encode_contr
 
 if TYPE_CHECKING:
     from gateway_tap.apps import AppIndex
-    from gateway_tap.config import AppConfig
     from gateway_tap.publisher import EventPublisher
+    from gateway_tap.settings import AppConfig
 
 BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 

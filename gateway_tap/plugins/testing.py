@@ -30,7 +30,6 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway_tap.apps import AppIndex
-from gateway_tap.config import AppConfig, PluginConfig
 from gateway_tap.hooks import HookResult, StreamEvent, TapRequest, TapResponse
 from gateway_tap.plugins.chain import (
     Chain,
@@ -48,6 +47,7 @@ from gateway_tap.plugins.chain import (
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import Gateway
 from gateway_tap.plugins.sse import EventReader, EventRelay
+from gateway_tap.settings import AppConfig, PluginConfig
 from schemas import ControlMessage, encode_control
 
 _ids = itertools.count(1)

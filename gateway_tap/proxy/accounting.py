@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from gateway_tap.config import ModelPrice
 from gateway_tap.hooks import StreamEvent
+from gateway_tap.settings import ModelPrice
 
 CHARS_PER_TOKEN = 4
 

@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway_tap.apps import AppIndex, presented_key
 from gateway_tap.budgets.periods import Clock
-from gateway_tap.config import GatewayConfig, PluginConfig
 from gateway_tap.hooks import HookContext
 from gateway_tap.plugins.chain import build_chains
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
@@ -36,6 +35,7 @@ from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
+from gateway_tap.settings import GatewayConfig, PluginConfig
 
 log = logging.getLogger(__name__)
 

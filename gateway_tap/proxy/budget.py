@@ -29,14 +29,13 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer, Decision
 from gateway_tap.budgets.periods import Clock, period_start, utc_clock
-from gateway_tap.budgets.settings import BudgetEnforcementSettings, BudgetSettings, Period
 from gateway_tap.budgets.store import BudgetStore, open_store
-from gateway_tap.config import GatewayConfig, ModelPrice
 from gateway_tap.hooks import TapRequest
 from gateway_tap.plugins.chain import HookMetrics, RequestScope
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.accounting import Usage, cost_of, estimate_prompt_tokens, price_for
 from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, GatewayConfig, ModelPrice, Period
 from schemas import BudgetUsage, Event
 
 log = logging.getLogger(__name__)

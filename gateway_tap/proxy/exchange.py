@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway_tap.budgets.enforcer import Reservation
-    from gateway_tap.budgets.settings import Period
     from gateway_tap.proxy.errors import TapError
+    from gateway_tap.settings import Period
 
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie",
                                "set-cookie", "x-goog-api-key", "openai-organization", "openai-project"})

@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway_tap.config import ConfigFileError, GatewayConfig, PluginConfig, load_config
 from gateway_tap.config_reload import FileFingerprint, ReloadMetrics, changed_keys
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plugins
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
+from gateway_tap.settings import ConfigFileError, GatewayConfig, PluginConfig, load_config
 
 if TYPE_CHECKING:
     from gateway_tap.proxy.app import TapApp

@@ -25,8 +25,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from gateway_tap.config import GatewayConfig, load_config
 from gateway_tap.publisher.spool import adopt_orphan_spools
+from gateway_tap.settings import GatewayConfig, load_config
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from gateway_tap.apps import AppIndex
-from gateway_tap.config import GatewayConfig
 from gateway_tap.hooks import EndpointHandler, EndpointProvider
 from gateway_tap.plugins.loader import LoadedPlugin
 from gateway_tap.proxy.upstream import Upstream
+from gateway_tap.settings import GatewayConfig
 
 EndpointTable = dict[tuple[str, str], dict[str, tuple[LoadedPlugin, EndpointHandler]]]
 """(plugin name, path below /plugins/{name}/) -> method (or ``*``) -> plugin and handler."""

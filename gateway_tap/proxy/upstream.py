@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway_tap.config import LLMConfig, ModelPrice
 from gateway_tap.plugins.chain import Chain
+from gateway_tap.settings import LLMConfig, ModelPrice
 
 # Never forwarded upstream: hop-by-hop headers, the client's credentials, and what aiohttp sets itself.
 REQUEST_HEADERS_DROPPED = frozenset({

@@ -1,7 +1,7 @@
-"""Non-blocking Kafka event publishing with a durable disk spool (see :mod:`.publisher`)."""
+"""Non-blocking Kafka event publishing with a durable disk spool (see :mod:`.publisher`; settings:
+:class:`gateway_tap.settings.PublisherSettings`)."""
 
 from gateway_tap.publisher.publisher import EventPublisher
-from gateway_tap.publisher.settings import PublisherSettings
 from gateway_tap.publisher.spool import Message, Spool
 
-__all__ = ["EventPublisher", "Message", "PublisherSettings", "Spool"]
+__all__ = ["EventPublisher", "Message", "Spool"]

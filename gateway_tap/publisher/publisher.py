@@ -38,9 +38,8 @@ from aiokafka.errors import (
 )
 
 import schemas
-from gateway_tap.config import KafkaSettings
-from gateway_tap.publisher.settings import PublisherSettings
 from gateway_tap.publisher.spool import AppendResult, Message, ReadBatch, Spool
+from gateway_tap.settings import KafkaSettings, PublisherSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``tap.publisher``: the event publisher's queue, Kafka producer and disk spool settings."""
+"""``tap.publisher``: the event publisher's queue, Kafka producer and disk spool (all read once at start)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from gateway_tap.config import Section
+from gateway_tap.settings.base import Section
 
 
 class PublisherSettings(Section):

@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from gateway_tap.settings.base import Section
 
 Period = Literal["monthly", "daily"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BudgetSettings(_Section):
+class BudgetSettings(Section):
     """One budget: per app, or per app x LLM when ``llm_id`` is set."""
 
     app_id: str = Field(min_length=1, description="The app this budget applies to.")
@@ -41,7 +39,7 @@ class BudgetSettings(_Section):
         return f"{self.app_id}{'/' + self.llm_id if self.llm_id else ''}:{self.period}"
 
 
-class BudgetStoreSettings(_Section):
+class BudgetStoreSettings(Section):
     """Where spend is recorded (budget collector) and read back (tap)."""
 
     backend: Literal["sqlite", "postgres"] = Field(default="sqlite", description="sqlite (embedded) or postgres.")
@@ -62,7 +60,7 @@ class BudgetStoreSettings(_Section):
         return dsn
 
 
-class BudgetEnforcementSettings(_Section):
+class BudgetEnforcementSettings(Section):
     """How the tap enforces budgets (the built-in post-auth step)."""
 
     enabled: bool = Field(default=True, description="Check budgets before forwarding requests.")

@@ -1,0 +1,27 @@
+"""``apps``: the client applications and the (hashed) keys they authenticate with."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from gateway_tap.settings.base import Section
+
+
+class AppConfig(Section):
+    """A client application and the keys it authenticates with."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; the app_id of its events.")
+    name: str = Field(default="", description="Display name.")
+    key_hashes: list[str] = Field(default_factory=list,
+                                  description="'sha256:<hex>' of each valid key (gateway-tap hash-key).")
+    allowed_llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids, or '*' for all.")
+
+    @field_validator("key_hashes")
+    @classmethod
+    def _check_hashes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", item):
+                raise ValueError(f"{item[:12]!r}... is not 'sha256:' followed by 64 lowercase hex digits")
+        return value

@@ -1,0 +1,37 @@
+"""``llms``: the upstreams the tap routes ``/llm/{id}/...`` to, with their timeouts and prices."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gateway_tap.settings.base import Section
+
+
+class ModelPrice(Section):
+    """Price of one model in ``currency`` per million tokens."""
+
+    input_per_1m: float = Field(default=0.0, ge=0, description="Price of one million prompt tokens.")
+    output_per_1m: float = Field(default=0.0, ge=0, description="Price of one million completion tokens.")
+
+
+class LLMTimeouts(Section):
+    """Upstream timeouts in seconds; exceeding one answers 504."""
+
+    connect_s: float = Field(default=5.0, gt=0, description="Opening the connection to the upstream.")
+    first_byte_s: float = Field(default=60.0, gt=0, description="From sending the request to the response headers.")
+    total_s: float = Field(default=600.0, gt=0, description="Whole exchange, including a streamed body.")
+
+
+class LLMConfig(Section):
+    """One upstream the tap routes ``/llm/{id}/...`` to."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; the {id} in /llm/{id}/.")
+    vendor: Literal["openai", "anthropic"] = Field(description="API style: how usage is read and the key is sent.")
+    upstream_url: str = Field(pattern=r"^https?://", description="Base URL; the rest of the path is appended.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the upstream credential.")
+    timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)  # type: ignore[arg-type]
+    currency: str = Field(default="USD", description="Currency of prices (budgets count USD only).")
+    prices: dict[str, ModelPrice] = Field(default_factory=dict,
+                                          description="Per model; the key '*' prices any other model.")

@@ -1,0 +1,52 @@
+"""``tap``: the proxy process (listening socket, workers, limits, logging, event publishing, reload)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from gateway_tap.settings.base import RESTART, Section
+from gateway_tap.settings.publisher import PublisherSettings
+
+
+class ListenSettings(Section):
+    """Where the tap accepts client connections."""
+
+    host: str = Field(default="127.0.0.1", description="Interface to bind (0.0.0.0 for all).")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port of the proxy (and its /metrics).")
+
+
+class LimitSettings(Section):
+    """Request limits enforced before anything is forwarded."""
+
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+
+
+class ReloadSettings(Section):
+    """Live configuration reload: always on SIGHUP; with ``watch`` also when the file's content changes."""
+
+    watch: bool = Field(default=False, description="Poll the file and reload when its content changed.")
+    interval_s: float = Field(default=2.0, gt=0, description="Polling interval of watch (stat; hashed only on change).")
+
+
+class TapSettings(Section):
+    """The proxy process: listening socket, workers, limits, logging and event publishing."""
+
+    listen: Annotated[ListenSettings, RESTART] = Field(default_factory=ListenSettings)  # type: ignore[arg-type]
+    workers: Annotated[int, RESTART] = Field(default=1, ge=1, le=64,
+                                             description="Worker processes sharing the port (SO_REUSEPORT).")
+    limits: Annotated[LimitSettings, RESTART] = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    access_log: bool = Field(default=True, description="One structured JSON log line per request.")
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], RESTART] = Field(
+        default="info", description="Level of the tap's log.")
+    capture_bodies: bool = Field(default=False, description="Put (truncated, redacted) bodies into proxy_log events.")
+    body_capture_bytes: int = Field(default=4096, ge=0, description="Captured bodies are truncated to this many bytes.")
+    upstream_max_connections: Annotated[int, RESTART] = Field(default=1000, ge=1,
+                                                              description="Pooled upstream connections per worker.")
+    publisher: Annotated[PublisherSettings, RESTART] = Field(default_factory=PublisherSettings)  # type: ignore[arg-type]
+    shared_kv_path: Annotated[str | None, RESTART] = Field(
+        default=None,
+        description="SQLite file of the plugins' shared key-value store (plugins[].kv.backend: shared), shared by "
+                    "this tap's worker processes; default <publisher.spool_dir>/plugin-kv.sqlite.")
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)  # type: ignore[arg-type]
