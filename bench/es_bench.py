@@ -46,7 +46,7 @@ from elasticsearch.helpers import async_streaming_bulk
 
 from collectors.sdk import CollectorServices
 from collectors.sinks import es_templates as tpl
-from collectors.sinks.elasticsearch import CONFIG_SCHEMA, ElasticsearchCollector, status_class
+from collectors.sinks.elasticsearch import ElasticsearchCollector, EsConfig, status_class
 from gateway_tap.devstack import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
 from schemas import Analytics, decode_event, encode_event, topic_for
 from schemas.events import Event
@@ -233,7 +233,7 @@ async def main(args: argparse.Namespace) -> None:
         values = await read_back(kafka.bootstrap, topic, args.events)
         events = [decode_event(v, "analytics") for v in values]
         avg_bytes = sum(map(len, values)) / len(values)
-        chunk = CONFIG_SCHEMA["properties"]["bulk_max_events"]["default"]
+        chunk = EsConfig().bulk_max_events
 
         results: dict[str, list[float]] = {"bare": [], "collector": []}
         for n, name in enumerate(args.order.split(",")):
@@ -300,7 +300,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=5000, help="events per handed-over batch")
-    parser.add_argument("--concurrency", type=int, default=CONFIG_SCHEMA["properties"]["bulk_concurrency"]["default"],
+    parser.add_argument("--concurrency", type=int, default=EsConfig().bulk_concurrency,
                         help="the collector's bulk_concurrency")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rate", type=int, default=1000, help="events/s in the freshness phase")

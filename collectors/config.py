@@ -8,13 +8,26 @@ every problem is reported at once, each naming ``collectors.<NAME>.config.<path>
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from collectors.sdk import ConfigError, DataCollector
 from gateway_tap.settings.base import format_validation_error
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_collector_config(name: str, model: type[ModelT], config: Mapping[str, Any]) -> ModelT:
+    """``config`` as a ``model`` instance (what a collector with a ``Config`` does in ``initialize``).
+
+    :raises ConfigError: one line per problem, each naming ``collectors.<name>.config.<path>``.
+    """
+    try:
+        return model.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(format_validation_error(exc, f"collectors.{name}.config"))) from None
 
 
 def validate_collector_config(name: str, collector_cls: type[DataCollector],
@@ -27,10 +40,7 @@ def validate_collector_config(name: str, collector_cls: type[DataCollector],
     :raises ConfigError: one line per problem, each naming ``collectors.<name>.config.<path>``.
     """
     if collector_cls.Config is not None:
-        try:
-            return collector_cls.Config.model_validate(config).model_dump()
-        except ValidationError as exc:
-            raise ConfigError("\n".join(format_validation_error(exc, f"collectors.{name}.config"))) from None
+        return parse_collector_config(name, collector_cls.Config, config).model_dump()
     return _validate_schema(name, collector_cls.config_schema, config)
 
 

@@ -1,13 +1,16 @@
 """Configuration reload of a collector worker (SIGHUP), applied by the runtime between batches.
 
 The file is validated whole (:func:`gateway_tap.settings.load_config`), then the
-collector's ``config`` against its schema; a rejected file is logged with the key
-path and changes nothing. Applied live: ``batch``, ``retry``, ``shutdown_grace_s``
-and the collector's ``config``. A changed ``config`` goes to the collector's
-``on_config_change(config)`` when it has one; otherwise the collector is closed and
-a fresh instance initialised with the new config. Both happen between batches, after
-the previous batch was flushed and committed, so no event is lost or half-written.
-Everything else (group, membership, fetch sizes, metrics port, ``kafka``) needs a restart.
+collector's ``config`` against its declaration; a rejected file is logged with the key
+path and changes nothing. Applied live: the fields of
+:class:`~gateway_tap.settings.CollectorSettings` not marked ``RESTART`` (``batch``, ``retry``,
+``shutdown_grace_s``, ``config``) and the root sections a collector falls back on
+(``services.defaults``: ``budgets``, ``budget_store``). A changed ``config`` goes to the
+collector's ``on_config_change(config)`` when it has one; otherwise (and when its defaults
+changed) the collector is closed and a fresh instance initialised. Both happen between
+batches, after the previous batch was flushed and committed, so no event is lost or
+half-written. Fields marked ``RESTART`` (group, membership, fetch sizes, metrics port) and
+``kafka`` need a restart: they are reported.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ from typing import TYPE_CHECKING, Any
 from collectors.config import validate_collector_config
 from collectors.sdk import ConfigError, DataCollector
 from gateway_tap.config_reload import ReloadMetrics, changed_keys
-from gateway_tap.settings import CollectorSettings
+from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, load_config
+from gateway_tap.settings.base import live_keys, restart_keys
 
 if TYPE_CHECKING:
     from collectors.runtime import CollectorRuntime
-    from gateway_tap.settings import GatewayConfig
 
 log = logging.getLogger("gateway_tap.collectors.reload")
 
-LIVE_KEYS = ("batch", "retry", "shutdown_grace_s", "config")
-RESTART_KEYS = ("plugin", "group_id", "group_instance_id", "session_timeout_ms", "max_poll_interval_ms",
-                "fetch_max_bytes", "max_partition_fetch_bytes", "auto_offset_reset", "metrics")
+LIVE_KEYS = live_keys(CollectorSettings)
+RESTART_KEYS = restart_keys(CollectorSettings)
+ROOT_RESTART_KEYS = ("kafka",)
+"""The root sections a collector worker reads once at start (its ``services.defaults`` are applied live)."""
 
 
 class CollectorReloader:
@@ -61,19 +65,21 @@ class CollectorReloader:
             self.metrics.rejected("invalid")
             return False
         old = rt.settings
-        restart = changed_keys(old, settings, RESTART_KEYS) + \
-            (["kafka"] if "root_config" in rt.extras and changed_keys(rt.extras["root_config"], root, ["kafka"])
-             else [])
+        restart = changed_keys(old, settings, RESTART_KEYS)
+        if rt.root is not None:
+            restart += changed_keys(rt.root, root, ROOT_RESTART_KEYS)
+        defaults = root.collector_defaults()
         try:
-            if settings.config != old.config:
-                await self._apply_collector_config(config, root)
+            assert rt.services is not None
+            if settings.config != old.config or defaults != rt.services.defaults:
+                await self._apply_collector_config(config, defaults)
         except Exception:
             log.exception("collector %s: applying the new config failed; the configuration in force stays",
                           rt.name)
             self.metrics.rejected("failed")
             return False
         rt.settings = old.model_copy(update={key: getattr(settings, key) for key in LIVE_KEYS})
-        rt.extras["root_config"] = root
+        rt.root = root
         self.generation += 1
         self.metrics.succeeded(self.generation)
         log.info("collector %s: configuration reloaded: generation %d", rt.name, self.generation,
@@ -85,8 +91,6 @@ class CollectorReloader:
         return True
 
     def _validate(self) -> tuple[GatewayConfig, CollectorSettings, dict[str, Any]]:
-        from gateway_tap.settings import load_config
-
         root = load_config(self.path)
         rt = self.runtime
         settings = root.collectors.get(rt.name) or CollectorSettings.model_validate({})
@@ -95,24 +99,29 @@ class CollectorReloader:
         config = validate_collector_config(rt.name, rt.collector_cls, settings.config)
         return root, settings, config
 
-    async def _apply_collector_config(self, config: dict[str, Any], root: GatewayConfig) -> None:
+    async def _apply_collector_config(self, config: dict[str, Any], defaults: CollectorDefaults) -> None:
+        """Hand the collector its new config and defaults: ``on_config_change`` if it has one, else a fresh
+        instance. On failure the collector in force keeps (or gets back) its old config and defaults."""
         rt = self.runtime
-        collector = rt.collector
-        assert collector is not None and rt.services is not None
+        collector, services = rt.collector, rt.services
+        assert collector is not None and services is not None
+        old_defaults, services.defaults = services.defaults, defaults
         notify = getattr(collector, "on_config_change", None)
         if notify is not None:
-            await notify(config)
+            try:
+                await notify(config)
+            except Exception:
+                services.defaults = old_defaults
+                raise
             return
         # Between batches the previous batch is flushed and committed: closing loses nothing.
-        services = rt.services
-        services.extras["root_config"] = root
         fresh: DataCollector = rt.collector_cls()
         await collector.close()
         try:
             await fresh.initialize(config, services)
         except Exception:
             # The old one is closed: bring it back with its old config before reporting the failure.
-            services.extras["root_config"] = rt.extras.get("root_config")
+            services.defaults = old_defaults
             back: DataCollector = rt.collector_cls()
             old_config = validate_collector_config(rt.name, rt.collector_cls, rt.settings.config)
             await back.initialize(old_config, services)

@@ -34,7 +34,7 @@ from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
-from gateway_tap.settings import CollectorSettings, group_id_for
+from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, group_id_for
 from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
 
@@ -123,10 +123,12 @@ class CollectorRuntime:
     :param kafka_options: aiokafka client keyword arguments (``KafkaSettings.client_options()``).
     :param topic_prefix: prefix of the event topics.
     :param client_id: Kafka client id.
-    :param extras: added to the collector's ``services.extras`` (``build_runtime`` passes ``root_config``,
-        the whole validated config file, so e.g. the budget collector reads ``budgets`` and ``budget_store``).
-        They override the runtime's own entries: ``gateway-tap replay`` passes its own ``group_instance_id``
-        (the worker identity the file collector names its segments after) without joining as a static member.
+    :param root: the validated config file the settings came from (None: defaults). The collector gets only
+        ``root.collector_defaults()`` (``services.defaults``: e.g. the budget collector's ``budgets`` and
+        ``budget_store``); the reloader compares a reloaded file with it.
+    :param extras: added to the collector's ``services.extras``, overriding the runtime's own entries:
+        ``gateway-tap replay`` passes its own ``group_instance_id`` (the worker identity the file collector
+        names its segments after) without joining as a static member.
     :param ranges: bounded mode (``gateway-tap replay``): read only these partitions from ``start`` to ``stop``
         (exclusive) offsets, assigned directly instead of joining the group (commits still go to the group
         id), and return from :meth:`run` once every range is handled. Default None: subscribe and run forever.
@@ -137,11 +139,12 @@ class CollectorRuntime:
 
     def __init__(self, name: str, collector_cls: type[DataCollector], settings: CollectorSettings,
                  kafka_options: dict[str, Any], topic_prefix: str = "gateway", client_id: str = "gateway-tap",
-                 extras: dict[str, Any] | None = None,
+                 root: GatewayConfig | None = None, extras: dict[str, Any] | None = None,
                  ranges: Mapping[TopicPartition, tuple[int, int]] | None = None,
                  on_batch_done: Callable[[int], None] | None = None, config_path: str | Path | None = None,
                  overrides: Mapping[str, str] | None = None) -> None:
         self.name = name
+        self.root = root
         self.extras = dict(extras or {})
         self.collector_cls = collector_cls
         self.settings = settings
@@ -201,8 +204,9 @@ class CollectorRuntime:
         """
         config = validate_collector_config(self.name, self.collector_cls, self.settings.config)
         collector = self.collector = self.collector_cls()
+        defaults = self.root.collector_defaults() if self.root is not None else CollectorDefaults()
         services = self.services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
-                                     kafka_prefix=self.prefix,
+                                     kafka_prefix=self.prefix, defaults=defaults,
                                      extras={"group_instance_id": self.settings.group_instance_id, **self.extras})
         await collector.initialize(config, services)
         s = self.settings
@@ -514,7 +518,7 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     :raises ConfigFileError: the file is invalid.
     :raises ConfigError: NAME cannot be resolved or its config does not match the schema.
     """
-    from gateway_tap.settings import GatewayConfig, load_config
+    from gateway_tap.settings import load_config
 
     config = load_config(config_path) if config_path else GatewayConfig()
     settings = config.collectors.get(name) or CollectorSettings.model_validate({})
@@ -525,7 +529,7 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     # Validate now so a bad config fails before any connection is made.
     validate_collector_config(name, collector_cls, settings.config)
     return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
-                            config.kafka.topic_prefix, config.kafka.client_id, extras={"root_config": config},
+                            config.kafka.topic_prefix, config.kafka.client_id, root=config,
                             config_path=config_path, overrides=overrides)
 
 

@@ -8,7 +8,7 @@ async with CollectorHarness(MyCollector, {"url": "..."}) as h:
     assert [e.id for e in h.flushed] == [event1.id]
 ```
 
-It validates the config against the collector's schema, calls ``initialize``, hands
+It validates the config against the collector's declaration, calls ``initialize``, hands
 events over exactly like the runtime (per type, as batches, the message value beside
 each event; :class:`BadEvent` / :class:`BadEvents` become :attr:`rejected`) and calls
 ``flush`` and ``close``. :class:`RetryLater` and other errors propagate to the test.
@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from collectors.config import validate_collector_config
 from collectors.sdk import CollectorServices, DataCollector, hand_over, hand_over_control
+from gateway_tap.settings import CollectorDefaults
 from schemas import ControlMessage, Event, EventDecodeError, EventType, decode_event, encode_event
 
 
@@ -31,8 +32,9 @@ class CollectorHarness:
     """Drives one collector instance in-process.
 
     :param collector_cls: the collector under test.
-    :param config: its config (validated against ``config_schema``; raises :class:`ConfigError`).
+    :param config: its config (validated against ``Config`` or ``config_schema``; raises :class:`ConfigError`).
     :param name: the collector name passed in its services.
+    :param defaults: the root config sections handed over as ``services.defaults`` (default: empty).
     :param extras: extra services (``CollectorServices.extras``).
     :ivar handed: events handed over and not rejected, since the last flush.
     :ivar flushed: events handed over and not rejected before a successful :meth:`flush`.
@@ -42,13 +44,15 @@ class CollectorHarness:
     """
 
     def __init__(self, collector_cls: type[DataCollector], config: dict[str, Any] | None = None, *,
-                 name: str = "test", extras: dict[str, Any] | None = None) -> None:
+                 name: str = "test", defaults: CollectorDefaults | None = None,
+                 extras: dict[str, Any] | None = None) -> None:
         self.collector_cls = collector_cls
         self.name = name
         self.config = validate_collector_config(name, collector_cls, config or {})
         self.registry = CollectorRegistry()
         self.services = CollectorServices(name=name, logger=logging.getLogger(f"gateway_tap.collectors.{name}"),
-                                          metrics=self.registry, extras=dict(extras or {}))
+                                          metrics=self.registry, defaults=defaults or CollectorDefaults(),
+                                          extras=dict(extras or {}))
         self.collector = collector_cls()
         self.handed: list[Event] = []
         self.flushed: list[Event] = []

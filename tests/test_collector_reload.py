@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import re
 import signal
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import pytest
 import yaml
 
+from collectors.runtime import CollectorRuntime
+from collectors.sdk import CollectorServices, DataCollector
 from gateway_tap.devstack import free_port
+from gateway_tap.settings import CollectorDefaults, load_config
 from tests.test_collector_runtime import analytics, collect_process, create_topics, produce_events, wait_for, written
 
 
@@ -85,3 +90,46 @@ async def test_sighup_reload_applies_between_batches_and_loses_nothing(kafka_boo
     assert "collectors.file.config.directory" in log_text and "reload rejected" in log_text
     assert sorted(r["id"] for r in written(first, "analytics")) == sorted(e.id for e in events)
     assert sorted(r["id"] for r in written(second, "analytics")) == sorted(e.id for e in more + last)
+
+
+class RemembersDefaults(DataCollector):
+    """Records the ``services.defaults`` of every instance initialised."""
+
+    event_types = ("budget_usage",)
+    initialised: ClassVar[list[CollectorDefaults]] = []
+
+    async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
+        await super().initialize(config, services)
+        self.initialised.append(services.defaults)
+
+
+async def test_reload_hands_changed_root_budgets_to_the_collector_and_reports_kafka(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The collector sees the root sections it falls back on (services.defaults), never the whole file; a
+    changed ``budgets`` re-initialises it between batches, a changed ``kafka`` is reported as needing a restart."""
+    path = tmp_path / "gateway-tap.yaml"
+    doc: dict[str, Any] = {"apps": [{"id": "a"}], "budgets": [{"app_id": "a", "limit_usd": 1.0}],
+                           "collectors": {"remember": {}}}
+    path.write_text(yaml.safe_dump(doc))
+    root = load_config(path)
+    rt = CollectorRuntime("remember", RemembersDefaults, root.collectors["remember"], {}, root=root,
+                          config_path=path)
+    assert rt.reloader is not None
+    # What run() sets up before the first batch (no broker needed to reload between batches).
+    rt.services = CollectorServices("remember", logging.getLogger("test"), defaults=root.collector_defaults())
+    rt.collector = RemembersDefaults()
+    await rt.collector.initialize({}, rt.services)
+
+    doc["budgets"][0]["limit_usd"] = 2.0
+    doc["kafka"] = {"bootstrap_servers": "elsewhere:9092"}
+    path.write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.WARNING, logger="gateway_tap.collectors.reload"):
+        assert await rt.reloader.apply()
+    assert [d.budgets[0].limit_usd for d in RemembersDefaults.initialised] == [1.0, 2.0]
+    assert rt.collector.services.defaults.budgets[0].limit_usd == 2.0
+    assert "take effect only after a restart: kafka" in caplog.text
+
+    # Unchanged defaults and config: the instance in force stays.
+    before = rt.collector
+    assert await rt.reloader.apply()
+    assert rt.collector is before and len(RemembersDefaults.initialised) == 2

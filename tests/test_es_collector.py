@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from elasticsearch import AsyncElasticsearch
 
+from collectors.config import parse_collector_config
 from collectors.sdk import BadEvents, CollectorServices, ConfigError
 from collectors.sinks import es_templates as tpl
-from collectors.sinks.elasticsearch import ElasticsearchCollector, EsSettings, redact_url
+from collectors.sinks.elasticsearch import ElasticsearchCollector, EsConfig, redact_url
 from schemas import Analytics, BudgetUsage, ProxyLog
 from schemas.events import Latency
 
@@ -185,7 +186,7 @@ async def test_secrets_come_from_the_environment_and_are_never_logged(
         es_url: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("TEST_ES_PASSWORD", "s3cret-pw-value")
-    settings = EsSettings.from_config({"hosts": [es_url], "username": "elastic", "password_env": "TEST_ES_PASSWORD"})
+    settings = EsConfig(hosts=[es_url], username="elastic", password_env="TEST_ES_PASSWORD")
     assert settings.client_options()["basic_auth"] == ("elastic", "s3cret-pw-value")
     host_with_creds = es_url.replace("http://", "http://elastic:s3cret-pw-value@")
     assert "s3cret" not in redact_url(host_with_creds)
@@ -198,5 +199,5 @@ async def test_secrets_come_from_the_environment_and_are_never_logged(
     monkeypatch.delenv("TEST_ES_PASSWORD")
     with pytest.raises(ConfigError, match="password_env"):
         settings.client_options()
-    with pytest.raises(ConfigError, match="unknown elasticsearch setting"):
-        EsSettings.from_config({"hostz": []})
+    with pytest.raises(ConfigError, match=r"collectors\.es\.config\.hostz: Extra inputs are not permitted"):
+        parse_collector_config("es", EsConfig, {"hostz": []})

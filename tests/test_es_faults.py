@@ -139,7 +139,7 @@ async def test_rejections_are_reported_after_retried_items_are_indexed(
 
 
 async def test_unreachable_cluster_is_retry_later(topic_prefix: str) -> None:
-    collector = await open_collector(f"http://127.0.0.1:{free_port()}", topic_prefix, request_timeout=2)
+    collector = await open_collector(f"http://127.0.0.1:{free_port()}", topic_prefix, request_timeout_s=2)
     try:
         with pytest.raises(RetryLater, match="unreachable"):
             await collector.handle_analytics_batch([analytics(1)])
@@ -151,7 +151,7 @@ async def test_server_down_then_back_loses_nothing(tmp_path: Path, topic_prefix:
     """Batches keep coming while the server is stopped (SIGINT) and restarted: RetryLater, then all indexed."""
     server = NoidaServer(data_dir=tmp_path / "noida", services=("elasticsearch",), log_path=tmp_path / "noida.log")
     await asyncio.to_thread(server.start)
-    collector = await open_collector(server.es_url, topic_prefix, request_timeout=2, **FAST_RETRIES)
+    collector = await open_collector(server.es_url, topic_prefix, request_timeout_s=2, **FAST_RETRIES)
     retry_laters = 0
     outage_done = asyncio.Event()
 

@@ -18,7 +18,7 @@ collectors:
 ```
 
 ``store`` and ``budgets`` default to the root config's ``budget_store`` and
-``budgets`` sections when the runtime provides it (``services.extras["root_config"]``).
+``budgets`` sections (handed over as ``services.defaults``).
 """
 
 from __future__ import annotations
@@ -30,20 +30,19 @@ from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from collectors.config import parse_collector_config
 from collectors.metrics import DURATION_BUCKETS
-from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
+from collectors.sdk import BadEvents, CollectorServices, DataCollector, RetryLater
 from gateway_tap.budgets.periods import period_start, usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
-from gateway_tap.settings import BudgetSettings, BudgetStoreSettings
+from gateway_tap.settings import BudgetSettings, BudgetStoreSettings, Section
 from schemas import BudgetUsage
 
 
-class BudgetCollectorConfig(BaseModel):
+class BudgetCollectorConfig(Section):
     """The ``budget`` collector's own config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     store: BudgetStoreSettings | None = Field(default=None,
                                               description="Budget store (default: the root budget_store section).")
@@ -56,7 +55,7 @@ class BudgetCollector(DataCollector):
 
     name = "budget"
     event_types = ("budget_usage",)
-    config_schema = BudgetCollectorConfig.model_json_schema()
+    Config = BudgetCollectorConfig
 
     store: BudgetStore | None = None
 
@@ -74,14 +73,10 @@ class BudgetCollector(DataCollector):
 
     async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
         await super().initialize(config, services)
-        try:
-            parsed = BudgetCollectorConfig.model_validate(config)
-        except ValidationError as exc:
-            raise ConfigError(f"collectors.{services.name}.config: {exc}") from None
-        root = services.extras.get("root_config")
-        store_settings = parsed.store or (root.budget_store if root is not None else BudgetStoreSettings())
+        parsed = parse_collector_config(services.name, BudgetCollectorConfig, config)
+        store_settings = parsed.store or services.defaults.budget_store
         self.budgets: list[BudgetSettings] = list(
-            parsed.budgets if parsed.budgets is not None else (root.budgets if root is not None else []))
+            parsed.budgets if parsed.budgets is not None else services.defaults.budgets)
         registry = services.metrics if isinstance(services.metrics, CollectorRegistry) else CollectorRegistry()
         self._recorded, self._alerts, self._batch_seconds = self.register_metrics(registry)
         # PostgreSQL connects lazily: a database that is still starting is a RetryLater on the first batch.

@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -39,87 +39,55 @@ from elasticsearch import (
     TransportError,
 )
 from elasticsearch.serializer import OrjsonSerializer
+from pydantic import Field
 
+from collectors.config import parse_collector_config
 from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
 from collectors.sinks import es_templates as tpl
+from gateway_tap.settings import Section
 from schemas.events import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType, ProxyLog
 
-CONFIG_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "hosts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
-                  "default": ["http://127.0.0.1:9200"], "description": "Elasticsearch node URLs."},
-        "index_prefix": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]*$", "default": "gateway",
-                         "description": "Indices are <prefix>-<type>-YYYY.MM.DD behind the alias <prefix>-<type>."},
-        "api_key_env": {"type": ["string", "null"], "default": None,
-                        "description": "Environment variable holding an API key (encoded form)."},
-        "username": {"type": ["string", "null"], "default": None, "description": "Basic-auth user."},
-        "password_env": {"type": ["string", "null"], "default": None,
-                         "description": "Environment variable holding the basic-auth password."},
-        "ca_certs": {"type": ["string", "null"], "default": None, "description": "CA bundle (PEM) path."},
-        "verify_certs": {"type": "boolean", "default": True},
-        "request_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 30,
-                            "description": "Seconds per HTTP request."},
-        "bulk_max_events": {"type": "integer", "minimum": 1, "default": 1000},
-        "bulk_max_bytes": {"type": "integer", "minimum": 1024, "default": 5 * 1024 * 1024},
-        "bulk_concurrency": {"type": "integer", "minimum": 1, "default": 2,
-                             "description": "Bulk requests in flight at once."},
-        "max_retries": {"type": "integer", "minimum": 0, "default": 5,
-                        "description": "Resends of 429/5xx items before the batch is handed back (RetryLater)."},
-        "retry_initial_backoff_ms": {"type": "integer", "minimum": 1, "default": 100},
-        "retry_max_backoff_ms": {"type": "integer", "minimum": 1, "default": 5000},
-        "install_templates": {"type": "boolean", "default": True,
-                              "description": "Install/update the index templates at start-up."},
-        "number_of_shards": {"type": "integer", "minimum": 1, "default": 1},
-        "number_of_replicas": {"type": ["integer", "null"], "minimum": 0, "default": None,
-                               "description": "null keeps the cluster default."},
-        "refresh_interval": {"type": "string", "default": "1s"},
-        "delete_after_days": {"type": ["integer", "null"], "minimum": 1, "default": None,
-                              "description": "ILM policy deleting daily indices after N days (skipped, with a "
-                                             "notice, where the server has no ILM)."},
-    },
-}
 
+class EsConfig(Section):
+    """The ``elasticsearch`` collector's config."""
 
-@dataclass(frozen=True)
-class EsSettings:
-    """The collector's config with defaults filled in from :data:`CONFIG_SCHEMA`."""
+    renamed_keys = {"request_timeout": "request_timeout_s"}
 
-    hosts: list[str]
-    index_prefix: str
-    api_key_env: str | None
-    username: str | None
-    password_env: str | None
-    ca_certs: str | None
-    verify_certs: bool
-    request_timeout: float
-    bulk_max_events: int
-    bulk_max_bytes: int
-    bulk_concurrency: int
-    max_retries: int
-    retry_initial_backoff_ms: int
-    retry_max_backoff_ms: int
-    install_templates: bool
-    number_of_shards: int
-    number_of_replicas: int | None
-    refresh_interval: str
-    delete_after_days: int | None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> EsSettings:
-        props = CONFIG_SCHEMA["properties"]
-        unknown = sorted(set(config) - set(props))
-        if unknown:
-            raise ConfigError(f"unknown elasticsearch setting(s): {', '.join(unknown)}")
-        return cls(**{key: config.get(key, prop["default"]) for key, prop in props.items()})
+    hosts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["http://127.0.0.1:9200"], min_length=1, description="Elasticsearch node URLs.")
+    index_prefix: str = Field(default="gateway", pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+                              description="Indices are <prefix>-<type>-YYYY.MM.DD behind the alias <prefix>-<type>.")
+    api_key_env: str | None = Field(default=None,
+                                    description="Environment variable holding an API key (encoded form).")
+    username: str | None = Field(default=None, description="Basic-auth user.")
+    password_env: str | None = Field(default=None,
+                                     description="Environment variable holding the basic-auth password.")
+    ca_certs: str | None = Field(default=None, description="CA bundle (PEM) path.")
+    verify_certs: bool = Field(default=True, description="Verify the nodes' TLS certificates.")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP request.")
+    bulk_max_events: int = Field(default=1000, ge=1, description="Most events in one bulk request.")
+    bulk_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, description="Most bytes in one bulk request.")
+    bulk_concurrency: int = Field(default=2, ge=1,
+                                  description="Bulk requests in flight at once (raise it for a multi-node cluster).")
+    max_retries: int = Field(default=5, ge=0,
+                             description="Resends of 429/5xx items before the batch is handed back (RetryLater).")
+    retry_initial_backoff_ms: int = Field(default=100, ge=1,
+                                          description="Delay before the first resend (doubled each time, jittered).")
+    retry_max_backoff_ms: int = Field(default=5000, ge=1, description="Longest delay between resends.")
+    install_templates: bool = Field(default=True, description="Install/update the index templates at start-up "
+                                                              "(needs manage_index_templates).")
+    number_of_shards: int = Field(default=1, ge=1, description="Shards of each daily index.")
+    number_of_replicas: int | None = Field(default=None, ge=0, description="null keeps the cluster default.")
+    refresh_interval: str = Field(default="1s", description="Index refresh interval (an Elasticsearch time value).")
+    delete_after_days: int | None = Field(default=None, ge=1,
+                                          description="ILM policy deleting daily indices after N days (skipped, "
+                                                      "with a notice, where the server has no ILM).")
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`AsyncElasticsearch`; secrets are read from the environment here."""
         options: dict[str, Any] = {
             "hosts": self.hosts,
-            "request_timeout": self.request_timeout,
+            "request_timeout": self.request_timeout_s,
             "verify_certs": self.verify_certs,
             # We own retries (per item, with backoff); the transport must not resend whole bulks.
             "max_retries": 0,
@@ -266,14 +234,14 @@ class _Metrics:
 class ElasticsearchCollector(DataCollector):
     """Indexes proxy logs, analytics and budget usage into daily indices with explicit mappings.
 
-    Config: see :data:`CONFIG_SCHEMA` (documented in ``docs/analytics.md``).
+    Config: :class:`EsConfig` (listed in ``docs/configuration.md``).
     """
 
     name: ClassVar[str] = "elasticsearch"
     event_types: ClassVar[tuple[EventType, ...]] = EVENT_TYPES
-    config_schema: ClassVar[dict[str, Any]] = CONFIG_SCHEMA
+    Config = EsConfig
 
-    settings: EsSettings
+    settings: EsConfig
     client: AsyncElasticsearch
     _templates_ready: bool = False
     lifecycle_supported: bool | None = None
@@ -281,7 +249,7 @@ class ElasticsearchCollector(DataCollector):
 
     async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
         await super().initialize(config, services)
-        self.settings = EsSettings.from_config(config)
+        self.settings = parse_collector_config(services.name, EsConfig, config)
         self.log = services.logger
         self.metrics = _Metrics(services.metrics)
         self.client = AsyncElasticsearch(**self.settings.client_options())

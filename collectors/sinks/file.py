@@ -28,11 +28,14 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import orjson
+from pydantic import Field
 
+from collectors.config import parse_collector_config
 from collectors.sdk import CollectorServices, DataCollector
+from gateway_tap.settings import Section
 from schemas import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType, ProxyLog
 
 CURRENT_SUFFIX = ".current.jsonl"
@@ -130,35 +133,39 @@ class _Segment:
         return sealed
 
 
+class FileConfig(Section):
+    """The ``file`` collector's config."""
+
+    directory: str = Field(min_length=1, description="Root directory of the output.")
+    file_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                    description="Segment name prefix (default: group_instance_id, else 'events'); "
+                                                "distinct per process sharing a directory.")
+    rotate_interval_s: int = Field(default=3600, ge=1,
+                                   description="A new segment when the clock enters a new window of this length.")
+    rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=1024,
+                              description="A new segment when the open one would exceed this size.")
+    compress: bool = Field(default=False, description="Gzip sealed segments (in a thread).")
+    fsync: Literal["always", "never"] = Field(
+        default="always", description="always: fsync the open segments before every commit; never: trust the "
+                                      "page cache.")
+
+
 class FileCollector(DataCollector):
     """Writes every event type to rotating JSON Lines files (see the module docstring)."""
 
     name = "file"
     event_types = EVENT_TYPES
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["directory"],
-        "properties": {
-            "directory": {"type": "string", "minLength": 1, "description": "Root directory of the output."},
-            "file_prefix": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$",
-                            "description": "Segment name prefix (default: group_instance_id, else 'events')."},
-            "rotate_interval_s": {"type": "integer", "minimum": 1, "default": 3600},
-            "rotate_bytes": {"type": "integer", "minimum": 1024, "default": 256 * 1024 * 1024},
-            "compress": {"type": "boolean", "default": False, "description": "Gzip sealed segments."},
-            "fsync": {"enum": ["always", "never"], "default": "always",
-                      "description": "fsync the open segments before every commit."},
-        },
-    }
+    Config = FileConfig
 
     async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
         await super().initialize(config, services)
-        self.root = Path(config["directory"])
-        prefix = config.get("file_prefix") or services.extras.get("group_instance_id") or "events"
-        self.interval = int(config.get("rotate_interval_s", 3600))
-        self.max_bytes = int(config.get("rotate_bytes", 256 * 1024 * 1024))
-        self.compress = bool(config.get("compress", False))
-        self.fsync = config.get("fsync", "always") == "always"
+        settings = parse_collector_config(services.name, FileConfig, config)
+        self.root = Path(settings.directory)
+        prefix = settings.file_prefix or services.extras.get("group_instance_id") or "events"
+        self.interval = settings.rotate_interval_s
+        self.max_bytes = settings.rotate_bytes
+        self.compress = settings.compress
+        self.fsync = settings.fsync == "always"
         self._compressing: set[asyncio.Task[Path]] = set()
         self.segments: dict[EventType, _Segment] = {}
         for event_type in self.consumed_types():

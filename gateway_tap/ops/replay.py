@@ -168,7 +168,7 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
             progress.update(task, completed=min(handled, planned))
 
         runtime = CollectorRuntime(name, collector_cls, replay_settings, config.kafka.client_options(), prefix,
-                                   config.kafka.client_id, extras={"root_config": config, "group_instance_id": group},
+                                   config.kafka.client_id, root=config, extras={"group_instance_id": group},
                                    ranges=ranges, on_batch_done=advance)
         waiter = asyncio.create_task((stop_event or asyncio.Event()).wait())
         waiter.add_done_callback(lambda t: None if t.cancelled() else runtime.request_stop())

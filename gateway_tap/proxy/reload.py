@@ -9,7 +9,7 @@ new snapshot no longer uses are closed once no older snapshot has a request in
 flight. Any failure before the swap leaves the configuration in force untouched.
 
 Settings bound to sockets, processes or connections need a restart and are only
-reported when they change: see :data:`RESTART_KEYS`.
+reported when they change: see :data:`RESTART_KEYS` (``docs/configuration.md`` lists them).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plug
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.settings import ConfigFileError, GatewayConfig, PluginConfig, load_config
+from gateway_tap.settings.base import restart_keys
 
 if TYPE_CHECKING:
     from gateway_tap.proxy.app import TapApp
@@ -37,9 +38,9 @@ LoadFn = Callable[[list[PluginConfig], Sequence[LoadedPlugin]], Awaitable[list[L
 ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], dict[str, Upstream]]
 """Build the per-LLM upstreams with their hook chains (built-in steps included) for a config."""
 
-RESTART_KEYS = ("gateway_id", "kafka", "tap.listen", "tap.workers", "tap.limits", "tap.log_level",
-                "tap.upstream_max_connections", "tap.publisher", "tap.shared_kv_path", "budget_store")
-"""Read once at start: a change is logged and takes effect at the next restart."""
+RESTART_KEYS = restart_keys(GatewayConfig)
+"""Read once at start (marked ``RESTART`` in :mod:`gateway_tap.settings`): a change is logged and takes effect
+at the next restart."""
 
 DRAIN_POLL_S = 0.05
 

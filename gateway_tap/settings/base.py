@@ -43,11 +43,9 @@ class Section(BaseModel):
     @classmethod
     def _reject_renamed_keys(cls, data: Any) -> Any:
         if cls.renamed_keys and isinstance(data, Mapping):
-            old = sorted(key for key in cls.renamed_keys if key in data)
-            if old:
-                raise PydanticCustomError(
-                    "renamed_key", "{keys}",
-                    {"keys": "; ".join(f"{key} was renamed to {cls.renamed_keys[key]}" for key in old)})
+            for old in sorted(key for key in cls.renamed_keys if key in data):
+                raise PydanticCustomError("renamed_key", "{old} was renamed to {new}",
+                                          {"old": old, "new": cls.renamed_keys[old]})
         return data
 
 
@@ -90,5 +88,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
     problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        problems.append(f"{key_path((prefix, *loc) if prefix else loc)}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "renamed_key":  # name the old key itself, as an unknown key would be named
+            loc, message = (*loc, err["ctx"]["old"]), f"renamed to {err['ctx']['new']}"
+        problems.append(f"{key_path((prefix, *loc) if prefix else loc)}: {message}")
     return problems
