@@ -34,9 +34,12 @@ class PublisherSettings(Section):
     linger_ms: int = Field(default=5, ge=0, description="Producer linger: how long a batch waits to fill up.")
     max_batch_bytes: int = Field(default=1024 * 1024, gt=0,
                                  description="Producer batch size; also the largest event sent.")
-    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "gzip"
-    enable_idempotence: bool = True
-    acks: Literal["all", 1, 0] = "all"
+    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = Field(
+        default="gzip", description="Compression codec of producer batches.")
+    enable_idempotence: bool = Field(default=True,
+                                     description="Idempotent producer: a retried send is never written twice.")
+    acks: Literal["all", 1, 0] = Field(
+        default="all", description="Acknowledgements a send waits for (all: every in-sync replica).")
     retry_interval_s: float = Field(default=1.0, gt=0, description="How often to re-probe Kafka while spooling.")
     delivery_timeout_s: float = Field(default=
         10.0, gt=0,
