@@ -22,10 +22,11 @@ run: $(STAMP)
 services: $(STAMP)
 	bash scripts/ensure-services.sh
 
-## lint: ruff + mypy
+## lint: ruff + mypy + import contracts (layers import downwards only, no cycles: pyproject's [tool.importlinter])
 lint: $(STAMP)
 	$(BIN)/ruff check gateway_tap collectors schemas dashboards tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## test: lint, then the whole suite against real servers
 test: $(STAMP) services lint

@@ -19,16 +19,15 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
 
 from collectors.config import validate_collector_config
-from collectors.sdk import ConfigError, DataCollector
+from collectors.sdk import CollectorServices, ConfigError, DataCollector
 from gateway_tap.config_reload import ReloadMetrics, changed_keys
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, load_config
 from gateway_tap.settings.base import live_keys, restart_keys
-
-if TYPE_CHECKING:
-    from collectors.runtime import CollectorRuntime
 
 log = logging.getLogger("gateway_tap.collectors.reload")
 
@@ -38,10 +37,29 @@ ROOT_RESTART_KEYS = ("kafka",)
 """The root sections a collector worker reads once at start (its ``services.defaults`` are applied live)."""
 
 
+class _HasRegistry(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+class ReloadTarget(Protocol):
+    """What the reloader reads and replaces on the runtime it reloads (:class:`collectors.runtime.CollectorRuntime`)."""
+
+    name: str
+    settings: CollectorSettings
+    root: GatewayConfig | None
+    collector_cls: type[DataCollector]
+    collector: DataCollector | None
+    services: CollectorServices | None
+
+    @property
+    def metrics(self) -> _HasRegistry: ...
+
+
 class CollectorReloader:
     """Re-reads ``path`` for collector ``runtime.name`` when asked; :meth:`apply` runs between batches."""
 
-    def __init__(self, runtime: CollectorRuntime, path: str | Path, overrides: Mapping[str, str] | None = None) -> None:
+    def __init__(self, runtime: ReloadTarget, path: str | Path, overrides: Mapping[str, str] | None = None) -> None:
         self.runtime = runtime
         self.path = Path(path)
         self.overrides = dict(overrides or {})

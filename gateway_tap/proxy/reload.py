@@ -19,17 +19,17 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
+from gateway_tap.apps import AppIndex
 from gateway_tap.config_reload import FileFingerprint, ReloadMetrics, changed_keys
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plugins
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.settings import ConfigFileError, GatewayConfig, PluginConfig, load_config
 from gateway_tap.settings.base import restart_keys
-
-if TYPE_CHECKING:
-    from gateway_tap.proxy.app import TapApp
 
 log = logging.getLogger("gateway_tap.reload")
 
@@ -45,10 +45,40 @@ at the next restart."""
 DRAIN_POLL_S = 0.05
 
 
+class _SnapshotHolder(Protocol):
+    snapshot: ConfigSnapshot
+
+
+class _AppsUser(Protocol):
+    def use_apps(self, apps: AppIndex) -> None: ...
+
+
+class _HasRegistry(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+class ReloadTarget(Protocol):
+    """What the reloader reads and swaps on the tap worker it reloads (:class:`gateway_tap.proxy.app.TapApp`;
+    an optional ``budget`` with ``reconfigure(budgets, enforcement)`` takes new budgets live)."""
+
+    @property
+    def snapshot(self) -> ConfigSnapshot: ...
+
+    @property
+    def handler(self) -> _SnapshotHolder: ...
+
+    @property
+    def gateway(self) -> _AppsUser: ...
+
+    @property
+    def metrics(self) -> _HasRegistry: ...
+
+
 class ConfigReloader:
     """Reloads ``config_path`` into ``tap``; one per worker, reloads run one at a time."""
 
-    def __init__(self, tap: TapApp, config_path: str | Path | None, *, load: LoadFn, compose: ComposeFn) -> None:
+    def __init__(self, tap: ReloadTarget, config_path: str | Path | None, *, load: LoadFn, compose: ComposeFn) -> None:
         self.tap = tap
         self.path = Path(config_path) if config_path is not None else None
         self._load = load
