@@ -14,7 +14,8 @@ the capabilities below (checked structurally, no base class needed):
   stream with an error event the clients' SDKs raise;
 - :class:`ResponseChunkHook` sees the raw bytes of every body write (each streamed chunk as read
   from the upstream, or the whole body once) and returns the bytes to send;
-- :class:`EndpointProvider` serves its own routes under ``/plugins/{name}/...``;
+- :class:`EndpointProvider` serves its own routes under ``/plugins/{name}/...`` (path patterns with
+  parameters, any method; authenticated like ``/llm/`` unless ``public``);
 - :class:`ConfigSchemaProvider` declares a JSON Schema its ``config`` must match.
 
 Optional lifecycle: ``async def initialize(self, config, services)`` after the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import orjson
@@ -97,12 +99,34 @@ class TapResponse:
     streamed: bool
 
 
+NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _frozen(value: Any) -> Any:
+    """A read-only copy of JSON-like data: mappings become read-only mappings, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling: returned by an :class:`AuthHook`."""
+    """Who is calling: returned by an :class:`AuthHook`.
+
+    ``claims`` are what the credential said about the caller (e.g. a verified JWT's claims); later
+    hooks and endpoint handlers read them as ``ctx.claims``, a read-only mapping (nested objects and
+    lists are read-only too).
+    """
 
     app_id: str
     user_id: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=lambda: NO_CLAIMS)
+
+    def __post_init__(self) -> None:
+        if self.claims is not NO_CLAIMS:
+            object.__setattr__(self, "claims", _frozen(self.claims))
 
 
 @dataclass(slots=True)
@@ -139,12 +163,19 @@ class HookResult:
     @classmethod
     def respond(cls, status: int, body: bytes, *, headers: Mapping[str, str] | None = None,
                 cache_hit: bool = False, charge: bool = True) -> HookResult:
-        """Answer the request with this (non-streamed) response instead of calling the upstream.
+        """Answer the request with this response instead of calling the upstream.
 
         Unlike :meth:`stop` it is a success, accounted like an upstream answer: the response
         hooks run on it, its ``usage`` counts in analytics, and the events record zero upstream
         latency and ``cache_hit``. ``charge=False`` records no cost and no budget usage for it
         (a response cache serving an answer that was already paid for).
+
+        As for an upstream answer, the content type decides how it is sent: with
+        ``content-type: text/event-stream`` ``body`` is a whole server-sent event stream and goes
+        out as a stream: the stream event hooks see its parsed events, the chunk hooks what they let
+        through, and usage is read from its events (an OpenAI usage chunk the client did not ask for
+        is withheld, as from the upstream). Anything else (default ``application/json``) is a whole
+        answer: the body hooks, then the chunk hooks once.
         """
         return cls("respond", status, body=body, headers=headers, cache_hit=cache_hit, charge=charge)
 
@@ -238,14 +269,49 @@ class KeyValueStore(Protocol):
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class LLMInfo:
+    """A configured LLM as plugins see it: never its upstream URL or credential."""
+
+    id: str
+    vendor: str
+    currency: str
+    priced_models: tuple[str, ...]
+    """Models with a configured price; ``"*"`` when every other model has one too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What the tap charges for a model: ``currency`` per million input / output tokens."""
+
+    input_per_1m: float
+    output_per_1m: float
+    currency: str
+
+
 class GatewayServices(Protocol):
-    """What the gateway offers plugins."""
+    """What the gateway offers plugins; answers come from the configuration in force (reloads included)."""
 
     def validate_credential(self, key: str) -> AppConfig | None:
         """The app a presented key belongs to, or ``None``."""
         ...
 
     def get_app(self, app_id: str) -> AppConfig | None: ...
+
+    def list_apps(self) -> list[AppConfig]:
+        """Every configured app, in file order."""
+        ...
+
+    def get_llm(self, llm_id: str) -> LLMInfo | None: ...
+
+    def list_llms(self) -> list[LLMInfo]:
+        """Every configured LLM, in file order."""
+        ...
+
+    def price_for(self, llm_id: str, model: str) -> Price | None:
+        """The price the tap charges for ``model`` on ``llm_id`` (the model's own, else the LLM's ``"*"``
+        price); ``None`` for an unknown LLM or an unpriced model."""
+        ...
 
     async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
         """The app's current budget standing, or ``None`` when budgets are not configured."""
@@ -298,6 +364,9 @@ class HookContext:
     state: dict[str, Any] = field(default_factory=dict)
     """This plugin's state for this request: the same dict in each of its hooks (e.g. a cache key computed
     in ``post_auth`` and used in ``on_response_chunk``); other plugins never see it."""
+    claims: Mapping[str, Any] = field(default_factory=lambda: NO_CLAIMS)
+    """The :attr:`Identity.claims` of the auth hook that identified the caller (read-only; empty after the
+    built-in key check)."""
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -370,16 +439,40 @@ class ResponseHook(ResponseHeadersHook, ResponseChunkHook, Protocol):
     """Headers and raw chunks together (each of the two also works alone)."""
 
 
-EndpointHandler = Callable[["web.Request", HookContext], Awaitable["web.StreamResponse"]]
+@dataclass(slots=True)
+class EndpointContext(HookContext):
+    """What an endpoint handler gets besides the request: :class:`HookContext` (``app_id``, ``user_id`` and
+    ``claims`` of the authenticated caller, empty for a public endpoint; ``llm_id`` and ``vendor`` are
+    empty) plus ``params``, the values of the path pattern's ``{parameters}``."""
+
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+EndpointHandler = Callable[["web.Request", EndpointContext], Awaitable["web.StreamResponse"]]
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A route a plugin serves at ``/plugins/{plugin name}/{path}``. The handler may stream."""
+    """A route a plugin serves at ``/plugins/{plugin name}/{path}``; the handler may stream.
+
+    ``method`` is an HTTP method or ``"*"`` for any (a ``GET`` route also answers ``HEAD``). ``path``
+    is an aiohttp route pattern below the plugin's prefix: ``"stats"``, ``"mcp/{session}"``,
+    ``"files/{name:.+}"`` (a regular expression after the colon); the values are in ``ctx.params``.
+
+    ``public=False`` (default): the caller authenticates as on ``/llm/`` (app key, or the auth hooks of the
+    plugins attached to every LLM); ``True`` lets anyone call it. ``timeout_ms`` bounds the time until the
+    handler starts its response (returns it, or prepares a streamed one), not the stream after it;
+    ``on_error`` is what a handler that raises or times out before responding answers: ``fail_closed``
+    ``500 plugin_failed``, ``fail_open`` ``503 plugin_unavailable`` with ``Retry-After`` (the failure is
+    transient: retry). Both default to the plugin's ``timeout_ms`` / ``on_error``.
+    """
 
     method: str
     path: str
     handler: EndpointHandler
+    public: bool = False
+    timeout_ms: float | None = None
+    on_error: Literal["fail_closed", "fail_open"] | None = None
 
 
 @runtime_checkable

@@ -74,7 +74,8 @@ async def test_hits_skip_the_upstream_and_still_emit_events(mock_llm: str, kafka
         assert await upstream_requests(mock_llm) == before + 4
         charged = [await post(tap.url + anthropic_url, chat("charge me")) for _ in range(2)]
         assert [c[1]["x-cache"] for c in charged] == ["miss", "hit"]
-        async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/plugins/cache/stats") as resp:
+        async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/plugins/cache/stats",
+                                                              headers={"x-api-key": APP_KEY}) as resp:
             stats = await resp.json()
         assert stats["hits"] == 1 and stats["stores"] >= 1
 
@@ -144,7 +145,8 @@ async def test_two_workers_share_the_cache_and_its_size_bound(mock_llm: str, kaf
             assert (await post(url, chat(text)))[1]["x-cache"] == "miss"
         assert (await post(url, chat("third")))[1]["x-cache"] == "hit"
         assert (await post(url, chat("shared between workers")))[1]["x-cache"] == "miss"
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/plugins/cache/stats") as resp:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/plugins/cache/stats",
+                                                              headers={"x-api-key": APP_KEY}) as resp:
             stats = await resp.json()
         assert stats["bytes"] <= 900 and stats["hits"] >= 2  # counted by both workers in one store
     finally:

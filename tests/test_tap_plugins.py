@@ -124,7 +124,8 @@ async def test_example_plugins(mock_llm: str, kafka_bootstrap: str, topic_prefix
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text.split() == ["TOK"] * 4
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{tap.url}/plugins/prompt_firewall/stats") as resp:
+            async with http.get(f"{tap.url}/plugins/prompt_firewall/stats",
+                                headers={"authorization": f"Bearer {APP_KEY}"}) as resp:
                 assert resp.status == 200 and (await resp.json())["blocked"] == 1
             async with http.get(f"{tap.url}/metrics") as resp:
                 text_metrics = await resp.text()
@@ -196,7 +197,7 @@ async def test_streaming_plugin_endpoint(mock_llm: str, kafka_bootstrap: str,
     document = tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path,
                           plugins=[_plugin("streamer", "Streamer", config={"word": "hi"})])
     async with running_tap(document) as tap, aiohttp.ClientSession() as http, \
-            http.get(f"{tap.url}/plugins/streamer/count") as resp:
+            http.get(f"{tap.url}/plugins/streamer/count", headers={"x-api-key": APP_KEY}) as resp:
         assert resp.status == 200 and await resp.text() == "0 hi\n1 hi\n2 hi\n"
 
 

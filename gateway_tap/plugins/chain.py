@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway_tap.hooks import (
+    NO_CLAIMS,
     AuthHook,
     HookContext,
     HookResult,
@@ -80,10 +81,12 @@ class RequestScope:
 
     The tap's per-request ``Exchange`` extends it; ``PluginHarness`` uses it as it is.
     ``metadata`` is shared by every hook of the request (it ends up in the events);
-    ``plugin_states`` holds each plugin's own per-request ``ctx.state``.
+    ``plugin_states`` holds each plugin's own per-request ``ctx.state``; ``claims`` the identifying
+    auth hook's :attr:`Identity.claims`.
     """
 
-    __slots__ = ("app_id", "llm_id", "metadata", "model", "plugin_states", "request_id", "user_id", "vendor")
+    __slots__ = ("app_id", "claims", "llm_id", "metadata", "model", "plugin_states", "request_id", "user_id",
+                 "vendor")
 
     def __init__(self, request_id: str, llm_id: str, vendor: str = "unknown") -> None:
         self.request_id = request_id
@@ -91,6 +94,7 @@ class RequestScope:
         self.vendor = vendor
         self.app_id: str | None = None
         self.user_id: str | None = None
+        self.claims: Mapping[str, Any] = NO_CLAIMS
         self.model: str | None = None
         self.metadata: dict[str, str] = {}
         self.plugin_states: dict[str, dict[str, Any]] = {}
@@ -192,7 +196,7 @@ class PluginHook:
         if state is None:
             state = scope.plugin_states[self.name] = {}
         return HookContext(scope.request_id, scope.llm_id, scope.vendor, self.name, self.config, self.services,
-                           scope.metadata, scope.app_id, scope.user_id, scope.model, state)
+                           scope.metadata, scope.app_id, scope.user_id, scope.model, state, scope.claims)
 
     async def run(self, arg: Any, scope: RequestScope) -> Any:
         """The hook's result on ``arg``; :data:`SKIPPED` when a fail-open hook failed.
@@ -260,7 +264,7 @@ async def run_auth_hooks(steps: Sequence[Step], request: TapRequest, scope: Requ
     for step in steps:
         result = await step.run(request, scope)
         if isinstance(result, Identity):
-            scope.app_id, scope.user_id = result.app_id, result.user_id
+            scope.app_id, scope.user_id, scope.claims = result.app_id, result.user_id, result.claims
             return result
         if isinstance(result, HookResult) and result.action == "stop":
             raise Stopped(result, step.name)

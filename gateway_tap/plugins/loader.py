@@ -1,5 +1,10 @@
 """Load plugin classes from ``module:Class`` or the ``gateway_tap.plugins`` entry-point group,
-validate their config against their JSON Schema, and initialise them."""
+check their hooks and endpoints, validate their config against their JSON Schema, and initialise them.
+
+No silent plugins: a class that does nothing the tap can attach, a hook method with the wrong
+arity, a plain ``def`` where ``async def`` is required, or an invalid endpoint declaration is a
+load error naming ``plugins[i]``, the method and what is expected (``check-config`` and ``serve``).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,21 @@ import importlib
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
 import jsonschema
+from aiohttp import hdrs, web
 
-from gateway_tap.hooks import ConfigSchemaProvider, ControlSink, GatewayServices, KeyValueStore, PluginServices
+from gateway_tap.hooks import (
+    ConfigSchemaProvider,
+    ControlSink,
+    Endpoint,
+    GatewayServices,
+    KeyValueStore,
+    PluginServices,
+)
 from gateway_tap.plugins.services import MemoryKV
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.settings import PluginConfig
@@ -36,6 +49,8 @@ class LoadedPlugin:
     settings: PluginConfig
     instance: Any
     services: PluginServices
+    endpoints: tuple[Endpoint, ...] = field(default=())
+    """What ``endpoints()`` declared (checked; read once per instance, right after the constructor)."""
 
     @property
     def name(self) -> str:
@@ -71,9 +86,156 @@ def _schema_problems(index: int, instance: Any, config: dict[str, Any]) -> list[
     return problems
 
 
+HOOKS: dict[str, tuple[str, ...]] = {
+    "pre_auth": ("request", "ctx"),
+    "authenticate": ("request", "ctx"),
+    "post_auth": ("request", "ctx"),
+    "on_response_headers": ("response", "ctx"),
+    "on_response_body": ("response", "body", "ctx"),
+    "on_stream_event": ("event", "ctx"),
+    "on_response_chunk": ("chunk", "ctx"),
+}
+"""Each hook method (``async def``) and the arguments the tap calls it with."""
+LIFECYCLE: dict[str, tuple[str, ...]] = {"initialize": ("config", "services"), "close": (),
+                                         "on_config_change": ("config",)}
+"""Optional ``async def`` lifecycle methods and their arguments."""
+DECLARATIONS = ("endpoints", "config_schema")
+"""Plain ``def`` methods without arguments, read at load."""
+ENDPOINT_HANDLER_ARGS = ("request", "ctx")
+_HTTP_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+async def routed(request: web.Request) -> web.StreamResponse:
+    """The handler aiohttp's router holds for every plugin endpoint: the tap looks the route up and calls the
+    endpoint's own ``handler(request, ctx)`` itself."""
+    raise web.HTTPNotImplemented()
+
+
+def route_path(plugin: str, path: str) -> str:
+    """The aiohttp route pattern an endpoint of ``plugin`` is served at: ``/plugins/{plugin}/{path}``."""
+    return f"/plugins/{plugin}/{path.lstrip('/')}"
+
+
+def _arity_problem(fn: Any, args: tuple[str, ...]) -> str | None:
+    """Why ``fn`` cannot be called with ``len(args)`` positional arguments, or None."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin or C callable: nothing to inspect
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    kw_required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if kw_required:
+        return f"has required keyword-only argument(s) {', '.join(kw_required)}"
+    if len(required) > len(args) or (len(positional) < len(args) and not varargs):
+        shown = ", ".join(p.name for p in positional) or "no arguments"
+        return f"takes ({shown}), {len(required)} required"
+    return None
+
+
+def _signature(name: str, args: tuple[str, ...], is_async: bool) -> str:
+    return f"{'async def' if is_async else 'def'} {name}(self{''.join(', ' + a for a in args)})"
+
+
+def _method_problems(where: str, instance: Any) -> list[str]:
+    """Hooks, lifecycle and declarations that exist but cannot be called as the tap calls them."""
+    problems = []
+    for name, args, is_async in [*((n, a, True) for n, a in HOOKS.items()),
+                                 *((n, a, True) for n, a in LIFECYCLE.items()),
+                                 *((n, (), False) for n in DECLARATIONS)]:
+        fn = getattr(instance, name, None)
+        if fn is None:
+            continue
+        expected = _signature(name, args, is_async)
+        if not callable(fn):
+            problems.append(f"{where}.{name}: is a {type(fn).__name__}, not a method; expected {expected}")
+        elif is_async and not inspect.iscoroutinefunction(fn):
+            problems.append(f"{where}.{name}: is a plain def; expected {expected}")
+        elif not is_async and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            problems.append(f"{where}.{name}: is an async def; expected {expected} (read once, at load)")
+        elif (why := _arity_problem(fn, args)) is not None:
+            problems.append(f"{where}.{name}: {why}; expected {expected}")
+    return problems
+
+
+def declared_endpoints(where: str, plugin: str, instance: Any) -> tuple[tuple[Endpoint, ...], list[str]]:
+    """The endpoints ``instance`` declares, checked: methods, path patterns (aiohttp's route syntax), handlers,
+    options, duplicates. Returns them normalised (upper-case method, no leading ``/``) with the problems."""
+    declare = getattr(instance, "endpoints", None)
+    if declare is None or not callable(declare) or inspect.iscoroutinefunction(declare):
+        return (), []  # reported by _method_problems
+    try:
+        declared = declare()
+    except Exception as exc:
+        return (), [f"{where}.endpoints(): raised {exc!r}"]
+    if not isinstance(declared, (list, tuple)):
+        return (), [f"{where}.endpoints(): returned {type(declared).__name__}; expected a list of Endpoint"]
+    router = web.UrlDispatcher()  # the same route syntax and conflict rules the tap serves them with
+    out: list[Endpoint] = []
+    problems: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for j, endpoint in enumerate(declared):
+        at = f"{where}.endpoints()[{j}]"
+        if not isinstance(endpoint, Endpoint):
+            problems.append(f"{at}: is a {type(endpoint).__name__}; expected Endpoint(method, path, handler)")
+            continue
+        method = endpoint.method.upper()
+        path = endpoint.path.lstrip("/")
+        label = f"{method} {path or '/'}"
+        if method != hdrs.METH_ANY and not (method and set(method) <= _HTTP_TOKEN):
+            problems.append(f"{at}: method {endpoint.method!r} is not an HTTP method (or '*' for any)")
+            continue
+        handler = endpoint.handler
+        expected = "async def handler(request, ctx) -> web.StreamResponse"
+        if not callable(handler):
+            problems.append(f"{at} ({label}): handler is a {type(handler).__name__}; expected {expected}")
+            continue
+        if not inspect.iscoroutinefunction(handler):
+            problems.append(f"{at} ({label}): handler {getattr(handler, '__name__', handler)!r} is a plain def; "
+                            f"expected {expected}")
+            continue
+        if (why := _arity_problem(handler, ENDPOINT_HANDLER_ARGS)) is not None:
+            problems.append(f"{at} ({label}): handler {getattr(handler, '__name__', handler)!r} {why}; "
+                            f"expected {expected}")
+            continue
+        if endpoint.timeout_ms is not None and not endpoint.timeout_ms > 0:
+            problems.append(f"{at} ({label}): timeout_ms must be > 0 (or None for the plugin's timeout_ms)")
+            continue
+        if endpoint.on_error not in (None, "fail_closed", "fail_open"):
+            problems.append(f"{at} ({label}): on_error must be 'fail_closed' or 'fail_open' (or None for the "
+                            f"plugin's on_error)")
+            continue
+        if (method, path) in seen:
+            problems.append(f"{at}: {label} is declared twice")
+            continue
+        try:
+            router.add_route(method, route_path(plugin, path), routed)
+        except (ValueError, RuntimeError) as exc:
+            problems.append(f"{at}: path {endpoint.path!r} is not a valid route pattern: {exc}")
+            continue
+        seen.add((method, path))
+        out.append(Endpoint(method, path, handler, public=endpoint.public, timeout_ms=endpoint.timeout_ms,
+                            on_error=endpoint.on_error))
+    return tuple(out), problems
+
+
+def _capability_problems(where: str, plugin: PluginConfig, instance: Any) -> list[str]:
+    """No silent plugins: something the tap attaches (a hook or endpoints) or ``initialize`` must exist."""
+    if any(getattr(instance, name, None) is not None for name in (*HOOKS, "endpoints", "initialize")):
+        return _method_problems(where, instance)
+    return [f"{where}: {plugin.use!r} implements no capability: define at least one of "
+            f"{', '.join(_signature(n, a, True) for n, a in HOOKS.items())}, def endpoints(self) or "
+            f"async def initialize(self, config, services)"]
+
+
+_Made = tuple[int, PluginConfig, Any, tuple[Endpoint, ...]]
+
+
 def _instantiate(settings: list[PluginConfig], running: Mapping[str, LoadedPlugin] | None = None,
-                 ) -> tuple[list[tuple[int, PluginConfig, Any]], list[str]]:
-    made: list[tuple[int, PluginConfig, Any]] = []
+                 ) -> tuple[list[_Made], list[str]]:
+    made: list[_Made] = []
     problems: list[str] = []
     for i, plugin in enumerate(settings):
         if not plugin.enabled:
@@ -86,14 +248,22 @@ def _instantiate(settings: list[PluginConfig], running: Mapping[str, LoadedPlugi
         except Exception as exc:
             problems.append(f"plugins[{i}].use: cannot load {plugin.use!r}: {exc}")
             continue
-        found = _schema_problems(i, instance, plugin.config)
-        problems += found
-        made.append((i, plugin, instance))
+        where = f"plugins[{i}] ({plugin.name})"
+        checked = _capability_problems(where, plugin, instance)
+        endpoints: tuple[Endpoint, ...] = ()
+        if not checked:
+            endpoints, checked = declared_endpoints(where, plugin.name, instance)
+        if checked:
+            problems += checked
+            continue
+        problems += _schema_problems(i, instance, plugin.config)
+        made.append((i, plugin, instance, endpoints))
     return made, problems
 
 
 def validate_plugin_configs(settings: list[PluginConfig]) -> list[str]:
-    """Problems (by key path) with the plugins section: unloadable classes and configs failing their schema."""
+    """Problems (by key path) with the plugins section: unloadable classes, hooks that cannot be called as the
+    tap calls them, plugins that do nothing, invalid endpoint declarations and configs failing their schema."""
     return _instantiate(settings)[1]
 
 
@@ -123,17 +293,18 @@ async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *
     fresh: list[LoadedPlugin] = []
     notify: list[tuple[int, LoadedPlugin, LoadedPlugin]] = []
     try:
-        for i, plugin, instance in sorted(made, key=lambda m: (m[1].order, m[0])):
+        for i, plugin, instance, endpoints in sorted(made, key=lambda m: (m[1].order, m[0])):
             old = running.get(plugin.name)
             if old is not None and old.instance is instance:
                 if plugin.kv == old.settings.kv and (plugin.config == old.settings.config
                                                      or hasattr(instance, "on_config_change")):
-                    item = LoadedPlugin(plugin, instance, old.services)
+                    item = LoadedPlugin(plugin, instance, old.services, old.endpoints)
                     loaded.append(item)
                     if plugin.config != old.settings.config:
                         notify.append((i, old, item))
                     continue
                 instance = type(instance)()
+                endpoints = declared_endpoints(f"plugins[{i}] ({plugin.name})", plugin.name, instance)[0]
             logger = logging.getLogger(f"gateway_tap.plugin.{plugin.name}")
             kv: KeyValueStore = MemoryKV(kv_data, plugin.name)
             if plugin.kv.backend == "shared" and shared_kv is not None:
@@ -145,7 +316,7 @@ async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *
                     await init(plugin.config, services)
                 except Exception as exc:
                     raise PluginLoadError([f"plugins[{i}]: initialize failed: {exc!r}"]) from exc
-            item = LoadedPlugin(plugin, instance, services)
+            item = LoadedPlugin(plugin, instance, services, endpoints)
             fresh.append(item)
             loaded.append(item)
         await _notify_config_change(notify)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from gateway_tap.hooks import LLMInfo, Price
 from schemas import ControlMessage, control_headers, control_topic, encode_control
 
 if TYPE_CHECKING:
     from gateway_tap.apps import AppIndex
     from gateway_tap.publisher import EventPublisher
-    from gateway_tap.settings import AppConfig
+    from gateway_tap.settings import AppConfig, LLMConfig, ModelPrice
 
 BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 
@@ -62,22 +63,52 @@ class MemoryKV:
             del self._data[k]
 
 
+def price_for(prices: Mapping[str, ModelPrice], *models: str | None) -> ModelPrice | None:
+    """The price of the first of ``models`` with one in ``prices``, else the ``"*"`` price: the tap's one
+    pricing rule (accounting charges by it, ``services.gateway.price_for`` reports it)."""
+    for model in models:
+        if model and model in prices:
+            return prices[model]
+    return prices.get("*")
+
+
+def _llm_info(llm: LLMConfig) -> LLMInfo:
+    return LLMInfo(llm.id, llm.vendor, llm.currency, tuple(llm.prices))
+
+
 class Gateway:
-    """The :class:`gateway_tap.hooks.GatewayServices` implementation."""
+    """The :class:`gateway_tap.hooks.GatewayServices` implementation, answering from the configuration in force."""
 
-    def __init__(self, apps: AppIndex, budget_status: BudgetStatusFn | None = None) -> None:
-        self._apps = apps
+    def __init__(self, apps: AppIndex, budget_status: BudgetStatusFn | None = None,
+                 llms: Sequence[LLMConfig] = ()) -> None:
         self.budget_status_fn = budget_status
+        self.use_config(apps, llms)
 
-    def use_apps(self, apps: AppIndex) -> None:
-        """Answer from ``apps`` from now on (a configuration reload)."""
-        self._apps = apps
+    def use_config(self, apps: AppIndex, llms: Sequence[LLMConfig]) -> None:
+        """Answer from ``apps`` and ``llms`` from now on (start-up, a configuration reload): one assignment,
+        so a plugin sees the old or the new configuration, never a mix."""
+        self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms])
 
     def validate_credential(self, key: str) -> AppConfig | None:
-        return self._apps.app_for_key(key)
+        return self._config[0].app_for_key(key)
 
     def get_app(self, app_id: str) -> AppConfig | None:
-        return self._apps.by_id.get(app_id)
+        return self._config[0].by_id.get(app_id)
+
+    def list_apps(self) -> list[AppConfig]:
+        return list(self._config[0].by_id.values())
+
+    def get_llm(self, llm_id: str) -> LLMInfo | None:
+        llm = self._config[1].get(llm_id)
+        return _llm_info(llm) if llm is not None else None
+
+    def list_llms(self) -> list[LLMInfo]:
+        return list(self._config[2])
+
+    def price_for(self, llm_id: str, model: str) -> Price | None:
+        llm = self._config[1].get(llm_id)
+        price = price_for(llm.prices, model) if llm is not None else None
+        return Price(price.input_per_1m, price.output_per_1m, llm.currency) if llm and price else None
 
     async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
         if self.budget_status_fn is None:

@@ -21,11 +21,14 @@ fail-closed hook that raises or times out raises :class:`HookFailed` in the test
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
@@ -44,10 +47,20 @@ from gateway_tap.plugins.chain import (
     run_request_hooks,
     run_response_header_hooks,
 )
+from gateway_tap.plugins.endpoints import (
+    EndpointBrokeOff,
+    EndpointFailed,
+    EndpointRoutes,
+    NoEndpoint,
+    call_endpoint,
+    endpoint_context,
+    identify,
+    track_response_start,
+)
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import Gateway
 from gateway_tap.plugins.sse import EventReader, EventRelay
-from gateway_tap.settings import AppConfig, PluginConfig
+from gateway_tap.settings import AppConfig, LLMConfig, PluginConfig
 from schemas import ControlMessage, encode_control
 
 _ids = itertools.count(1)
@@ -109,13 +122,16 @@ class PluginHarness:
     :param config: the plugin's ``config`` (validated against its schema; raises :class:`PluginLoadError`).
     :param name: the plugin's ``name`` (``ctx.plugin``, ``blocked_by``).
     :param llm_id: the LLM the requests go to; :param vendor: its vendor (``openai`` or ``anthropic``).
-    :param apps: apps known to ``services.gateway`` (``get_app``, ``validate_credential``).
+    :param apps: apps known to ``services.gateway`` (``get_app``, ``list_apps``, ``validate_credential``) and
+        to the key check of :meth:`endpoint_client`.
+    :param llms: LLMs known to ``services.gateway`` (``get_llm``, ``list_llms``, ``price_for``).
     :param timeout_ms: per hook call; :param on_error: ``fail_closed`` (raise) or ``fail_open`` (skip the hook).
     """
 
     def __init__(self, use: str | type[Any], config: Mapping[str, Any] | None = None, *, name: str = "test",
                  llm_id: str = "openai", vendor: str = "openai", apps: Iterable[AppConfig] = (),
-                 timeout_ms: float = 1000.0, on_error: Literal["fail_closed", "fail_open"] = "fail_closed") -> None:
+                 llms: Iterable[LLMConfig] = (), timeout_ms: float = 1000.0,
+                 on_error: Literal["fail_closed", "fail_open"] = "fail_closed") -> None:
         if isinstance(use, type):
             use = f"{use.__module__}:{use.__qualname__}"
         self.settings = PluginConfig.model_validate({"name": name, "use": use, "timeout_ms": timeout_ms,
@@ -124,11 +140,13 @@ class PluginHarness:
         self.vendor = vendor
         self.registry = CollectorRegistry()
         """The hook metrics (``gateway_tap_hook_*``) of the harness's own requests."""
-        self.gateway = Gateway(AppIndex(apps))
+        self.apps = AppIndex(apps)
+        self.gateway = Gateway(self.apps, llms=list(llms))
         self.control_messages: list[ControlMessage] = []
         """What the plugin sent with ``services.send_to_control`` (envelope filled in, gateway id ``harness``)."""
         self._loaded: list[LoadedPlugin] = []
         self.chain = Chain()
+        self.endpoints: EndpointRoutes | None = None
 
     def _control(self, plugin: str, kind: str, payload: Mapping[str, Any]) -> str:
         message = ControlMessage(gateway_id="harness", plugin=plugin, kind=kind, payload=dict(payload))
@@ -143,7 +161,10 @@ class PluginHarness:
 
     async def __aenter__(self) -> Self:
         self._loaded = await load_plugins([self.settings], self.gateway, control=self._control)
-        self.chain = build_chains(self._loaded, [self.llm_id], HookMetrics(self.registry))[self.llm_id]
+        metrics = HookMetrics(self.registry)
+        chains = build_chains(self._loaded, [self.llm_id, "*"], metrics)  # "*": what endpoints authenticate with
+        self.chain = chains[self.llm_id]
+        self.endpoints = EndpointRoutes(self._loaded, metrics, chains["*"].auth)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -227,3 +248,55 @@ class PluginHarness:
             if relay is not None and relay.stopped is not None:
                 return ResponseOutcome(resp.status, resp.headers, sent, relay.stopped.result, relay.stopped.plugin)
         return ResponseOutcome(resp.status, resp.headers, sent)
+
+    @asynccontextmanager
+    async def endpoint_client(self) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+        """A real HTTP client of the plugin's endpoints (``/plugins/{name}/...``) on a local port.
+
+        Calls follow the tap's rules (:mod:`gateway_tap.plugins.endpoints`): routing by the declared patterns
+        (404 / 405), authentication unless ``public`` (the plugin's auth hook when it has one, then the app
+        key, checked against ``apps``; 401 otherwise), the timeout to the response start and ``on_error``
+        (500 ``plugin_failed`` / 503 ``plugin_unavailable``). Errors are the tap's JSON error bodies.
+
+        ```python
+        async with PluginHarness(MyPlugin, apps=[AppConfig(id="demo", key_hashes=[hash_key("k")])]) as h, \
+                h.endpoint_client() as client:
+            resp = await client.post(f"/plugins/{h.settings.name}/mcp/s1", headers={"x-api-key": "k"})
+        ```
+        """
+        app = web.Application()
+        track_response_start(app)
+        app.router.add_route("*", "/plugins/{tail:.*}", self._serve_endpoint)
+        async with TestClient(TestServer(app)) as client:
+            yield client
+
+    async def _serve_endpoint(self, request: web.Request) -> web.StreamResponse:
+        routes = self.endpoints
+        assert routes is not None, "use the harness inside 'async with'"
+        scope = self._scope()
+        try:
+            bound, params = await routes.resolve(request)
+            if not bound.public:
+                found = await identify(routes.auth, request, scope, self.apps)
+                if found != "identified":
+                    return _error(401, "authentication_error", "missing_api_key" if found == "no_key" else
+                                  "invalid_api_key", "the API key is missing or not valid", scope)
+            return await call_endpoint(routes, bound, request, endpoint_context(bound, scope, params))
+        except NoEndpoint as missing:
+            return _error(405 if missing.allowed else 404, "invalid_request_error" if missing.allowed else
+                          "not_found_error", "method_not_allowed" if missing.allowed else "route_not_found",
+                          f"no endpoint for {request.method} {request.path}", scope)
+        except Stopped as stop:
+            return _error(stop.result.status, stop.error_type, stop.code, stop.message, scope)
+        except EndpointFailed as failed:
+            if failed.bound.fail_open:
+                return _error(503, "service_unavailable", "plugin_unavailable", str(failed), scope)
+            return _error(500, "plugin_error", "plugin_failed", str(failed), scope)
+        except EndpointBrokeOff as broke:
+            await broke.response.write_eof()
+            return broke.response
+
+
+def _error(status: int, type_: str, code: str, message: str, scope: RequestScope) -> web.Response:
+    body = {"error": {"type": type_, "code": code, "message": message, "request_id": scope.request_id}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway_tap.hooks import StreamEvent
+from gateway_tap.plugins.services import price_for as price_for  # the one pricing rule, which accounting charges by
 from gateway_tap.settings import ModelPrice
 
 CHARS_PER_TOKEN = 4
@@ -269,13 +270,6 @@ def _data_of(event: bytes) -> Any:
             except orjson.JSONDecodeError:
                 return None
     return None
-
-
-def price_for(prices: Mapping[str, ModelPrice], *models: str | None) -> ModelPrice | None:
-    for model in models:
-        if model and model in prices:
-            return prices[model]
-    return prices.get("*")
 
 
 def cost_of(usage: Usage, price: ModelPrice | None) -> float:

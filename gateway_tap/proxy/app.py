@@ -19,13 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway_tap.apps import AppIndex, presented_key
 from gateway_tap.budgets.periods import Clock
-from gateway_tap.hooks import HookContext
 from gateway_tap.plugins.chain import build_chains
+from gateway_tap.plugins.endpoints import EndpointRoutes
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import BudgetStatusFn, ControlChannel, Gateway
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.budget import BudgetGate, unenforced_report
+from gateway_tap.proxy.endpoints import EndpointServer, endpoints_app
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
@@ -46,7 +47,7 @@ class TapApp:
     """Holds the per-worker state; ``web_app`` is what aiohttp serves."""
 
     def __init__(self, config: GatewayConfig, publisher: EventPublisher, metrics: TapMetrics,
-                 plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], apps: AppIndex,
+                 plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], endpoints: EndpointRoutes, apps: AppIndex,
                  session: aiohttp.ClientSession, gateway: Gateway, budget: BudgetGate | None = None,
                  shared_kv: SharedKVStore | None = None, *, config_path: str | Path | None = None,
                  load: LoadFn | None = None, compose: ComposeFn | None = None) -> None:
@@ -56,8 +57,9 @@ class TapApp:
         self.session = session
         self.gateway = gateway
         self.budget = budget
-        snapshot = ConfigSnapshot(0, config, plugins, upstreams, apps)
+        snapshot = ConfigSnapshot(0, config, plugins, upstreams, endpoints, apps)
         self.handler = ProxyHandler(snapshot, session, config.tap.limits.max_body_bytes, self.record)
+        self.endpoint_server = EndpointServer(lambda: self.handler.snapshot, metrics, publisher.publish)
         # Without load/compose (a hand-built TapApp) the configuration is fixed for the app's lifetime.
         self.reloader = ConfigReloader(self, config_path, load=load, compose=compose) \
             if load is not None and compose is not None else None
@@ -97,26 +99,10 @@ class TapApp:
         router.add_get("/metrics", self.metrics_endpoint)
         router.add_get("/budget", self.budget_endpoint)
         router.add_route("*", r"/llm/{llm_id}/{rest:.*}", self.handler.handle)
-        # One route for every plugin endpoint, resolved per request from the snapshot: a reload may add some.
-        router.add_route("*", "/plugins/{plugin}/{path:.*}", self.plugin_endpoint)
+        # Plugin endpoints, resolved per request from the snapshot (a reload may add some), in a sub-application
+        # so that their response-start signal (the endpoint timeout) costs /llm/ requests nothing.
+        self.web_app.add_subapp("/plugins", endpoints_app(self.endpoint_server))
         router.add_route("*", "/{tail:.*}", self.not_found)
-
-    async def plugin_endpoint(self, request: web.Request) -> web.StreamResponse:
-        snap = self.handler.snapshot
-        found = snap.endpoint(request.match_info["plugin"], request.match_info["path"], request.method)
-        if found is None:
-            return await self.not_found(request)
-        plugin, fn = found
-        snap.inflight += 1
-        try:
-            rid = new_request_id()
-            ctx = HookContext(rid, "", "", plugin.name, plugin.settings.config, plugin.services, {})
-            resp: web.StreamResponse = await fn(request, ctx)
-        finally:
-            snap.inflight -= 1
-        if not resp.prepared:
-            resp.headers[REQUEST_ID_HEADER] = rid
-        return resp
 
     async def _on_startup(self, app: web.Application) -> None:
         if self.budget is not None:
@@ -232,7 +218,7 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
     kv_data: dict[str, tuple[Any, float | None]] = {}  # memory KV backing, kept across reloads
     apps = AppIndex(config.apps)
     budget = await BudgetGate.open(config, registry=metrics.registry, clock=budget_clock)
-    gateway = Gateway(apps, budget_status or (budget.status_for if budget is not None else None))
+    gateway = Gateway(apps, budget_status or (budget.status_for if budget is not None else None), config.llms)
     settings = config.tap.publisher
     if publisher is None:
         publisher = EventPublisher(config.kafka, settings,
@@ -255,17 +241,20 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
         raise
     steps = (budget.step(metrics.hooks),) if budget is not None else ()
 
-    def compose(cfg: GatewayConfig, loaded: Sequence[LoadedPlugin]) -> dict[str, Upstream]:
+    def compose(cfg: GatewayConfig, loaded: Sequence[LoadedPlugin]) -> tuple[dict[str, Upstream], EndpointRoutes]:
         after = cfg.budget_enforcement.position == "after_plugins"
-        chains = build_chains(loaded, [llm.id for llm in cfg.llms], metrics.hooks,
+        # "*" (never an LLM id) is the chain of the plugins attached to every LLM: the gateway-wide auth hooks
+        # that plugin endpoints authenticate with.
+        chains = build_chains(loaded, [*(llm.id for llm in cfg.llms), "*"], metrics.hooks,
                               post_auth_before=() if after else steps,
                               post_auth_after=steps if after else ())
-        return {llm.id: Upstream.build(llm, chains[llm.id]) for llm in cfg.llms}
+        upstreams = {llm.id: Upstream.build(llm, chains[llm.id]) for llm in cfg.llms}
+        return upstreams, EndpointRoutes(loaded, metrics.hooks, chains["*"].auth)
 
-    upstreams = compose(config, plugins)
+    upstreams, endpoints = compose(config, plugins)
     connector = aiohttp.TCPConnector(limit=config.tap.upstream_max_connections, ttl_dns_cache=300,
                                      enable_cleanup_closed=True)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
                                     skip_auto_headers=("User-Agent",))
-    return TapApp(config, publisher, metrics, plugins, upstreams, apps, session, gateway, budget, shared_kv,
+    return TapApp(config, publisher, metrics, plugins, upstreams, endpoints, apps, session, gateway, budget, shared_kv,
                   config_path=config_path, load=load, compose=compose)

@@ -40,6 +40,12 @@ def not_found(path: str) -> TapError:
     return TapError(404, "not_found_error", "route_not_found", f"no route for {path}")
 
 
+def method_not_allowed(method: str, allowed: frozenset[str]) -> TapError:
+    methods = ", ".join(sorted(allowed))
+    return TapError(405, "invalid_request_error", "method_not_allowed", f"{method} is not allowed here; use {methods}",
+                    headers={"Allow": methods})
+
+
 def unknown_llm(llm_id: str) -> TapError:
     return TapError(404, "not_found_error", "unknown_llm", f"no LLM with id {llm_id!r} is configured")
 
@@ -76,6 +82,13 @@ def upstream_timeout(llm_id: str, which: str) -> TapError:
 
 def plugin_failed(plugin: str, hook: str, reason: str) -> TapError:
     return TapError(500, "plugin_error", "plugin_failed", f"plugin {plugin!r} failed in {hook}: {reason}")
+
+
+def plugin_unavailable(plugin: str, hook: str, reason: str, retry_after: int) -> TapError:
+    """A ``fail_open`` plugin endpoint failed: a transient failure the client may retry."""
+    return TapError(503, "service_unavailable", "plugin_unavailable",
+                    f"plugin {plugin!r} failed in {hook}: {reason}; retry later",
+                    headers={"Retry-After": str(retry_after)})
 
 
 def internal_error() -> TapError:

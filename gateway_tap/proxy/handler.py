@@ -65,7 +65,8 @@ def new_request_id() -> str:
     return "req_" + uuid_utils.uuid7().hex
 
 
-def _stop_error(stop: Stopped) -> TapError:
+def stop_error(stop: Stopped) -> TapError:
+    """The error answer of a hook's stop (``blocked_by`` the plugin)."""
     result = stop.result
     return TapError(result.status, stop.error_type, stop.code, stop.message, blocked_by=stop.plugin, body=result.body,
                     headers=dict(result.headers) if result.headers else None)
@@ -108,7 +109,7 @@ class ProxyHandler:
         except TapError as err:
             resp = await self._send_error(request, ex, err)
         except Stopped as stop:
-            resp = await self._send_error(request, ex, _stop_error(stop))
+            resp = await self._send_error(request, ex, stop_error(stop))
         except HookFailed as exc:
             resp = await self._send_error(request, ex, _hook_error(exc))
         except Exception:
@@ -334,7 +335,7 @@ class ProxyHandler:
                 if out:
                     await self._write_chunk(resp, out, hooks, ex, captured)
                 if relay is not None and relay.stopped is not None:
-                    ex.error, ex.blocked_by = _stop_error(relay.stopped), relay.stopped.plugin
+                    ex.error, ex.blocked_by = stop_error(relay.stopped), relay.stopped.plugin
                     break  # a hook ended the stream: nothing more of the upstream's answer goes out
             else:
                 tail = await relay.flush() if relay is not None else acct.flush() if acct is not None else b""

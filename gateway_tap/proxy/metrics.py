@@ -57,6 +57,11 @@ class TapMetrics:
                             ["app", "llm", "model"], registry=r)
         self.rejected = Counter("gateway_tap_rejected_requests", "Requests the tap answered itself.",
                                 ["llm", "code"], registry=r)
+        self.endpoint_requests = Counter("gateway_tap_endpoint_requests", "Calls of plugin endpoints, by outcome.",
+                                         ["plugin", "endpoint", "status_class"], registry=r)
+        self.endpoint_seconds = Histogram("gateway_tap_endpoint_duration_seconds",
+                                          "Total time per plugin endpoint call (a streamed one: to its end).",
+                                          ["plugin", "endpoint"], buckets=BUCKETS, registry=r)
         self.hooks = HookMetrics(r)
         self._children: dict[tuple[str, str, str, str], RequestChildren] = {}
 

@@ -25,18 +25,19 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.apps import AppIndex
 from gateway_tap.config_reload import FileFingerprint, ReloadMetrics, changed_keys
+from gateway_tap.plugins.endpoints import EndpointRoutes
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, close_plugins
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
-from gateway_tap.settings import ConfigFileError, GatewayConfig, PluginConfig, load_config
+from gateway_tap.settings import ConfigFileError, GatewayConfig, LLMConfig, PluginConfig, load_config
 from gateway_tap.settings.base import restart_keys
 
 log = logging.getLogger("gateway_tap.reload")
 
 LoadFn = Callable[[list[PluginConfig], Sequence[LoadedPlugin]], Awaitable[list[LoadedPlugin]]]
 """Load the plugins section against the plugins in force (:func:`load_plugins` with the tap's services)."""
-ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], dict[str, Upstream]]
-"""Build the per-LLM upstreams with their hook chains (built-in steps included) for a config."""
+ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], tuple[dict[str, Upstream], EndpointRoutes]]
+"""Build the per-LLM upstreams with their hook chains (built-in steps included) and the plugin endpoints."""
 
 RESTART_KEYS = restart_keys(GatewayConfig)
 """Read once at start (marked ``RESTART`` in :mod:`gateway_tap.settings`): a change is logged and takes effect
@@ -49,8 +50,8 @@ class _SnapshotHolder(Protocol):
     snapshot: ConfigSnapshot
 
 
-class _AppsUser(Protocol):
-    def use_apps(self, apps: AppIndex) -> None: ...
+class _ConfigUser(Protocol):
+    def use_config(self, apps: AppIndex, llms: Sequence[LLMConfig]) -> None: ...
 
 
 class _HasRegistry(Protocol):
@@ -69,7 +70,7 @@ class ReloadTarget(Protocol):
     def handler(self) -> _SnapshotHolder: ...
 
     @property
-    def gateway(self) -> _AppsUser: ...
+    def gateway(self) -> _ConfigUser: ...
 
     @property
     def metrics(self) -> _HasRegistry: ...
@@ -167,8 +168,8 @@ class ConfigReloader:
             self.metrics.rejected("invalid")
             return False
         try:
-            upstreams = self._compose(config, plugins)
-            new = ConfigSnapshot(self.generation + 1, config, plugins, upstreams)
+            upstreams, endpoints = self._compose(config, plugins)
+            new = ConfigSnapshot(self.generation + 1, config, plugins, upstreams, endpoints)
         except Exception:
             log.exception("configuration reload failed (%s); the configuration in force stays", reason)
             await close_plugins([p for p in plugins if all(p.instance is not q.instance for q in old.plugins)])
@@ -181,7 +182,7 @@ class ConfigReloader:
     def _swap(self, old: ConfigSnapshot, new: ConfigSnapshot) -> None:
         tap = self.tap
         tap.handler.snapshot = new  # the one reference requests read: from here on new requests see `new`
-        tap.gateway.use_apps(new.apps)
+        tap.gateway.use_config(new.apps, new.config.llms)
         self.generation = new.generation
         self.metrics.succeeded(new.generation)
         self._update_budgets(old.config, new.config)

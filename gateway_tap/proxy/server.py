@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway_tap.publisher.spool import adopt_orphan_spools
-from gateway_tap.settings import GatewayConfig, load_config
+from gateway_tap.settings import ConfigFileError, GatewayConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,17 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
 
 
 def serve(config_path: str, workers: int | None = None, port: int | None = None) -> int:
-    """Run the tap; returns the exit code."""
+    """Run the tap; returns the exit code.
+
+    :raises ConfigFileError: the file is invalid, or a plugin cannot load (each problem by key path),
+        found here before any worker starts rather than by workers dying one after the other.
+    """
+    from gateway_tap.plugins.loader import validate_plugin_configs
+
     config: GatewayConfig = load_config(config_path)
+    problems = validate_plugin_configs(config.plugins)
+    if problems:
+        raise ConfigFileError(config_path, problems)
     count = workers or config.tap.workers
     # Before any worker opens its spool: spools of worker indexes this run will not have.
     adopt_orphan_spools(Path(config.tap.publisher.spool_dir), count)

@@ -1,0 +1,170 @@
+"""``/plugins/{plugin}/...``: plugin endpoints served as real requests of the tap.
+
+Each call is routed, authenticated and run by the rules of :mod:`gateway_tap.plugins.endpoints`;
+this module says what the outcomes mean in HTTP (OpenAI-style error JSON with the request id) and
+records every call like any other request: ``gateway_tap_endpoint_*`` metrics, the access log line
+and a ``proxy_log`` event (``llm_id`` null, the path, status, sizes, latency, the caller's
+``app_id``/``user_id``, hook metadata, ``blocked_by`` when an auth hook refused it, the error when
+it failed). No ``analytics`` or ``budget_usage``: an endpoint call is not an LLM call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+
+from gateway_tap.plugins.chain import HookFailed, Stopped
+from gateway_tap.plugins.endpoints import (
+    BoundEndpoint,
+    EndpointBrokeOff,
+    EndpointFailed,
+    NoEndpoint,
+    call_endpoint,
+    endpoint_context,
+    identify,
+    track_response_start,
+)
+from gateway_tap.proxy import errors
+from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
+from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.handler import new_request_id, stop_error
+from gateway_tap.proxy.logs import access_log
+from gateway_tap.proxy.metrics import TapMetrics, status_class
+from gateway_tap.proxy.snapshot import ConfigSnapshot
+from schemas import Event, ProxyLog
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+"""``Retry-After`` of the 503 a ``fail_open`` endpoint answers when its handler failed."""
+
+
+def endpoints_app(server: EndpointServer) -> web.Application:
+    """The sub-application mounted at ``/plugins/``: its own response-start signal (the endpoint timeout),
+    which requests to ``/llm/`` never pass through."""
+    app = web.Application()
+    track_response_start(app)
+    app.router.add_route("*", "/{plugin}/{path:.*}", server.handle)
+    app.router.add_route("*", "/{tail:.*}", server.handle)
+    return app
+
+
+class EndpointServer:
+    """Serves plugin endpoints from the snapshot in force (``snapshot()``); ``publish`` takes the events."""
+
+    def __init__(self, snapshot: Callable[[], ConfigSnapshot], metrics: TapMetrics,
+                 publish: Callable[[Event], None]) -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics
+        self._publish = publish
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        snap = self._snapshot()  # captured once: a reload during this call never changes what it sees
+        snap.inflight += 1
+        ex = Exchange(new_request_id(), request.method, request.path, "", time.perf_counter())
+        ex.client_address = request.remote
+        ex.user_agent = request.headers.get("user-agent")
+        ex.request_headers = request.headers
+        ex.request_bytes = request.content_length or 0
+        bound: BoundEndpoint | None = None
+        try:
+            try:
+                bound, params = await snap.endpoints.resolve(request)
+                if not bound.public:
+                    await self._authenticate(request, ex, snap)
+                resp = await self._call(request, ex, snap, bound, params)
+            except NoEndpoint as missing:
+                resp = await self._send_error(request, ex, errors.method_not_allowed(request.method, missing.allowed)
+                                              if missing.allowed else errors.not_found(request.path))
+            except TapError as err:
+                resp = await self._send_error(request, ex, err)
+            except Stopped as stop:
+                resp = await self._send_error(request, ex, stop_error(stop))
+            except HookFailed as exc:
+                resp = await self._send_error(request, ex, errors.plugin_failed(
+                    exc.plugin, exc.hook, "timed out" if exc.timed_out else "raised an error"))
+            except EndpointFailed as failed:
+                resp = await self._send_error(request, ex, _failure(failed))
+            ex.finished = time.perf_counter()
+            self._record(ex, snap, bound)
+            return resp
+        finally:
+            snap.inflight -= 1
+
+    async def _authenticate(self, request: web.Request, ex: Exchange, snap: ConfigSnapshot) -> None:
+        found = await identify(snap.endpoints.auth, request, ex, snap.apps)
+        if found == "no_key":
+            raise errors.missing_key()
+        if found == "unknown_key":
+            raise errors.unknown_key()
+
+    async def _call(self, request: web.Request, ex: Exchange, snap: ConfigSnapshot, bound: BoundEndpoint,
+                    params: Mapping[str, str]) -> web.StreamResponse:
+        ctx = endpoint_context(bound, ex, params)
+        try:
+            resp = await call_endpoint(snap.endpoints, bound, request, ctx)
+        except EndpointBrokeOff as broke:  # the status line is out: end the stream, record the failure
+            ex.error = errors.plugin_failed(bound.plugin.name, f"endpoint {bound.label}", "raised mid-response")
+            resp = broke.response
+            with contextlib.suppress(Exception):
+                await resp.write_eof()
+            ex.streamed = True
+            self._finish(ex, resp)
+            return resp
+        ex.streamed = resp.prepared  # the handler started it itself: it streamed
+        if not resp.prepared:
+            resp.headers[REQUEST_ID_HEADER] = ex.request_id
+            with contextlib.suppress(ConnectionResetError):
+                await resp.prepare(request)
+                await resp.write_eof()
+        self._finish(ex, resp)
+        return resp
+
+    @staticmethod
+    def _finish(ex: Exchange, resp: web.StreamResponse) -> None:
+        ex.status = resp.status
+        ex.response_headers = resp.headers
+        ex.response_bytes = resp.body_length
+
+    @staticmethod
+    async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
+        ex.fail(err)
+        resp = errors.error_response(err, ex.request_id)
+        ex.response_headers = resp.headers
+        with contextlib.suppress(ConnectionResetError):
+            await resp.prepare(request)
+            await resp.write_eof()
+        ex.response_bytes = resp.body_length
+        return resp
+
+    def _record(self, ex: Exchange, snap: ConfigSnapshot, bound: BoundEndpoint | None) -> None:
+        """Metrics, the access log line and the proxy_log event of one call. Never raises into serving."""
+        try:
+            plugin, label = (bound.plugin.name, bound.label) if bound is not None else ("none", "none")
+            self._metrics.endpoint_requests.labels(plugin, label, status_class(ex.status)).inc()
+            self._metrics.endpoint_seconds.labels(plugin, label).observe(ex.total_ms / 1000)
+            if snap.access_log:
+                access_log.info("request", extra={
+                    "request_id": ex.request_id, "app": ex.app_id, "llm": None, "plugin": plugin,
+                    "endpoint": label, "method": ex.method, "path": ex.path, "status": ex.status,
+                    "streamed": ex.streamed, "latency_ms": round(ex.total_ms, 3),
+                    "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
+                })
+            for event in ex.events(snap.gateway_id, capture_bodies=False, body_limit=0):
+                if isinstance(event, ProxyLog):
+                    self._publish(event.model_copy(update={"llm_id": None}))
+        except Exception:
+            log.exception("recording endpoint call %s failed", ex.request_id)
+
+
+def _failure(failed: EndpointFailed) -> TapError:
+    bound = failed.bound
+    hook = f"endpoint {bound.label}"
+    reason = "timed out before responding" if failed.timed_out else "raised an error"
+    if bound.fail_open:
+        return errors.plugin_unavailable(bound.plugin.name, hook, reason, RETRY_AFTER_S)
+    return errors.plugin_failed(bound.plugin.name, hook, reason)
