@@ -163,6 +163,7 @@ async def call_endpoint(routes: EndpointRoutes, bound: BoundEndpoint, request: w
     """
     deadline = asyncio.timeout(bound.timeout_s)
     request[_DEADLINE] = deadline
+    request[_REQUEST_ID] = ctx.request_id
     try:
         async with deadline:
             resp = await bound.endpoint.handler(request, ctx)
@@ -193,6 +194,7 @@ async def call_endpoint(routes: EndpointRoutes, bound: BoundEndpoint, request: w
 
 _DEADLINE = web.RequestKey("gateway_tap_endpoint_deadline", asyncio.Timeout)
 _STARTED = web.RequestKey("gateway_tap_endpoint_started", web.StreamResponse)
+_REQUEST_ID = web.RequestKey("gateway_tap_endpoint_request_id", str)
 
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -200,6 +202,9 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     if deadline is not None:
         deadline.reschedule(None)  # the response starts: the endpoint's timeout no longer applies
         request[_STARTED] = response
+    request_id = request.get(_REQUEST_ID)
+    if request_id is not None:
+        response.headers.setdefault("x-request-id", request_id)
 
 
 def track_response_start(app: web.Application) -> None:
