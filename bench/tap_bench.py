@@ -184,7 +184,8 @@ def cache_saving(url: str, stats_url: str, tmp: Path, concurrency: int, duration
     import urllib.request
 
     def stats() -> dict[str, int]:
-        with urllib.request.urlopen(stats_url, timeout=5) as resp:
+        request = urllib.request.Request(stats_url, headers={"Authorization": f"Bearer {APP_KEY}"})  # auth by default
+        with urllib.request.urlopen(request, timeout=5) as resp:
             data: dict[str, int] = json.loads(resp.read())
             return data
 
