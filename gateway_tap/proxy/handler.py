@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -70,6 +70,19 @@ def stop_error(stop: Stopped) -> TapError:
     result = stop.result
     return TapError(result.status, stop.error_type, stop.code, stop.message, blocked_by=stop.plugin, body=result.body,
                     headers=dict(result.headers) if result.headers else None)
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    """A plugin's whole stream as the chunk source of the stream path."""
+    yield body
+
+
+def _strips_usage(up: Upstream, ex: Exchange, parsed: Any) -> bool:
+    """Whether an OpenAI stream's usage chunk is withheld from this client (it did not ask for it)."""
+    if up.vendor != "openai" or not isinstance(parsed, dict) or parsed.get("stream") is not True \
+            or "chat/completions" not in ex.path:
+        return False
+    return prepare_openai_stream(dict(parsed))  # on a copy: the request is not forwarded anywhere
 
 
 def _hook_error(exc: HookFailed) -> TapError:
@@ -250,11 +263,12 @@ class ProxyHandler:
         await self._run_response_header_hooks(up, tap_resp, ex)
         if not tap_resp.streamed:
             return await self._respond_whole(request, up, upstream, tap_resp, ex, parsed)
-        return await self._respond_stream(request, up, upstream, tap_resp, ex, parsed, strip_usage)
+        return await self._respond_stream(request, up, upstream.content.iter_any(), upstream.status, tap_resp, ex,
+                                          parsed, strip_usage)
 
     async def _serve_local(self, request: web.Request, up: Upstream, ex: Exchange, parsed: Any,
                            answered: Answered) -> web.StreamResponse:
-        """A plugin answered (``HookResult.respond``): the whole-response path, without the upstream."""
+        """A plugin answered (``HookResult.respond``): the whole-response or the stream path, without the upstream."""
         result = answered.result
         ex.served_by = answered.plugin
         ex.cache_hit = result.cache_hit
@@ -262,8 +276,12 @@ class ProxyHandler:
         ex.first_chunk = time.perf_counter()
         headers: CIMultiDict[str] = CIMultiDict(result.headers or {})
         headers.setdefault("content-type", "application/json")
-        tap_resp = TapResponse(result.status, headers, False)
+        # As for an upstream answer, the content type says whether it is a stream.
+        tap_resp = TapResponse(result.status, headers, headers["content-type"].startswith("text/event-stream"))
         await self._run_response_header_hooks(up, tap_resp, ex)
+        if tap_resp.streamed:
+            return await self._respond_stream(request, up, _replay(result.body or b""), result.status, tap_resp, ex,
+                                              parsed, _strips_usage(up, ex, parsed))
         return await self._send_whole(request, up, tap_resp, ex, parsed, result.body or b"")
 
     async def _run_response_header_hooks(self, up: Upstream, tap_resp: TapResponse, ex: Exchange) -> None:
@@ -290,8 +308,6 @@ class ProxyHandler:
         if 200 <= tap_resp.status < 300:
             ex.usage = usage_from_body(up.vendor, body)
             self._price(up, ex, parsed, estimated_completion=None)
-            if not ex.charge:
-                ex.cost = 0.0
         if up.chain.response_body:
             try:
                 body = await run_body_hooks(up.chain.response_body, tap_resp, body, ex)
@@ -309,9 +325,11 @@ class ProxyHandler:
             await resp.write_eof()
         return resp
 
-    async def _respond_stream(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
+    async def _respond_stream(self, request: web.Request, up: Upstream, chunks: AsyncIterator[bytes], status: int,
                               tap_resp: TapResponse, ex: Exchange, parsed: Any,
                               strip_usage: bool) -> web.StreamResponse:
+        """Relay a stream (the upstream's body, or a plugin's answer) through accounting and the stream hooks;
+        ``status`` is its own status, before the header hooks."""
         resp = ex.response = web.StreamResponse(status=tap_resp.status, headers=tap_resp.headers)
         try:
             await resp.prepare(request)
@@ -319,13 +337,13 @@ class ProxyHandler:
             ex.error = TapError(499, "client_error", "client_disconnected", "client went away")
             return resp
         # From here on the status line is out: a failure can only end the stream, never change the response.
-        acct = StreamAccounting(up.vendor, strip_usage) if 200 <= upstream.status < 300 else None
+        acct = StreamAccounting(up.vendor, strip_usage) if 200 <= status < 300 else None
         relay = EventRelay(up.chain.stream_event, up.vendor, ex, acct.account if acct is not None else None) \
             if up.chain.stream_event else None
         hooks = up.chain.response_chunk
         captured: list[bytes] = []
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in chunks:
                 if ex.first_chunk is None:
                     ex.first_chunk = time.perf_counter()
                 if relay is not None:
@@ -398,5 +416,6 @@ class ProxyHandler:
         ex.usage = usage
         if usage.model:
             ex.model = usage.model
-        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model))
+        # A plugin's answer with charge=False (a cache hit on a paid answer) costs nothing, whole or streamed.
+        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model)) if ex.charge else 0.0
 
