@@ -135,3 +135,22 @@ async def test_no_store_and_unfinished_streams_are_not_stored(
         assert await upstream_requests(mock_llm) == before + 10
         # The same requests without no-store are cached.
         assert [await post({**chat, "stream": True}) for _ in range(2)] == ["miss", "hit"]
+
+
+async def test_a_streamed_answer_of_a_plugin_in_the_harness() -> None:
+    from gateway_tap.plugins.testing import PluginHarness
+
+    stream = (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+              b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+              b"data: [DONE]\n\n")
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    async with PluginHarness("gateway_tap.plugins.examples.response_cache:ResponseCache") as h:
+        miss = await h.request(json=body)
+        assert miss.served is None and miss.request.json()["stream_options"] == {"include_usage": True}
+        sent = await h.response(miss, headers={"content-type": "text/event-stream"}, chunks=[stream])
+        assert b'"usage"' not in sent.body  # the usage report asked for by the cache is withheld from this client
+        hit = await h.request(json=body)
+        assert hit.served is not None and hit.served.cache_hit
+        replayed = await h.response(hit)  # the plugin's own answer, streamed as in the tap
+    assert replayed.headers["x-cache"] == "hit" and [e.data for e in replayed.events()][-1] == "[DONE]"
+    assert b'"usage"' in hit.served.body  # stored with the usage report; the tap withholds it on replay

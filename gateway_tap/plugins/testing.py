@@ -212,9 +212,18 @@ class PluginHarness:
         event split across chunks is seen whole), and the chunk hooks run on what they let through;
         a stop ends the stream with the vendor's error event (``stopped`` / ``stopped_by`` say so).
         ``after`` is the request it answers (its metadata and ids are shared); a fresh request
-        context is used without it.
+        context is used without it. When a hook of ``after`` answered itself (``after.served``) and
+        neither ``body`` nor ``chunks`` is given, that answer is the response: a stream when its
+        content type is ``text/event-stream``, as in the tap.
         """
         scope = after.scope if after is not None else self._scope()
+        served = after.served if after is not None else None
+        if served is not None and body is None and chunks is None:  # replay a plugin's own answer, as the tap does
+            status, headers = served.status, {"content-type": "application/json", **(served.headers or {})}
+            if headers["content-type"].startswith("text/event-stream"):
+                chunks = [served.body or b""]
+            else:
+                body = served.body or b""
         hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
         streamed = chunks is not None
         if streamed and "content-type" not in hdrs:
