@@ -64,7 +64,7 @@ class Sample:
 
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    return float(times.user + times.system)
 
 
 def wrk(url: str, concurrency: int, duration: int, script: Path) -> tuple[int, float, float, int]:
@@ -140,17 +140,18 @@ def main() -> None:
     load_after = psutil.getloadavg()
     print(f"\nload average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {psutil.cpu_count()} CPUs")
-    print("\n| concurrency | target | CPU µs/request (median of rounds; min-max) | vs proxied | RPS (median) |")
+    print("\nRatio = a target's CPU per request / the proxied call's in the same round (adjacent in time), median "
+          "over rounds (min-max):\n")
+    print("| concurrency | target | CPU µs/request, median (min-max) | vs proxied, same round | RPS (median) |")
     print("|---|---|---|---|---|")
     for level in levels:
-        proxied = statistics.median(s.cpu_us for s in samples[("proxied", level)])
+        proxied = [s.cpu_us for s in samples[("proxied", level)]]
         for name in TARGETS:
             cpu = [s.cpu_us for s in samples[(name, level)]]
-            median = statistics.median(cpu)
+            ratios = [c / p for c, p in zip(cpu, proxied, strict=True)]
             rps = statistics.median(s.rps for s in samples[(name, level)])
-            print(f"| {level} | {name} | {median:,.0f} ({min(cpu):,.0f}-{max(cpu):,.0f}) | {median / proxied:.2f}x "
-                  f"| {rps:,.0f} |")
-
+            print(f"| {level} | {name} | {statistics.median(cpu):,.0f} ({min(cpu):,.0f}-{max(cpu):,.0f}) | "
+                  f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {rps:,.0f} |")
 
 if __name__ == "__main__":
     main()
