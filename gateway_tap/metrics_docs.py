@@ -104,8 +104,9 @@ Conventions: names start with `gateway_tap_`, carry their base unit (`_seconds`,
 own overhead, plugin hooks) to 120 s (long streamed LLM calls). Labels are bounded: configured
 app and LLM ids (`app="other"` for ids an auth plugin made up, `none` before authentication),
 the model when it has a configured price (else `other`), status class (`2xx`...), plugin and
-hook names, collector name, event type, topic and partition. Request, user and event ids are
-never labels: look them up in the events (Elasticsearch or the JSONL files).
+hook names, plugin endpoints as declared (`GET mcp/{session}`, never the concrete path; `none`
+when no endpoint matched), collector name, event type, topic and partition. Request, user and
+event ids are never labels: look them up in the events (Elasticsearch or the JSONL files).
 
 A tap with several workers (`tap.workers > 1`) aggregates its workers' counters and histograms
 through `PROMETHEUS_MULTIPROC_DIR`; the publisher and budget gauges are computed at scrape time,

@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway_tap.config import LLMConfig, parse_config
 from gateway_tap.hooks import Endpoint, EndpointContext
 from gateway_tap.plugins.testing import PluginHarness
+from gateway_tap.settings import LLMConfig, parse_config
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, running_tap, tap_config
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET

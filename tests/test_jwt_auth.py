@@ -16,9 +16,9 @@ import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway_tap.config import AppConfig
 from gateway_tap.hooks import HookContext, HookResult, TapRequest
 from gateway_tap.plugins.testing import PluginHarness
+from gateway_tap.settings import AppConfig
 from schemas import Analytics
 from tests.tap_support import UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config
 

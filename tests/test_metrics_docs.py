@@ -14,6 +14,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 BOUNDED_LABELS = {
     "app", "llm", "model", "status_class", "plugin", "hook", "kind", "code", "collector", "type", "topic",
     "partition", "error_class", "reason", "outcome", "result", "period", "threshold",
+    "endpoint",  # a plugin endpoint as declared ("GET mcp/{session}"), never the concrete path
 }
 
 

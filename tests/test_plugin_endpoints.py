@@ -15,9 +15,9 @@ import orjson
 from aiohttp import web
 
 from gateway_tap.apps import hash_key
-from gateway_tap.config import AppConfig
 from gateway_tap.hooks import Endpoint, EndpointContext, HookContext, HookResult, Identity, TapRequest
 from gateway_tap.plugins.testing import PluginHarness
+from gateway_tap.settings import AppConfig
 from schemas import ProxyLog
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config
 
