@@ -89,6 +89,9 @@ class EndpointServer:
                     exc.plugin, exc.hook, "timed out" if exc.timed_out else "raised an error"))
             except EndpointFailed as failed:
                 resp = await self._send_error(request, ex, _failure(failed))
+            except Exception:  # a bug of ours: still a recorded call and a JSON 500 with the request id
+                log.exception("endpoint call %s failed unexpectedly", ex.request_id)
+                resp = await self._send_error(request, ex, errors.internal_error())
             ex.finished = time.perf_counter()
             self._record(ex, snap, bound)
             return resp
