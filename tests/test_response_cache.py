@@ -133,6 +133,13 @@ async def test_two_workers_share_the_cache_and_its_size_bound(mock_llm: str, kaf
         before = await upstream_requests(mock_llm)
         status, headers, first = await post(url, chat("shared between workers"))
         assert status == 200 and headers["x-cache"] == "miss"
+        # The store is written in the background, just after the answer went out: wait until it holds the entry.
+        for _ in range(100):
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/plugins/cache/stats",
+                                                                  headers={"x-api-key": APP_KEY}) as resp:
+                if (await resp.json())["entries"] == 1:
+                    break
+            await asyncio.sleep(0.05)
         first_pid, seen = headers["x-worker-pid"], {}
         for _ in range(200):  # until the other worker answered (the kernel spreads new connections)
             status, headers, body = await post(url, chat("shared between workers"))
@@ -145,7 +152,12 @@ async def test_two_workers_share_the_cache_and_its_size_bound(mock_llm: str, kaf
         # Size bound: a second and a third entry push the first out; the newest stays.
         for text in ("second", "third"):
             assert (await post(url, chat(text)))[1]["x-cache"] == "miss"
-        assert (await post(url, chat("third")))[1]["x-cache"] == "hit"
+        for _ in range(100):  # until the background write of "third" landed (a miss stores it again, harmless)
+            if (await post(url, chat("third")))[1]["x-cache"] == "hit":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the newest entry never became a hit")
         assert (await post(url, chat("shared between workers")))[1]["x-cache"] == "miss"
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/plugins/cache/stats",
                                                               headers={"x-api-key": APP_KEY}) as resp:
