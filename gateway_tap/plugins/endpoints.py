@@ -35,6 +35,7 @@ from gateway_tap.plugins.loader import LoadedPlugin, route_path, routed
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class BoundEndpoint:
     """One plugin endpoint with its options resolved against the plugin's settings."""
