@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer
 from gateway_tap.budgets.store import BudgetStore, UsageRecord, open_store
-from gateway_tap.devstack import POSTGRES_DEFAULT_DSN, ensure_postgres
+from gateway_tap.dev.servers import POSTGRES_DEFAULT_DSN, ensure_postgres
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from schemas import BudgetUsage, new_event_id
 

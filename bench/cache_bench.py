@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import yaml
 
-from gateway_tap.devstack import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_KEY = "sk-bench-6f1d2c9a8b7e4f3a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"

@@ -37,7 +37,7 @@ import orjson
 from bench.kafka_fill import fill_topic
 from collectors.runtime import CollectorRuntime, tune_gc
 from collectors.sinks.file import FileCollector
-from gateway_tap.devstack import NoidaServer
+from gateway_tap.dev.servers import NoidaServer
 from gateway_tap.settings import CollectorSettings
 from schemas import Event, EventType, encode_event, topic_for
 from schemas.events import Analytics

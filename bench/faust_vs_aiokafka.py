@@ -41,7 +41,7 @@ from pathlib import Path
 import orjson
 
 from bench.kafka_fill import fill_topic
-from gateway_tap.devstack import ManagedProcess, NoidaServer, StartupError
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, StartupError
 from schemas.events import Analytics
 
 BENCH_DIR = Path(__file__).resolve().parent

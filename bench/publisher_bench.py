@@ -18,7 +18,7 @@ from pathlib import Path
 
 import prometheus_client
 
-from gateway_tap.devstack import NoidaServer
+from gateway_tap.dev.servers import NoidaServer
 from gateway_tap.publisher import EventPublisher
 from gateway_tap.settings import KafkaSettings, PublisherSettings
 from schemas import Analytics

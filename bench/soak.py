@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.broker_link import BrokerLink
 from gateway_tap.budgets.periods import usd_to_micros
-from gateway_tap.devstack import (
+from gateway_tap.dev.servers import (
     POSTGRES_DEFAULT_DSN,
     ManagedProcess,
     NoidaServer,

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from gateway_tap.devstack import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"

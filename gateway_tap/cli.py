@@ -33,7 +33,7 @@ def main() -> None:
 def mock_llm(host: str, port: int, latency_ms: float, chunk_delay_ms: float, error_rate: float,
              error_status: int) -> None:
     """Serve the deterministic mock OpenAI/Anthropic upstream."""
-    from gateway_tap.mock_llm import MockOptions, run
+    from gateway_tap.dev.mock_llm import MockOptions, run
 
     click.echo(f"mock LLM upstream on http://{host}:{port} (OpenAI /v1/chat/completions, Anthropic /v1/messages)")
     run(host, port, MockOptions(latency_ms, chunk_delay_ms, error_rate, error_status))
@@ -107,7 +107,8 @@ def up(config_path: str, state_dir: str, demo_traffic: bool, tap_port: int, kafk
     """
     from pathlib import Path
 
-    from gateway_tap.stack import LocalStack, Ports, run_stack
+    from gateway_tap.dev.stack import LocalStack, Ports
+    from gateway_tap.dev.up import run_stack
 
     ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port)
     stack = LocalStack(Path(config_path), Path(state_dir), ports)

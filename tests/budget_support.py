@@ -18,7 +18,7 @@ import pytest
 
 from gateway_tap.budgets.periods import period_start
 from gateway_tap.budgets.store import BudgetStore, open_store
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.settings import BudgetStoreSettings, Period
 from schemas import BudgetUsage
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_tap.devstack import (
+from gateway_tap.dev.servers import (
     POSTGRES_DEFAULT_DSN,
     ManagedProcess,
     NoidaServer,

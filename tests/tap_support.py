@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import TapApp, create_app
 from gateway_tap.settings import parse_config
 from schemas import EVENT_TYPES, Event, decode_event, topic_for

@@ -17,7 +17,7 @@ from collectors.sinks.budget import BudgetCollector
 from collectors.testing import CollectorHarness
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, Spend, open_store
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.settings import BudgetStoreSettings
 from tests.budget_support import TcpRelay, usage
 from tests.test_collector_runtime import collect_process, create_topics, produce_events

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway_tap.budgets.enforcer import BudgetEnforcer
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, BudgetStoreSettings
 from tests.budget_support import TcpRelay, usage
 

@@ -12,7 +12,7 @@ import pytest
 from gateway_tap.budgets import migrations
 from gateway_tap.budgets.periods import period_end, period_start, resets_at, usage_day, usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, Spend, StoreUnavailable, UsageRecord, open_store
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.settings import BudgetSettings, BudgetStoreSettings
 from tests.budget_support import usage
 

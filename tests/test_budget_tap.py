@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import Spend, open_store
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import create_app
 from gateway_tap.settings import BudgetStoreSettings, parse_config
 from schemas import Analytics, BudgetUsage, ProxyLog

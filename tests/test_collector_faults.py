@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from tests.test_collector_runtime import analytics, collect_process, create_topics, produce_events, wait_for
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import CollectorServices, DataCollector
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.settings import CollectorDefaults, load_config
 from tests.test_collector_runtime import analytics, collect_process, create_topics, produce_events, wait_for, written
 

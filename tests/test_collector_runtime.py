@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from collectors import BadEvents, RetryLater
 from collectors.runtime import CollectorRuntime
 from collectors.sinks.file import FileCollector
-from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.settings import CollectorSettings
 from schemas import Analytics, Event, EventType, ProxyLog, encode_event, message_headers, topic_for
 from tests.test_schemas import examples

@@ -17,7 +17,7 @@ from collectors.registry import resolve_collector
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import DataCollector
 from collectors.testing import CollectorHarness
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.plugins.testing import PluginHarness
 from gateway_tap.settings import CollectorSettings
 from schemas import ControlMessage, control_topic, decode_control

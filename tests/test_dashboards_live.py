@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from dashboards.generate import DASHBOARDS, JSON_DIR, concrete, prometheus_queries
-from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from schemas import topic_for
 from tests.tap_support import APP_KEY, EXAMPLE_PLUGINS, LIMITED_KEY, UPSTREAM_SECRET, tap_config
 from tests.test_collector_runtime import create_topics, produce

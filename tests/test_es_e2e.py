@@ -11,7 +11,7 @@ from elasticsearch import AsyncElasticsearch, Elasticsearch
 from collectors.sinks import es_templates as tpl
 from collectors.sinks.elasticsearch import ElasticsearchCollector
 from collectors.testing import CollectorHarness
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from schemas import topic_for
 from schemas.events import Event
 from tests.test_collector_runtime import collect_process, create_topics, produce_events, read_topic, wait_for

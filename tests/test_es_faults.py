@@ -16,7 +16,7 @@ from elasticsearch import AsyncElasticsearch
 
 from collectors.sdk import BadEvents, RetryLater
 from collectors.sinks import es_templates as tpl
-from gateway_tap.devstack import NoidaServer, free_port
+from gateway_tap.dev.servers import NoidaServer, free_port
 from tests.test_es_collector import analytics, count, es, open_collector
 
 __all__ = ["es"]  # the fixture, re-used from test_es_collector

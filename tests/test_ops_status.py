@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from collectors.runtime import build_runtime
 from gateway_tap.budgets.store import UsageRecord, open_store
 from gateway_tap.cli import main
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from gateway_tap.ops.status import gather_status
 from gateway_tap.settings import BudgetStoreSettings, parse_config
 from schemas import topic_for

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from gateway_tap.devstack import cli_argv
+from gateway_tap.dev.servers import cli_argv
 from gateway_tap.hooks import Endpoint, HookContext, HookResult, TapRequest, TapResponse
 from gateway_tap.plugins.loader import validate_plugin_configs
 

@@ -14,7 +14,7 @@ import prometheus_client
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.devstack import NoidaServer
+from gateway_tap.dev.servers import NoidaServer
 from gateway_tap.publisher import EventPublisher
 from gateway_tap.settings import KafkaSettings, PublisherSettings
 from schemas import EVENT_TYPES, Analytics, BudgetUsage, Event, Latency, ProxyLog, decode_event, topic_for

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.hooks import HookContext, HookResult, TapResponse
 from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config

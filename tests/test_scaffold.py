@@ -27,7 +27,7 @@ import yaml
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.scaffold import ScaffoldError, names_for, template_files
 from schemas import Analytics, encode_event, message_headers, topic_for
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, tap_config

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway_tap.devstack import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, tap_config
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway_tap.devstack import cli_argv
+from gateway_tap.dev.servers import cli_argv
 from gateway_tap.hooks import Endpoint, HookContext, HookResult, Identity, TapRequest, TapResponse
 from schemas import Analytics, ProxyLog
 from tests.tap_support import (

@@ -12,7 +12,7 @@ import openai
 import pytest
 from multidict import CIMultiDict
 
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.tap_support import (
     ANTHROPIC_PRICE,

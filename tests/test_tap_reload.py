@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.devstack import ManagedProcess, cli_argv, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.hooks import HookContext, HookResult, PluginServices, TapRequest, TapResponse
 from schemas import Analytics, decode_event, topic_for
 from tests.tap_support import (

@@ -23,7 +23,7 @@ import orjson
 import psutil
 import pytest
 
-from gateway_tap.devstack import free_port
+from gateway_tap.dev.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
@@ -271,8 +271,8 @@ def test_up_names_the_option_for_a_busy_port(make_up: type[Up], tmp_path: Path) 
 
 
 def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> None:
+    from gateway_tap.dev.stack import Ports, write_stack_config
     from gateway_tap.settings import load_config
-    from gateway_tap.stack import Ports, write_stack_config
 
     ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,
                   budget_metrics=19467)
@@ -293,7 +293,7 @@ def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> 
 
 
 def test_leftover_cleanup_kills_only_processes_that_are_still_ours(tmp_path: Path) -> None:
-    from gateway_tap.stack import ChildRecord, kill_leftovers
+    from gateway_tap.dev.stack import ChildRecord, kill_leftovers
 
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
              for _ in range(2)]
@@ -315,7 +315,7 @@ def test_leftover_cleanup_kills_only_processes_that_are_still_ours(tmp_path: Pat
 def test_panel_and_summary_render_a_snapshot() -> None:
     from rich.console import Console
 
-    from gateway_tap.stack_panel import BudgetUse, CollectorStats, Health, Snapshot, render, summary_line
+    from gateway_tap.dev.panel import BudgetUse, CollectorStats, Health, Snapshot, render, summary_line
 
     snap = Snapshot(components=[Health("tap", 1, True, True, ":8080"),
                                 Health("collector-file", 2, True, False, ":9465")],

@@ -24,11 +24,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from gateway_tap.dev.stack import COLLECTORS, LocalStack
+
 if TYPE_CHECKING:
     from gateway_tap.budgets.store import BudgetStore
-    from gateway_tap.demo_traffic import DemoTraffic
+    from gateway_tap.dev.demo_traffic import DemoTraffic
     from gateway_tap.settings import GatewayConfig
-    from gateway_tap.stack import LocalStack
 
 PLAIN_INTERVAL_S = 10.0
 
@@ -127,8 +128,8 @@ class Monitor:
                 while not self._stop.is_set():
                     snap = Snapshot(components=await asyncio.to_thread(self._health))
                     await self._tap(session, snap)
-                    snap.collectors = dict.fromkeys(_collector_names(), CollectorStats(error="not scraped"))
-                    await asyncio.gather(*(self._collector(session, name, snap) for name in _collector_names()))
+                    snap.collectors = dict.fromkeys(COLLECTORS, CollectorStats(error="not scraped"))
+                    await asyncio.gather(*(self._collector(session, name, snap) for name in COLLECTORS))
                     store = await self._budgets(config, store, snap)
                     snap.traffic = self.traffic.counts() if self.traffic is not None else None
                     self.snapshot = snap
@@ -205,12 +206,6 @@ class Monitor:
             snap.budgets = []
             snap.budget_note = "no usage recorded yet" if "no such table" in str(exc) else f"store: {exc}"
         return store
-
-
-def _collector_names() -> tuple[str, ...]:
-    from gateway_tap.stack import COLLECTORS
-
-    return COLLECTORS
 
 
 def _num(value: float | None, fmt: str = ",.0f") -> str:

@@ -1,6 +1,6 @@
-"""``gateway-tap up``: the whole local stack in the foreground.
+"""The components of ``gateway-tap up``: the whole local stack in the foreground.
 
-Starts, as child processes through :mod:`gateway_tap.devstack` (the same code the
+Starts, as child processes through :mod:`gateway_tap.dev.servers` (the same code the
 tests and benchmarks use): noida-db (Kafka + Elasticsearch), the mock LLM, the
 ``file``, ``elasticsearch`` and ``budget`` collectors and the tap, in that order,
 and stops them in reverse order on Ctrl-C / SIGTERM (the tap first, so its events
@@ -33,7 +33,7 @@ import click
 import orjson
 import yaml
 
-from gateway_tap.devstack import (
+from gateway_tap.dev.servers import (
     ManagedProcess,
     NoidaServer,
     StartupError,
@@ -440,48 +440,3 @@ class LocalStack:
 
 def _health(url: str) -> Callable[[], bool]:
     return lambda: http_ok(url)
-
-
-DEMO_KEYS = {"demo": "gt-demo-key", "demo-tiny": "gt-demo-tiny-key"}
-
-
-def run_stack(stack: LocalStack, demo_traffic: bool = False, interactive: bool | None = None) -> int:
-    """Start ``stack``, show the panel until Ctrl-C/SIGTERM, then stop everything; returns the exit code."""
-    from gateway_tap.stack_panel import Monitor, show
-
-    # Installed explicitly: a shell starting us in the background may have set SIGINT to "ignore".
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda *_: stack.stopping.set())
-    traffic = None
-    try:
-        stack.prepare()
-        stack.start()
-        _print_ready(stack)
-        if demo_traffic:
-            from gateway_tap.demo_traffic import DemoTraffic
-
-            traffic = DemoTraffic(f"http://127.0.0.1:{stack.ports.tap}", DEMO_KEYS)
-            traffic.start()
-        with Monitor(stack, traffic) as monitor:
-            show(monitor, stack.stopping, interactive)
-        return 0
-    except Interrupted:
-        return 0
-    except StartupError as exc:
-        stack.say(f"error: {exc}")
-        return 1
-    finally:
-        if traffic is not None:
-            traffic.stop()
-        started = bool(stack.components)
-        stack.stop()
-        if started:
-            stack.say("stopped")
-
-
-def _print_ready(stack: LocalStack) -> None:
-    for name, url in stack.endpoints().items():
-        stack.say(f"  {name:<18} {url}")
-    stack.say("  demo keys          gt-demo-key (app demo), gt-demo-tiny-key (app demo-tiny, tiny budget)")
-    stack.say(f"  status             gateway-tap status --config {stack.config_path}")
-    stack.say("ready; press Ctrl-C to stop")
