@@ -30,6 +30,7 @@ import psutil
 import yaml
 
 from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
+from gateway_tap.examples import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_KEY = "sk-bench-6f1d2c9a8b7e4f3a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"
@@ -45,7 +46,7 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
-CACHE = {"name": "response_cache", "use": "gateway_tap.plugins.examples.response_cache:ResponseCache",
+CACHE = {"name": "response_cache", "use": "gateway_tap.examples.plugins.response_cache:ResponseCache",
          "order": 40, "kv": {"backend": "shared", "max_bytes": 16 * 1024 * 1024}, "config": {"ttl_s": 3600}}
 TARGETS: dict[str, dict[str, Any] | None] = {
     "proxied": None,
@@ -77,7 +78,7 @@ def wrk(url: str, concurrency: int, duration: int, script: Path) -> tuple[int, f
 
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, plugin: dict[str, Any] | None) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
-    document = yaml.safe_load((ROOT / "examples" / "gateway-tap.yaml").read_text())
+    document = yaml.safe_load(DEMO_CONFIG.read_text())
     document["kafka"].update({"bootstrap_servers": bootstrap, "topic_prefix": "cachebench"})
     document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": 1, "access_log": False})
     document["tap"]["publisher"]["spool_dir"] = str(tmp / "spool")

@@ -277,7 +277,7 @@ class Soak:
         tap["tap"] = {"listen": {"host": "127.0.0.1", "port": self.tap_port}, "access_log": False,
                       "publisher": {"spool_dir": str(self.dir / "spool"), "delivery_timeout_s": 5.0}}
         tap["plugins"] = [{"name": "prompt_firewall",
-                           "use": "gateway_tap.plugins.examples.prompt_firewall:PromptFirewall",
+                           "use": "gateway_tap.examples.plugins.prompt_firewall:PromptFirewall",
                            "config": {"patterns": ["ignore (all )?previous instructions"]}}]
         self.tap_config = self.dir / "tap.yaml"
         self.tap_config.write_text(yaml.safe_dump(tap))

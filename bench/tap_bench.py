@@ -26,6 +26,7 @@ import psutil
 import yaml
 
 from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
+from gateway_tap.examples import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
@@ -38,7 +39,7 @@ LITELLM_PROXY_DEPS = ["uvicorn", "fastapi", "starlette", "backoff", "rq", "apsch
 # One key for both proxies: the tap's app key and LiteLLM's master key (it refuses to start without a strong one).
 APP_KEY = "sk-bench-6f1d2c9a8b7e4f3a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello benchmark"}],"max_tokens":4}'
-CACHE_PLUGIN = {"name": "response_cache", "use": "gateway_tap.plugins.examples.response_cache:ResponseCache",
+CACHE_PLUGIN = {"name": "response_cache", "use": "gateway_tap.examples.plugins.response_cache:ResponseCache",
                 "order": 40, "kv": {"backend": "shared", "max_bytes": 16 * 1024 * 1024}, "config": {"ttl_s": 3600}}
 UPSTREAM_LATENCY_MS = 20
 LUA_HEAD = f"""
@@ -142,7 +143,7 @@ class RssSampler:
 
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, cache: bool = False) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
-    document = yaml.safe_load((ROOT / "examples" / "gateway-tap.yaml").read_text())
+    document = yaml.safe_load(DEMO_CONFIG.read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
     document["kafka"]["topic_prefix"] = "bench"
     document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": workers,

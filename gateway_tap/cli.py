@@ -86,8 +86,9 @@ def check_config(config_path: str) -> None:
 
 
 @main.command("up")
-@click.option("--config", "config_path", default="examples/gateway-tap.yaml", show_default=True,
-              type=click.Path(dir_okay=False, exists=True), help="Apps, LLMs, plugins, budgets and collectors to run.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="Apps, LLMs, plugins, budgets and collectors to run  [default: the demo config shipped in the "
+                   "package, gateway_tap/examples/gateway-tap.yaml]")
 @click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(file_okay=False),
               help="Data, logs, the generated config and up.pids.")
 @click.option("--demo-traffic", is_flag=True, help="Send a steady trickle of realistic requests through the tap.")
@@ -99,7 +100,7 @@ def check_config(config_path: str) -> None:
 @click.option("--es-metrics-port", default=9466, show_default=True, type=int)
 @click.option("--budget-metrics-port", default=9467, show_default=True, type=int)
 @click.option("--plain", is_flag=True, help="Periodic summary lines instead of the live panel (default off a TTY).")
-def up(config_path: str, state_dir: str, demo_traffic: bool, tap_port: int, kafka_port: int, es_port: int,
+def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: int, kafka_port: int, es_port: int,
        mock_port: int, file_metrics_port: int, es_metrics_port: int, budget_metrics_port: int, plain: bool) -> None:
     """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap, collectors.
 
@@ -109,9 +110,10 @@ def up(config_path: str, state_dir: str, demo_traffic: bool, tap_port: int, kafk
 
     from gateway_tap.dev.stack import LocalStack, Ports
     from gateway_tap.dev.up import run_stack
+    from gateway_tap.examples import DEMO_CONFIG
 
     ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port)
-    stack = LocalStack(Path(config_path), Path(state_dir), ports)
+    stack = LocalStack(Path(config_path) if config_path else DEMO_CONFIG, Path(state_dir), ports)
     raise SystemExit(run_stack(stack, demo_traffic, interactive=False if plain else None))
 
 

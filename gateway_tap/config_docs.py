@@ -206,7 +206,7 @@ _INTRO = """\
      tests/test_config_docs.py fails when this file is out of date. -->
 
 One YAML file configures the tap (`gateway-tap serve`) and every collector worker (`gateway-tap collect
-NAME`); `examples/gateway-tap.yaml` is a complete example. Every process validates the whole file at
+NAME`); `gateway_tap/examples/gateway-tap.yaml` is a complete example. Every process validates the whole file at
 start (`gateway-tap check-config FILE` does too, plugin configs included; a collector checks its own
 `config` when it starts): an unknown key, a wrong type or a value out of range stops it with one line
 per problem naming its key path, e.g. `tap.listen.port: Input should be less than or equal to 65535`.

@@ -25,12 +25,12 @@ OPENAI_PRICE = {"input_per_1m": 0.15, "output_per_1m": 0.60}
 ANTHROPIC_PRICE = {"input_per_1m": 0.80, "output_per_1m": 4.00}
 
 EXAMPLE_PLUGINS: list[dict[str, Any]] = [
-    {"name": "prompt_firewall", "use": "gateway_tap.plugins.examples.prompt_firewall:PromptFirewall",
+    {"name": "prompt_firewall", "use": "gateway_tap.examples.plugins.prompt_firewall:PromptFirewall",
      "order": 10, "config": {"patterns": ["ignore (all )?previous instructions", r"\b\d{3}-\d{2}-\d{4}\b"]}},
-    {"name": "request_enricher", "use": "gateway_tap.plugins.examples.request_enricher:RequestEnricher",
+    {"name": "request_enricher", "use": "gateway_tap.examples.plugins.request_enricher:RequestEnricher",
      "order": 20, "config": {"headers": {"x-gateway": "gateway-tap"}, "metadata": {"team": "qa"},
                              "app_header": "x-gateway-app"}},
-    {"name": "response_modifier", "use": "gateway_tap.plugins.examples.response_modifier:ResponseModifier",
+    {"name": "response_modifier", "use": "gateway_tap.examples.plugins.response_modifier:ResponseModifier",
      "order": 30, "config": {"headers": {"x-served-by": "gateway-tap"}}},
 ]
 

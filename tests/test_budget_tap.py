@@ -319,7 +319,7 @@ async def test_store_unreachable_follows_on_store_error(on_store_error: str, pg_
 @pytest.mark.parametrize("position", ["before_plugins", "after_plugins"])
 async def test_position_relative_to_plugins(position: str, mock_llm: str, kafka_bootstrap: str, topic_prefix: str,
                                             tmp_path: Path) -> None:
-    firewall = {"name": "prompt_firewall", "use": "gateway_tap.plugins.examples.prompt_firewall:PromptFirewall",
+    firewall = {"name": "prompt_firewall", "use": "gateway_tap.examples.plugins.prompt_firewall:PromptFirewall",
                 "config": {"patterns": ["ignore previous instructions"]}}
     doc = document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path,
                    BudgetStoreSettings(sqlite_path=str(tmp_path / "b.sqlite3")),

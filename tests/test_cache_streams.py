@@ -18,7 +18,7 @@ from schemas import Analytics
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
-CACHE = {"name": "cache", "use": "gateway_tap.plugins.examples.response_cache:ResponseCache", "order": 10}
+CACHE = {"name": "cache", "use": "gateway_tap.examples.plugins.response_cache:ResponseCache", "order": 10}
 MESSAGES: Any = [{"role": "user", "content": "stream me a cached answer"}]
 
 
@@ -109,7 +109,7 @@ async def test_anthropic_stream_hit_reads_like_the_upstream_stream(
 
 async def test_no_store_and_unfinished_streams_are_not_stored(
         mock_llm: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
-    guard = {"name": "guard", "use": "gateway_tap.plugins.examples.output_guard:OutputGuard", "order": 30,
+    guard = {"name": "guard", "use": "gateway_tap.examples.plugins.output_guard:OutputGuard", "order": 30,
              "config": {"patterns": ["forbidden"]}}
     document = tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path, plugins=[*PLUGINS, guard])
     url_path = "/llm/openai/v1/chat/completions"
@@ -144,7 +144,7 @@ async def test_a_streamed_answer_of_a_plugin_in_the_harness() -> None:
               b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
               b"data: [DONE]\n\n")
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
-    async with PluginHarness("gateway_tap.plugins.examples.response_cache:ResponseCache") as h:
+    async with PluginHarness("gateway_tap.examples.plugins.response_cache:ResponseCache") as h:
         miss = await h.request(json=body)
         assert miss.served is None and miss.request.json()["stream_options"] == {"include_usage": True}
         sent = await h.response(miss, headers={"content-type": "text/event-stream"}, chunks=[stream])

@@ -12,12 +12,12 @@ import aiohttp
 import orjson
 import pytest
 
-from collectors.examples.control_counters import ControlCounters
 from collectors.registry import resolve_collector
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import DataCollector
 from collectors.testing import CollectorHarness
 from gateway_tap.dev.servers import free_port
+from gateway_tap.examples.collectors.control_counters import ControlCounters
 from gateway_tap.plugins.testing import PluginHarness
 from gateway_tap.settings import CollectorSettings
 from schemas import ControlMessage, control_topic, decode_control
@@ -25,7 +25,7 @@ from tests.tap_support import APP_KEY, UPSTREAM_SECRET, running_tap, tap_config
 from tests.test_collector_runtime import produce, read_topic
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
-ENRICHER = "gateway_tap.plugins.examples.request_enricher:RequestEnricher"
+ENRICHER = "gateway_tap.examples.plugins.request_enricher:RequestEnricher"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}], "max_tokens": 2}
 
 

@@ -59,11 +59,11 @@ def rsa_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
 
 
 def _plugins(jwks: Path) -> list[dict[str, Any]]:
-    return [{"name": "jwt", "use": "gateway_tap.plugins.examples.jwt_auth:JwtAuth",
+    return [{"name": "jwt", "use": "gateway_tap.examples.plugins.jwt_auth:JwtAuth",
              "config": {"hs256_secret_env": "TAP_TEST_JWT_SECRET", "jwks_file": str(jwks), "issuer": ISSUER,
                         "audience": AUDIENCE, "leeway_s": 30, "app_id_claim": "azp", "user_id_claim": "sub"}},
             {"name": "claims_to_tags", "use": "tests.test_jwt_auth:ClaimsToTags", "order": 5},
-            {"name": "feed", "use": "gateway_tap.plugins.examples.budget_feed:BudgetFeed"}]
+            {"name": "feed", "use": "gateway_tap.examples.plugins.budget_feed:BudgetFeed"}]
 
 
 async def test_tokens_through_the_tap_with_the_openai_sdk(mock_llm: str, kafka_bootstrap: str, topic_prefix: str,
@@ -121,7 +121,7 @@ async def test_tokens_through_the_tap_with_the_openai_sdk(mock_llm: str, kafka_b
 
 async def test_claims_are_read_only_and_config_is_checked() -> None:
     config = {"hs256_secret_env": "TAP_TEST_JWT_SECRET", "audience": AUDIENCE, "app_id_claim": "realm.app"}
-    async with PluginHarness("gateway_tap.plugins.examples.jwt_auth:JwtAuth", config, name="jwt",
+    async with PluginHarness("gateway_tap.examples.plugins.jwt_auth:JwtAuth", config, name="jwt",
                              apps=[AppConfig(id="nested")]) as h:
         sent = await h.request(json={"model": "m", "messages": []},
                                headers={"authorization": f"Bearer {token(realm={'app': 'nested', 'roles': ['r']})}"})
@@ -133,5 +133,5 @@ async def test_claims_are_read_only_and_config_is_checked() -> None:
     from gateway_tap.plugins import PluginLoadError
 
     with pytest.raises(PluginLoadError, match=r"is not valid under any of the given schemas"):
-        async with PluginHarness("gateway_tap.plugins.examples.jwt_auth:JwtAuth", {"audience": "x"}):
+        async with PluginHarness("gateway_tap.examples.plugins.jwt_auth:JwtAuth", {"audience": "x"}):
             pass

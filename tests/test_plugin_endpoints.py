@@ -101,7 +101,7 @@ def _plugins(**extra: Any) -> list[dict[str, Any]]:
     return [{"name": "mcp", "use": "tests.test_plugin_endpoints:Sessions", **extra},
             {"name": "token_auth", "use": "tests.test_plugin_endpoints:TokenAuth"},
             {"name": "scoped_auth", "use": "tests.test_plugin_endpoints:LlmScopedAuth", "llms": ["anthropic"]},
-            {"name": "feed", "use": "gateway_tap.plugins.examples.budget_feed:BudgetFeed",
+            {"name": "feed", "use": "gateway_tap.examples.plugins.budget_feed:BudgetFeed",
              "config": {"interval_s": 0.25}}]
 
 

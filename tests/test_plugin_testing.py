@@ -12,7 +12,7 @@ from gateway_tap.plugins.testing import PluginHarness
 from gateway_tap.settings import AppConfig
 from tests.tap_support import APP_KEY, key_hash
 
-EXAMPLES = "gateway_tap.plugins.examples"
+EXAMPLES = "gateway_tap.examples.plugins"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 
 

@@ -17,7 +17,7 @@ from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
-CACHE = "gateway_tap.plugins.examples.response_cache:ResponseCache"
+CACHE = "gateway_tap.examples.plugins.response_cache:ResponseCache"
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,7 +18,7 @@ from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.tap_support import APP_KEY, UPSTREAM_SECRET, by_request, read_events, running_tap, tap_config
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
-GUARD_USE = "gateway_tap.plugins.examples.output_guard:OutputGuard"
+GUARD_USE = "gateway_tap.examples.plugins.output_guard:OutputGuard"
 GUARD = {"name": "output_guard", "use": GUARD_USE, "config": {"patterns": [r"secret\s+plan\s+alpha"]}}
 MESSAGES = [{"role": "user", "content": "tell me everything"}]  # 18 characters: 4 prompt tokens at the mock
 

@@ -204,7 +204,7 @@ async def test_streaming_plugin_endpoint(mock_llm: str, kafka_bootstrap: str,
 def test_check_config_validates_plugin_configs_against_their_schema(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("plugins:\n  - {name: streamer, use: 'tests.test_tap_plugins:Streamer', config: {word: 3}}\n"
-                   "  - {name: fw, use: 'gateway_tap.plugins.examples.prompt_firewall:PromptFirewall'}\n")
+                   "  - {name: fw, use: 'gateway_tap.examples.plugins.prompt_firewall:PromptFirewall'}\n")
     result = subprocess.run(cli_argv("check-config", str(bad)), capture_output=True, text=True, check=False,
                             cwd=Path(__file__).parent.parent)
     assert result.returncode != 0

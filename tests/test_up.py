@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from gateway_tap.dev.servers import free_port
+from gateway_tap.examples import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
@@ -52,8 +53,8 @@ class Up:
         return f"http://127.0.0.1:{self.ports['--es-port']}"
 
     def start(self) -> Up:
-        argv = [sys.executable, "-m", "gateway_tap", "up", "--plain", "--state-dir", str(self.state_dir),
-                "--config", str(ROOT / "examples" / "gateway-tap.yaml")]
+        # No --config: the demo config shipped in the package.
+        argv = [sys.executable, "-m", "gateway_tap", "up", "--plain", "--state-dir", str(self.state_dir)]
         for option, port in self.ports.items():
             argv += [option, str(port)]
         if self.demo_traffic:
@@ -276,7 +277,7 @@ def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> 
 
     ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,
                   budget_metrics=19467)
-    config = load_config(write_stack_config(ROOT / "examples" / "gateway-tap.yaml", tmp_path, ports))
+    config = load_config(write_stack_config(DEMO_CONFIG, tmp_path, ports))
     state = tmp_path.resolve()
     assert config.kafka.bootstrap_servers == "127.0.0.1:19092"
     assert config.tap.listen.port == 18080 and config.tap.publisher.spool_dir == str(state / "spool")

@@ -320,7 +320,8 @@ class Interrupted(Exception):
 class LocalStack:
     """The components of the local stack, started in order and stopped in reverse.
 
-    :param config_source: the config to run (``examples/gateway-tap.yaml`` by default).
+    :param config_source: the config to run (by default the packaged demo config,
+        :data:`gateway_tap.examples.DEMO_CONFIG`).
     :param state_dir: data, logs, the generated config and ``up.pids`` (``.gateway-tap/`` by default).
     :param ports: every listening port (see :class:`Ports`).
     :param say: where progress lines go.

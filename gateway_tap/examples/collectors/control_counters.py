@@ -7,7 +7,7 @@ with, in the config file::
 
     collectors:
       control-counters:
-        plugin: collectors.examples.control_counters:ControlCounters
+        plugin: gateway_tap.examples.collectors.control_counters:ControlCounters
         metrics: {port: 9310}
 
 Metrics: ``gateway_tap_control_requests_total{gateway_id, llm}`` (requests the taps' enricher

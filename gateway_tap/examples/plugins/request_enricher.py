@@ -12,7 +12,7 @@ config::
 The report is a control message of kind ``request_counts`` with the requests seen since
 the previous report: ``{"requests": 5, "by_llm": {"openai": 3, "anthropic": 2}}``. Each
 worker process reports its own deltas, and the rest is sent at shutdown, so summing the
-reports of one ``gateway_id`` gives its total (``collectors/examples/control_counters.py``
+reports of one ``gateway_id`` gives its total (``gateway_tap/examples/collectors/control_counters.py``
 does that and exposes the sums as metrics).
 """
 

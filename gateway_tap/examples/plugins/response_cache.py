@@ -13,7 +13,7 @@ Deploy it with the shared key-value store, so every worker process of the tap se
 same entries, and bound its size there (the oldest entries are evicted first)::
 
     - name: response_cache
-      use: gateway_tap.plugins.examples.response_cache:ResponseCache
+      use: gateway_tap.examples.plugins.response_cache:ResponseCache
       kv: {backend: shared, max_bytes: 67108864}
       config: {ttl_s: 300}
 

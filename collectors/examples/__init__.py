@@ -1,1 +1,0 @@
-"""Example collectors: templates for your own."""

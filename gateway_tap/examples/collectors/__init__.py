@@ -1,0 +1,1 @@
+"""Example collectors; each is also a template for writing your own."""

@@ -1,0 +1,1 @@
+"""Example tap plugins; each is also a template for writing your own."""
