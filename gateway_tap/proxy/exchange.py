@@ -22,8 +22,11 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-ke
                                "set-cookie", "x-goog-api-key", "openai-organization", "openai-project"})
 _SENSITIVE_WORDS = ("token", "secret", "key", "password", "auth", "session")
 REDACTED = "[REDACTED]"
+# A secret JSON string value ends at its closing quote (escaped quotes included) or, when the capture limit
+# cut it, at the end of the captured bytes: a clipped value must not leak its beginning.
 _BODY_SECRETS = re.compile(
-    rb'(?i)("(?:api[_-]?key|password|secret|token|access_token|authorization)"\s*:\s*)"[^"]*"'
+    rb'(?i)("(?:api[_-]?key|password|secret|token|access_token|authorization)"\s*:\s*)'
+    rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
     rb"|\bsk-[A-Za-z0-9_-]{8,}|\bgt-[A-Za-z0-9_-]{8,}|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}")
 
 
