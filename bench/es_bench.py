@@ -46,9 +46,9 @@ from elasticsearch.helpers import async_streaming_bulk
 
 from collectors.sdk import CollectorServices
 from collectors.sinks import es_templates as tpl
-from collectors.sinks.elasticsearch import ElasticsearchCollector, EsConfig, status_class
+from collectors.sinks.elasticsearch import ElasticsearchCollector, EsConfig
 from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
-from schemas import Analytics, decode_event, encode_event, topic_for
+from schemas import Analytics, decode_event, encode_event, status_class, topic_for
 from schemas.events import Event
 
 

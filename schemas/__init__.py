@@ -18,6 +18,7 @@ from schemas.events import (
     Latency,
     ProxyLog,
     new_event_id,
+    status_class,
     utc_now,
 )
 from schemas.topics import (
@@ -57,6 +58,7 @@ __all__ = [
     "message_headers",
     "message_key",
     "new_event_id",
+    "status_class",
     "topic_for",
     "type_for_topic",
     "utc_now",

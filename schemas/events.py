@@ -34,6 +34,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def status_class(status_code: int) -> str:
+    """``"2xx"``, ``"4xx"``, ...: how the tap's metrics label a status and how analytics queries group one."""
+    return f"{status_code // 100}xx"
+
+
 class ErrorInfo(BaseModel):
     """Why the tap rejected a request or the upstream failed."""
 

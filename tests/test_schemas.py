@@ -213,3 +213,8 @@ def test_control_decode_errors_name_the_field(raw: bytes, field: str | None) -> 
     with pytest.raises(EventDecodeError) as info:
         decode_control(raw)
     assert info.value.field == field
+
+
+def test_status_class_groups_by_hundreds() -> None:
+    assert [schemas.status_class(code) for code in (100, 200, 299, 404, 429, 503)] == \
+        ["1xx", "2xx", "2xx", "4xx", "4xx", "5xx"]

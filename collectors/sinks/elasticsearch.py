@@ -45,7 +45,7 @@ from collectors.config import parse_collector_config
 from collectors.sdk import BadEvents, CollectorServices, ConfigError, DataCollector, RetryLater
 from collectors.sinks import es_templates as tpl
 from gateway_tap.settings import Section
-from schemas.events import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType, ProxyLog
+from schemas.events import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType, ProxyLog, status_class
 
 
 class EsConfig(Section):
@@ -120,11 +120,6 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def status_class(status_code: int) -> str:
-    """``"2xx"``, ``"4xx"``, ...: the grouping analytics queries use."""
-    return f"{status_code // 100}xx"
 
 
 def document(event: Event) -> dict[str, Any]:

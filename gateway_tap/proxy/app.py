@@ -31,12 +31,13 @@ from gateway_tap.proxy.errors import REQUEST_ID_HEADER
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
-from gateway_tap.proxy.metrics import TapMetrics, status_class
+from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
 from gateway_tap.settings import GatewayConfig, PluginConfig
+from schemas import status_class
 
 log = logging.getLogger(__name__)
 

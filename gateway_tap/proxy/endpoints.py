@@ -33,9 +33,9 @@ from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import new_request_id, stop_error
 from gateway_tap.proxy.logs import access_log
-from gateway_tap.proxy.metrics import TapMetrics, status_class
+from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.snapshot import ConfigSnapshot
-from schemas import Event, ProxyLog
+from schemas import Event, ProxyLog, status_class
 
 log = logging.getLogger(__name__)
 

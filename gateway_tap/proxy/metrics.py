@@ -29,10 +29,6 @@ class RequestChildren(NamedTuple):
     cost: Counter
 
 
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
 class TapMetrics:
     """Every metric the proxy and the hook chain record, registered in one registry."""
 
