@@ -115,7 +115,6 @@ class DataCollector:
     which handlers the subclass overrides.
     """
 
-    name: ClassVar[str] = ""
     event_types: ClassVar[tuple[EventType, ...]] = ()
     Config: ClassVar[type[BaseModel] | None] = None
     """This collector's config as a pydantic model (preferred). When set, ``collectors.<NAME>.config`` is

@@ -53,7 +53,6 @@ class BudgetCollectorConfig(Section):
 class BudgetCollector(DataCollector):
     """Records budget usage exactly once per event id and raises threshold alerts once per period."""
 
-    name = "budget"
     event_types = ("budget_usage",)
     Config = BudgetCollectorConfig
 

@@ -232,7 +232,6 @@ class ElasticsearchCollector(DataCollector):
     Config: :class:`EsConfig` (listed in ``docs/configuration.md``).
     """
 
-    name: ClassVar[str] = "elasticsearch"
     event_types: ClassVar[tuple[EventType, ...]] = EVENT_TYPES
     Config = EsConfig
 

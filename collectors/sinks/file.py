@@ -153,7 +153,6 @@ class FileConfig(Section):
 class FileCollector(DataCollector):
     """Writes every event type to rotating JSON Lines files (see the module docstring)."""
 
-    name = "file"
     event_types = EVENT_TYPES
     Config = FileConfig
 

@@ -31,7 +31,6 @@ KIND = "request_counts"
 
 
 class ControlCounters(DataCollector):
-    name: ClassVar[str] = "control-counters"
     config_schema: ClassVar[dict[str, Any]] = {
         "type": "object", "additionalProperties": False,
         "properties": {"dedupe_window": {"type": "integer", "minimum": 0}}}
