@@ -31,6 +31,16 @@ class StartupError(RuntimeError):
     """A server did not become ready in time; the message carries its log tail."""
 
 
+LOCAL_EXTRA_HINT = "pip install 'gateway-tap[local]' (the repo's `make run` / `make test` install it)"
+
+
+def missing_local_extra() -> list[str]:
+    """The distributions of the ``local`` extra (what ``gateway-tap up`` needs) that are not installed."""
+    from importlib.util import find_spec
+
+    return [dist for dist, module in (("noida-db", "noida_db"), ("psutil", "psutil")) if find_spec(module) is None]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -184,7 +194,7 @@ class ManagedProcess:
 
 
 def noida_binary() -> str:
-    """Path of the noida-db server binary shipped in the ``noida-db`` wheel (``dev`` extra).
+    """Path of the noida-db server binary shipped in the ``noida-db`` wheel (``local`` extra).
 
     The binary itself, not the ``noida-db`` launcher script: the launcher runs it under
     ``subprocess.call``, which kills it outright when the launcher is interrupted, so a
@@ -195,10 +205,10 @@ def noida_binary() -> str:
 
         binary = files("noida_db").joinpath("noida-db")
     except ModuleNotFoundError:
-        raise StartupError("noida-db is not installed: install the 'dev' extra (make test does)") from None
+        raise StartupError(f"noida-db is not installed: {LOCAL_EXTRA_HINT}") from None
     path = Path(str(binary))
     if not path.is_file():
-        raise StartupError(f"noida-db binary missing at {path}: reinstall the 'dev' extra")
+        raise StartupError(f"noida-db binary missing at {path}: reinstall it ({LOCAL_EXTRA_HINT})")
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return str(path)

@@ -34,11 +34,13 @@ import orjson
 import yaml
 
 from gateway_tap.dev.servers import (
+    LOCAL_EXTRA_HINT,
     ManagedProcess,
     NoidaServer,
     StartupError,
     cli_argv,
     http_ok,
+    missing_local_extra,
     mock_llm_process,
 )
 
@@ -343,6 +345,9 @@ class LocalStack:
 
     def prepare(self) -> None:
         """Lock the state dir, clean up after a crashed run, check the ports, write the config."""
+        missing = missing_local_extra()
+        if missing:
+            raise StackError(f"gateway-tap up needs {' and '.join(missing)}: {LOCAL_EXTRA_HINT}")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         self._lock = acquire_lock(self.state_dir)
