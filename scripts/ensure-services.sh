@@ -23,8 +23,16 @@ done
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   mapfile -t uniq < <(printf '%s\n' "${need[@]}" | sort -u)
   echo "installing Debian packages: ${uniq[*]}"
+  # The prometheus package would start a system Prometheus on :9090; the tests run their own on free ports.
+  # So this install starts no service at all: a policy-rc.d that refuses every start (Debian's mechanism,
+  # honoured by invoke-rc.d and deb-systemd-invoke), only when the machine has none, removed afterwards.
+  # Nothing already running on the machine is touched.
+  policy=${GATEWAY_TAP_POLICY_RC_D:-/usr/sbin/policy-rc.d}  # overridable for its test
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# written by gateway-tap scripts/ensure-services.sh for one apt-get install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${uniq[@]}" >/dev/null
-  # The Debian package starts a system Prometheus on :9090; tests run their own on free ports.
-  (command -v systemctl >/dev/null && systemctl stop prometheus 2>/dev/null) || pkill -x prometheus || true
 fi
