@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 
 from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import TapApp, create_app
+from gateway_tap.proxy.protocol import TapRunner
 from gateway_tap.settings import parse_config
 from schemas import EVENT_TYPES, Event, decode_event, topic_for
 
@@ -74,7 +75,7 @@ async def running_tap(document: dict[str, Any]) -> AsyncIterator[RunningTap]:
     """The tap served in this event loop on a free port; stopped (publisher drained) on exit."""
     config = parse_config(document)
     tap = await create_app(config)
-    runner = web.AppRunner(tap.web_app, access_log=None)
+    runner = TapRunner(tap.web_app, access_log=None)
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)

@@ -32,6 +32,7 @@ from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
+from gateway_tap.proxy.protocol import parser_limits
 from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
@@ -66,7 +67,8 @@ class TapApp:
             if load is not None and compose is not None else None
         self.started = False
         tap = config.tap
-        self.web_app = web.Application(client_max_size=tap.limits.max_body_bytes)
+        self.web_app = web.Application(client_max_size=tap.limits.max_body_bytes,
+                                       handler_args=parser_limits(tap.limits))
         self.web_app[TAP_KEY] = self
         self._routes()
         self.web_app.on_startup.append(self._on_startup)

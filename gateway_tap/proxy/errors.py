@@ -107,3 +107,22 @@ def budget_store_unavailable(retry_after: int) -> TapError:
     return TapError(503, "service_unavailable", "budget_store_unavailable",
                     "budgets cannot be checked right now (budget store unreachable)",
                     headers={"Retry-After": str(retry_after)})
+
+
+def header_too_large(limit_bytes: int, limit_keys: str) -> TapError:
+    return TapError(431, "invalid_request_error", "request_header_too_large",
+                    f"a request header is longer than the {limit_bytes} byte limit ({limit_keys})")
+
+
+def too_many_headers(limit: int) -> TapError:
+    return TapError(431, "invalid_request_error", "too_many_request_headers",
+                    f"the request has more than {limit} headers (tap.limits.max_header_count)")
+
+
+def url_too_long(limit_bytes: int) -> TapError:
+    return TapError(414, "invalid_request_error", "url_too_long",
+                    f"the request URL is longer than the {limit_bytes} byte limit (tap.limits.max_url_bytes)")
+
+
+def bad_http(reason: str) -> TapError:
+    return TapError(400, "invalid_request_error", "bad_http_request", f"the request is not valid HTTP: {reason}")

@@ -55,9 +55,10 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
     from aiohttp import web
 
     from gateway_tap.proxy.app import create_app
+    from gateway_tap.proxy.protocol import TapRunner
 
     tap = await create_app(config, worker_index=worker_index, config_path=config_path)
-    runner = web.AppRunner(tap.web_app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    runner = TapRunner(tap.web_app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
     site = web.TCPSite(runner, config.tap.listen.host, port, reuse_port=workers > 1)
     await site.start()

@@ -21,6 +21,10 @@ class LimitSettings(Section):
     """Request limits enforced before anything is forwarded."""
 
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+    max_header_bytes: int = Field(default=8190, gt=0,
+                                  description="Longest request header (name and value); longer get 431.")
+    max_header_count: int = Field(default=128, gt=0, description="Most request headers; more get 431.")
+    max_url_bytes: int = Field(default=8190, gt=0, description="Longest request URL; longer get 414.")
 
 
 class ReloadSettings(Section):

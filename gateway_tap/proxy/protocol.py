@@ -1,0 +1,85 @@
+"""Requests aiohttp rejects while parsing, before any route runs, answered like every other tap error.
+
+aiohttp answers a request it cannot parse itself, with a plain-text ``400 Got more than 8190 bytes...``, and
+offers no public hook for it (aio-libs/aiohttp#3287). :class:`TapRunner` serves the app through a
+:class:`TapRequestHandler`, which answers those requests with the OpenAI-style JSON error and its request
+id: 431 for a header longer than ``tap.limits.max_header_bytes`` or more than ``max_header_count`` headers,
+414 for a URL longer than ``max_url_bytes``, 400 for anything else that is not valid HTTP. The limits reach
+aiohttp's parser as the app's ``handler_args`` (:func:`parser_limits`). The connection is closed after the
+answer, as aiohttp does: the parser cannot find the next request in what follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+
+from gateway_tap.proxy import errors
+from gateway_tap.proxy.errors import TapError
+from gateway_tap.proxy.handler import new_request_id
+from gateway_tap.settings import LimitSettings
+
+log = logging.getLogger(__name__)
+
+TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's message (both parsers) when max_headers is exceeded
+
+
+def parser_limits(limits: LimitSettings) -> dict[str, Any]:
+    """``tap.limits`` as the keyword arguments of aiohttp's request parser."""
+    return {"max_field_size": limits.max_header_bytes, "max_headers": limits.max_header_count,
+            "max_line_size": limits.max_url_bytes}
+
+
+def protocol_error(exc: HttpProcessingError, max_header_bytes: int, max_header_count: int,
+                   max_url_bytes: int) -> TapError:
+    """The tap's answer to a request aiohttp could not parse."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if limit == max_url_bytes != max_header_bytes:
+            return errors.url_too_long(max_url_bytes)
+        # Equal limits: the parser does not say which one was hit; a long header is by far the likelier.
+        keys = "tap.limits.max_header_bytes" if max_url_bytes != max_header_bytes else \
+            "tap.limits.max_header_bytes, or tap.limits.max_url_bytes for the URL"
+        return errors.header_too_large(max_header_bytes, keys)
+    if exc.message == TOO_MANY_HEADERS:
+        return errors.too_many_headers(max_header_count)
+    reason = (exc.message or type(exc).__name__).splitlines()[0].rstrip(": ")
+    return errors.bad_http(reason[:200])
+
+
+class TapRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error (see the module)."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; cannot send the error")
+        error = protocol_error(exc, self.max_field_size, self.max_headers, self.max_line_size)
+        request_id = new_request_id()
+        # No traceback and none of the client's bytes (a too-long header may be a credential): status and code.
+        log.log(logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING,
+                "request rejected by the HTTP parser: %d %s", error.status, error.code,
+                extra={"status": error.status, "code": error.code, "request_id": request_id,
+                       "client": request.remote})
+        response = errors.error_response(error, request_id)
+        response.force_close()
+        return response
+
+
+class _TapServer(web.Server):
+    def __call__(self) -> TapRequestHandler:
+        return TapRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class TapRunner(web.AppRunner):
+    """:class:`aiohttp.web.AppRunner` whose connections are :class:`TapRequestHandler` s."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _TapServer  # the same server; only the protocol it makes per connection differs
+        return server
