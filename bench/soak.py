@@ -30,7 +30,7 @@ than those the script caused.
 Usage::
 
     .venv/bin/python bench/soak.py                 # full form: 500 req/s for 180 s
-    .venv/bin/python bench/soak.py --short         # CI form (tests/test_soak.py)
+    .venv/bin/python bench/soak.py --short         # CI form (tests/bench/test_soak.py)
     .venv/bin/python bench/soak.py --rps 300 --duration 240 --write   # table into BENCHMARKS.md "## Soak"
 """
 

@@ -6,7 +6,7 @@ Regenerate the committed JSON after a change here::
     python -m dashboards.generate --check    # exit 1 when the committed JSON is stale
 
 Every Prometheus query uses only metrics the code registers (``docs/metrics.md``);
-``tests/test_dashboards_live.py`` evaluates each of them against a live Prometheus that scrapes a
+``tests/dashboards/test_dashboards_live.py`` evaluates each of them against a live Prometheus that scrapes a
 live tap and live collectors. Data source uids match ``grafana/provisioning/datasources``.
 """
 

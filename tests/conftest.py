@@ -24,7 +24,7 @@ from gateway_tap.dev.servers import (
     mock_llm_process,
 )
 
-pytest_plugins = ["tests.budget_support"]  # budget_store / budget_store_settings (SQLite and PostgreSQL)
+pytest_plugins = ["tests.support.budget"]  # budget_store / budget_store_settings (SQLite and PostgreSQL)
 
 
 @pytest.fixture(scope="session")

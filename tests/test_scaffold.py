@@ -30,8 +30,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.scaffold import ScaffoldError, names_for, template_files
 from schemas import Analytics, encode_event, message_headers, topic_for
-from tests.tap_support import APP_KEY, UPSTREAM_SECRET, tap_config
-from tests.test_collector_runtime import read_topic, wait_for
+from tests.support.collectors import read_topic, wait_for
+from tests.support.tap import APP_KEY, UPSTREAM_SECRET, tap_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTOR, PLUGIN = "ledger-demo", "stamp-demo"
