@@ -1,7 +1,8 @@
-"""The runtime packages never import the development tooling in ``gateway_tap.dev``.
+"""The runtime packages never import the development tooling (``gateway_tap.dev``) or the examples
+(``gateway_tap.examples``).
 
 Checked on the source (every ``import``, also those inside functions), so a lazy import is caught too.
-Only the CLI may reach ``gateway_tap.dev``, and only inside the commands that need it (``up``, ``mock-llm``).
+Only the CLI may reach them, and only inside the commands that need them (``up``, ``mock-llm``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = [ROOT / "gateway_tap", ROOT / "collectors", ROOT / "schemas"]
-DEV = ROOT / "gateway_tap" / "dev"
+NOT_RUNTIME = ("gateway_tap.dev", "gateway_tap.examples")
+EXCLUDED = [ROOT / "gateway_tap" / "dev", ROOT / "gateway_tap" / "examples"]
 CLI = ROOT / "gateway_tap" / "cli.py"
 
 
@@ -26,32 +28,34 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
-def is_dev(module: str) -> bool:
-    return module == "gateway_tap.dev" or module.startswith("gateway_tap.dev.")
+def outside_the_runtime(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in NOT_RUNTIME)
 
 
-def test_runtime_modules_do_not_import_the_dev_package() -> None:
+def test_runtime_modules_import_neither_the_dev_package_nor_the_examples() -> None:
     offenders = []
     for package in RUNTIME:
         for path in package.rglob("*.py"):
-            if path.is_relative_to(DEV) or path == CLI:
+            if any(path.is_relative_to(folder) for folder in EXCLUDED) or path == CLI:
                 continue
             for line, module in imported_modules(ast.parse(path.read_text(), str(path))):
-                if is_dev(module):
+                if outside_the_runtime(module):
                     offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert offenders == []
 
 
-def test_the_cli_imports_the_dev_package_only_inside_commands() -> None:
+def test_the_cli_imports_them_only_inside_commands() -> None:
     tree = ast.parse(CLI.read_text())
     functions = (ast.FunctionDef, ast.AsyncFunctionDef)
     top_level = [module for stmt in tree.body if not isinstance(stmt, functions)
                  for _, module in imported_modules(stmt)]
-    assert not [m for m in top_level if is_dev(m)]
-    assert any(is_dev(m) for _, m in imported_modules(tree)), "up / mock-llm import gateway_tap.dev lazily"
+    assert not [m for m in top_level if outside_the_runtime(m)]
+    lazy = {m for _, m in imported_modules(tree) if outside_the_runtime(m)}
+    assert {"gateway_tap.dev.up", "gateway_tap.dev.mock_llm", "gateway_tap.examples"} <= lazy
 
 
 def test_the_check_catches_a_lazy_import() -> None:
-    tree = ast.parse("def f():\n    from gateway_tap.dev.servers import free_port\n")
-    assert [m for _, m in imported_modules(tree) if is_dev(m)] == ["gateway_tap.dev.servers",
-                                                                   "gateway_tap.dev.servers.free_port"]
+    tree = ast.parse("def f():\n    from gateway_tap.dev.servers import free_port\n    import gateway_tap.examples\n")
+    assert [m for _, m in imported_modules(tree) if outside_the_runtime(m)] == ["gateway_tap.dev.servers",
+                                                                   "gateway_tap.dev.servers.free_port",
+                                                                   "gateway_tap.examples"]
