@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Self
+
+log = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
@@ -119,6 +122,8 @@ class ManagedProcess:
     stop_signal: int = signal.SIGINT
     stop_timeout: float = 15.0
     proc: subprocess.Popen[bytes] | None = None
+    killed_after_timeout: bool = False
+    """The last :meth:`stop` had to SIGKILL: the process did not get its clean shutdown."""
     _log: IO[bytes] | None = None
 
     def start(self) -> Self:
@@ -172,7 +177,11 @@ class ManagedProcess:
                 os.killpg(proc.pid, self.stop_signal)
             try:
                 proc.wait(self.stop_timeout)
+                self.killed_after_timeout = False
             except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s of %s; killing it", self.name, self.stop_timeout,
+                            signal.Signals(self.stop_signal).name)
+                self.killed_after_timeout = True
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -219,7 +228,9 @@ class NoidaServer:
     """noida-db serving Kafka and Elasticsearch on free ports, persisted under ``data_dir``.
 
     Stopping sends SIGINT: noida snapshots its state every ~2 s and only a clean
-    stop keeps the last writes, so restart tests must stop it this way.
+    stop keeps the last writes, so restart tests must stop it this way. Its final
+    snapshot holds everything it stores and takes long on a loaded machine: the stop
+    waits up to two minutes before it falls back to SIGKILL (and says so).
     """
 
     data_dir: Path
@@ -258,7 +269,7 @@ class NoidaServer:
         if "elasticsearch" in self.services:
             argv += ["--elasticsearch-port", str(self.es_port)]
         self.process = ManagedProcess("noida-db", argv, ready=self._ready, log_path=self.log_path,
-                                      start_timeout=60.0, stop_timeout=20.0)
+                                      start_timeout=60.0, stop_timeout=120.0)
         self.process.start()
         return self
 
