@@ -1,4 +1,5 @@
-"""A cuttable TCP link between one Kafka client (the tap) and a single-node broker, for fault runs.
+"""Cuttable TCP links for fault runs: :class:`TcpLink` forwards bytes as they are (HTTP: Elasticsearch);
+:class:`BrokerLink` sits between one Kafka client (the tap) and a single-node broker.
 
 A Kafka client only bootstraps through the address it is given: the Metadata response
 names the broker's advertised ``host:port`` and the client connects there directly.
@@ -22,30 +23,25 @@ import struct
 METADATA, FIND_COORDINATOR = 3, 10
 
 
-class BrokerLink:
-    """Listens on ``listen_port`` and forwards to ``host:broker_port``; :meth:`cut` / :meth:`restore`.
+class TcpLink:
+    """Listens on ``listen_port`` and forwards to ``host:target_port``; :meth:`cut` / :meth:`restore`.
 
-    While cut, existing connections are closed and new ones are refused (nothing listens).
+    While cut, existing connections are closed and new ones are refused (nothing listens): to the
+    client the server is gone, while the server itself keeps running (and keeps what it stored).
     """
 
-    def __init__(self, host: str, broker_port: int, listen_port: int) -> None:
+    def __init__(self, host: str, target_port: int, listen_port: int) -> None:
         self.host = host
-        self.broker_port = broker_port
+        self.target_port = target_port
         self.listen_port = listen_port
-        encoded = host.encode()
-        old, new = struct.pack(">i", broker_port), struct.pack(">i", listen_port)
-        self._swaps = [
-            (struct.pack(">h", len(encoded)) + encoded + old, struct.pack(">h", len(encoded)) + encoded + new),
-            (bytes([len(encoded) + 1]) + encoded + old, bytes([len(encoded) + 1]) + encoded + new),
-        ]
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
 
     @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.listen_port}"
+    def url(self) -> str:
+        return f"http://{self.host}:{self.listen_port}"
 
     @property
     def is_cut(self) -> bool:
@@ -77,15 +73,13 @@ class BrokerLink:
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
-            broker_r, broker_w = await asyncio.open_connection(self.host, self.broker_port)
+            target_r, target_w = await asyncio.open_connection(self.host, self.target_port)
         except OSError:
             client_w.close()
             return
         self.connections += 1
-        self._writers.update((client_w, broker_w))
-        pending: dict[int, int] = {}  # correlation id -> api key of requests awaiting a response
-        up = asyncio.create_task(self._requests(client_r, broker_w, pending))
-        down = asyncio.create_task(self._responses(broker_r, client_w, pending))
+        self._writers.update((client_w, target_w))
+        up, down = self._pumps(client_r, target_w, target_r, client_w)
         self._tasks.update((up, down))
         try:
             await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
@@ -93,9 +87,45 @@ class BrokerLink:
             for task in (up, down):
                 task.cancel()
                 self._tasks.discard(task)
-            for writer in (client_w, broker_w):
+            for writer in (client_w, target_w):
                 writer.close()
                 self._writers.discard(writer)
+
+    def _pumps(self, client_r: asyncio.StreamReader, target_w: asyncio.StreamWriter,
+               target_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
+               ) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+        return asyncio.create_task(_pipe(client_r, target_w)), asyncio.create_task(_pipe(target_r, client_w))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+class BrokerLink(TcpLink):
+    """A :class:`TcpLink` to a Kafka broker that rewrites the advertised port (see the module)."""
+
+    def __init__(self, host: str, broker_port: int, listen_port: int) -> None:
+        super().__init__(host, broker_port, listen_port)
+        encoded = host.encode()
+        old, new = struct.pack(">i", broker_port), struct.pack(">i", listen_port)
+        self._swaps = [
+            (struct.pack(">h", len(encoded)) + encoded + old, struct.pack(">h", len(encoded)) + encoded + new),
+            (bytes([len(encoded) + 1]) + encoded + old, bytes([len(encoded) + 1]) + encoded + new),
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.listen_port}"
+
+    def _pumps(self, client_r: asyncio.StreamReader, target_w: asyncio.StreamWriter,
+               target_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
+               ) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+        pending: dict[int, int] = {}  # correlation id -> api key of requests awaiting a response
+        return (asyncio.create_task(self._requests(client_r, target_w, pending)),
+                asyncio.create_task(self._responses(target_r, client_w, pending)))
 
     @staticmethod
     async def _frame(reader: asyncio.StreamReader) -> bytes:

@@ -2,11 +2,15 @@
 
 One run starts everything on free ports under a temporary directory:
 
-- two noida-db processes, one Kafka-only and one Elasticsearch-only, so Elasticsearch can be
-  stopped alone (noida serves both from one process otherwise);
+- two noida-db processes, one Kafka-only and one Elasticsearch-only;
 - a :class:`bench.broker_link.BrokerLink` between the tap and the broker (noida advertises its
   own address, so the link rewrites the port in Metadata responses; see that module): cutting
   it makes Kafka unreachable for the tap only, the collectors keep consuming;
+- a :class:`bench.broker_link.TcpLink` between the Elasticsearch collectors and Elasticsearch:
+  the Elasticsearch outage cuts it. Stopping noida-db instead would test noida, not us: it
+  answers bulk writes during its own clean (SIGINT) stop that it does not persist (measured:
+  ~400 of 40,000 acknowledged documents missing after a stop under write load), which a real
+  Elasticsearch never does; to the collectors a cut link is the same outage;
 - the mock LLM with injected upstream errors (``--error-rate``);
 - the tap (``gateway-tap serve``): apps ``alpha``/``beta``/``gamma``, app ``capped`` with a small hard
   daily budget on an expensive LLM, the prompt firewall blocking a fixed share of requests;
@@ -16,7 +20,7 @@ One run starts everything on free ports under a temporary directory:
 Load: an aiohttp client at a steady rate (mixed OpenAI/Anthropic, streaming and not); every
 request's status, latency and ``x-request-id`` are recorded. Fault schedule, while the load runs:
 SIGKILL of each collector process (restarted after a few seconds with the same membership id),
-Elasticsearch stopped then restarted, the tap's broker link cut (the tap spools), a graceful tap
+Elasticsearch unreachable for a while, the tap's broker link cut (the tap spools), a graceful tap
 restart while its spool holds events, a PostgreSQL restart, poison records injected into the event
 topics. Then load stops, the pipeline drains and one table is printed. The topics, read in full by a
 fresh consumer, are the source of truth for "what the tap emitted".
@@ -63,7 +67,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.broker_link import BrokerLink
+from bench.broker_link import BrokerLink, TcpLink
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.dev.servers import (
     POSTGRES_DEFAULT_DSN,
@@ -191,6 +195,8 @@ class Soak:
         await asyncio.gather(asyncio.to_thread(self.kafka.start), asyncio.to_thread(self.es.start))
         self.link = BrokerLink("127.0.0.1", self.kafka.kafka_port, free_port())
         await self.link.start()
+        self.es_link = TcpLink("127.0.0.1", self.es.es_port, free_port())
+        await self.es_link.start()
         self.mock = mock_llm_process(None, "--error-rate", str(o.error_rate), "--error-status", "503",
                                      log_path=tmp / "mock.log")
         await asyncio.to_thread(self.mock.start)
@@ -284,8 +290,8 @@ class Soak:
         self.files_dir = self.dir / "events"
         self.collector_configs: dict[str, tuple[Path, int]] = {}
         workers = {"file-1": ("file", {"directory": str(self.files_dir)}),
-                   "es-1": ("elasticsearch", {"hosts": [self.es.es_url], "index_prefix": self.prefix}),
-                   "es-2": ("elasticsearch", {"hosts": [self.es.es_url], "index_prefix": self.prefix}),
+                   "es-1": ("elasticsearch", {"hosts": [self.es_link.url], "index_prefix": self.prefix}),
+                   "es-2": ("elasticsearch", {"hosts": [self.es_link.url], "index_prefix": self.prefix}),
                    "budget-1": ("budget", {})}
         for instance, (name, own) in workers.items():
             doc = self._base_config(self.kafka.bootstrap)
@@ -471,10 +477,10 @@ class Soak:
         fault.end = time.monotonic()
 
     async def _es_outage(self) -> None:
-        fault = self._fault("Elasticsearch stopped")
-        await asyncio.to_thread(self.es.stop)
+        fault = self._fault("Elasticsearch unreachable")
+        await self.es_link.cut()
         await asyncio.sleep(self.o.es_down_s)
-        await asyncio.to_thread(self.es.start)
+        await self.es_link.restore()
         fault.end = time.monotonic()
 
     async def _broker_cut_with_tap_restart(self) -> None:
@@ -687,6 +693,8 @@ class Soak:
     async def _teardown(self) -> None:
         with contextlib.suppress(Exception):
             await self.link.stop()
+        with contextlib.suppress(Exception):
+            await self.es_link.stop()
         for role in self.roles.values():
             role.expected_down = True
             if role.proc is not None:
