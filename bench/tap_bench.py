@@ -1,9 +1,35 @@
-"""Tap benchmark: wrk against (a) the mock upstream directly, (b) the tap in front of it with the three example
-plugins and event publishing to a real (noida-db) broker, (c) LiteLLM proxy 1.110.x in front of the same mock,
-(d) the tap with the response cache plugin added (shared store, every request a hit), and hits vs misses of
-that cache with 20 ms of injected upstream latency.
+"""Tap benchmark: where every microsecond of the tap's CPU goes, layer by layer, against its floor.
 
-    .venv/bin/python -m bench.tap_bench [--duration 10] [--concurrency 1,16,64] [--workers 1,2] [--write]
+In one run, wrk (1 thread, POST of a small chat completion) against:
+
+* ``direct``: the mock upstream itself;
+* ``bare``: a bare aiohttp pass-through proxy (``bench/bare_proxy.py``: uvloop, one pooled
+  ClientSession, streams the answer back): the floor of the tap's own stack;
+* the tap with its layers switched on one at a time (``--variants``):
+
+  - ``base``: no plugins, no budgets, no events (``bench/tap_worker.py --no-events``: ``Exchange.events``
+    patched to return nothing, so no event is built, encoded or produced; the publisher idles);
+  - ``events``: + the three events per request, published to a local noida-db broker (gzip, acks=all, idempotent);
+  - ``budgets``: + the example budgets plus a hard daily budget on the bench app (so admission checks a hard
+    limit), read back from a SQLite store every second. No budget collector runs (it would take half the
+    machine's CPU from the tap); ``pending_ttl_s: 2`` stands in for it, so the ids of settled usages the
+    refresh looks up stay as few as with a collector ~2 s behind, instead of growing all run long;
+  - ``plugins``: + the three example plugins: the full tap of ``examples/gateway-tap.yaml``;
+  - ``stream``: the full tap with streamed responses (SSE, 20 chunks: ``max_tokens`` 18 plus the role and
+    stop chunks, ``--chunk-delay-ms`` apart so each chunk reaches the tap on its own, as tokens do);
+    the ``bare`` row is repeated with the same streamed request;
+  - ``cache``: the full tap + the response cache plugin (shared store, every request a hit), and hits
+    vs misses of that cache with 20 ms of injected upstream latency;
+
+* LiteLLM proxy 1.110.x in front of the same mock (``--skip-litellm`` to leave it out).
+
+CPU per request is the user + system CPU of the server's processes (every worker; not wrk, not the mock)
+divided by the requests served; the broker's CPU is a column of its own.
+``--before CHECKOUT`` measures every tap variant for that checkout too (e.g. a worktree of main), cell by
+cell next to the current one, so before/after come from the same run and the same load.
+
+    .venv/bin/python -m bench.tap_bench [--duration 6] [--concurrency 1,16,64] [--workers 1,2]
+        [--variants base,events,budgets,plugins,stream,cache] [--before ../main] [--skip-litellm] [--write]
 
 LiteLLM is installed by this script into ``bench/.venv-litellm`` (its ``proxy`` extra pins a
 ``litellm-proxy`` package that is not on PyPI, so the proxy's dependencies are installed one by one).
@@ -14,18 +40,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import yaml
 
-from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok, mock_llm_process
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, free_port, http_ok, mock_llm_process
 from gateway_tap.examples import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,15 +67,17 @@ LITELLM_PROXY_DEPS = ["uvicorn", "fastapi", "starlette", "backoff", "rq", "apsch
 # One key for both proxies: the tap's app key and LiteLLM's master key (it refuses to start without a strong one).
 APP_KEY = "sk-bench-6f1d2c9a8b7e4f3a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f"
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello benchmark"}],"max_tokens":4}'
+STREAM_CHUNKS = 20
+STREAM_BODY = ('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello benchmark"}],'
+               f'"max_tokens":{STREAM_CHUNKS - 2},"stream":true}}')
 CACHE_PLUGIN = {"name": "response_cache", "use": "gateway_tap.examples.plugins.response_cache:ResponseCache",
                 "order": 40, "kv": {"backend": "shared", "max_bytes": 16 * 1024 * 1024}, "config": {"ttl_s": 3600}}
+# Budget admission against a hard limit is the path that matters; the example app "demo" only has a soft one.
+HARD_BUDGET = {"app_id": "demo", "limit_usd": 1_000_000.0, "period": "daily", "mode": "hard"}
+# No budget collector records usage in this bench: the tap forgets its settled usages after this long, as it
+# would once a collector ~2 s behind recorded them (otherwise each refresh looks up every id of the run).
+PENDING_TTL_S = 2.0
 UPSTREAM_LATENCY_MS = 20
-LUA_HEAD = f"""
-wrk.method = "POST"
-wrk.body = '{BODY}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {APP_KEY}"
-"""
 LUA_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -56,12 +86,37 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
-LUA = LUA_HEAD + LUA_DONE
 
 
-def lua(headers: dict[str, str]) -> str:
+def lua(headers: dict[str, str], body: str = BODY) -> str:
     """The POST script with extra request headers."""
-    return LUA_HEAD + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()) + LUA_DONE
+    head = (f"wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+            f"wrk.headers[\"Authorization\"] = \"Bearer {APP_KEY}\"\n")
+    return head + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()) + LUA_DONE
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One tap configuration: the layers switched on."""
+
+    name: str
+    label: str
+    events: bool = True
+    budgets: bool = True
+    plugins: bool = True
+    stream: bool = False
+    cache: bool = False
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("base", "tap: no plugins, no budgets, no events", events=False, budgets=False, plugins=False),
+    Variant("events", "+ events", budgets=False, plugins=False),
+    Variant("budgets", "+ budgets", plugins=False),
+    Variant("plugins", "+ 3 example plugins (full tap)"),
+    Variant("stream", "full tap, streamed (SSE, 20 chunks)", stream=True),
+    Variant("cache", "full tap + response cache (100% hits)", cache=True),
+)}
+LAYERS = ("base", "events", "budgets", "plugins")  # each adds one layer to the one before
 
 
 @dataclass
@@ -72,6 +127,46 @@ class Result:
     p99_ms: float
     errors: int
     cpu_us: float = 0.0  # CPU time (user + system) of the server's processes per request
+    broker_us: float | None = None  # the broker's CPU per request (tap rows)
+
+
+@dataclass
+class Cell:
+    """One measured row: a target at some worker count and concurrency."""
+
+    target: str  # direct / bare / bare-stream / litellm / a variant name
+    workers: int
+    concurrency: int
+    result: Result
+    version: str = "after"  # "before" / "after" for tap variants
+
+
+@dataclass
+class CacheSaving:
+    """The response cache at one concurrency with injected upstream latency: all hits vs all misses."""
+
+    concurrency: int
+    hits: Result
+    misses: Result
+    hit_ratio: float
+
+
+@dataclass
+class RunData:
+    cells: list[Cell] = field(default_factory=list)
+    rss: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    cache: CacheSaving | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def get(self, target: str, workers: int, concurrency: int, version: str = "after") -> Result | None:
+        for cell in self.cells:
+            if (cell.target, cell.workers, cell.concurrency, cell.version) == (target, workers, concurrency,
+                                                                                version):
+                return cell.result
+        return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,6 +227,12 @@ class RssSampler:
                 except psutil.Error:
                     pass
 
+    def workers(self) -> list[float]:
+        """Peak RSS of the serving processes (with several, the parent only supervises)."""
+        if len(self.peak) == 1:
+            return list(self.peak.values())
+        return [mb for pid, mb in self.peak.items() if pid != self.root.pid]
+
     def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
@@ -141,18 +242,26 @@ class RssSampler:
         self._thread.join()
 
 
-def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, cache: bool = False) -> Path:
+def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, variant: Variant,
+               prefix: str) -> Path:
+    """``examples/gateway-tap.yaml`` pointed at the bench's mock and broker, with ``variant``'s layers."""
     tmp.mkdir(parents=True, exist_ok=True)
     document = yaml.safe_load(DEMO_CONFIG.read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
-    document["kafka"]["topic_prefix"] = "bench"
+    document["kafka"]["topic_prefix"] = prefix
     document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": workers,
-                            "access_log": False})
+                            "access_log": False, "shared_kv_path": str(tmp / "plugin-kv.sqlite")})
     document["tap"]["publisher"]["spool_dir"] = str(tmp / "spool")
     for llm in document["llms"]:
         llm["upstream_url"] = mock_url
     document["apps"][0]["key_hashes"] = ["sha256:" + hashlib.sha256(APP_KEY.encode()).hexdigest()]
-    if cache:
+    document["budget_store"]["sqlite_path"] = str(tmp / "budgets.sqlite3")
+    document["collectors"] = {}
+    document["budgets"] = [*document["budgets"], HARD_BUDGET] if variant.budgets else []
+    document["budget_enforcement"]["pending_ttl_s"] = PENDING_TTL_S
+    if not variant.plugins:
+        document["plugins"] = []
+    if variant.cache:
         document["plugins"].append(CACHE_PLUGIN)
     path = tmp / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -170,20 +279,7 @@ def litellm_config(tmp: Path, mock_url: str) -> Path:
     return path
 
 
-@dataclass
-class CacheSaving:
-    """The response cache at one concurrency with injected upstream latency: all hits vs all misses."""
-
-    concurrency: int
-    hits: Result
-    misses: Result
-    hit_ratio: float
-
-
 def cache_saving(url: str, stats_url: str, tmp: Path, concurrency: int, duration: int) -> CacheSaving:
-    import json
-    import urllib.request
-
     def stats() -> dict[str, int]:
         request = urllib.request.Request(stats_url, headers={"Authorization": f"Bearer {APP_KEY}"})  # auth by default
         with urllib.request.urlopen(request, timeout=5) as resp:
@@ -203,134 +299,263 @@ def cache_saving(url: str, stats_url: str, tmp: Path, concurrency: int, duration
     return CacheSaving(concurrency, hits, misses, (after["hits"] - before["hits"]) / max(1, served))
 
 
-def run(duration: int, levels: list[int], workers: list[int], with_litellm: bool) -> dict[str, object]:
-    tmp = Path(tempfile.mkdtemp(prefix="tap-bench-"))
-    script = tmp / "post.lua"
-    script.write_text(LUA)
-    results: dict[str, dict[int, Result]] = {}
-    rss: dict[str, dict[int, float]] = {}
-    notes: list[str] = []
-    noida = NoidaServer(tmp / "noida", services=("kafka",), log_path=tmp / "noida.log").start()
-    mock = mock_llm_process(log_path=tmp / "mock.log").start()
-    mock_url = f"http://127.0.0.1:{mock.env['GATEWAY_TAP_MOCK_PORT']}"
-    procs: list[ManagedProcess] = [mock]
-    try:
-        targets: list[tuple[str, str, ManagedProcess | None]] = [("direct", f"{mock_url}/v1/chat/completions", mock)]
-        for count in workers:
-            port = free_port()
-            config = tap_config(tmp / f"w{count}", mock_url, noida.bootstrap, port, count)
-            tap = ManagedProcess(f"tap-{count}", cli_argv("serve", "--config", str(config)),
-                                 ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/readyz"),  # type: ignore[misc]
-                                 log_path=tmp / f"tap-{count}.log", stop_signal=15, stop_timeout=30).start()
-            procs.append(tap)
-            targets.append((f"tap ({count}w)", f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions", tap))
-        cport = free_port()
-        config = tap_config(tmp / "cache", mock_url, noida.bootstrap, cport, 1, cache=True)
-        cached = ManagedProcess("tap-cache", cli_argv("serve", "--config", str(config)),
-                                ready=lambda: http_ok(f"http://127.0.0.1:{cport}/readyz"),
-                                log_path=tmp / "tap-cache.log", stop_signal=15, stop_timeout=30).start()
-        procs.append(cached)
-        cache_url = f"http://127.0.0.1:{cport}/llm/openai/v1/chat/completions"
-        targets.append(("tap + response cache (100% hits, 1w)", cache_url, cached))
-        if with_litellm:
-            exe = ensure_litellm()
-            if exe is None:
-                notes.append("LiteLLM could not be installed (see stderr); its column is missing.")
-            else:
-                lport = free_port()
-                litellm = ManagedProcess(
-                    "litellm", [str(exe), "--config", str(litellm_config(tmp, mock_url)), "--host", "127.0.0.1",
-                                "--port", str(lport), "--num_workers", str(max(workers))],
-                    ready=lambda: http_ok(f"http://127.0.0.1:{lport}/health/liveliness"),
-                    env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},  # no network fetch at start-up
-                    log_path=tmp / "litellm.log", start_timeout=180, stop_timeout=20).start()
-                procs.append(litellm)
-                targets.append((f"litellm ({max(workers)}w)", f"http://127.0.0.1:{lport}/v1/chat/completions", litellm))
-        for name, url, proc in targets:
-            wrk(url, 16, 2, script)  # warm-up: connections, caches, JIT-less but lazy imports
-            results[name] = {}
-            for level in levels:
-                assert proc is not None and proc.pid is not None
-                cpu_before = cpu_seconds(proc.pid)
-                if name.startswith("tap"):
-                    with RssSampler(proc.pid) as sampler:
-                        results[name][level] = wrk(url, level, duration, script)
-                    single = len(sampler.peak) == 1
-                    for pid, mb in sampler.peak.items():
-                        if single or pid != proc.pid:  # with workers > 1 the parent only supervises
-                            rss.setdefault(name, {})[pid] = max(rss.get(name, {}).get(pid, 0.0), mb)
-                else:
-                    results[name][level] = wrk(url, level, duration, script)
-                r = results[name][level]
-                r.cpu_us = (cpu_seconds(proc.pid) - cpu_before) / max(1.0, r.rps * duration) * 1e6
-                print(name, level, results[name][level], flush=True)
-        saving = cache_saving(cache_url, f"http://127.0.0.1:{cport}/plugins/response_cache/stats", tmp,
-                              16 if 16 in levels else levels[-1], duration)
-        print("cache", saving, flush=True)
-    finally:
-        for proc in reversed(procs):
+class Bench:
+    """Starts each target in turn, measures it at every concurrency, stops it."""
+
+    def __init__(self, duration: int, levels: list[int], chunk_delay_ms: float) -> None:
+        self.duration = duration
+        self.levels = levels
+        self.tmp = Path(tempfile.mkdtemp(prefix="tap-bench-"))
+        self.data = RunData()
+        self.plain = self.tmp / "post.lua"
+        self.plain.write_text(lua({}))
+        self.stream = self.tmp / "stream.lua"
+        self.stream.write_text(lua({"x-mock-chunk-delay-ms": str(chunk_delay_ms)}, STREAM_BODY))
+        self.noida = NoidaServer(self.tmp / "noida", services=("kafka",), log_path=self.tmp / "noida.log")
+        self.mock = mock_llm_process(log_path=self.tmp / "mock.log")
+        self.mock_url = ""
+        self._seq = 0
+
+    def __enter__(self) -> Bench:
+        self.noida.start()
+        self.mock.start()
+        self.mock_url = f"http://127.0.0.1:{self.mock.env['GATEWAY_TAP_MOCK_PORT']}"
+        self.data.load_start = psutil.getloadavg()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mock.stop()
+        self.noida.stop()
+        self.data.load = psutil.getloadavg()
+
+    def measure(self, target: str, workers: int, url: str, pid: int, script: Path, version: str = "after") -> None:
+        broker = self.noida.process.pid if self.noida.process is not None else None
+        wrk(url, 16, 2, script)  # warm-up: connections, caches, lazy imports
+        for level in self.levels:
+            before = cpu_seconds(pid)
+            broker_before = cpu_seconds(broker) if broker else 0.0
+            with RssSampler(pid) as sampler:
+                r = wrk(url, level, self.duration, script)
+            served = max(1.0, r.rps * self.duration)
+            r.cpu_us = (cpu_seconds(pid) - before) / served * 1e6
+            if target not in ("direct", "bare", "bare-stream", "litellm") and broker:
+                r.broker_us = (cpu_seconds(broker) - broker_before) / served * 1e6
+            self.data.cells.append(Cell(target, workers, level, r, version))
+            key = f"{target} ({workers}w, {version})"
+            peaks, prior = sorted(sampler.workers()), self.data.rss.get(key, [])
+            self.data.rss[key] = peaks if sum(peaks) > sum(prior) else prior
+            print(f"{target:<12} {version:<6} {workers}w c={level:<3} rps={r.rps:8.0f} p50={r.p50_ms:6.2f} "
+                  f"p99={r.p99_ms:7.2f} err={r.errors} cpu={r.cpu_us:6.0f}us broker={r.broker_us or 0:5.0f}us",
+                  flush=True)
+
+    def direct(self) -> None:
+        assert self.mock.pid is not None
+        self.measure("direct", 1, f"{self.mock_url}/v1/chat/completions", self.mock.pid, self.plain)
+
+    def bare(self, workers: int, stream: bool = False) -> None:
+        port = free_port()
+        proc = ManagedProcess(f"bare-{workers}", [sys.executable, str(ROOT / "bench" / "bare_proxy.py"),
+                                                  "--upstream", self.mock_url, "--port", str(port),
+                                                  "--workers", str(workers)],
+                              ready=lambda: _serving(port), log_path=self.tmp / f"bare-{workers}.log",
+                              stop_signal=15).start()
+        try:
+            assert proc.pid is not None
+            self.measure("bare-stream" if stream else "bare", workers, f"http://127.0.0.1:{port}/v1/chat/completions",
+                         proc.pid, self.stream if stream else self.plain)
+        finally:
             proc.stop()
-        noida.stop()
-    return {"results": results, "rss": rss, "notes": notes, "load": psutil.getloadavg(), "cache": saving}
+
+    def tap(self, variant: Variant, workers: int, root: Path, version: str, cache_saving_too: bool) -> None:
+        self._seq += 1
+        port = free_port()
+        prefix = f"bench{self._seq}"
+        tmp = self.tmp / f"{variant.name}-{workers}w-{version}"
+        config = tap_config(tmp, self.mock_url, self.noida.bootstrap, port, workers, variant, prefix)
+        argv = [sys.executable, str(ROOT / "bench" / "tap_worker.py"), "--root", str(root), "--config", str(config),
+                "--workers", str(workers), *(() if variant.events else ("--no-events",))]
+        tap = ManagedProcess(f"tap-{prefix}", argv, ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
+                             log_path=tmp / "tap.log", stop_signal=15, stop_timeout=30).start()
+        try:
+            url = f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions"
+            assert tap.pid is not None
+            self.measure(variant.name, workers, url, tap.pid, self.stream if variant.stream else self.plain,
+                         version)
+            if cache_saving_too:
+                self.data.cache = cache_saving(url, f"http://127.0.0.1:{port}/plugins/response_cache/stats", tmp,
+                                               16 if 16 in self.levels else self.levels[-1], self.duration)
+                print("cache", self.data.cache, flush=True)
+        finally:
+            tap.stop()
+
+    def litellm(self, workers: int) -> None:
+        exe = ensure_litellm()
+        if exe is None:
+            self.data.notes.append("LiteLLM could not be installed (see stderr); its rows are missing.")
+            return
+        port = free_port()
+        proc = ManagedProcess(
+            "litellm", [str(exe), "--config", str(litellm_config(self.tmp, self.mock_url)), "--host", "127.0.0.1",
+                        "--port", str(port), "--num_workers", str(workers)],
+            ready=lambda: http_ok(f"http://127.0.0.1:{port}/health/liveliness"),
+            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},  # no network fetch at start-up
+            log_path=self.tmp / "litellm.log", start_timeout=180, stop_timeout=20).start()
+        try:
+            assert proc.pid is not None
+            self.measure("litellm", workers, f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid, self.plain)
+        finally:
+            proc.stop()
 
 
-def markdown(data: dict[str, object], duration: int, command: str) -> str:
-    results: dict[str, dict[int, Result]] = data["results"]  # type: ignore[assignment]
-    rss: dict[str, dict[int, float]] = data["rss"]  # type: ignore[assignment]
-    load = data["load"]
+def _serving(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)  # any HTTP answer will do
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def run(duration: int, levels: list[int], workers: list[int], variants: list[Variant], before: Path | None,
+        with_litellm: bool, chunk_delay_ms: float) -> RunData:
+    with Bench(duration, levels, chunk_delay_ms) as bench:
+        bench.data.versions = {"after": _describe(ROOT)} | ({"before": _describe(before)} if before else {})
+        bench.direct()
+        streamed = any(v.stream for v in variants)
+        for count in workers:
+            bench.bare(count)
+            if streamed:
+                bench.bare(count, stream=True)
+            for variant in variants:
+                # Before and after back to back: the same load on the machine for both.
+                if before is not None:
+                    bench.tap(variant, count, before, "before", False)
+                bench.tap(variant, count, ROOT, "after", variant.cache and count == workers[0])
+        if with_litellm:
+            bench.litellm(max(workers))
+        return bench.data
+
+
+def _describe(root: Path) -> str:
+    out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                         check=False).stdout.strip()
+    return f"{root.name} ({out})" if out else str(root)
+
+
+def _us(r: Result | None) -> str:
+    return f"{r.cpu_us:,.0f}" if r is not None else "n/a"
+
+
+def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) -> str:
+    compare = "before" in data.versions
+    workers = sorted({c.workers for c in data.cells if c.target not in ("direct", "litellm")})
+    levels = sorted({c.concurrency for c in data.cells})
+    variants = [v for v in VARIANTS.values() if any(c.target == v.name for c in data.cells)]
     lines = [
         "## Tap", "",
-        f"`{command}`: wrk (1 thread, {duration} s per run, POST of a small chat completion) against (a) the mock "
-        "upstream directly, (b) the tap (N worker processes, the three example plugins, "
-        "events published to a local noida-db broker with the default publisher settings: gzip, acks=all, "
-        "idempotent, access log off) and (c) LiteLLM proxy 1.110.2 (as many workers as the largest tap) in front of "
-        "the same mock. "
-        f"Measured {time.strftime('%Y-%m-%d')} on the 2-core development machine while other work ran "
-        f"(load average {load[0]:.1f} at the end): the numbers are noisy, and everything (wrk, mock, broker, "  # type: ignore[index]
-        "proxy) shares the same 2 cores.", "",
-        "| target | concurrency | RPS | p50 ms | p95 ms | p99 ms | errors | server CPU µs/request |",
-        "|---|---|---|---|---|---|---|---|",
+        f"`{command}` ({time.strftime('%Y-%m-%d')}): wrk (1 thread, {duration} s per cell, POST of a small chat "
+        "completion) against the mock upstream directly, a bare aiohttp pass-through proxy (`bench/bare_proxy.py`, "
+        "the floor of the tap's stack), the tap with its layers switched on one at a time, and LiteLLM proxy "
+        "1.110.x, all in front of the same mock. CPU µs/request = user + system CPU of the server's processes "
+        "(every worker; not wrk, not the mock, not the broker) / requests served: the stable figure on this "
+        "shared machine, where RPS and latencies move by up to 2x between runs. Everything (wrk, mock, broker, "
+        "proxy) shares the same 2 cores; load average "
+        f"{data.load_start[0]:.1f} at the start, {data.load[0]:.1f} at the end (other engineers' work included).",
+        "",
+        "Layers: **base** = no plugins, no budgets, no events (bench launcher `bench/tap_worker.py --no-events`: "
+        "`Exchange.events` returns nothing, so no event is built, encoded or produced); **+ events** = the three "
+        "events per request to a local noida-db broker (acks=all, idempotent); **+ budgets** = the example budgets "
+        f"plus a hard daily budget on the bench app, SQLite store (no budget collector runs: `pending_ttl_s: "
+        f"{PENDING_TTL_S:g}` keeps the refresh's pending ids as few as a collector would); "
+        "**+ plugins** = the three example plugins: the full tap of `examples/gateway-tap.yaml` (access log off); "
+        f"**stream** = the full tap with SSE responses of {STREAM_CHUNKS} chunks, {chunk_delay_ms:g} ms apart "
+        "(the bare row beside it streams the same).",
     ]
-    for name, by_level in results.items():
-        for level, r in by_level.items():
-            lines.append(f"| {name} | {level} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | "
-                         f"{r.errors} | {r.cpu_us:.0f} |")
-    lite = next((by_level for name, by_level in results.items() if name.startswith("litellm")), {})
-    lines += ["", "| tap | concurrency | added p50 ms | added p99 ms | RPS tap/direct | RPS tap/LiteLLM |",
-              "|---|---|---|---|---|---|"]
-    for name, by_level in results.items():
-        if not name.startswith("tap"):
-            continue
-        for level, tap in by_level.items():
-            direct = results["direct"][level]
-            other = lite.get(level)
-            ratio = f"{tap.rps / other.rps:.1f}x" if other else "n/a"
-            lines.append(f"| {name} | {level} | {tap.p50_ms - direct.p50_ms:.2f} | {tap.p99_ms - direct.p99_ms:.2f} | "
-                         f"{tap.rps / direct.rps:.0%} | {ratio} |")
-    taps = [by_level for name, by_level in results.items() if name.startswith("tap")]
-    if taps and 16 in taps[0] and 16 in results["direct"]:
-        tap16, direct16 = taps[0][16], results["direct"][16]
-        text = (f"Reading: RPS and latencies move by up to 2x between runs on this shared machine; server CPU per "
-                f"request is the stable figure. At concurrency 16 the tap used {tap16.cpu_us / direct16.cpu_us:.0f}x "
-                "the mock's CPU per request (aiohttp server and client, four hook calls, three events built, "
-                "encoded and produced with gzip)")
-        if 16 in lite:
-            text += f", and LiteLLM {lite[16].cpu_us / tap16.cpu_us:.0f}x the tap's"
-        text += (". With every process on the same two cores, RPS tap/direct is bounded by that CPU ratio, so the "
-                 "direct mock (a trivial handler) is a much harder baseline than a real upstream.")
-        lines += ["", text]
-    saving: CacheSaving = data["cache"]  # type: ignore[assignment]
-    hits, misses = saving.hits, saving.misses
-    lines += ["", f"Response cache (tap, 1 worker, example plugins + `response_cache` on the shared SQLite store) "
-              f"with {UPSTREAM_LATENCY_MS} ms of injected upstream latency at concurrency {saving.concurrency}: "
-              f"hit ratio {saving.hit_ratio:.0%}; hits p50 {hits.p50_ms:.2f} ms / p99 {hits.p99_ms:.2f} ms at "
-              f"{hits.rps:,.0f} RPS vs misses (`cache-control: no-cache`: upstream call + store) p50 "
-              f"{misses.p50_ms:.2f} ms / p99 {misses.p99_ms:.2f} ms at {misses.rps:,.0f} RPS: a hit saves "
-              f"{misses.p50_ms - hits.p50_ms:.1f} ms at p50."]
-    for name, peaks in rss.items():
-        lines += ["", f"{name} peak RSS under load per worker: " + ", ".join(f"{mb:.0f} MB" for mb in peaks.values())
-                  + "."]
-    lines += [f"{note}" for note in data["notes"]]  # type: ignore[attr-defined]
+    if compare:
+        lines += ["", f"Before = {data.versions['before']}; after = {data.versions['after']}; each before/after "
+                  "pair ran back to back."]
+    for count in workers:
+        lines += ["", f"**CPU µs per request, {count} worker{'s' if count > 1 else ''}**" +
+                  (" (before → after)" if compare else ""), "",
+                  "| target | " + " | ".join(f"c={c}" for c in levels) + " | vs bare at c=16 |",
+                  "|---|" + "---|" * (len(levels) + 1)]
+        bare16 = data.get("bare", count, 16)
+        for target, label in [("bare", "bare aiohttp proxy (floor)"), ("bare-stream", "bare proxy, streamed"),
+                              *[(v.name, v.label) for v in variants]]:
+            row = []
+            for level in levels:
+                after = data.get(target, count, level)
+                prior = data.get(target, count, level, "before")
+                row.append(f"{_us(prior)} → {_us(after)}" if prior is not None else _us(after))
+            if all(x == "n/a" for x in row):
+                continue
+            after16 = data.get(target, count, 16)
+            floor = data.get("bare-stream", count, 16) if target in ("stream", "bare-stream") else bare16
+            ratio = "" if after16 is None or floor is None else f"{after16.cpu_us / floor.cpu_us:.1f}x"
+            prior16 = data.get(target, count, 16, "before")
+            if prior16 is not None and floor is not None:
+                ratio = f"{prior16.cpu_us / floor.cpu_us:.1f}x → {ratio}"
+            lines.append(f"| {label} | " + " | ".join(row) + f" | {ratio} |")
+    layer_rows = [name for name in LAYERS if any(v.name == name for v in variants)]
+    if len(layer_rows) > 1:
+        lines += ["", "**What each layer adds** (CPU µs per request, difference to the row above it; "
+                  "the base row is the difference to the bare proxy)" +
+                  (", before → after" if compare else ""), "",
+                  "| layer | " + " | ".join(f"{w}w c={c}" for w in workers for c in levels) + " |",
+                  "|---|" + "---|" * (len(workers) * len(levels))]
+        for i, name in enumerate(layer_rows):
+            below = layer_rows[i - 1] if i > 0 else "bare"
+            row = []
+            for count in workers:
+                for level in levels:
+                    parts = []
+                    for version in (["before", "after"] if compare else ["after"]):
+                        top = data.get(name, count, level, version)
+                        under = data.get(below, count, level, version if below != "bare" else "after")
+                        parts.append(f"{top.cpu_us - under.cpu_us:+,.0f}" if top and under else "n/a")
+                    row.append(" → ".join(parts))
+            label = VARIANTS[name].label if name != "base" else "base tap over the bare proxy"
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if "stream" in {v.name for v in variants} and "plugins" in layer_rows:
+            row = []
+            for count in workers:
+                for level in levels:
+                    parts = []
+                    for version in (["before", "after"] if compare else ["after"]):
+                        top = data.get("stream", count, level, version)
+                        under = data.get("plugins", count, level, version)
+                        parts.append(f"{top.cpu_us - under.cpu_us:+,.0f}" if top and under else "n/a")
+                    row.append(" → ".join(parts))
+            lines.append("| streamed instead of whole (full tap) | " + " | ".join(row) + " |")
+    lines += ["", "All cells:", "",
+              "| target | version | workers | c | RPS | p50 ms | p95 ms | p99 ms | errors | CPU µs/req | "
+              "broker µs/req |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in data.cells:
+        r = cell.result
+        version = cell.version if cell.target in VARIANTS else ""
+        lines.append(f"| {cell.target} | {version} | {cell.workers} | {cell.concurrency} | {r.rps:,.0f} | "
+                     f"{r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.cpu_us:,.0f} | "
+                     f"{'' if r.broker_us is None else f'{r.broker_us:,.0f}'} |")
+    direct1 = data.get("direct", 1, 1)
+    full1 = data.get("plugins", 1, 1)
+    if direct1 and full1:
+        lines += ["", f"Added latency of the full tap (1 worker) over direct at c=1: p50 "
+                  f"{full1.p50_ms - direct1.p50_ms:.2f} ms, p99 {full1.p99_ms - direct1.p99_ms:.2f} ms."]
+    if data.cache is not None:
+        hits, misses = data.cache.hits, data.cache.misses
+        lines += ["", f"Response cache (full tap + `response_cache` on the shared SQLite store, 1 worker) with "
+                  f"{UPSTREAM_LATENCY_MS} ms of injected upstream latency at concurrency {data.cache.concurrency}: "
+                  f"hit ratio {data.cache.hit_ratio:.0%}; hits p50 {hits.p50_ms:.2f} ms / p99 {hits.p99_ms:.2f} ms "
+                  f"at {hits.rps:,.0f} RPS vs misses (`cache-control: no-cache`: upstream call + store) p50 "
+                  f"{misses.p50_ms:.2f} ms / p99 {misses.p99_ms:.2f} ms at {misses.rps:,.0f} RPS: a hit saves "
+                  f"{misses.p50_ms - hits.p50_ms:.1f} ms at p50."]
+    peaks = [f"{name}: " + ", ".join(f"{mb:.0f} MB" for mb in mbs) for name, mbs in data.rss.items()
+             if name.startswith(("plugins", "stream")) and mbs]
+    if peaks:
+        lines += ["", "Peak RSS per worker under load: " + "; ".join(peaks) + "."]
+    lines += data.notes
     return "\n".join(lines) + "\n"
 
 
@@ -348,16 +573,25 @@ def write_section(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=6, help="Seconds per cell.")
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--workers", default="1,2", help="Tap worker counts to measure, comma-separated.")
+    parser.add_argument("--workers", default="1,2", help="Worker counts of the tap and the bare proxy.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Tap variants: {', '.join(VARIANTS)}.")
+    parser.add_argument("--before", type=Path, help="A checkout of the old code: every tap variant runs for it too.")
+    parser.add_argument("--chunk-delay-ms", type=float, default=1.0, help="Between streamed chunks (stream).")
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--write", action="store_true", help="Replace the '## Tap' section of BENCHMARKS.md.")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = [VARIANTS[name] for name in args.variants.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
-    data = run(args.duration, levels, [int(x) for x in args.workers.split(",")], not args.skip_litellm)
+    workers = [int(x) for x in args.workers.split(",")]
+    before = args.before.resolve() if args.before else None
+    data = run(args.duration, levels, workers, variants, before, not args.skip_litellm, args.chunk_delay_ms)
     command = "python -m bench.tap_bench " + " ".join(sys.argv[1:])
-    section = markdown(data, args.duration, command.strip())
+    section = markdown(data, args.duration, command.strip(), args.chunk_delay_ms)
     print(section)
     if args.write:
         write_section(section)
