@@ -46,4 +46,9 @@ def message_key(event: Event) -> bytes | None:
 
 
 def message_headers(event: Event) -> list[tuple[str, bytes]]:
-    return [("type", event.type.encode()), ("schema_version", str(SCHEMA_VERSION).encode())]
+    return message_headers_for(event.type)
+
+
+def message_headers_for(event_type: EventType) -> list[tuple[str, bytes]]:
+    """The headers of every message of ``event_type``: ``type`` and ``schema_version``."""
+    return [("type", event_type.encode()), ("schema_version", str(SCHEMA_VERSION).encode())]

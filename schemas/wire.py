@@ -1,4 +1,4 @@
-"""Fast wire validation of event message values, derived from the pydantic models.
+"""Fast wire validation and encoding of events, derived from the pydantic models.
 
 Collectors that write the message value as it is (files, Elasticsearch) only need
 to know that a value honours the contract; building a full pydantic model per
@@ -6,6 +6,12 @@ event costs several times what parsing the JSON does. :func:`validate_event_byte
 checks a value against msgspec structs generated *from the models in
 :mod:`schemas.events`* (one source of truth; a test keeps both verdicts equal) at
 roughly the cost of ``orjson.loads``.
+
+The tap builds its events on the hot path the same way round: :data:`WIRE_EVENTS`
+are msgspec structs generated from the same models for *writing*
+(:func:`encode_wire` gives what ``encode_event`` gives for the equivalent model, up
+to key order; a test checks every field, the JSON Schema files and the id and
+time formats). They do not validate: the producer is our own code.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import msgspec
 from pydantic import BaseModel
 
 from schemas.codec import ENVELOPE_REQUIRED, MAX_EVENT_BYTES, EventDecodeError
-from schemas.events import EVENT_MODELS, SCHEMA_VERSION, Event, EventType
+from schemas.events import EVENT_MODELS, SCHEMA_VERSION, ErrorInfo, Event, EventType, Latency
 
 
 def _meta(metadata: list[Any]) -> msgspec.Meta | None:
@@ -42,25 +48,25 @@ def _meta(metadata: list[Any]) -> msgspec.Meta | None:
     return msgspec.Meta(**bounds) if bounds else None
 
 
-def _convert(tp: Any) -> Any:
-    """The msgspec equivalent of a pydantic field annotation."""
+def _convert(tp: Any, writing: bool = False) -> Any:
+    """The msgspec equivalent of a pydantic field annotation (nested models as decoding or writing structs)."""
     origin = get_origin(tp)
     if origin is Annotated:
         base, *extra = get_args(tp)
         meta = _meta([m for e in extra for m in (getattr(e, "metadata", None) or [e])])
-        converted = _convert(base)
+        converted = _convert(base, writing)
         return Annotated[converted, meta] if meta is not None else converted
     if origin in (Union, types.UnionType):
-        return Union[tuple(_convert(a) for a in get_args(tp))]  # noqa: UP007 - built dynamically
+        return Union[tuple(_convert(a, writing) for a in get_args(tp))]  # noqa: UP007 - built dynamically
     if origin in (dict, typing.Dict):  # noqa: UP006
         key, value = get_args(tp)
-        return dict[_convert(key), _convert(value)]  # type: ignore[misc]
+        return dict[_convert(key, writing), _convert(value, writing)]  # type: ignore[misc]
     if origin in (list, typing.List):  # noqa: UP006
-        return list[_convert(get_args(tp)[0])]  # type: ignore[misc]
+        return list[_convert(get_args(tp)[0], writing)]  # type: ignore[misc]
     if origin is Literal:
         return tp
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return _struct_for(tp)
+        return _writing_struct_for(tp) if writing else _struct_for(tp)
     if tp in (str, int, float, bool, type(None), datetime, date, Any):
         return tp
     raise TypeError(f"no wire type for {tp!r}")
@@ -68,6 +74,7 @@ def _convert(tp: Any) -> Any:
 
 @cache
 def _struct_for(model: type[BaseModel], tag: str | None = None) -> type[msgspec.Struct]:
+    """The decoding struct: every field optional, except the envelope (models fill it in for producers)."""
     fields: list[tuple[str, Any, Any]] = []
     for name, info in model.model_fields.items():
         annotation = info.rebuild_annotation()
@@ -80,6 +87,25 @@ def _struct_for(model: type[BaseModel], tag: str | None = None) -> type[msgspec.
                              kw_only=True, forbid_unknown_fields=False)
 
 
+@cache
+def _writing_struct_for(model: type[BaseModel], tag: str | None = None) -> type[msgspec.Struct]:
+    """The writing struct: what ``model_dump(exclude_none=True)`` writes.
+
+    A field whose model default is None defaults to None and is left out when None
+    (``omit_defaults``); every other field is required, so it is always written,
+    as the model writes a field with a non-None default. Fields keep the model's order.
+    """
+    fields: list[tuple[str, Any, Any]] = []
+    for name, info in model.model_fields.items():
+        wire_type = _convert(info.rebuild_annotation(), writing=True)
+        if not info.is_required() and info.default_factory is None and info.default is None:
+            fields.append((name, wire_type, None))
+        else:
+            fields.append((name, wire_type, msgspec.NODEFAULT))
+    return msgspec.defstruct(f"Wire{model.__name__}Out", fields, tag_field="type" if tag else None, tag=tag,
+                             kw_only=True, omit_defaults=True, array_like=False)
+
+
 def _event_structs() -> dict[EventType, type[msgspec.Struct]]:
     return {name: _struct_for(model, name) for name, model in EVENT_MODELS.items()}
 
@@ -87,6 +113,35 @@ def _event_structs() -> dict[EventType, type[msgspec.Struct]]:
 _STRUCTS = _event_structs()
 # Always the tagged union: decoding a single tagged struct would accept a value with no ``type`` at all.
 _DECODER = msgspec.json.Decoder(Union[tuple(_STRUCTS.values())])  # noqa: UP007
+
+
+WIRE_EVENTS: dict[EventType, type[msgspec.Struct]] = {
+    name: _writing_struct_for(model, name) for name, model in EVENT_MODELS.items()}
+"""Per event type, the struct the tap builds (keyword arguments = the model's fields, ``id`` and
+``emitted_at`` and ``schema_version`` included: nothing is filled in)."""
+WireProxyLog = WIRE_EVENTS["proxy_log"]
+WireAnalytics = WIRE_EVENTS["analytics"]
+WireBudgetUsage = WIRE_EVENTS["budget_usage"]
+WireLatency = _writing_struct_for(Latency)
+WireErrorInfo = _writing_struct_for(ErrorInfo)
+_ENCODER = msgspec.json.Encoder()
+
+
+def wire_type(event: msgspec.Struct) -> EventType:
+    """The ``type`` of a struct from :data:`WIRE_EVENTS`."""
+    tag: EventType = event.__struct_config__.tag  # type: ignore[assignment]
+    return tag
+
+
+def encode_wire(event: msgspec.Struct) -> bytes:
+    """The Kafka message value of a struct from :data:`WIRE_EVENTS` (UTF-8 JSON, times in UTC with ``Z``)."""
+    return _ENCODER.encode(event)
+
+
+def to_wire(event: Event) -> msgspec.Struct:
+    """The writing struct equivalent to a model (tests, and producers holding a model)."""
+    return msgspec.convert(event.model_dump(mode="python", exclude_none=True), WIRE_EVENTS[event.type],
+                           from_attributes=False, strict=False)
 
 
 def validate_event_bytes(raw: bytes, expected_type: EventType | None = None) -> EventType:

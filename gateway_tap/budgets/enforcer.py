@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -50,11 +50,36 @@ from gateway_tap.budgets.periods import (
 )
 from gateway_tap.budgets.store import BudgetStore, BudgetStoreError
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, Period
-from schemas import BudgetUsage
 
 log = logging.getLogger("gateway_tap.budgets")
 
 Reason = Literal["budget_exceeded", "budget_store_unavailable"]
+
+
+class SettledUsage(Protocol):
+    """What settling reads of a budget_usage event: the model (:class:`schemas.BudgetUsage`) or the
+    struct the tap publishes (:data:`schemas.wire.WireBudgetUsage`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def llm_id(self) -> str: ...
+    @property
+    def period(self) -> Period: ...
+    @property
+    def period_start(self) -> date: ...
+    @property
+    def emitted_at(self) -> datetime: ...
+    @property
+    def cost(self) -> float: ...
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
 _Key = tuple[str, date]  # (llm_id, day) inside one app
 
 
@@ -107,7 +132,8 @@ class Decision:
         ``budget_store_unavailable``: fail_closed while the store is down).
     :param retry_after: seconds for the ``Retry-After`` header when not allowed.
     :param budget: the budget that blocked (None when allowed).
-    :param budgets: every budget that applies to this app x LLM.
+    :param budgets: every budget that applies to this app x LLM (from :meth:`~BudgetEnforcer.check` and
+        on refusals; empty when :meth:`~BudgetEnforcer.admit` admits).
     :param reservation: when admitted by :meth:`~BudgetEnforcer.admit`: settle it when the request ends.
     :param store_stale: decided without a successful store refresh within the grace period.
     """
@@ -134,7 +160,7 @@ class Reservation:
         self.cost_micros, self.tokens = cost_micros, tokens
         self.done = enforcer is None
 
-    def settle(self, usage: BudgetUsage | None) -> None:
+    def settle(self, usage: SettledUsage | None) -> None:
         """Replace the estimate by the actual usage (the budget_usage event published for this request).
 
         ``None`` (nothing consumed, request failed) just releases the estimate. Idempotent.
@@ -159,10 +185,13 @@ class _Sums:
         self.by_key: dict[_Key, list[int]] = {}
 
     def add(self, key: _Key, cost: int, tokens: int) -> None:
-        entry = self.by_key.setdefault(key, [0, 0])
+        entry = self.by_key.get(key)
+        if entry is None:
+            self.by_key[key] = [cost, tokens]
+            return
         entry[0] += cost
         entry[1] += tokens
-        if entry == [0, 0]:
+        if not entry[0] and not entry[1]:
             del self.by_key[key]
 
     def total(self, llm_id: str | None, start: date, end: date) -> tuple[int, int]:
@@ -259,6 +288,7 @@ class BudgetEnforcer:
         self._metrics = _Metrics.get(registry)
         self.budgets: tuple[BudgetSettings, ...] = ()
         self._by_app: dict[str, list[BudgetSettings]] = {}
+        self._applicable: dict[tuple[str, str | None], tuple[BudgetSettings, ...]] = {}
         self._limit_micros: dict[int, int] = {}
         self.reconfigure(budgets)
         self._stored: dict[str, _Sums] = {}
@@ -292,6 +322,7 @@ class BudgetEnforcer:
         gone = {(b.app_id, b.llm_id or "", b.period) for b in self.budgets} - {
             (b.app_id, b.llm_id or "", b.period) for b in budgets}
         self.budgets, self._by_app, self._limit_micros = tuple(budgets), by_app, limits
+        self._applicable = {}
         if settings is not None:
             self.settings = settings
         for labels in gone:
@@ -390,9 +421,16 @@ class BudgetEnforcer:
         return self._failing_since is None or time.monotonic() - self._failing_since < self.settings.store_error_grace_s
 
     # -- decisions ---------------------------------------------------------------------------------------
-    def applicable(self, app_id: str, llm_id: str | None) -> list[BudgetSettings]:
-        """Budgets that apply to a call of ``llm_id`` by ``app_id``."""
-        return [b for b in self._by_app.get(app_id, ()) if b.llm_id is None or llm_id is None or b.llm_id == llm_id]
+    def applicable(self, app_id: str, llm_id: str | None) -> tuple[BudgetSettings, ...]:
+        """Budgets that apply to a call of ``llm_id`` by ``app_id`` (resolved once per pair and configuration)."""
+        key = (app_id, llm_id)
+        found = self._applicable.get(key)
+        if found is None:
+            found = tuple(b for b in self._by_app.get(app_id, ())
+                          if b.llm_id is None or llm_id is None or b.llm_id == llm_id)
+            if len(self._applicable) < 10_000:  # app ids come from auth plugins too: keep the table bounded
+                self._applicable[key] = found
+        return found
 
     def status(self, app_id: str, llm_id: str | None = None, now: datetime | None = None) -> list[BudgetStatus]:
         """Spend, limits and reset time of the app's budgets (all of them when ``llm_id`` is None)."""
@@ -404,14 +442,17 @@ class BudgetEnforcer:
         return self._decide(app_id, llm_id, 0, 0, now or self._clock(), reserve=False)
 
     def admit(self, app_id: str, llm_id: str, *, estimated_cost_usd: float = 0.0, estimated_tokens: int = 0,
-              now: datetime | None = None) -> Decision:
+              now: datetime | None = None, estimated_cost_micros: int | None = None) -> Decision:
         """Decide and, when allowed, reserve the estimate until ``decision.reservation.settle(...)``.
 
         Check and reservation happen in one synchronous step, so concurrent
-        requests cannot all see the same remaining budget.
+        requests cannot all see the same remaining budget. The estimate is given in USD or, from the
+        tap's precomputed price tables, in integer micro-USD (``estimated_cost_micros`` wins).
+        An admitted decision carries no ``budgets`` statuses (the hot path needs none; :meth:`check`
+        and refusals have them).
         """
-        return self._decide(app_id, llm_id, usd_to_micros(estimated_cost_usd), estimated_tokens,
-                            now or self._clock(), reserve=True)
+        cost = usd_to_micros(estimated_cost_usd) if estimated_cost_micros is None else estimated_cost_micros
+        return self._decide(app_id, llm_id, cost, estimated_tokens, now or self._clock(), reserve=True)
 
     def _decide(self, app_id: str, llm_id: str, est_cost: int, est_tokens: int, now: datetime,
                 reserve: bool) -> Decision:
@@ -422,25 +463,19 @@ class BudgetEnforcer:
             every = tuple(self._status(b, now) for b in budgets)
             return Decision(False, "budget_store_unavailable", max(1, math.ceil(self.settings.staleness_s)),
                             every[0], every, store_stale=True)
-        statuses: list[BudgetStatus] = []
-        blocked: tuple[BudgetStatus, float] | None = None
-        for budget in budgets:
-            measure = self._measure(budget, now)
-            status = self._status(budget, now, measure)
-            statuses.append(status)
-            if budget.mode != "hard" or blocked is not None:
+        for i, budget in enumerate(budgets):
+            if budget.mode != "hard":
                 continue
-            retry = self._blocks(budget, measure, est_cost, est_tokens, now)
+            retry = self._blocks(budget, self._measure(budget, now), est_cost, est_tokens, now)
             if retry is not None:
-                blocked = (status, retry)
-        if blocked is not None:
-            self._count["blocked"].inc()
-            return Decision(False, "budget_exceeded", blocked[1], blocked[0], tuple(statuses), store_stale=stale)
+                self._count["blocked"].inc()
+                statuses = tuple(self._status(b, now) for b in budgets)
+                return Decision(False, "budget_exceeded", retry, statuses[i], statuses, store_stale=stale)
         self._count["store_error_open" if stale else "allowed"].inc()
-        reservation = None
         if reserve:
             reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens)
-        return Decision(True, budgets=tuple(statuses), reservation=reservation, store_stale=stale)
+            return Decision(True, reservation=reservation, store_stale=stale)
+        return Decision(True, budgets=tuple(self._status(b, now) for b in budgets), store_stale=stale)
 
     def _blocks(self, budget: BudgetSettings, m: _Measure, est_cost: int, est_tokens: int,
                 now: datetime) -> float | None:
@@ -485,7 +520,7 @@ class BudgetEnforcer:
         self._inflight += 1
         return reservation
 
-    def _settle(self, reservation: Reservation, usage: BudgetUsage | None) -> None:
+    def _settle(self, reservation: Reservation, usage: SettledUsage | None) -> None:
         app = reservation.app_id
         self._reserved[app].add((reservation.llm_id, reservation.day), -reservation.cost_micros,
                                 -reservation.tokens)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import ROUND_HALF_UP, Decimal
 
 from gateway_tap.settings import Period
 
@@ -18,12 +17,43 @@ def utc_clock() -> datetime:
     return datetime.now(UTC)
 
 
+_MICROS: dict[float, int] = {}
+_MICROS_MAX = 4096
+
+
 def usd_to_micros(usd: float) -> int:
-    """Integer micro-USD for a cost: the float's shortest decimal repr, rounded half up.
+    """Integer micro-USD for a cost: the float's shortest decimal repr, rounded half up (away from zero).
 
     Every sum of money in the store and the enforcer is a sum of these integers, so it is exact.
+    Integer arithmetic on the digits of ``repr``: the same result as ``Decimal(repr(usd))`` scaled and
+    quantized with ``ROUND_HALF_UP`` (a test compares both). Costs repeat (same model, same token
+    counts), so results are memoized in a bounded table.
     """
-    return int(Decimal(repr(float(usd))).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    micros = _MICROS.get(usd)
+    if micros is None:
+        micros = _usd_to_micros(usd)
+        if len(_MICROS) >= _MICROS_MAX:
+            _MICROS.clear()
+        _MICROS[usd] = micros
+    return micros
+
+
+def _usd_to_micros(usd: float) -> int:
+    text = repr(float(usd))
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    negative = whole.startswith("-")
+    digits = int((whole.lstrip("-") + fraction) or "0")  # raises ValueError on inf/nan, as Decimal's quantize does
+    shift = 6 + (int(exponent) if exponent else 0) - len(fraction)  # value in micros = digits * 10**shift
+    micros: int
+    if shift >= 0:
+        micros = digits * 10**shift
+    else:
+        unit: int = 10**-shift
+        micros, rest = divmod(digits, unit)
+        if 2 * rest >= unit:
+            micros += 1
+    return -micros if negative else micros
 
 
 def micros_to_usd(micros: int) -> float:

@@ -193,8 +193,9 @@ class TapApp:
         events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit)
         if ex.budget is not None:
             BudgetGate.settle(ex, events)
+        publish = self.publisher.publish_wire
         for event in events:
-            self.publisher.publish(event)
+            publish(event)
 
 
 def _json(data: Any, status: int) -> web.Response:

@@ -24,19 +24,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer, Decision
-from gateway_tap.budgets.periods import Clock, period_start, utc_clock
+from gateway_tap.budgets.periods import Clock, period_start, usd_to_micros, utc_clock
 from gateway_tap.budgets.store import BudgetStore, open_store
 from gateway_tap.hooks import TapRequest
 from gateway_tap.plugins.chain import HookMetrics, RequestScope
 from gateway_tap.proxy import errors
-from gateway_tap.proxy.accounting import Usage, cost_of, estimate_prompt_tokens, price_for
+from gateway_tap.proxy.accounting import estimate_prompt_tokens
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, GatewayConfig, ModelPrice, Period
-from schemas import BudgetUsage, Event
+from schemas.wire import WireBudgetUsage
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,33 @@ def max_output_tokens(request: Any) -> int:
     return 0
 
 
-def estimate(request: Any, prices: Mapping[str, ModelPrice]) -> tuple[float, int]:
-    """Estimated (cost in USD, total tokens) of a request before it is forwarded.
+PicoPrices = Mapping[str, tuple[int, int]]
+"""Per model (``*`` for any other): integer pico-USD per (input, output) token."""
+
+
+def pico_prices(prices: Mapping[str, ModelPrice]) -> dict[str, tuple[int, int]]:
+    """An LLM's price table in integers, computed once: USD per million tokens is micro-USD per token, so
+    :func:`usd_to_micros` of it (the one money rounding rule) is pico-USD per token."""
+    return {model: (usd_to_micros(p.input_per_1m), usd_to_micros(p.output_per_1m)) for model, p in prices.items()}
+
+
+def estimate(request: Any, prices: PicoPrices) -> tuple[int, int]:
+    """Estimated (cost in integer micro-USD, total tokens) of a request before it is forwarded.
 
     Prompt tokens are the prompt's characters / 4 (the tap's own estimator), completion
     tokens the request's output limit (:func:`max_output_tokens`, 0 when unset), priced
-    like the actual usage will be (the requested model's price, else ``*``).
+    like the actual usage will be (the requested model's price, else ``*``), rounded half up.
     """
     prompt = estimate_prompt_tokens(request)
     completion = max_output_tokens(request)
     model = request.get("model") if isinstance(request, dict) else None
-    usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
-    return cost_of(usage, price_for(prices, model if isinstance(model, str) else None)), prompt + completion
+    price = prices.get(model) if isinstance(model, str) else None
+    if price is None:
+        price = prices.get("*")
+    if price is None:
+        return 0, prompt + completion
+    picos = prompt * price[0] + completion * price[1]
+    return (picos + 500_000) // 1_000_000, prompt + completion
 
 
 class BudgetGate:
@@ -85,7 +101,7 @@ class BudgetGate:
         self.store = store
         self.clock = clock
         self.enforcer = BudgetEnforcer(config.budgets, store, self.settings, clock=clock, registry=registry)
-        self._prices = {llm.id: dict(llm.prices) for llm in config.llms}
+        self._prices = {llm.id: pico_prices(llm.prices) for llm in config.llms}
 
     @classmethod
     async def open(cls, config: GatewayConfig, *, registry: CollectorRegistry,
@@ -136,8 +152,9 @@ class BudgetGate:
             parsed = req.json()
         except orjson.JSONDecodeError:
             parsed = None
-        cost, tokens = estimate(parsed, self._prices.get(ex.llm_id, {}))
-        decision = self.enforcer.admit(app_id, ex.llm_id, estimated_cost_usd=cost, estimated_tokens=tokens, now=now)
+        cost_micros, tokens = estimate(parsed, self._prices.get(ex.llm_id, {}))
+        decision = self.enforcer.admit(app_id, ex.llm_id, estimated_cost_micros=cost_micros,
+                                       estimated_tokens=tokens, now=now)
         if not decision.allowed:
             raise _refusal(decision, now)
         ex.budget = decision.reservation
@@ -147,13 +164,13 @@ class BudgetGate:
         ex.budget_period = (period, period_start(period, now))
 
     @staticmethod
-    def settle(ex: Exchange, events: Sequence[Event]) -> None:
+    def settle(ex: Exchange, events: Sequence[msgspec.Struct]) -> None:
         """Replace the request's estimate by its budget_usage event (or release it when there is none)."""
         reservation = ex.budget
         if reservation is None or reservation.done:
             return
-        usage = next((e for e in events if isinstance(e, BudgetUsage)), None)
-        reservation.settle(usage)
+        usage = next((e for e in events if isinstance(e, WireBudgetUsage)), None)
+        reservation.settle(usage)  # type: ignore[arg-type]  # a generated struct with the SettledUsage fields
 
     def report(self, app_id: str, llm_id: str | None = None) -> dict[str, Any]:
         """What ``GET /budget`` and the plugins' ``budget_status`` return for an app."""

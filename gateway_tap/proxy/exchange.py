@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from gateway_tap.plugins.chain import RequestScope
 from gateway_tap.proxy.accounting import Usage
-from schemas import Analytics, BudgetUsage, ErrorInfo, Event, Latency, ProxyLog, utc_now
+from schemas import SCHEMA_VERSION, new_event_id, utc_now
+from schemas.wire import WireAnalytics, WireBudgetUsage, WireErrorInfo, WireLatency, WireProxyLog
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -162,47 +165,68 @@ class Exchange(RequestScope):
     def ttfb_ms(self) -> float | None:
         return None if self.ttfb is None else max(0.0, (self.ttfb - self.started) * 1000)
 
-    def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int) -> list[Event]:
-        """proxy_log and analytics always; budget_usage when tokens or cost were consumed."""
+    def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int) -> list[msgspec.Struct]:
+        """proxy_log and analytics always; budget_usage when tokens or cost were consumed.
+
+        Built as the writing structs of :mod:`schemas.wire` (no pydantic on the hot path); publish them
+        with :meth:`gateway_tap.publisher.EventPublisher.publish_wire`.
+        """
         now = utc_now()
-        usage = self.usage or Usage()
+        usage = self.usage or _NO_USAGE
         upstream_ms = 0.0 if self.served_by is not None else self.upstream_ms
         total_ms = self.total_ms
         overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
-        error = (ErrorInfo(type=self.error.type, code=self.error.code, message=self.error.message)
-                 if self.error is not None else None)
+        err = self.error
+        error = WireErrorInfo(type=err.type, code=err.code, message=err.message) if err is not None else None
         model = usage.model or self.requested_model or "unknown"
-        common: dict[str, Any] = {"emitted_at": now, "gateway_id": gateway_id, "request_id": self.request_id,
-                                  "app_id": self.app_id, "llm_id": self.llm_id, "user_id": self.user_id}
-        events: list[Event] = [
-            ProxyLog(
-                **common, method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
+        metadata = _str_values(self.metadata)
+        request_id, app_id, llm_id, user_id = self.request_id, self.app_id, self.llm_id, self.user_id
+        events: list[msgspec.Struct] = [
+            WireProxyLog(
+                id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
+                request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
                 streamed=self.streamed,
-                latency=Latency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
-                                tap_overhead_ms=overhead),
+                latency=WireLatency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
+                                    tap_overhead_ms=overhead),
                 request_headers=redact_headers(self.request_headers),
                 response_headers=redact_headers(self.response_headers),
                 request_body=capture_body(self.request_body, body_limit) if capture_bodies else None,
                 response_body=capture_body(self.response_body, body_limit) if capture_bodies else None,
                 client_address=self.client_address, user_agent=self.user_agent, error=error,
-                blocked_by=self.blocked_by, metadata=self.metadata,
+                blocked_by=self.blocked_by, metadata=metadata,
             ),
-            Analytics(
-                **common, vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
+            WireAnalytics(
+                id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
+                request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
                 cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
                 tokens_estimated=usage.estimated, cost=self.cost, currency=self.currency, latency_ms=total_ms,
                 ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
                 upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
-                tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=self.blocked_by, tags=self.metadata,
+                tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=self.blocked_by, tags=metadata,
             ),
         ]
-        if (usage.total_tokens > 0 or self.cost > 0) and self.app_id is not None and self.charge:
+        if (usage.total_tokens > 0 or self.cost > 0) and app_id is not None and self.charge:
             period, start = self.budget_period or ("monthly", month_start(now))
-            events.append(BudgetUsage(
-                **common, model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            events.append(WireBudgetUsage(
+                id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
+                request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period=period,
                 period_start=start, requests=1,
             ))
         return events
+
+
+_NO_USAGE = Usage()
+
+
+def _str_values(metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata as the contract types it (a plugin may have put a non-string value in)."""
+    for value in metadata.values():
+        if type(value) is not str:
+            return {str(k): str(v) for k, v in metadata.items()}
+    return metadata

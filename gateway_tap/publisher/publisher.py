@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import prometheus_client
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -40,6 +41,7 @@ from aiokafka.errors import (
 import schemas
 from gateway_tap.publisher.spool import AppendResult, Message, ReadBatch, Spool
 from gateway_tap.settings import KafkaSettings, PublisherSettings
+from schemas.wire import encode_wire, wire_type
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ class EventPublisher:
         self._m.spool_pending.set_function(lambda: self._spool_pending)
         self._m.connected.set_function(lambda: 1 if self._connected else 0)
         self._types: dict[str, str] = {}
+        # Per event type: its topic and its message headers (one shared list per type, never mutated).
+        self._routes = {kind: (schemas.topic_for(kind, kafka.topic_prefix), schemas.message_headers_for(kind))
+                        for kind in schemas.EVENT_TYPES}
 
         self._queue: deque[Message] = deque()
         self._overflow: list[Message] = []  # waiting to be written to the spool, oldest first
@@ -165,6 +170,19 @@ class EventPublisher:
         except Exception:  # an unencodable event must not fail the request that produced it
             log.exception("cannot encode %s event %s", event.type, event.id)
             self._drop(event.type, "unencodable")
+
+    def publish_wire(self, event: msgspec.Struct) -> None:
+        """Queue a struct from :data:`schemas.wire.WIRE_EVENTS` (the tap's hot path). Never blocks, never raises."""
+        kind = wire_type(event)
+        try:
+            value = encode_wire(event)
+        except Exception:  # an unencodable event must not fail the request that produced it
+            log.exception("cannot encode %s event %s", kind, getattr(event, "id", "?"))
+            self._drop(kind, "unencodable")
+            return
+        topic, headers = self._routes[kind]
+        app_id = event.app_id  # type: ignore[attr-defined]
+        self.publish_message(topic, value, app_id.encode() if app_id else None, headers)
 
     def publish_message(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         """Queue one raw message. Never blocks, never raises."""

@@ -225,3 +225,26 @@ async def test_store_outage_after_start(pg_dsn: str, policy: str) -> None:
         assert over_own.reason == over_known.reason == "budget_store_unavailable"
     await e.stop()
     await s.close()
+
+
+def test_usd_to_micros_is_the_decimal_half_up_rule() -> None:
+    """The integer rounding of the hot path equals Decimal(repr(usd)) scaled and rounded half up, memo or not."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from gateway_tap.budgets import periods
+
+    def decimal_rule(usd: float) -> int:
+        return int(Decimal(repr(float(usd))).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    rng = random.Random(7)
+    values = [0.0, -0.0, 5e-7, 4.999999e-7, 1.5e-6, 2.5e-6, -2.5e-6, 1e-7, 0.002, 25, 1e16, 9.999999999999999e-7,
+              (3 * 0.15 + 4 * 0.6) / 1e6, 0.1 + 0.2]
+    for _ in range(20_000):
+        tokens_in, tokens_out = rng.randint(0, 100_000), rng.randint(0, 10_000)
+        values += [rng.random() * 10 ** rng.randint(-12, 8), rng.randint(0, 10**7) / 10 ** rng.randint(0, 9),
+                   (tokens_in * rng.choice([0.15, 2.5, 0.8, 3.0]) + tokens_out * rng.choice([0.6, 10.0, 4.0])) / 1e6,
+                   -rng.random()]
+    for value in values:
+        assert periods.usd_to_micros(value) == decimal_rule(value), value
+        assert periods.usd_to_micros(value) == decimal_rule(value), value  # from the memo this time
+    assert len(periods._MICROS) <= periods._MICROS_MAX

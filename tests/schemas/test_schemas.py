@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,12 @@ import pytest
 import schemas
 from schemas import (
     EVENT_MODELS,
+    Analytics,
+    BudgetUsage,
+    ErrorInfo,
     EventDecodeError,
+    Latency,
+    ProxyLog,
     decode_event,
     encode_event,
     topic_for,
@@ -195,3 +201,123 @@ def test_control_decode_errors_name_the_field(raw: bytes, field: str | None) -> 
 def test_status_class_groups_by_hundreds() -> None:
     assert [schemas.status_class(code) for code in (100, 200, 299, 404, 429, 503)] == \
         ["1xx", "2xx", "2xx", "4xx", "4xx", "5xx"]
+
+
+# -- the tap's writing structs (schemas.wire.WIRE_EVENTS): what it publishes without building models ---------
+
+RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
+
+
+def every_field_set() -> list[schemas.Event]:
+    """One event per type with every optional field given a value (the examples leave many unset)."""
+    common = {"gateway_id": "tap-1", "request_id": "req-9", "app_id": "app-a", "llm_id": "l", "user_id": "u-1"}
+    return [
+        ProxyLog(**common, method="POST", path="/p", vendor="anthropic", status_code=502, request_bytes=1,
+                 response_bytes=2, streamed=True,
+                 latency=Latency(total_ms=3.5, upstream_ms=1e-7, ttfb_ms=0.0, tap_overhead_ms=2.9e-6),
+                 request_headers={"a": "b"}, response_headers={"c": "d"}, request_body="{}", response_body="x",
+                 client_address="127.0.0.1", user_agent="ua", error=ErrorInfo(type="t", code="c", message="m"),
+                 blocked_by="firewall", metadata={"k": "v"}),
+        Analytics(**common, vendor="openai", model="m", prompt_tokens=1, completion_tokens=2, total_tokens=3,
+                  cache_read_tokens=4, cache_write_tokens=5, tokens_estimated=True, cost=1e16, currency="EUR",
+                  latency_ms=0.5, ttft_ms=0.25, upstream_ms=0.125, status_code=200, streamed=True, choices=2,
+                  tool_calls=1, cache_hit=True, blocked_by="b", tags={"t": "v"}),
+        BudgetUsage(**common, model="m", prompt_tokens=1, completion_tokens=2, total_tokens=3, cost=0.1 + 0.2,
+                    currency="USD", period="daily", period_start=date(2026, 12, 31), requests=0),
+    ]
+
+
+@pytest.mark.parametrize("event", sample_events() + every_field_set(), ids=lambda e: f"{e.type}-{e.request_id}")
+def test_writing_structs_write_what_the_models_write(event: schemas.Event) -> None:
+    from schemas.wire import WIRE_EVENTS, encode_wire, to_wire, wire_type
+
+    struct = WIRE_EVENTS[event.type]
+    assert list(struct.__struct_fields__) == list(type(event).model_fields)  # same fields, same order
+    wire = to_wire(event)
+    assert wire_type(wire) == event.type
+    assert orjson.loads(encode_wire(wire)) == orjson.loads(encode_event(event))
+
+
+def assert_honours_contract(raw: bytes, event_type: str) -> dict[str, Any]:
+    """``raw`` passes the JSON Schema (formats checked), the models and the wire validator, and the models
+    write back exactly what it holds (no field the models would leave out, none they would add)."""
+    import re
+    import uuid
+
+    from schemas.wire import validate_event_bytes
+
+    data: dict[str, Any] = orjson.loads(raw)
+    jsonschema.Draft202012Validator(schema_for(event_type), format_checker=jsonschema.FormatChecker()).validate(data)
+    model = decode_event(raw, expected_type=event_type)  # type: ignore[arg-type]
+    assert orjson.loads(encode_event(model)) == data
+    assert validate_event_bytes(raw, event_type) == event_type  # type: ignore[arg-type]
+    event_id = uuid.UUID(data["id"])
+    assert event_id.version == 7 and event_id.variant == uuid.RFC_4122 and str(event_id) == data["id"]
+    assert re.match(RFC3339_UTC, data["emitted_at"]), data["emitted_at"]
+    if "period_start" in data:
+        assert re.match(r"^\d{4}-\d{2}-\d{2}$", data["period_start"])
+    return data
+
+
+def exchanges() -> dict[str, Any]:
+    """Exchanges as the handler leaves them: completed, rejected, streamed, answered by a plugin."""
+    from gateway_tap.proxy.accounting import Usage
+    from gateway_tap.proxy.errors import TapError
+    from gateway_tap.proxy.exchange import Exchange
+
+    def exchange(**fields: Any) -> Exchange:
+        ex = Exchange("req_0190a", "POST", "/llm/openai/v1/chat/completions", "openai", 100.0)
+        ex.vendor, ex.status, ex.finished = "openai", 200, 100.012
+        for name, value in fields.items():
+            setattr(ex, name, value)
+        return ex
+
+    usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7, found=True, model="gpt-4o-mini", choices=1,
+                  tool_calls=0, cache_read_tokens=2)
+    done = exchange(app_id="demo", user_id="u1", model="gpt-4o-mini", requested_model="gpt-4o-mini", usage=usage,
+                    cost=(3 * 0.15 + 4 * 0.6) / 1e6, request_bytes=99, response_bytes=300, upstream_start=100.001,
+                    ttfb=100.004, first_chunk=100.005, upstream_end=100.011, client_address="127.0.0.1",
+                    user_agent="wrk", request_headers={"Authorization": "Bearer sk-secret12345", "X-Team": "a"},
+                    response_headers={"content-type": "application/json"}, metadata={"team": "demo"},
+                    request_body=b'{"api_key": "sk-abcdefgh1234"}', response_body=b"{}",
+                    budget_period=("daily", date(2026, 12, 3)))
+    rejected = exchange(status=401, error=TapError(401, "invalid_request_error", "invalid_api_key", "unknown key"),
+                        vendor="unknown", finished=100.0002)
+    streamed = exchange(app_id="demo", streamed=True, usage=Usage(prompt_tokens=5, completion_tokens=18,
+                                                                  total_tokens=23, estimated=True),
+                        cost=1.155e-05, upstream_start=100.001, ttfb=100.002, first_chunk=100.003,
+                        error=TapError(499, "client_error", "client_disconnected", "client went away mid-stream"))
+    served = exchange(app_id="demo", served_by="response_cache", cache_hit=True, charge=False, usage=usage,
+                      metadata={"hits": 3})  # a plugin put a number in: written as the string the contract types
+    return {"completed": done, "rejected": rejected, "streamed": streamed, "served_by_plugin": served}
+
+
+@pytest.mark.parametrize("name", list(exchanges()))
+@pytest.mark.parametrize("capture_bodies", [False, True])
+def test_the_taps_events_honour_the_contract(name: str, capture_bodies: bool) -> None:
+    """What Exchange.events() builds and the publisher writes (no pydantic on that path) is what the models,
+    the JSON Schema files and the collectors' wire validator accept, with UUIDv7 ids and RFC 3339 UTC times."""
+    from schemas.wire import encode_wire, wire_type
+
+    ex = exchanges()[name]
+    events = ex.events("tap-1", capture_bodies=capture_bodies, body_limit=16)
+    types = [wire_type(e) for e in events]
+    assert types[:2] == ["proxy_log", "analytics"]
+    assert types[2:] == (["budget_usage"] if name in ("completed", "streamed") else [])
+    written = [assert_honours_contract(encode_wire(e), t) for e, t in zip(events, types, strict=True)]
+    assert len({w["id"] for w in written}) == len(written)
+    assert {w["request_id"] for w in written} == {"req_0190a"}
+    log = written[0]
+    assert log["request_headers"].get("authorization", "[REDACTED]") == "[REDACTED]"
+    assert "sk-secret" not in orjson.dumps(written).decode() and "sk-abcdefgh" not in orjson.dumps(written).decode()
+    if name == "completed":
+        assert log["latency"] == pytest.approx({"total_ms": 12.0, "upstream_ms": 10.0, "ttfb_ms": 4.0,
+                                                "tap_overhead_ms": 2.0})
+        assert written[2]["period"] == "daily" and written[2]["period_start"] == "2026-12-03"
+        assert written[1]["cost"] == written[2]["cost"] == (3 * 0.15 + 4 * 0.6) / 1e6
+        assert ("request_body" in log) is capture_bodies
+    if name == "rejected":
+        assert log["error"] == {"type": "invalid_request_error", "code": "invalid_api_key", "message": "unknown key"}
+        assert "vendor" not in log and "upstream_ms" not in log["latency"]
+    if name == "served_by_plugin":
+        assert log["metadata"] == {"hits": "3"} and written[1]["cache_hit"] is True
