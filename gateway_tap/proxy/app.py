@@ -181,7 +181,7 @@ class TapApp:
         if ex.cost:
             c.cost.inc(ex.cost)
         if ex.error is not None and ex.upstream_start is None:
-            m.rejected.labels(llm, ex.error.code).inc()
+            m.rejected_child(llm, ex.error.code).inc()
         if snap.access_log:
             access_log.info("request", extra={
                 "request_id": ex.request_id, "app": ex.app_id, "llm": ex.llm_id, "model": ex.model,

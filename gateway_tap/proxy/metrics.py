@@ -9,7 +9,8 @@ and ``/metrics`` aggregates every worker's files.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -18,15 +19,58 @@ from gateway_tap.plugins.chain import LATENCY_BUCKETS as BUCKETS
 from gateway_tap.plugins.chain import HookMetrics
 
 
-class RequestChildren(NamedTuple):
-    requests: Counter
-    request_seconds: Histogram
-    upstream_seconds: Histogram
-    overhead_seconds: Histogram
-    ttfb_seconds: Histogram
-    input_tokens: Counter
-    output_tokens: Counter
-    cost: Counter
+class FastHistogram:
+    """A bound histogram child's values, observed without the per-call checks and the bucket scan.
+
+    ``Histogram.observe`` checks the child is observable and walks the bounds in Python; here the
+    bucket is found by bisection and its value (prometheus-client's own value object: a locked float,
+    or the mmap'd file in multiprocess mode) incremented directly, with the same result
+    (``tests/test_tap_metrics.py`` compares both).
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        internals: Any = child
+        self._bounds: list[float] = list(internals._upper_bounds)
+        self._buckets: list[Any] = internals._buckets
+        self._sum: Any = internals._sum
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
+class FastCounter:
+    """A bound counter child's value, incremented without the per-call checks (amounts are never negative)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, child: Counter) -> None:
+        internals: Any = child
+        self._value: Any = internals._value
+
+    def inc(self, amount: float = 1) -> None:
+        self._value.inc(amount)
+
+
+class RequestChildren:
+    """The request metrics of one label combination, bound once (``labels()`` is not free, nor is ``observe``)."""
+
+    __slots__ = ("cost", "input_tokens", "output_tokens", "overhead_seconds", "request_seconds", "requests",
+                 "ttfb_seconds", "upstream_seconds")
+
+    def __init__(self, requests: Counter, request_seconds: Histogram, upstream_seconds: Histogram,
+                 overhead_seconds: Histogram, ttfb_seconds: Histogram, input_tokens: Counter, output_tokens: Counter,
+                 cost: Counter) -> None:
+        self.requests = FastCounter(requests)
+        self.request_seconds = FastHistogram(request_seconds)
+        self.upstream_seconds = FastHistogram(upstream_seconds)
+        self.overhead_seconds = FastHistogram(overhead_seconds)
+        self.ttfb_seconds = FastHistogram(ttfb_seconds)
+        self.input_tokens = FastCounter(input_tokens)
+        self.output_tokens = FastCounter(output_tokens)
+        self.cost = FastCounter(cost)
 
 
 class TapMetrics:
@@ -60,6 +104,7 @@ class TapMetrics:
                                           ["plugin", "endpoint"], buckets=BUCKETS, registry=r)
         self.hooks = HookMetrics(r)
         self._children: dict[tuple[str, str, str, str], RequestChildren] = {}
+        self._rejected: dict[tuple[str, str], FastCounter] = {}
 
     def request_children(self, app: str, llm: str, model: str, sc: str) -> RequestChildren:
         """The metric children for one label combination, resolved once (labels() is not free)."""
@@ -73,6 +118,16 @@ class TapMetrics:
                 self.cost.labels(app, llm, model))
             self._children[key] = children
         return children
+
+    def rejected_child(self, llm: str, code: str) -> FastCounter:
+        """``gateway_tap_rejected_requests_total`` for one LLM label and error code, bound once."""
+        key = (llm, code)
+        child = self._rejected.get(key)
+        if child is None:
+            child = FastCounter(self.rejected.labels(llm, code))
+            if len(self._rejected) < 1000:  # codes come from plugins too: keep the table bounded
+                self._rejected[key] = child
+        return child
 
     def exposition(self) -> bytes:
         """The text exposition format: all workers' values in multiprocess mode, else this registry's."""
