@@ -1,0 +1,237 @@
+"""Kafka producers side by side for the tap's publisher: aiokafka vs confluent-kafka (librdkafka), by codec.
+
+Both with the publisher's guarantees: idempotent, acks=all, linger 5 ms, every message's acknowledgement
+awaited (as ``EventPublisher._send_group`` does). Messages are the tap's three events of a request
+(~1.6 KB together, key = app id, the two headers), against a local noida-db broker:
+
+* ``paced``: ``--rate`` messages/s for ``--seconds`` (the tap at rate/3 requests/s), sent in the publisher's
+  pattern (whatever is queued goes as one group, acks awaited before the next group);
+* CPU per message of the whole process (every thread) and of the event-loop thread alone: the tap's
+  requests wait on the loop thread, librdkafka's batching, compression and I/O run in its own threads;
+  the ``null`` row is the harness alone (pacing and grouping, no producer), included in every other row.
+
+confluent-kafka is driven the way an asyncio publisher would: ``produce()`` on the loop, a poll thread
+serving delivery reports and resolving each group's futures with one ``call_soon_threadsafe``.
+
+    .venv/bin/pip install confluent-kafka cramjam   # cramjam: aiokafka's lz4/zstd
+    .venv/bin/python -m bench.producer_bench [--rate 3000] [--seconds 8] [--codecs gzip,lz4,zstd,none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway_tap.devstack import NoidaServer
+
+Message = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
+
+
+def messages(prefix: str, n: int) -> list[Message]:
+    """n messages cycling through a proxy_log, an analytics and a budget_usage event of realistic size."""
+    headers = {kind: [("type", kind.encode()), ("schema_version", b"1")]
+               for kind in ("proxy_log", "analytics", "budget_usage")}
+    out: list[Message] = []
+    for i in range(n):
+        kind = ("proxy_log", "analytics", "budget_usage")[i % 3]
+        app = f"app-{i % 8}"
+        body: dict[str, Any] = {"type": kind, "id": f"0193a5b2-{i:04x}-7000-8000-{i:012x}", "schema_version": 1,
+                                "emitted_at": "2026-12-03T10:00:00.123456Z", "gateway_id": "bench",
+                                "request_id": f"req_0193a5b2{i:024x}", "app_id": app, "llm_id": "openai"}
+        if kind == "proxy_log":
+            body.update(method="POST", path="/llm/openai/v1/chat/completions", vendor="openai", status_code=200,
+                        request_bytes=99, response_bytes=301, streamed=False,
+                        latency={"total_ms": 1.93, "upstream_ms": 1.2, "ttfb_ms": 1.1, "tap_overhead_ms": 0.73},
+                        request_headers={"host": "127.0.0.1:8080", "content-type": "application/json",
+                                         "authorization": "[REDACTED]", "content-length": "99"},
+                        response_headers={"content-type": "application/json", "x-request-id": body["request_id"],
+                                          "x-served-by": "gateway-tap"},
+                        client_address="127.0.0.1", metadata={"team": "demo"})
+        elif kind == "analytics":
+            body.update(vendor="openai", model="gpt-4o-mini", prompt_tokens=3, completion_tokens=4, total_tokens=7,
+                        tokens_estimated=False, cost=2.85e-6, currency="USD", latency_ms=1.93, ttft_ms=1.5,
+                        upstream_ms=1.2, status_code=200, streamed=False, choices=1, tool_calls=0, cache_hit=False,
+                        tags={"team": "demo"})
+        else:
+            body.update(model="gpt-4o-mini", prompt_tokens=3, completion_tokens=4, total_tokens=7, cost=2.85e-6,
+                        currency="USD", period="daily", period_start="2026-12-03", requests=1)
+        out.append((f"{prefix}.{kind}", orjson.dumps(body), app.encode(), headers[kind]))
+    return out
+
+
+class NullSender:
+    """The harness alone (pacing, queue, groups): its CPU is in every other row too."""
+
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def send_group(self, group: list[Message]) -> None:
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        pass
+
+
+class AioKafkaSender:
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                         compression_type=None if codec == "none" else codec, linger_ms=5,
+                                         max_batch_size=1024 * 1024, max_request_size=1024 * 1024)
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def send_group(self, group: list[Message]) -> None:
+        futures = [await self.producer.send(topic, value, key=key, headers=headers)
+                   for topic, value, key, headers in group]
+        await asyncio.gather(*futures)
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+
+class ConfluentSender:
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        from confluent_kafka import Producer
+
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                                  "compression.type": codec, "linger.ms": 5, "message.timeout.ms": 10_000,
+                                  "batch.size": 1024 * 1024})
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._done: list[tuple[asyncio.Future[None], Any]] = []
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.05)
+            if self._done:
+                done, self._done = self._done, []
+                assert self.loop is not None
+                self.loop.call_soon_threadsafe(_resolve, done)
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def send_group(self, group: list[Message]) -> None:
+        assert self.loop is not None
+        futures = []
+        for topic, value, key, headers in group:
+            fut = self.loop.create_future()
+            self.producer.produce(topic, value, key, headers=headers,
+                                  on_delivery=lambda err, msg, fut=fut: self._done.append((fut, err)))
+            futures.append(fut)
+        await asyncio.gather(*futures)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.producer.flush, 10)
+        self._stop.set()
+        self._thread.join()
+
+
+def _resolve(done: list[tuple[asyncio.Future[None], Any]]) -> None:
+    for fut, err in done:
+        if not fut.done():
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(RuntimeError(str(err)))
+
+
+async def paced(make: Callable[[], Any], msgs: list[Message], rate: int, seconds: float) -> dict[str, float]:
+    """Send ``rate`` messages/s in the publisher's pattern; CPU per message of the process and the loop thread."""
+    sender = make()
+    await sender.start()
+    await sender.send_group(msgs[:300])  # connect, metadata, producer id
+    queue: list[Message] = []
+    wake = asyncio.Event()
+    sent = 0
+
+    async def drain() -> None:
+        nonlocal sent
+        while True:
+            await wake.wait()
+            wake.clear()
+            if not queue:
+                continue
+            group = queue[:]
+            queue.clear()
+            await sender.send_group(group)
+            sent += len(group)
+
+    task = asyncio.create_task(drain())
+    total = int(rate * seconds)
+    cpu0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
+    tick = 0.001
+    i = 0
+    while i < total:
+        due = int((time.perf_counter() - wall0) * rate)
+        while i < min(due, total):
+            queue.append(msgs[i % len(msgs)])
+            i += 1
+        wake.set()
+        await asyncio.sleep(tick)
+    while sent < total:
+        wake.set()
+        await asyncio.sleep(0.005)
+    cpu1, thread1, wall1 = time.process_time(), time.thread_time(), time.perf_counter()
+    task.cancel()
+    await sender.stop()
+    return {"process_us": (cpu1 - cpu0) / total * 1e6, "loop_us": (thread1 - thread0) / total * 1e6,
+            "achieved": total / (wall1 - wall0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=int, default=3000, help="Messages per second (3 per tap request).")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--codecs", default="gzip,lz4,zstd,none")
+    parser.add_argument("--clients", default="null,aiokafka,confluent")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        server = NoidaServer(data_dir=tmp / "noida", services=("kafka",), log_path=tmp / "noida.log")
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(server.start).result()
+        rows = []
+        try:
+            for codec in args.codecs.split(","):
+                for client in args.clients.split(","):
+                    if client == "null" and codec != args.codecs.split(",")[0]:
+                        continue  # one harness row is enough
+                    cls = {"null": NullSender, "aiokafka": AioKafkaSender, "confluent": ConfluentSender}[client]
+                    msgs = messages(f"{client}-{codec}", 3000)
+                    try:
+                        r = asyncio.run(paced(lambda cls=cls, codec=codec: cls(server.bootstrap, codec), msgs,
+                                              args.rate, args.seconds))
+                    except Exception as exc:  # e.g. a codec the broker or client does not support
+                        print(f"{client} {codec}: failed: {exc!r}", flush=True)
+                        continue
+                    rows.append((client, codec, r))
+                    print(client, codec, {k: round(v, 1) for k, v in r.items()}, flush=True)
+        finally:
+            server.stop()
+    print(f"\n| client | codec | CPU µs/message, whole process | CPU µs/message, event-loop thread | "
+          f"achieved msg/s (target {args.rate}) |")
+    print("|---|---|---|---|---|")
+    for client, codec, r in rows:
+        print(f"| {client} | {codec} | {r['process_us']:.1f} | {r['loop_us']:.1f} | {r['achieved']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
