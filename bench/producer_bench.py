@@ -85,12 +85,17 @@ class NullSender:
 
 
 class AioKafkaSender:
-    def __init__(self, bootstrap: str, codec: str) -> None:
+    def __init__(self, bootstrap: str, codec: str, memo_partitioner: bool = False) -> None:
         from aiokafka import AIOKafkaProducer
+        from aiokafka.partitioner import DefaultPartitioner
+
+        from gateway_tap.publisher.publisher import KeyPartitioner
 
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
                                          compression_type=None if codec == "none" else codec, linger_ms=5,
-                                         max_batch_size=1024 * 1024, max_request_size=1024 * 1024)
+                                         max_batch_size=1024 * 1024, max_request_size=1024 * 1024,
+                                         partitioner=KeyPartitioner() if memo_partitioner else DefaultPartitioner())
+
 
     async def start(self) -> None:
         await self.producer.start()
@@ -102,6 +107,13 @@ class AioKafkaSender:
 
     async def stop(self) -> None:
         await self.producer.stop()
+
+
+class AioKafkaMemoSender(AioKafkaSender):
+    """aiokafka as the publisher configures it: the memoized key partitioner."""
+
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        super().__init__(bootstrap, codec, memo_partitioner=True)
 
 
 class ConfluentSender:
@@ -201,7 +213,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=3000, help="Messages per second (3 per tap request).")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--codecs", default="gzip,lz4,zstd,none")
-    parser.add_argument("--clients", default="null,aiokafka,confluent")
+    parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,confluent")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -214,7 +226,8 @@ def main() -> None:
                 for client in args.clients.split(","):
                     if client == "null" and codec != args.codecs.split(",")[0]:
                         continue  # one harness row is enough
-                    cls = {"null": NullSender, "aiokafka": AioKafkaSender, "confluent": ConfluentSender}[client]
+                    cls = {"null": NullSender, "aiokafka": AioKafkaSender, "aiokafka-memo": AioKafkaMemoSender,
+                           "confluent": ConfluentSender}[client]
                     msgs = messages(f"{client}-{codec}", 3000)
                     try:
                         r = asyncio.run(paced(lambda cls=cls, codec=codec: cls(server.bootstrap, codec), msgs,

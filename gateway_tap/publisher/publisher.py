@@ -37,6 +37,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 import schemas
 from gateway_tap.publisher.spool import AppendResult, Message, ReadBatch, Spool
@@ -55,6 +56,32 @@ _OVERFLOW_FACTOR = 10
 
 DROP_REASONS = ("unencodable", "after_stop", "too_large", "spool_backlog", "rejected", "spool_full", "spool_error")
 """Every ``reason`` label of ``gateway_tap_publisher_events_dropped_total``."""
+
+
+class KeyPartitioner:
+    """aiokafka's default partitioner with its choice for a key memoized per partition count.
+
+    The same partition as :class:`aiokafka.partitioner.DefaultPartitioner` (murmur2 of the key, as the
+    Java client): the tap keys events by app id, a handful of keys, and murmur2 in pure Python was a third
+    of ``AIOKafkaProducer.send`` per message. Messages without a key go to a random available partition.
+    """
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        self._memo: dict[tuple[bytes, int], int] = {}
+        self._max_keys = max_keys
+        self._random = DefaultPartitioner()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return self._random(key, all_partitions, available)  # type: ignore[no-any-return]
+        memo_key = (key, len(all_partitions))
+        index = self._memo.get(memo_key)
+        if index is None:
+            index = (murmur2(key) & 0x7FFFFFFF) % len(all_partitions)
+            if len(self._memo) >= self._max_keys:
+                self._memo.clear()
+            self._memo[memo_key] = index
+        return all_partitions[index]
 
 
 class PublisherMetrics:
@@ -121,6 +148,7 @@ class EventPublisher:
         self._spool_segments = 0
         self._inflight: list[Message] = []  # the sender's current group
         self._producer: AIOKafkaProducer | None = None
+        self._partitioner = KeyPartitioner()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-tap-spool")  # one thread: spool order
         self._wake_sender = asyncio.Event()
         self._wake_spool = asyncio.Event()
@@ -300,6 +328,7 @@ class EventPublisher:
             linger_ms=s.linger_ms,
             max_batch_size=s.max_batch_bytes,
             max_request_size=max(s.max_batch_bytes, 1_048_576),
+            partitioner=self._partitioner,
         )
 
     async def _probe(self) -> None:
