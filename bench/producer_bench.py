@@ -116,6 +116,38 @@ class AioKafkaMemoSender(AioKafkaSender):
         super().__init__(bootstrap, codec, memo_partitioner=True)
 
 
+class AioKafkaBatchSender(AioKafkaSender):
+    """aiokafka with the group split into one ``BatchBuilder`` per partition (``send_batch``): one future per
+    batch instead of one ``send()`` coroutine and future per message; partitions from the same partitioner."""
+
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        super().__init__(bootstrap, codec, memo_partitioner=True)
+        from gateway_tap.publisher.publisher import KeyPartitioner
+
+        self.partitioner = KeyPartitioner()
+
+    async def send_group(self, group: list[Message]) -> None:
+        producer = self.producer
+        partitions: dict[str, list[int]] = {}
+        batches: dict[tuple[str, int], Any] = {}
+        futures = []
+        for topic, value, key, headers in group:
+            all_partitions = partitions.get(topic)
+            if all_partitions is None:
+                all_partitions = partitions[topic] = sorted(await producer.partitions_for(topic))
+            tp = (topic, self.partitioner(key, all_partitions, all_partitions))
+            batch = batches.get(tp)
+            if batch is None:
+                batch = batches[tp] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, tp[0], partition=tp[1]))
+                batch = batches[tp] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+        for (topic, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)
+
+
 class ConfluentSender:
     def __init__(self, bootstrap: str, codec: str) -> None:
         from confluent_kafka import Producer
@@ -213,7 +245,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=3000, help="Messages per second (3 per tap request).")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--codecs", default="gzip,lz4,zstd,none")
-    parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,confluent")
+    parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,aiokafka-batch,confluent")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -227,6 +259,7 @@ def main() -> None:
                     if client == "null" and codec != args.codecs.split(",")[0]:
                         continue  # one harness row is enough
                     cls = {"null": NullSender, "aiokafka": AioKafkaSender, "aiokafka-memo": AioKafkaMemoSender,
+                           "aiokafka-batch": AioKafkaBatchSender,
                            "confluent": ConfluentSender}[client]
                     msgs = messages(f"{client}-{codec}", 3000)
                     try:
