@@ -160,6 +160,7 @@ class RunData:
     load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
     cache: CacheSaving | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    rounds: int = 1
 
     def get(self, target: str, workers: int, concurrency: int, version: str = "after") -> Result | None:
         for cell in self.cells:
@@ -167,6 +168,20 @@ class RunData:
                                                                                 version):
                 return cell.result
         return None
+
+
+def merge(results: list[Result]) -> Result:
+    """Several runs of one cell as one: requests and CPU summed; latencies are the runs' mean percentiles."""
+    if len(results) == 1:
+        return results[0]
+    n = len(results)
+    served = [r.rps for r in results]  # every run lasts the same duration
+    total = sum(served) or 1.0
+    brokers = [r.broker_us for r in results if r.broker_us is not None]
+    return Result(total / n, sum(r.p50_ms for r in results) / n, sum(r.p95_ms for r in results) / n,
+                  sum(r.p99_ms for r in results) / n, sum(r.errors for r in results),
+                  sum(r.cpu_us * s for r, s in zip(results, served, strict=True)) / total,
+                  sum(b * s for b, s in zip(brokers, served, strict=False)) / total if brokers else None)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -302,8 +317,9 @@ def cache_saving(url: str, stats_url: str, tmp: Path, concurrency: int, duration
 class Bench:
     """Starts each target in turn, measures it at every concurrency, stops it."""
 
-    def __init__(self, duration: int, levels: list[int], chunk_delay_ms: float) -> None:
+    def __init__(self, duration: int, levels: list[int], chunk_delay_ms: float, rounds: int = 2) -> None:
         self.duration = duration
+        self.rounds = rounds
         self.levels = levels
         self.tmp = Path(tempfile.mkdtemp(prefix="tap-bench-"))
         self.data = RunData()
@@ -328,29 +344,44 @@ class Bench:
         self.noida.stop()
         self.data.load = psutil.getloadavg()
 
-    def measure(self, target: str, workers: int, url: str, pid: int, script: Path, version: str = "after") -> None:
+    def cell(self, target: str, workers: int, level: int, url: str, pid: int, script: Path,
+             version: str) -> Result:
+        """One wrk run; CPU of the server's process tree (and the broker's, for taps) per request."""
         broker = self.noida.process.pid if self.noida.process is not None else None
-        wrk(url, 16, 2, script)  # warm-up: connections, caches, lazy imports
+        before = cpu_seconds(pid)
+        broker_before = cpu_seconds(broker) if broker else 0.0
+        with RssSampler(pid) as sampler:
+            r = wrk(url, level, self.duration, script)
+        served = max(1.0, r.rps * self.duration)
+        r.cpu_us = (cpu_seconds(pid) - before) / served * 1e6
+        if target in VARIANTS and broker:
+            r.broker_us = (cpu_seconds(broker) - broker_before) / served * 1e6
+        key = f"{target} ({workers}w, {version})"
+        peaks, prior = sorted(sampler.workers()), self.data.rss.get(key, [])
+        self.data.rss[key] = peaks if sum(peaks) > sum(prior) else prior
+        print(f"{target:<12} {version:<6} {workers}w c={level:<3} rps={r.rps:8.0f} p50={r.p50_ms:6.2f} "
+              f"p99={r.p99_ms:7.2f} err={r.errors} cpu={r.cpu_us:6.0f}us broker={r.broker_us or 0:5.0f}us "
+              f"load={psutil.getloadavg()[0]:.1f}", flush=True)
+        return r
+
+    def measure(self, target: str, workers: int, runs: dict[str, tuple[str, int]], script: Path) -> None:
+        """Every level for each version in ``runs`` (version -> (url, pid)); with several versions their cells
+        alternate (A B, then B A in the next round), so slow swings of the machine's load hit both alike."""
+        for url, _ in runs.values():
+            wrk(url, 16, 2, script)  # warm-up: connections, caches, lazy imports
+        versions = list(runs)
         for level in self.levels:
-            before = cpu_seconds(pid)
-            broker_before = cpu_seconds(broker) if broker else 0.0
-            with RssSampler(pid) as sampler:
-                r = wrk(url, level, self.duration, script)
-            served = max(1.0, r.rps * self.duration)
-            r.cpu_us = (cpu_seconds(pid) - before) / served * 1e6
-            if target not in ("direct", "bare", "bare-stream", "litellm") and broker:
-                r.broker_us = (cpu_seconds(broker) - broker_before) / served * 1e6
-            self.data.cells.append(Cell(target, workers, level, r, version))
-            key = f"{target} ({workers}w, {version})"
-            peaks, prior = sorted(sampler.workers()), self.data.rss.get(key, [])
-            self.data.rss[key] = peaks if sum(peaks) > sum(prior) else prior
-            print(f"{target:<12} {version:<6} {workers}w c={level:<3} rps={r.rps:8.0f} p50={r.p50_ms:6.2f} "
-                  f"p99={r.p99_ms:7.2f} err={r.errors} cpu={r.cpu_us:6.0f}us broker={r.broker_us or 0:5.0f}us",
-                  flush=True)
+            results: dict[str, list[Result]] = {v: [] for v in versions}
+            for round_ in range(self.rounds):
+                for version in (versions if round_ % 2 == 0 else versions[::-1]):
+                    url, pid = runs[version]
+                    results[version].append(self.cell(target, workers, level, url, pid, script, version))
+            for version, rs in results.items():
+                self.data.cells.append(Cell(target, workers, level, merge(rs), version))
 
     def direct(self) -> None:
         assert self.mock.pid is not None
-        self.measure("direct", 1, f"{self.mock_url}/v1/chat/completions", self.mock.pid, self.plain)
+        self.measure("direct", 1, {"after": (f"{self.mock_url}/v1/chat/completions", self.mock.pid)}, self.plain)
 
     def bare(self, workers: int, stream: bool = False) -> None:
         port = free_port()
@@ -361,12 +392,13 @@ class Bench:
                               stop_signal=15).start()
         try:
             assert proc.pid is not None
-            self.measure("bare-stream" if stream else "bare", workers, f"http://127.0.0.1:{port}/v1/chat/completions",
-                         proc.pid, self.stream if stream else self.plain)
+            self.measure("bare-stream" if stream else "bare", workers,
+                         {"after": (f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)},
+                         self.stream if stream else self.plain)
         finally:
             proc.stop()
 
-    def tap(self, variant: Variant, workers: int, root: Path, version: str, cache_saving_too: bool) -> None:
+    def start_tap(self, variant: Variant, workers: int, root: Path, version: str) -> tuple[ManagedProcess, str]:
         self._seq += 1
         port = free_port()
         prefix = f"bench{self._seq}"
@@ -376,17 +408,26 @@ class Bench:
                 "--workers", str(workers), *(() if variant.events else ("--no-events",))]
         tap = ManagedProcess(f"tap-{prefix}", argv, ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
                              log_path=tmp / "tap.log", stop_signal=15, stop_timeout=30).start()
+        return tap, f"http://127.0.0.1:{port}"
+
+    def taps(self, variant: Variant, workers: int, roots: dict[str, Path], cache_saving_too: bool) -> None:
+        """The variant for every version in ``roots`` (version -> checkout), all running, measured interleaved."""
+        started: dict[str, tuple[ManagedProcess, str]] = {}
         try:
-            url = f"http://127.0.0.1:{port}/llm/openai/v1/chat/completions"
-            assert tap.pid is not None
-            self.measure(variant.name, workers, url, tap.pid, self.stream if variant.stream else self.plain,
-                         version)
+            for version, root in roots.items():
+                started[version] = self.start_tap(variant, workers, root, version)
+            runs = {version: (base + "/llm/openai/v1/chat/completions", tap.pid or 0)
+                    for version, (tap, base) in started.items()}
+            self.measure(variant.name, workers, runs, self.stream if variant.stream else self.plain)
             if cache_saving_too:
-                self.data.cache = cache_saving(url, f"http://127.0.0.1:{port}/plugins/response_cache/stats", tmp,
+                base = started["after"][1]
+                self.data.cache = cache_saving(base + "/llm/openai/v1/chat/completions",
+                                               base + "/plugins/response_cache/stats", self.tmp,
                                                16 if 16 in self.levels else self.levels[-1], self.duration)
                 print("cache", self.data.cache, flush=True)
         finally:
-            tap.stop()
+            for tap, _ in started.values():
+                tap.stop()
 
     def litellm(self, workers: int) -> None:
         exe = ensure_litellm()
@@ -402,7 +443,8 @@ class Bench:
             log_path=self.tmp / "litellm.log", start_timeout=180, stop_timeout=20).start()
         try:
             assert proc.pid is not None
-            self.measure("litellm", workers, f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid, self.plain)
+            self.measure("litellm", workers, {"after": (f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)},
+                         self.plain)
         finally:
             proc.stop()
 
@@ -418,20 +460,19 @@ def _serving(port: int) -> bool:
 
 
 def run(duration: int, levels: list[int], workers: list[int], variants: list[Variant], before: Path | None,
-        with_litellm: bool, chunk_delay_ms: float) -> RunData:
-    with Bench(duration, levels, chunk_delay_ms) as bench:
+        with_litellm: bool, chunk_delay_ms: float, rounds: int) -> RunData:
+    with Bench(duration, levels, chunk_delay_ms, rounds) as bench:
         bench.data.versions = {"after": _describe(ROOT)} | ({"before": _describe(before)} if before else {})
+        bench.data.rounds = rounds
         bench.direct()
         streamed = any(v.stream for v in variants)
         for count in workers:
             bench.bare(count)
             if streamed:
                 bench.bare(count, stream=True)
+            roots = {"before": before, "after": ROOT} if before is not None else {"after": ROOT}
             for variant in variants:
-                # Before and after back to back: the same load on the machine for both.
-                if before is not None:
-                    bench.tap(variant, count, before, "before", False)
-                bench.tap(variant, count, ROOT, "after", variant.cache and count == workers[0])
+                bench.taps(variant, count, roots, variant.cache and count == workers[0])
         if with_litellm:
             bench.litellm(max(workers))
         return bench.data
@@ -454,13 +495,13 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
     variants = [v for v in VARIANTS.values() if any(c.target == v.name for c in data.cells)]
     lines = [
         "## Tap", "",
-        f"`{command}` ({time.strftime('%Y-%m-%d')}): wrk (1 thread, {duration} s per cell, POST of a small chat "
-        "completion) against the mock upstream directly, a bare aiohttp pass-through proxy (`bench/bare_proxy.py`, "
-        "the floor of the tap's stack), the tap with its layers switched on one at a time, and LiteLLM proxy "
-        "1.110.x, all in front of the same mock. CPU µs/request = user + system CPU of the server's processes "
-        "(every worker; not wrk, not the mock, not the broker) / requests served: the stable figure on this "
-        "shared machine, where RPS and latencies move by up to 2x between runs. Everything (wrk, mock, broker, "
-        "proxy) shares the same 2 cores; load average "
+        f"`{command}` ({time.strftime('%Y-%m-%d')}): wrk (1 thread, {data.rounds} runs of {duration} s per cell, "
+        "POST of a small chat completion) against the mock upstream directly, a bare aiohttp pass-through proxy "
+        "(`bench/bare_proxy.py`, the floor of the tap's stack), the tap with its layers switched on one at a "
+        "time, and LiteLLM proxy 1.110.x, all in front of the same mock. CPU µs/request = user + system CPU "
+        "of the server's processes (every worker; not wrk, not the mock, not the broker) / requests served: "
+        "the stable figure on this shared machine, where RPS and latencies move by up to 2x between runs. "
+        "Everything (wrk, mock, broker, proxy) shares the same 2 cores; load average "
         f"{data.load_start[0]:.1f} at the start, {data.load[0]:.1f} at the end (other engineers' work included).",
         "",
         "Layers: **base** = no plugins, no budgets, no events (bench launcher `bench/tap_worker.py --no-events`: "
@@ -473,8 +514,9 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
         "(the bare row beside it streams the same).",
     ]
     if compare:
-        lines += ["", f"Before = {data.versions['before']}; after = {data.versions['after']}; each before/after "
-                  "pair ran back to back."]
+        lines += ["", f"Before = {data.versions['before']}; after = {data.versions['after']}. Both versions of "
+                  "a variant run side by side and their runs alternate (before, after, then after, before), so "
+                  "the machine's load swings hit both alike."]
     for count in workers:
         lines += ["", f"**CPU µs per request, {count} worker{'s' if count > 1 else ''}**" +
                   (" (before → after)" if compare else ""), "",
@@ -573,7 +615,9 @@ def write_section(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=6, help="Seconds per cell.")
+    parser.add_argument("--duration", type=int, default=4, help="Seconds per run of a cell.")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="Runs per cell; with --before the versions alternate A B / B A between rounds.")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--workers", default="1,2", help="Worker counts of the tap and the bare proxy.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Tap variants: {', '.join(VARIANTS)}.")
@@ -590,7 +634,8 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     workers = [int(x) for x in args.workers.split(",")]
     before = args.before.resolve() if args.before else None
-    data = run(args.duration, levels, workers, variants, before, not args.skip_litellm, args.chunk_delay_ms)
+    data = run(args.duration, levels, workers, variants, before, not args.skip_litellm, args.chunk_delay_ms,
+               args.rounds)
     command = "python -m bench.tap_bench " + " ".join(sys.argv[1:])
     section = markdown(data, args.duration, command.strip(), args.chunk_delay_ms)
     print(section)
