@@ -481,7 +481,7 @@ def run(duration: int, levels: list[int], workers: list[int], variants: list[Var
 def _describe(root: Path) -> str:
     out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True, text=True,
                          check=False).stdout.strip()
-    return f"{root.name} ({out})" if out else str(root)
+    return f"`{root}` at {out}" if out else f"`{root}`"
 
 
 def _us(r: Result | None) -> str:
