@@ -13,7 +13,7 @@ awaited (as ``EventPublisher._send_group`` does). Messages are the tap's three e
 confluent-kafka is driven the way an asyncio publisher would: ``produce()`` on the loop, a poll thread
 serving delivery reports and resolving each group's futures with one ``call_soon_threadsafe``.
 
-    .venv/bin/pip install confluent-kafka cramjam   # cramjam: aiokafka's lz4/zstd
+    .venv/bin/pip install -e '.[dev,bench]'   # confluent-kafka; cramjam: aiokafka's lz4/zstd
     .venv/bin/python -m bench.producer_bench [--rate 3000] [--seconds 8] [--codecs gzip,lz4,zstd,none]
 """
 

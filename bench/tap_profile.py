@@ -1,4 +1,4 @@
-"""Sampling profile of one tap worker under load, summed by layer (py-spy, installed into the venv by hand).
+"""Sampling profile of one tap worker under load, summed by layer (py-spy, from the ``bench`` extra).
 
 Starts the broker, the mock and one tap variant of ``bench.tap_bench`` (1 worker), drives it with wrk and
 records the worker with ``py-spy record --format raw`` (collapsed stacks; idle samples excluded). Each
@@ -6,7 +6,7 @@ sample is charged to the layer of its innermost frame that belongs to one (``LAY
 frame under ``Exchange.events`` is "events: build + encode", a prometheus-client frame under the handler
 is "metrics"); the layer shares times the worker's measured CPU µs/request give µs per layer.
 
-    .venv/bin/pip install py-spy
+    .venv/bin/pip install -e '.[dev,bench]'   # py-spy
     .venv/bin/python -m bench.tap_profile [--variant plugins] [--concurrency 16] [--seconds 20]
         [--root CHECKOUT] [--out bench/profiles] [--native]
 
