@@ -61,7 +61,7 @@ class TapApp:
         self.budget = budget
         snapshot = ConfigSnapshot(0, config, plugins, upstreams, endpoints, apps)
         self.handler = ProxyHandler(snapshot, session, config.tap.limits.max_body_bytes, self.record)
-        self.endpoint_server = EndpointServer(lambda: self.handler.snapshot, metrics, publisher.publish)
+        self.endpoint_server = EndpointServer(lambda: self.handler.snapshot, metrics, publisher.publish_wire)
         # Without load/compose (a hand-built TapApp) the configuration is fixed for the app's lifetime.
         self.reloader = ConfigReloader(self, config_path, load=load, compose=compose) \
             if load is not None and compose is not None else None

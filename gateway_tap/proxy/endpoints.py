@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+import msgspec
 from aiohttp import web
 
 from gateway_tap.plugins.chain import HookFailed, Stopped
@@ -35,7 +36,8 @@ from gateway_tap.proxy.handler import new_request_id, stop_error
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.snapshot import ConfigSnapshot
-from schemas import Event, ProxyLog, status_class
+from schemas import status_class
+from schemas.wire import wire_type
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,11 @@ def endpoints_app(server: EndpointServer) -> web.Application:
 
 
 class EndpointServer:
-    """Serves plugin endpoints from the snapshot in force (``snapshot()``); ``publish`` takes the events."""
+    """Serves plugin endpoints from the snapshot in force (``snapshot()``); ``publish`` takes the events
+    (the structs of :data:`schemas.wire.WIRE_EVENTS`: ``EventPublisher.publish_wire``)."""
 
     def __init__(self, snapshot: Callable[[], ConfigSnapshot], metrics: TapMetrics,
-                 publish: Callable[[Event], None]) -> None:
+                 publish: Callable[[msgspec.Struct], None]) -> None:
         self._snapshot = snapshot
         self._metrics = metrics
         self._publish = publish
@@ -158,8 +161,8 @@ class EndpointServer:
                     "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
                 })
             for event in ex.events(snap.gateway_id, capture_bodies=False, body_limit=0):
-                if isinstance(event, ProxyLog):
-                    self._publish(event.model_copy(update={"llm_id": None}))
+                if wire_type(event) == "proxy_log":
+                    self._publish(msgspec.structs.replace(event, llm_id=None))
         except Exception:
             log.exception("recording endpoint call %s failed", ex.request_id)
 
