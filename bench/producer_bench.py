@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from gateway_tap.devstack import NoidaServer
+from gateway_tap.dev.servers import NoidaServer
 
 Message = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
 

@@ -3,7 +3,7 @@
 
 The end-to-end bench (``bench.tap_bench``) measures whole requests, whose CPU swings by tens of percent
 on this shared machine; this one runs only the tap's own code for a finished request, so two versions
-can be compared within a few percent. It builds the app of ``examples/gateway-tap.yaml`` (budgets on,
+can be compared within a few percent. It builds the app of the demo ``gateway-tap.yaml`` (budgets on,
 a hard daily budget added, no plugins) with the checkout's own ``create_app``, then for every request:
 ``BudgetGate.admit`` then ``TapApp.record`` (the publisher is not started: events stop in its queue,
 which is emptied now and then; Kafka's own cost is ``bench.producer_bench``'s).
@@ -40,7 +40,11 @@ async def measure(n: int) -> dict[str, float]:
     from gateway_tap.proxy.exchange import Exchange
 
     tmp = Path(tempfile.mkdtemp(prefix="record-bench-"))
-    doc = yaml.safe_load((ROOT / "examples" / "gateway-tap.yaml").read_text())
+    try:
+        from gateway_tap.examples import DEMO_CONFIG
+    except ImportError:  # a checkout from before the examples had their own package
+        DEMO_CONFIG = ROOT / "examples" / "gateway-tap.yaml"
+    doc = yaml.safe_load(DEMO_CONFIG.read_text())
     doc["budget_store"]["sqlite_path"] = str(tmp / "budgets.sqlite3")
     doc["budgets"].append({"app_id": "demo", "limit_usd": 1e6, "period": "daily", "mode": "hard"})
     doc["tap"].update(access_log=False, publisher={"spool_dir": str(tmp / "spool")})

@@ -14,7 +14,7 @@ In one run, wrk (1 thread, POST of a small chat completion) against:
     limit), read back from a SQLite store every second. No budget collector runs (it would take half the
     machine's CPU from the tap); ``pending_ttl_s: 2`` stands in for it, so the ids of settled usages the
     refresh looks up stay as few as with a collector ~2 s behind, instead of growing all run long;
-  - ``plugins``: + the three example plugins: the full tap of ``examples/gateway-tap.yaml``;
+  - ``plugins``: + the three example plugins: the full tap of the demo ``gateway-tap.yaml``;
   - ``stream``: the full tap with streamed responses (SSE, 20 chunks: ``max_tokens`` 18 plus the role and
     stop chunks, ``--chunk-delay-ms`` apart so each chunk reaches the tap on its own, as tokens do);
     the ``bare`` row is repeated with the same streamed request;
@@ -259,7 +259,7 @@ class RssSampler:
 
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, variant: Variant,
                prefix: str) -> Path:
-    """``examples/gateway-tap.yaml`` pointed at the bench's mock and broker, with ``variant``'s layers."""
+    """The demo ``gateway-tap.yaml`` pointed at the bench's mock and broker, with ``variant``'s layers."""
     tmp.mkdir(parents=True, exist_ok=True)
     document = yaml.safe_load(DEMO_CONFIG.read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
@@ -509,7 +509,7 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
         "events per request to a local noida-db broker (acks=all, idempotent); **+ budgets** = the example budgets "
         f"plus a hard daily budget on the bench app, SQLite store (no budget collector runs: `pending_ttl_s: "
         f"{PENDING_TTL_S:g}` keeps the refresh's pending ids as few as a collector would); "
-        "**+ plugins** = the three example plugins: the full tap of `examples/gateway-tap.yaml` (access log off); "
+        "**+ plugins** = the three example plugins: the full tap of the demo `gateway-tap.yaml` (access log off); "
         f"**stream** = the full tap with SSE responses of {STREAM_CHUNKS} chunks, {chunk_delay_ms:g} ms apart "
         "(the bare row beside it streams the same).",
     ]

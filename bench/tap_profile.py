@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.tap_bench import ROOT, VARIANTS, Bench, cpu_seconds, tap_config, wrk
-from gateway_tap.devstack import ManagedProcess, free_port, http_ok
+from gateway_tap.dev.servers import ManagedProcess, free_port, http_ok
 
 # (layer, substrings of "function (file)"); a sample goes to the first layer met walking from the leaf up.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                 "capture_body", "_is_sensitive")),
     ("budgets", ("gateway_tap/budgets", "proxy/budget.py")),
     ("asyncio.timeout", ("asyncio/timeouts.py",)),
-    ("hook chain + plugins", ("plugins/chain.py", "gateway_tap/hooks.py", "plugins/examples")),
+    ("hook chain + plugins", ("plugins/chain.py", "gateway_tap/hooks.py", "examples/plugins", "plugins/examples")),
     ("accounting (usage, cost)", ("proxy/accounting.py",)),
     ("record (metrics labels, settle)", ("proxy/app.py",)),
     ("handler (own code, header copies)", ("proxy/handler.py", "proxy/auth.py", "proxy/exchange.py",

@@ -25,7 +25,7 @@ class FastHistogram:
     ``Histogram.observe`` checks the child is observable and walks the bounds in Python; here the
     bucket is found by bisection and its value (prometheus-client's own value object: a locked float,
     or the mmap'd file in multiprocess mode) incremented directly, with the same result
-    (``tests/test_tap_metrics.py`` compares both).
+    (``tests/proxy/test_tap_metrics.py`` compares both).
     """
 
     __slots__ = ("_bounds", "_buckets", "_sum")
