@@ -9,49 +9,13 @@ and ``/metrics`` aggregates every worker's files.
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway_tap.fast_metrics import FastCounter, FastHistogram
 from gateway_tap.plugins.chain import LATENCY_BUCKETS as BUCKETS
 from gateway_tap.plugins.chain import HookMetrics
-
-
-class FastHistogram:
-    """A bound histogram child's values, observed without the per-call checks and the bucket scan.
-
-    ``Histogram.observe`` checks the child is observable and walks the bounds in Python; here the
-    bucket is found by bisection and its value (prometheus-client's own value object: a locked float,
-    or the mmap'd file in multiprocess mode) incremented directly, with the same result
-    (``tests/proxy/test_tap_metrics.py`` compares both).
-    """
-
-    __slots__ = ("_bounds", "_buckets", "_sum")
-
-    def __init__(self, child: Histogram) -> None:
-        internals: Any = child
-        self._bounds: list[float] = list(internals._upper_bounds)
-        self._buckets: list[Any] = internals._buckets
-        self._sum: Any = internals._sum
-
-    def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
-        self._buckets[bisect_left(self._bounds, amount)].inc(1)
-
-
-class FastCounter:
-    """A bound counter child's value, incremented without the per-call checks (amounts are never negative)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, child: Counter) -> None:
-        internals: Any = child
-        self._value: Any = internals._value
-
-    def inc(self, amount: float = 1) -> None:
-        self._value.inc(amount)
 
 
 class RequestChildren:

@@ -301,3 +301,53 @@ async def test_event_hooks_replace_drop_and_stop_in_order() -> None:
     with pytest.raises(Stopped):
         await run_event_hooks(steps, StreamEvent("stop-me"), _scope())
     assert seen == ["replace:hi", "after:HI", "replace:drop-me", "replace:stop-me"]
+
+
+async def test_a_hook_that_waits_runs_to_its_result_under_its_timeout() -> None:
+    async def waits_then_modifies(req: TapRequest, ctx: HookContext) -> HookResult:
+        for _ in range(3):
+            await asyncio.sleep(0.001)
+        return HookResult.modify(metadata={"waited": "yes"})
+
+    async def waits_then_raises(req: TapRequest, ctx: HookContext) -> None:
+        await asyncio.sleep(0.001)
+        raise ValueError("late")
+
+    scope = _scope()
+    await run_request_hooks([_hook("w", "post_auth", waits_then_modifies)], _request(), scope)
+    assert scope.metadata == {"waited": "yes"}
+    with pytest.raises(HookFailed, match="ValueError"):
+        await run_request_hooks([_hook("r", "post_auth", waits_then_raises)], _request(), _scope())
+
+
+async def test_the_timeout_counts_from_the_call_not_from_the_first_wait() -> None:
+    import time as clock
+
+    async def busy_then_waits(req: TapRequest, ctx: HookContext) -> None:
+        end = clock.perf_counter() + 0.05
+        while clock.perf_counter() < end:  # 50 ms of work before it ever yields
+            pass
+        await asyncio.sleep(0.04)  # would fit a fresh 80 ms timeout, not what is left of it
+
+    with pytest.raises(HookFailed) as failed:
+        await run_request_hooks([_hook("b", "post_auth", busy_then_waits, timeout_s=0.08)], _request(), _scope())
+    assert failed.value.timed_out
+
+
+async def test_cancelling_the_request_cancels_a_waiting_hook() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def waits(req: TapRequest, ctx: HookContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    task = asyncio.create_task(run_request_hooks([_hook("w", "post_auth", waits)], _request(), _scope()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set()  # not swallowed as a hook failure, and the hook saw it
