@@ -11,15 +11,15 @@ from gateway_tap.plugins.chain import Chain
 from gateway_tap.settings import LLMConfig, ModelPrice
 
 # Never forwarded upstream: hop-by-hop headers, the client's credentials, and what aiohttp sets itself.
-REQUEST_HEADERS_DROPPED = frozenset({
+REQUEST_HEADERS_DROPPED = (
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key", "accept-encoding",
-})
+)
 # The tap decodes compressed upstream bodies (to account them) and re-frames the response.
-RESPONSE_HEADERS_DROPPED = frozenset({
+RESPONSE_HEADERS_DROPPED = (
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding",
-})
+)
 
 
 @dataclass(frozen=True, slots=True)
