@@ -602,9 +602,10 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
 
 
 def write_section(section: str) -> None:
+    """Replace the BENCHMARKS.md section with ``section``'s own heading (its first line), or append it."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("\n## Tap\n")
+    start = text.find("\n" + section.splitlines()[0] + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
