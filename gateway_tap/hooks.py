@@ -367,6 +367,11 @@ class HookContext:
     claims: Mapping[str, Any] = field(default_factory=lambda: NO_CLAIMS)
     """The :attr:`Identity.claims` of the auth hook that identified the caller (read-only; empty after the
     built-in key check)."""
+    trace_id: str = ""
+    """The request's W3C trace id (the caller's, from its ``traceparent``, or one the tap started)."""
+    traceparent: str = ""
+    """The tap's span of this request as a ``traceparent`` value: send it with a call the hook makes, so that
+    call joins the trace as a child of the gateway's span."""
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 EventType = Literal["proxy_log", "analytics", "budget_usage"]
 EVENT_TYPES: tuple[EventType, ...] = ("proxy_log", "analytics", "budget_usage")
 
+TraceId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+SpanId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -79,6 +81,9 @@ class Event(BaseModel):
     app_id: str | None = None
     llm_id: str | None = None
     user_id: str | None = None
+    trace_id: TraceId | None = None
+    span_id: SpanId | None = None
+    parent_span_id: SpanId | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, ``type`` included."""

@@ -45,6 +45,8 @@ def _meta(metadata: list[Any]) -> msgspec.Meta | None:
             bounds["min_length"] = item.min_length
         elif isinstance(item, annotated_types.MaxLen):
             bounds["max_length"] = item.max_length
+        elif getattr(item, "pattern", None) is not None:
+            bounds["pattern"] = item.pattern
     return msgspec.Meta(**bounds) if bounds else None
 
 

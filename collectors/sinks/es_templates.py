@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas.events import EVENT_TYPES, EventType
 
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 """Bumped whenever a mapping below changes; stored as the templates' ``version``."""
 
 TEMPLATE_PRIORITY = 200
@@ -51,6 +51,9 @@ ENVELOPE_PROPERTIES: dict[str, Any] = {
     "app_id": KEYWORD,
     "llm_id": KEYWORD,
     "user_id": KEYWORD,
+    "trace_id": KEYWORD,
+    "span_id": KEYWORD,
+    "parent_span_id": KEYWORD,
 }
 
 TYPE_PROPERTIES: dict[EventType, dict[str, Any]] = {

@@ -56,6 +56,7 @@ from gateway_tap.hooks import (
     TapResponse,
 )
 from gateway_tap.plugins.loader import LoadedPlugin
+from gateway_tap.tracing import TraceContext, start_trace
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,16 @@ class RequestScope:
     The tap's per-request ``Exchange`` extends it; ``PluginHarness`` uses it as it is.
     ``metadata`` is shared by every hook of the request (it ends up in the events);
     ``plugin_states`` holds each plugin's own per-request ``ctx.state``; ``claims`` the identifying
-    auth hook's :attr:`Identity.claims`.
+    auth hook's :attr:`Identity.claims`; ``trace`` the request's span (a new trace unless given).
     """
 
-    __slots__ = ("app_id", "claims", "llm_id", "metadata", "model", "plugin_states", "request_id", "user_id",
-                 "vendor")
+    __slots__ = ("app_id", "claims", "llm_id", "metadata", "model", "plugin_states", "request_id", "trace",
+                 "user_id", "vendor")
 
-    def __init__(self, request_id: str, llm_id: str, vendor: str = "unknown") -> None:
+    def __init__(self, request_id: str, llm_id: str, vendor: str = "unknown",
+                 trace: TraceContext | None = None) -> None:
         self.request_id = request_id
+        self.trace = trace if trace is not None else start_trace()
         self.llm_id = llm_id
         self.vendor = vendor
         self.app_id: str | None = None
@@ -225,7 +228,8 @@ class PluginHook:
         if state is None:
             state = scope.plugin_states[self.name] = {}
         return HookContext(scope.request_id, scope.llm_id, scope.vendor, self.name, self.config, self.services,
-                           scope.metadata, scope.app_id, scope.user_id, scope.model, state, scope.claims)
+                           scope.metadata, scope.app_id, scope.user_id, scope.model, state, scope.claims,
+                           scope.trace.trace_id, scope.trace.traceparent)
 
     async def run(self, arg: Any, scope: RequestScope) -> Any:
         """The hook's result on ``arg``; :data:`SKIPPED` when a fail-open hook failed.

@@ -152,7 +152,7 @@ def endpoint_context(bound: BoundEndpoint, scope: RequestScope, params: Mapping[
     plugin = bound.plugin
     return EndpointContext(scope.request_id, scope.llm_id, "", plugin.name, plugin.settings.config,
                            plugin.services, scope.metadata, scope.app_id, scope.user_id, None, {}, scope.claims,
-                           params)
+                           scope.trace.trace_id, scope.trace.traceparent, params=params)
 
 
 async def call_endpoint(routes: EndpointRoutes, bound: BoundEndpoint, request: web.Request,

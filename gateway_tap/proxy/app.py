@@ -184,7 +184,8 @@ class TapApp:
             m.rejected_child(llm, ex.error.code).inc()
         if snap.access_log:
             access_log.info("request", extra={
-                "request_id": ex.request_id, "app": ex.app_id, "llm": ex.llm_id, "model": ex.model,
+                "request_id": ex.request_id, "trace_id": ex.trace.trace_id, "app": ex.app_id, "llm": ex.llm_id,
+                "model": ex.model,
                 "method": ex.method, "path": ex.path, "status": ex.status, "streamed": ex.streamed,
                 "latency_ms": round(ex.total_ms, 3),
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),

@@ -36,6 +36,7 @@ from gateway_tap.proxy.handler import new_request_id, stop_error
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.snapshot import ConfigSnapshot
+from gateway_tap.tracing import TRACEPARENT, continue_trace
 from schemas import status_class
 from schemas.wire import wire_type
 
@@ -68,7 +69,8 @@ class EndpointServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         snap = self._snapshot()  # captured once: a reload during this call never changes what it sees
         snap.inflight += 1
-        ex = Exchange(new_request_id(), request.method, request.path, "", time.perf_counter())
+        ex = Exchange(new_request_id(), request.method, request.path, "", time.perf_counter(),
+                      continue_trace(request.headers.get(TRACEPARENT)))
         ex.client_address = request.remote
         ex.user_agent = request.headers.get("user-agent")
         ex.request_headers = request.headers
@@ -124,6 +126,7 @@ class EndpointServer:
         ex.streamed = resp.prepared  # the handler started it itself: it streamed
         if not resp.prepared:
             resp.headers[REQUEST_ID_HEADER] = ex.request_id
+            resp.headers[TRACEPARENT] = ex.trace.traceparent
             with contextlib.suppress(ConnectionResetError):
                 await resp.prepare(request)
                 await resp.write_eof()
@@ -139,7 +142,7 @@ class EndpointServer:
     @staticmethod
     async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
         ex.fail(err)
-        resp = errors.error_response(err, ex.request_id)
+        resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
         ex.response_headers = resp.headers
         with contextlib.suppress(ConnectionResetError):
             await resp.prepare(request)

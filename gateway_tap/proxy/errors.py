@@ -5,6 +5,8 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from gateway_tap.tracing import TRACEPARENT
+
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -27,12 +29,15 @@ def error_body(type_: str, code: str, message: str, request_id: str) -> bytes:
     return orjson.dumps({"error": {"type": type_, "code": code, "message": message, "request_id": request_id}})
 
 
-def error_response(error: TapError, request_id: str) -> web.Response:
+def error_response(error: TapError, request_id: str, traceparent: str | None = None) -> web.Response:
+    """The error as JSON, with the request id (and the tap's ``traceparent`` when the request has a span)."""
     body = error.body if error.body is not None else error_body(error.type, error.code, error.message, request_id)
     resp = web.Response(status=error.status, body=body, content_type="application/json")
     if error.headers:
         resp.headers.update(error.headers)
     resp.headers[REQUEST_ID_HEADER] = request_id
+    if traceparent is not None:
+        resp.headers[TRACEPARENT] = traceparent
     return resp
 
 

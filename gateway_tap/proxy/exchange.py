@@ -11,6 +11,7 @@ import msgspec
 
 from gateway_tap.plugins.chain import RequestScope
 from gateway_tap.proxy.accounting import Usage
+from gateway_tap.tracing import TraceContext
 from schemas import SCHEMA_VERSION, new_event_id, utc_now
 from schemas.wire import WireAnalytics, WireBudgetUsage, WireErrorInfo, WireLatency, WireProxyLog
 
@@ -110,8 +111,9 @@ class Exchange(RequestScope):
         "user_agent",
     )
 
-    def __init__(self, request_id: str, method: str, path: str, llm_id: str, started: float) -> None:
-        super().__init__(request_id, llm_id)
+    def __init__(self, request_id: str, method: str, path: str, llm_id: str, started: float,
+                 trace: TraceContext | None = None) -> None:
+        super().__init__(request_id, llm_id, trace=trace)
         self.method = method
         self.path = path
         self.started = started
@@ -181,10 +183,13 @@ class Exchange(RequestScope):
         model = usage.model or self.requested_model or "unknown"
         metadata = _str_values(self.metadata)
         request_id, app_id, llm_id, user_id = self.request_id, self.app_id, self.llm_id, self.user_id
+        trace = self.trace
+        trace_id, span_id, parent_span_id = trace.trace_id, trace.span_id, trace.parent_span_id
         events: list[msgspec.Struct] = [
             WireProxyLog(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
                 method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
                 streamed=self.streamed,
@@ -200,6 +205,7 @@ class Exchange(RequestScope):
             WireAnalytics(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
                 vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
                 cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
@@ -214,6 +220,7 @@ class Exchange(RequestScope):
             events.append(WireBudgetUsage(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
                 model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period=period,
                 period_start=start, requests=1,

@@ -31,6 +31,7 @@ from gateway_tap.hooks import TapRequest, TapResponse
 from gateway_tap.plugins.chain import (
     Answered,
     HookFailed,
+    RequestScope,
     Step,
     Stopped,
     parse_request_json,
@@ -55,6 +56,7 @@ from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
+from gateway_tap.tracing import TRACEPARENT, continue_trace
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,8 @@ class ProxyHandler:
 
     async def _handle(self, request: web.Request, snap: ConfigSnapshot) -> web.StreamResponse:
         llm_id = request.match_info["llm_id"]
-        ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter())
+        ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter(),
+                      continue_trace(request.headers.get(TRACEPARENT)))
         ex.client_address = request.remote
         ex.user_agent = request.headers.get("user-agent")
         ex.request_headers = request.headers
@@ -163,7 +166,7 @@ class ProxyHandler:
     async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
         """Answer with the OpenAI-style error JSON (nothing was sent yet)."""
         ex.fail(err)
-        resp = errors.error_response(err, ex.request_id)
+        resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
         ex.response_headers = resp.headers
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.prepare(request)
@@ -230,18 +233,19 @@ class ProxyHandler:
         return await self._forward(request, up, req, ex, parsed, strip_usage)
 
     @staticmethod
-    def _upstream_headers(up: Upstream, req: TapRequest, request_id: str) -> CIMultiDict[str]:
+    def _upstream_headers(up: Upstream, req: TapRequest, ex: RequestScope) -> CIMultiDict[str]:
         # The request's own copy is forwarded (nobody reads it after this): no second copy, no per-name lower().
         headers = _without(req.headers, REQUEST_HEADERS_DROPPED)
         if up.credential is not None:
             headers[up.credential[0]] = up.credential[1]
-        headers[REQUEST_ID_HEADER] = request_id
+        headers[REQUEST_ID_HEADER] = ex.request_id
+        headers[TRACEPARENT] = ex.trace.traceparent  # the upstream's work is a child of the tap's span
         return headers
 
     async def _forward(self, request: web.Request, up: Upstream, req: TapRequest, ex: Exchange, parsed: Any,
                        strip_usage: bool) -> web.StreamResponse:
         url = up.base_url + req.path + ("?" + req.query_string if req.query_string else "")
-        headers = self._upstream_headers(up, req, ex.request_id)
+        headers = self._upstream_headers(up, req, ex)
         ex.upstream_start = time.perf_counter()
         try:
             async with asyncio.timeout(up.first_byte_s):
@@ -292,6 +296,7 @@ class ProxyHandler:
     async def _run_response_header_hooks(self, up: Upstream, tap_resp: TapResponse, ex: Exchange) -> None:
         await run_response_header_hooks(up.chain.response_headers, tap_resp, ex)
         tap_resp.headers[REQUEST_ID_HEADER] = ex.request_id
+        tap_resp.headers[TRACEPARENT] = ex.trace.traceparent
         ex.status = tap_resp.status
         ex.streamed = tap_resp.streamed
         ex.response_headers = tap_resp.headers
