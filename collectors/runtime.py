@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import random
 import signal
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -29,11 +28,12 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from collectors.config import validate_collector_config
+from collectors.delivery import retry_delay_s
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
-from collectors.sdk import CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
+from collectors.sdk import CollectorError, CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, group_id_for
 from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
@@ -95,12 +95,6 @@ class _ControlBucket:
         self.messages = [self.messages[i] for i in keep]
         self.records = [self.records[i] for i in keep]
         return gone
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter; a collector's ``retry_after`` hint is a lower bound."""
-    delay = random.uniform(0, min(maximum, initial * 2 ** (attempt - 1)))
-    return max(delay, min(retry_after, maximum)) if retry_after else delay
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -345,9 +339,7 @@ class CollectorRuntime:
             except Exception as exc:
                 attempt += 1
                 self.metrics.retries_c.inc()
-                retry_after = exc.retry_after if isinstance(exc, RetryLater) else None
-                s = self.settings.retry
-                delay = backoff_delay(attempt, s.initial_backoff_ms / 1000, s.max_backoff_ms / 1000, retry_after)
+                delay = retry_delay_s(exc, attempt, self.settings.retry)
                 if isinstance(exc, RetryLater | KafkaError):
                     self.logger.warning("retry %d in %.2fs: %s: %s", attempt, delay, type(exc).__name__, exc)
                 else:
@@ -364,25 +356,55 @@ class CollectorRuntime:
         collector = self.collector
         assert collector is not None
         for event_type, bucket in buckets.items():
-            if bucket.events:
+            if not bucket.events:
+                continue
+            try:
                 rejected = await hand_over(collector, event_type, bucket.events, bucket.values)
-                if rejected:
-                    self._reject(bucket, rejected, dead)
+            except RetryLater as exc:
+                if exc.pending is not None:  # per event: keep only what is still to retry
+                    self._narrow(bucket, exc.pending, exc.rejected, dead)
+                raise
+            except CollectorError as exc:
+                if exc.retriable:
+                    raise
+                self._reject(bucket, dict.fromkeys((e.id for e in bucket.events), str(exc)), dead,
+                             type(exc).__name__)
+                continue
+            if rejected:
+                self._reject(bucket, rejected, dead)
         if control.messages:
             rejected = await hand_over_control(collector, control.messages)
             for rec, message_id in control.drop(set(rejected)):
                 dead.append(DeadLetter(rec, rejected[message_id], "BadEvent"))
-        await collector.flush()
+        try:
+            await collector.flush()
+        except CollectorError as exc:
+            if exc.retriable:
+                raise
+            # The sink says the batch can never be stored: every event of it is dead-lettered.
+            for bucket in buckets.values():
+                self._reject(bucket, dict.fromkeys((e.id for e in bucket.events), str(exc)), dead,
+                             type(exc).__name__)
+            for rec, _ in control.drop({m.id for m in control.messages}):
+                dead.append(DeadLetter(rec, str(exc), type(exc).__name__))
         if dead:
             assert self.dlq is not None
             await self.dlq.publish(dead)
 
-    def _reject(self, bucket: _Bucket, rejected: dict[str, str], dead: list[DeadLetter]) -> None:
+    def _reject(self, bucket: _Bucket, rejected: dict[str, str], dead: list[DeadLetter],
+                error_class: str = "BadEvent") -> None:
         """Move the events a collector rejected (by id) from the bucket to the dead letters."""
         indexes = {i for i, event in enumerate(bucket.events) if event.id in rejected}
         for i in sorted(indexes):
-            dead.append(DeadLetter(bucket.records[i], rejected[bucket.events[i].id], "BadEvent"))
+            dead.append(DeadLetter(bucket.records[i], rejected[bucket.events[i].id], error_class))
         bucket.drop(indexes)
+
+    def _narrow(self, bucket: _Bucket, pending: frozenset[str], rejected: dict[str, str],
+                dead: list[DeadLetter]) -> None:
+        """Keep in ``bucket`` only the ``pending`` events (the sink stored the others), dead-lettering ``rejected``."""
+        if rejected:
+            self._reject(bucket, rejected, dead)
+        bucket.drop({i for i, event in enumerate(bucket.events) if event.id not in pending})
 
     async def _pause_for(self, delay: float) -> None:
         """Wait ``delay`` with fetching paused, still polling so the group does not think we hung."""

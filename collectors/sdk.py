@@ -21,18 +21,24 @@ rebalance, so sinks must be idempotent by ``event.id``.
 Errors a handler raises decide what the runtime does:
 
 - :class:`RetryLater`: a transient problem (sink down, timeout, 429). The runtime
-  retries the whole batch with backoff and pauses fetching; nothing is skipped.
+  retries the batch with backoff (``collectors.<NAME>.retry``); nothing is skipped.
+  With ``pending=ids`` only those events are retried (the others of the call are stored).
 - :class:`BadEvent` (from a per-event handler) or :class:`BadEvents` (from a batch
   handler): those events can never be handled. They go to the dead-letter topic
   with the reason and the rest of the batch counts as handled.
+- another :class:`CollectorError` whose ``retriable`` is False: every event of that call
+  goes to the dead-letter topic.
 - anything else: treated as retriable (with a logged traceback); the runtime never
   commits past an event that was not handled.
+
+Sinks only classify failures; the runtime alone decides backoff and dead letters
+(:mod:`collectors.delivery`): a sink never sleeps and retries on its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,14 +55,23 @@ class CollectorError(Exception):
 
 
 class RetryLater(CollectorError):
-    """Transient failure: retry the batch later. ``retry_after`` (seconds) is a hint."""
+    """Transient failure: retry later. ``retry_after`` (seconds) is a hint (a floor of the backoff).
+
+    :param pending: the ids of the events still to retry, when the sink knows per event
+        (e.g. bulk items answered 429); every other event of the call is stored for good and
+        is not handed over again. None: the whole batch is retried.
+    :param rejected: events of the call that can never be stored (id -> reason), dead-lettered.
+    """
 
     retriable = True
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, pending: Collection[str] | None = None,
+                 rejected: Mapping[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.pending = frozenset(pending) if pending is not None else None
+        self.rejected = dict(rejected or {})
 
 
 class BadEvent(CollectorError):

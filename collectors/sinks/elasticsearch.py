@@ -9,8 +9,9 @@ id, so a redelivered batch overwrites instead of duplicating.
 Outcome of one batch (the runtime commits only after the handler returns):
 
 - every item 2xx: return;
-- items answered 429 or 5xx (or the whole request answered so): only those are resent,
-  with exponential backoff, up to ``max_retries`` times; then :class:`RetryLater`;
+- items answered 429 or 5xx (or their whole request answered so, or unreachable): :class:`RetryLater`
+  with ``pending`` = those items only (and ``rejected`` = the 400s), so the runtime resends only them,
+  with its own backoff (``collectors.<NAME>.retry``); the sink never sleeps or retries itself;
 - items answered 400 (mapping/parse error): :class:`BadEvents` with the server's reason,
   once every other event of the batch is indexed;
 - cluster unreachable, timeout, or any other refusal (401/403/404...): :class:`RetryLater`
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +51,11 @@ from schemas.events import EVENT_TYPES, Analytics, BudgetUsage, Event, EventType
 class EsConfig(Section):
     """The ``elasticsearch`` collector's config."""
 
-    renamed_keys = {"request_timeout": "request_timeout_s"}
+    renamed_keys = {"request_timeout": "request_timeout_s",
+                    # Retries belong to the runtime now: one set of settings per collector.
+                    "max_retries": "collectors.<NAME>.retry (the runtime retries until it works)",
+                    "retry_initial_backoff_ms": "collectors.<NAME>.retry.initial_backoff_ms",
+                    "retry_max_backoff_ms": "collectors.<NAME>.retry.max_backoff_ms"}
 
     hosts: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["http://127.0.0.1:9200"], min_length=1, description="Elasticsearch node URLs.")
@@ -69,11 +73,6 @@ class EsConfig(Section):
     bulk_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, description="Most bytes in one bulk request.")
     bulk_concurrency: int = Field(default=2, ge=1,
                                   description="Bulk requests in flight at once (raise it for a multi-node cluster).")
-    max_retries: int = Field(default=5, ge=0,
-                             description="Resends of 429/5xx items before the batch is handed back (RetryLater).")
-    retry_initial_backoff_ms: int = Field(default=100, ge=1,
-                                          description="Delay before the first resend (doubled each time, jittered).")
-    retry_max_backoff_ms: int = Field(default=5000, ge=1, description="Longest delay between resends.")
     install_templates: bool = Field(default=True, description="Install/update the index templates at start-up "
                                                               "(needs manage_index_templates).")
     number_of_shards: int = Field(default=1, ge=1, description="Shards of each daily index.")
@@ -89,7 +88,7 @@ class EsConfig(Section):
             "hosts": self.hosts,
             "request_timeout": self.request_timeout_s,
             "verify_certs": self.verify_certs,
-            # We own retries (per item, with backoff); the transport must not resend whole bulks.
+            # The runtime owns retries (per item, with backoff); the transport must not resend whole bulks.
             "max_retries": 0,
             "retry_on_status": (),
             "retry_on_timeout": False,
@@ -345,69 +344,59 @@ class ElasticsearchCollector(DataCollector):
         chunks = chunk_items(items, s.bulk_max_events, s.bulk_max_bytes)
         limit = asyncio.Semaphore(s.bulk_concurrency)
 
-        async def run(chunk: list[_Item]) -> dict[str, str]:
+        async def run(chunk: list[_Item]) -> tuple[dict[str, str], list[str], str]:
             async with limit:
-                return await self._send_with_retries(event_type, chunk)
+                try:
+                    return await self._send(event_type, chunk)
+                except RetryLater as exc:  # this request failed as a whole: its items are to retry
+                    self.metrics.count(event_type, "retried", len(chunk))
+                    return {}, [item.event_id for item in chunk], exc.reason
 
-        results = await asyncio.gather(*(run(c) for c in chunks), return_exceptions=True)
         rejected: dict[str, str] = {}
-        retry: list[RetryLater] = []
-        for result in results:
-            if isinstance(result, RetryLater):
-                retry.append(result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                rejected.update(result)
-        if retry:
-            # Chunks that did succeed are overwritten harmlessly when the runtime hands the batch over again.
-            raise RetryLater(f"{len(retry)} of {len(chunks)} bulk request(s) failed: {retry[0].reason}",
-                             retry_after=retry[0].retry_after)
+        pending: list[str] = []
+        reasons: list[str] = []
+        for chunk_rejected, chunk_pending, reason in await asyncio.gather(*(run(c) for c in chunks)):
+            rejected.update(chunk_rejected)
+            pending.extend(chunk_pending)
+            if chunk_pending:
+                reasons.append(reason)
+        if pending:
+            raise RetryLater(f"{len(pending)} of {len(items)} document(s) not indexed: {reasons[0]}",
+                             pending=pending, rejected=rejected)
         if rejected:
             raise BadEvents(rejected)
 
-    async def _send_with_retries(self, event_type: EventType, chunk: list[_Item]) -> dict[str, str]:
-        """Send one bulk request; resend only 429/5xx items. Returns the rejected (400...) items."""
+    async def _send(self, event_type: EventType, chunk: list[_Item]) -> tuple[dict[str, str], list[str], str]:
+        """Send one bulk request once. Returns the rejected (400...) items, the ids to retry (429/5xx) and why.
+
+        :raises RetryLater: the request failed as a whole (unreachable, refused).
+        """
         s = self.settings
-        pending = chunk
         rejected: dict[str, str] = {}
-        backoff = s.retry_initial_backoff_ms / 1000
-        last_reason = ""
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                self.metrics.count(event_type, "retried", len(pending))
-                # Full jitter: concurrent chunks must not hammer a struggling cluster in lockstep.
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(backoff * 2, s.retry_max_backoff_ms / 1000)
-            status, items = await self._bulk(pending)
-            if items is None:  # the whole request was answered 429/5xx
-                last_reason = f"bulk request answered HTTP {status}"
+        status, items = await self._bulk(chunk)
+        if items is None:  # the whole request was answered 429/5xx
+            self.metrics.count(event_type, "retried", len(chunk))
+            return rejected, [item.event_id for item in chunk], f"bulk request answered HTTP {status}"
+        retry: list[str] = []
+        reason = ""
+        for item, result in zip(chunk, items, strict=True):
+            outcome = next(iter(result.values()))
+            code = int(outcome.get("status", 500))
+            if code < 300:
                 continue
-            retry: list[_Item] = []
-            newly_rejected = 0
-            for item, result in zip(pending, items, strict=True):
-                outcome = next(iter(result.values()))
-                code = int(outcome.get("status", 500))
-                if code < 300:
-                    continue
-                if _retriable_status(code):
-                    retry.append(item)
-                    last_reason = f"HTTP {code} {_item_reason(outcome.get('error'))}"
-                elif code == 400:
-                    newly_rejected += 1
-                    reason = _item_reason(outcome.get("error"))
-                    rejected[item.event_id] = f"elasticsearch rejected the document: {reason}"
-                else:
-                    raise RetryLater(f"elasticsearch answered HTTP {code} for a bulk item "
-                                     f"({_item_reason(outcome.get('error'))}); check the index privileges and "
-                                     f"that indices {s.index_prefix}-* may be auto-created")
-            self.metrics.count(event_type, "indexed", len(pending) - len(retry) - newly_rejected)
-            self.metrics.count(event_type, "rejected", newly_rejected)
-            if not retry:
-                return rejected
-            pending = retry
-        raise RetryLater(f"{len(pending)} document(s) still failing after {s.max_retries} retries: {last_reason}",
-                         retry_after=backoff)
+            if _retriable_status(code):
+                retry.append(item.event_id)
+                reason = f"HTTP {code} {_item_reason(outcome.get('error'))}"
+            elif code == 400:
+                rejected[item.event_id] = f"elasticsearch rejected the document: {_item_reason(outcome.get('error'))}"
+            else:
+                raise RetryLater(f"elasticsearch answered HTTP {code} for a bulk item "
+                                 f"({_item_reason(outcome.get('error'))}); check the index privileges and "
+                                 f"that indices {s.index_prefix}-* may be auto-created")
+        self.metrics.count(event_type, "indexed", len(chunk) - len(retry) - len(rejected))
+        self.metrics.count(event_type, "rejected", len(rejected))
+        self.metrics.count(event_type, "retried", len(retry))
+        return rejected, retry, reason
 
     async def _bulk(self, items: list[_Item]) -> tuple[int, list[dict[str, Any]] | None]:
         """POST one ``_bulk``. Returns (status, per-item results), or (status, None) for a retriable refusal."""

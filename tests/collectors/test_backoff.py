@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from collectors.runtime import backoff_delay
+from collectors.delivery import backoff_delay
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from collectors import BadEvents, RetryLater
+from collectors import BadEvents, CollectorError, RetryLater
 from collectors.runtime import CollectorRuntime
 from collectors.sinks.file import FileCollector
 from gateway_tap.dev.servers import cli_argv, free_port
@@ -259,3 +259,36 @@ async def test_stop_while_the_sink_is_down_gives_up_after_the_grace_period_witho
     assert await asyncio.wait_for(task, 30) == 1
     tp = TopicPartition(topic_for("analytics", topic_prefix), 0)
     assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] is None
+
+
+class Unstorable(CollectorError):
+    """A sink's own error saying the events can never be stored."""
+
+    retriable = False
+
+
+class PickyCollector(FileCollector):
+    """Refuses every batch holding a 'poison' model with a non-retriable error; stores the others."""
+
+    async def handle_raw_batch(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes]) -> None:
+        if any(getattr(e, "model", None) == "poison" for e in events):
+            raise Unstorable("the archive refuses this batch")
+        await super().handle_raw_batch(event_type, events, values)
+
+
+async def test_a_non_retriable_collector_error_dead_letters_its_events_without_retrying(
+        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, runtime_task: Any) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix, partitions=1)
+    poison = analytics(3, model="poison", start=100)
+    await produce_events(kafka_bootstrap, topic_prefix, poison)
+    s = settings(tmp_path, group_id=f"{topic_prefix}-picky")
+    rt = CollectorRuntime("picky", PickyCollector, s, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    runtime_task(rt)
+    dead = await read_topic(kafka_bootstrap, topic_for("analytics", topic_prefix) + ".dlq", len(poison))
+    good = analytics(4)
+    await produce_events(kafka_bootstrap, topic_prefix, good)
+    await wait_for(lambda: len(written(tmp_path, "analytics")) >= len(good), "the later events written")
+    assert {dict(d.headers)["error_class"] for d in dead} == {b"Unstorable"}
+    assert {dict(d.headers)["error"] for d in dead} == {b"the archive refuses this batch"}
+    assert {r["id"] for r in written(tmp_path, "analytics")} == {e.id for e in good}
+    assert not rt.metrics.registry.get_sample_value("gateway_tap_collector_retries_total", {"collector": "picky"})
