@@ -15,6 +15,7 @@ One module per section: :mod:`.kafka`, :mod:`.tap` (with :mod:`.publisher`), :mo
 ``budget_enforcement``), :mod:`.collectors`; :mod:`.root` holds the whole file.
 """
 
+from gateway_tap.settings.admin import AdminListenSettings, AdminSettings, AdminTokenSettings
 from gateway_tap.settings.apps import AppConfig
 from gateway_tap.settings.base import RESTART, Section
 from gateway_tap.settings.budgets import (
@@ -40,6 +41,9 @@ from gateway_tap.settings.tap import LimitSettings, ListenSettings, ReloadSettin
 
 __all__ = [
     "RESTART",
+    "AdminListenSettings",
+    "AdminSettings",
+    "AdminTokenSettings",
     "AppConfig",
     "BatchSettings",
     "BudgetEnforcementSettings",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from gateway_tap.settings.admin import AdminSettings
 from gateway_tap.settings.base import RESTART, Section
 from gateway_tap.settings.publisher import PublisherSettings
 
@@ -54,3 +55,11 @@ class TapSettings(Section):
         description="SQLite file of the plugins' shared key-value store (plugins[].kv.backend: shared), shared by "
                     "this tap's worker processes; default <publisher.spool_dir>/plugin-kv.sqlite.")
     reload: ReloadSettings = Field(default_factory=ReloadSettings)  # type: ignore[arg-type]
+    admin: Annotated[AdminSettings, RESTART] = Field(default_factory=AdminSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _admin_port_is_not_the_proxy_port(self) -> TapSettings:
+        admin = self.admin.listen
+        if admin is not None and admin.port == self.listen.port:
+            raise ValueError(f"tap.admin.listen.port {admin.port} is the proxy's port; the admin API needs its own")
+        return self

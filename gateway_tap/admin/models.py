@@ -1,0 +1,196 @@
+"""The admin API's request and response bodies; the OpenAPI document is generated from these.
+
+Request bodies take their constraints and descriptions from the YAML's models, and what they
+carry is validated by those models again (:class:`BudgetSettings` for a budget, the plugin's
+``config_schema`` for a plugin config), so the API and the file accept exactly the same values.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway_tap.settings import AppConfig, BudgetSettings, LLMTimeouts, ModelPrice, PluginConfig
+
+Source = Literal["api", "yaml"]
+"""Where an entry is declared: the API's (changeable through it) or the YAML file's (read-only through it)."""
+
+_APP = AppConfig.model_fields
+_BUDGET = BudgetSettings.model_fields
+
+
+class Request(BaseModel):
+    """Request bodies: unknown fields are errors (422 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class AppCreate(Request):
+    """``POST /v1/apps``."""
+
+    id: str = Field(pattern=_APP["id"].metadata[0].pattern, description=_APP["id"].description)
+    name: str = Field(default="", description=_APP["name"].description)
+    allowed_llms: list[str] = Field(default_factory=lambda: ["*"], description=_APP["allowed_llms"].description)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels (team, owner, ...).")
+    enabled: bool = Field(default=True, description="false: its keys are refused (401) until enabled again.")
+
+
+class AppUpdate(Request):
+    """``PATCH /v1/apps/{app_id}``: only the fields given change."""
+
+    name: str | None = None
+    allowed_llms: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    enabled: bool | None = None
+
+
+class App(BaseModel):
+    id: str
+    name: str
+    allowed_llms: list[str]
+    metadata: dict[str, Any]
+    enabled: bool
+    source: Source
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class AppList(BaseModel):
+    data: list[App]
+
+
+class KeyRotate(Request):
+    """``POST /v1/apps/{app_id}/keys/{key_id}/rotate``."""
+
+    overlap_s: float = Field(default=3600.0, ge=0, le=30 * 86400,
+                             description="How long the old key stays valid next to the new one.")
+
+
+class Key(BaseModel):
+    """An issued key as listed: its prefix identifies it; the secret is never shown again."""
+
+    id: str
+    app_id: str
+    prefix: str
+    state: Literal["active", "expiring", "expired", "revoked"]
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class IssuedKey(Key):
+    """The answer to issue and rotate: ``key`` is the secret, shown this once only."""
+
+    key: str
+
+
+class RotatedKey(BaseModel):
+    previous: Key
+    issued: IssuedKey
+
+
+class KeyList(BaseModel):
+    data: list[Key]
+
+
+class BudgetSet(Request):
+    """``PUT /v1/apps/{app_id}/budgets``: a budget of the app (or app x LLM); replaces the one with the same
+    ``llm_id`` and ``period``."""
+
+    llm_id: str | None = Field(default=None, description=_BUDGET["llm_id"].description)
+    limit_usd: float | None = Field(default=None, ge=0, description=_BUDGET["limit_usd"].description)
+    limit_tokens: int | None = Field(default=None, ge=0, description=_BUDGET["limit_tokens"].description)
+    period: Literal["monthly", "daily"] = Field(default="monthly", description=_BUDGET["period"].description)
+    mode: Literal["hard", "soft"] = Field(default="hard", description=_BUDGET["mode"].description)
+    alert_thresholds: tuple[float, ...] = Field(default=(0.8, 1.0),
+                                                description=_BUDGET["alert_thresholds"].description)
+
+
+class Budget(BaseModel):
+    settings: BudgetSettings
+    source: Source
+
+
+class BudgetList(BaseModel):
+    """Budgets and what the tap reports for the app (``GET /budget``'s document: spend, limits, resets)."""
+
+    data: list[Budget]
+    spend: dict[str, Any] | None = None
+
+
+class PluginConfigSet(Request):
+    """``PUT /v1/plugins/{name}/config``: replaces the plugin's whole ``config``."""
+
+    config: dict[str, Any] = Field(description=PluginConfig.model_fields["config"].description)
+
+
+class Plugin(BaseModel):
+    name: str
+    use: str
+    enabled: bool
+    llms: list[str]
+    order: int
+    config: dict[str, Any]
+    config_source: Source
+    config_schema: dict[str, Any] | None = None
+
+
+class PluginList(BaseModel):
+    data: list[Plugin]
+
+
+class LLM(BaseModel):
+    """An upstream as the admin API shows it: never its URL's credentials nor its key."""
+
+    id: str
+    vendor: str
+    currency: str
+    prices: dict[str, ModelPrice]
+    timeouts: LLMTimeouts
+
+
+class LLMList(BaseModel):
+    data: list[LLM]
+
+
+class TapState(BaseModel):
+    gateway_id: str
+    worker: int
+    pid: int
+    version: int
+    seen_at: datetime
+
+
+class Status(BaseModel):
+    """``GET /v1/status``: the state's version and the version each tap worker runs."""
+
+    version: int
+    applied_version: int
+    taps: list[TapState]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+    request_id: str
+
+
+class Error(BaseModel):
+    """Every error: OpenAI-style."""
+
+    error: ErrorDetail
+
+
+def datetime_of(seconds: float) -> datetime:
+    """Unix seconds -> UTC datetime."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def at(seconds: float | None) -> datetime | None:
+    """Unix seconds -> UTC datetime."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)

@@ -1,0 +1,299 @@
+"""Reads and changes of the admin state; every change is one transaction that also bumps the version row."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway_tap.admin.db import Database, Tx, is_unique_violation
+from gateway_tap.admin.state import AdminState, ManagedApp, ManagedKey, new_key
+from gateway_tap.budgets.store import BudgetStoreError
+from gateway_tap.settings import BudgetSettings
+
+T = TypeVar("T")
+
+_APP_COLUMNS = "id, name, allowed_llms, metadata, enabled, created_s, updated_s"
+_KEY_COLUMNS = "id, app_id, key_hash, prefix, created_s, expires_s, revoked_s, last_used_s"
+
+
+class NotFound(LookupError):
+    """The app, key, budget or plugin named does not exist (404)."""
+
+
+class Conflict(ValueError):
+    """The change clashes with what exists (409)."""
+
+
+@dataclass(frozen=True)
+class TapVersion:
+    """What one tap worker last reported: the state version it runs."""
+
+    gateway_id: str
+    worker: int
+    pid: int
+    version: int
+    seen_s: float
+
+
+def _app(row: tuple[Any, ...]) -> ManagedApp:
+    return ManagedApp(row[0], row[1], tuple(orjson.loads(row[2])), orjson.loads(row[3]), bool(row[4]), row[5],
+                      row[6])
+
+
+def _key(row: tuple[Any, ...]) -> ManagedKey:
+    return ManagedKey(*row)
+
+
+def app_view(app: ManagedApp) -> dict[str, Any]:
+    """An app as audit records show it."""
+    data = asdict(app)
+    data["allowed_llms"] = list(app.allowed_llms)
+    data["metadata"] = dict(app.metadata)
+    return data
+
+
+def key_view(key: ManagedKey) -> dict[str, Any]:
+    """A key as audit records show it: never its hash (nor, of course, the secret)."""
+    data = asdict(key)
+    del data["key_hash"]
+    return data
+
+
+class AdminStore:
+    """The admin tables of the budget store's database (:mod:`gateway_tap.admin.db`).
+
+    Methods raise :class:`NotFound`, :class:`Conflict`, and the budget store's
+    :class:`~gateway_tap.budgets.store.StoreUnavailable` / ``BudgetStoreError``.
+    """
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- reads -----------------------------------------------------------------------------------------------
+
+    async def version(self) -> int:
+        """The state's version (0 before the first change): what the taps poll."""
+        async with self.db.transaction(write=False) as tx:
+            row = await tx.fetchone("SELECT version FROM admin_state WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    async def state(self) -> AdminState:
+        """Everything, read in one transaction."""
+        async with self.db.transaction(write=False) as tx:
+            row = await tx.fetchone("SELECT version FROM admin_state WHERE id = 1")
+            apps = [_app(r) for r in await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id")]
+            keys = [_key(r) for r in await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys ORDER BY created_s, id")]
+            budgets = [BudgetSettings.model_validate_json(r[0]) for r in await tx.fetch(
+                "SELECT settings FROM admin_budgets ORDER BY app_id, llm_id, period")]
+            plugins = {r[0]: orjson.loads(r[1]) for r in await tx.fetch(
+                "SELECT name, config FROM admin_plugin_configs ORDER BY name")}
+        return AdminState(int(row[0]) if row else 0, {a.id: a for a in apps}, tuple(keys), tuple(budgets), plugins)
+
+    async def taps(self) -> list[TapVersion]:
+        """The version each tap worker last reported, newest report first."""
+        async with self.db.transaction(write=False) as tx:
+            rows = await tx.fetch("SELECT gateway_id, worker, pid, version, seen_s FROM admin_taps "
+                                  "ORDER BY seen_s DESC")
+        return [TapVersion(*r) for r in rows]
+
+    # -- changes ---------------------------------------------------------------------------------------------
+
+    async def _change(self, fn: Callable[[Tx], Awaitable[T]]) -> tuple[T, int]:
+        """Run ``fn`` and bump the version in one transaction; returns ``fn``'s result and the new version."""
+        try:
+            async with self.db.transaction() as tx:
+                result = await fn(tx)
+                await tx.execute("UPDATE admin_state SET version = version + 1 WHERE id = 1")
+                row = await tx.fetchone("SELECT version FROM admin_state WHERE id = 1")
+        except BudgetStoreError as exc:
+            if is_unique_violation(exc):
+                raise Conflict("it already exists") from exc
+            raise
+        assert row is not None
+        return result, int(row[0])
+
+    @staticmethod
+    async def _get_app(tx: Tx, app_id: str) -> ManagedApp:
+        row = await tx.fetchone(f"SELECT {_APP_COLUMNS} FROM admin_apps WHERE id = ?", app_id)
+        if row is None:
+            raise NotFound(f"no API-managed app {app_id!r}")
+        return _app(row)
+
+    async def create_app(self, app_id: str, name: str, allowed_llms: list[str], metadata: Mapping[str, Any],
+                         enabled: bool = True) -> tuple[ManagedApp, int]:
+        now = self.clock()
+        app = ManagedApp(app_id, name, tuple(allowed_llms), dict(metadata), enabled, now, now)
+
+        async def run(tx: Tx) -> ManagedApp:
+            if await tx.fetchone("SELECT 1 FROM admin_apps WHERE id = ?", app_id) is not None:
+                raise Conflict(f"app {app_id!r} already exists")
+            await tx.execute(f"INSERT INTO admin_apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             app_id, name, orjson.dumps(allowed_llms).decode(), orjson.dumps(metadata).decode(),
+                             int(enabled), now, now)
+            return app
+
+        return await self._change(run)
+
+    async def update_app(self, app_id: str, changes: Mapping[str, Any]) -> tuple[tuple[ManagedApp, ManagedApp], int]:
+        """Apply ``changes`` (name, allowed_llms, metadata, enabled); returns (before, after)."""
+
+        async def run(tx: Tx) -> tuple[ManagedApp, ManagedApp]:
+            before = await self._get_app(tx, app_id)
+            after = ManagedApp(
+                app_id, changes.get("name", before.name), tuple(changes.get("allowed_llms", before.allowed_llms)),
+                dict(changes.get("metadata", before.metadata)), bool(changes.get("enabled", before.enabled)),
+                before.created_s, self.clock())
+            await tx.execute("UPDATE admin_apps SET name = ?, allowed_llms = ?, metadata = ?, enabled = ?, "
+                             "updated_s = ? WHERE id = ?", after.name, orjson.dumps(list(after.allowed_llms)).decode(),
+                             orjson.dumps(dict(after.metadata)).decode(), int(after.enabled), after.updated_s, app_id)
+            return before, after
+
+        return await self._change(run)
+
+    async def delete_app(self, app_id: str) -> tuple[ManagedApp, int]:
+        """Delete the app with its keys and budgets."""
+
+        async def run(tx: Tx) -> ManagedApp:
+            before = await self._get_app(tx, app_id)
+            await tx.execute("DELETE FROM admin_keys WHERE app_id = ?", app_id)
+            await tx.execute("DELETE FROM admin_budgets WHERE app_id = ?", app_id)
+            await tx.execute("DELETE FROM admin_apps WHERE id = ?", app_id)
+            return before
+
+        return await self._change(run)
+
+    async def issue_key(self, app_id: str) -> tuple[tuple[ManagedKey, str], int]:
+        """A new key for the app: (the stored key, the secret to return once)."""
+
+        async def run(tx: Tx) -> tuple[ManagedKey, str]:
+            await self._get_app(tx, app_id)
+            return await self._insert_key(tx, app_id)
+
+        return await self._change(run)
+
+    async def _insert_key(self, tx: Tx, app_id: str) -> tuple[ManagedKey, str]:
+        secret, digest, prefix = new_key()
+        key = ManagedKey("key_" + secrets.token_hex(8), app_id, digest, prefix, self.clock())
+        await tx.execute(f"INSERT INTO admin_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         key.id, key.app_id, key.key_hash, key.prefix, key.created_s, None, None, None)
+        return key, secret
+
+    @staticmethod
+    async def _get_key(tx: Tx, app_id: str, key_id: str) -> ManagedKey:
+        row = await tx.fetchone(f"SELECT {_KEY_COLUMNS} FROM admin_keys WHERE id = ? AND app_id = ?", key_id, app_id)
+        if row is None:
+            raise NotFound(f"app {app_id!r} has no key {key_id!r}")
+        return _key(row)
+
+    async def revoke_key(self, app_id: str, key_id: str) -> tuple[tuple[ManagedKey, ManagedKey], int]:
+        """Revoke at once; returns (before, after). Revoking a revoked key is a conflict."""
+
+        async def run(tx: Tx) -> tuple[ManagedKey, ManagedKey]:
+            before = await self._get_key(tx, app_id, key_id)
+            if before.revoked_s is not None:
+                raise Conflict(f"key {key_id!r} is already revoked")
+            now = self.clock()
+            await tx.execute("UPDATE admin_keys SET revoked_s = ? WHERE id = ?", now, key_id)
+            return before, ManagedKey(**{**asdict(before), "revoked_s": now})
+
+        return await self._change(run)
+
+    async def rotate_key(self, app_id: str, key_id: str, overlap_s: float) -> tuple[tuple[ManagedKey, ManagedKey,
+                                                                                          str], int]:
+        """Issue a successor and let the old key expire ``overlap_s`` from now: (old after, new, new secret)."""
+
+        async def run(tx: Tx) -> tuple[ManagedKey, ManagedKey, str]:
+            old = await self._get_key(tx, app_id, key_id)
+            if not old.valid(self.clock()):
+                raise Conflict(f"key {key_id!r} is {old.state(self.clock())}; issue a new key instead")
+            expires = self.clock() + overlap_s
+            if old.expires_s is not None:
+                expires = min(expires, old.expires_s)
+            await tx.execute("UPDATE admin_keys SET expires_s = ? WHERE id = ?", expires, key_id)
+            new, secret = await self._insert_key(tx, app_id)
+            return ManagedKey(**{**asdict(old), "expires_s": expires}), new, secret
+
+        return await self._change(run)
+
+    async def keys(self, app_id: str) -> list[ManagedKey]:
+        async with self.db.transaction(write=False) as tx:
+            await self._get_app(tx, app_id)
+            rows = await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys WHERE app_id = ? ORDER BY created_s, id",
+                                  app_id)
+        return [_key(r) for r in rows]
+
+    async def set_budget(self, budget: BudgetSettings) -> tuple[BudgetSettings | None, int]:
+        """Create or replace the budget of (app, LLM, period); returns the one it replaced."""
+
+        async def run(tx: Tx) -> BudgetSettings | None:
+            await self._get_app(tx, budget.app_id)
+            llm = budget.llm_id or ""
+            row = await tx.fetchone("SELECT settings FROM admin_budgets WHERE app_id = ? AND llm_id = ? "
+                                    "AND period = ?", budget.app_id, llm, budget.period)
+            await tx.execute(
+                "INSERT INTO admin_budgets (app_id, llm_id, period, settings, updated_s) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (app_id, llm_id, period) DO UPDATE SET settings = excluded.settings, "
+                "updated_s = excluded.updated_s",
+                budget.app_id, llm, budget.period, budget.model_dump_json(), self.clock())
+            return BudgetSettings.model_validate_json(row[0]) if row else None
+
+        return await self._change(run)
+
+    async def delete_budget(self, app_id: str, llm_id: str | None, period: str) -> tuple[BudgetSettings, int]:
+
+        async def run(tx: Tx) -> BudgetSettings:
+            row = await tx.fetchone("SELECT settings FROM admin_budgets WHERE app_id = ? AND llm_id = ? "
+                                    "AND period = ?", app_id, llm_id or "", period)
+            if row is None:
+                scope = f"app {app_id!r}" + (f" x LLM {llm_id!r}" if llm_id else "")
+                raise NotFound(f"no API-managed {period} budget for {scope}")
+            await tx.execute("DELETE FROM admin_budgets WHERE app_id = ? AND llm_id = ? AND period = ?",
+                             app_id, llm_id or "", period)
+            return BudgetSettings.model_validate_json(row[0])
+
+        return await self._change(run)
+
+    async def set_plugin_config(self, name: str, config: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, int]:
+        """Replace a plugin's config; returns the API config it replaced (None: the file's was in force)."""
+
+        async def run(tx: Tx) -> Mapping[str, Any] | None:
+            row = await tx.fetchone("SELECT config FROM admin_plugin_configs WHERE name = ?", name)
+            await tx.execute(
+                "INSERT INTO admin_plugin_configs (name, config, updated_s) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated_s = excluded.updated_s",
+                name, orjson.dumps(dict(config)).decode(), self.clock())
+            return orjson.loads(row[0]) if row else None
+
+        return await self._change(run)
+
+    async def delete_plugin_config(self, name: str) -> tuple[Mapping[str, Any], int]:
+        """Back to the file's config for ``name``."""
+
+        async def run(tx: Tx) -> Mapping[str, Any]:
+            row = await tx.fetchone("SELECT config FROM admin_plugin_configs WHERE name = ?", name)
+            if row is None:
+                raise NotFound(f"plugin {name!r} has no API-managed config")
+            await tx.execute("DELETE FROM admin_plugin_configs WHERE name = ?", name)
+            loaded: Mapping[str, Any] = orjson.loads(row[0])
+            return loaded
+
+        return await self._change(run)
+
+    # -- what taps report ------------------------------------------------------------------------------------
+
+    async def report_tap(self, gateway_id: str, worker: int, pid: int, version: int) -> None:
+        """Record the version a tap worker runs (no version bump: this is not a change of the state)."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO admin_taps (gateway_id, worker, pid, version, seen_s) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway_id, worker) DO UPDATE SET pid = excluded.pid, version = excluded.version, "
+                "seen_s = excluded.seen_s", gateway_id, worker, pid, version, self.clock())
