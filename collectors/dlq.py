@@ -43,7 +43,8 @@ def dlq_headers(letter: DeadLetter, collector: str) -> list[tuple[str, bytes]]:
 
 
 class DeadLetterPublisher:
-    """Publishes dead letters with ``acks=all`` and waits for every ack (commits depend on it)."""
+    """The runtime's producer: publishes dead letters with ``acks=all`` and waits for every ack (commits depend
+    on it); the collector's control messages go through it too (:meth:`send`)."""
 
     def __init__(self, collector: str, client_options: dict[str, Any], max_request_size: int = 64 * 1024 * 1024):
         self.collector = collector
@@ -55,6 +56,11 @@ class DeadLetterPublisher:
 
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future[Any]:
+        """Queue one message with ``acks=all``; returns the future of its acknowledgement."""
+        future: asyncio.Future[Any] = await self._producer.send(topic, value, key=key, headers=headers)
+        return future
 
     async def publish(self, letters: list[DeadLetter]) -> None:
         """Send every letter and wait until the broker acknowledged all of them.

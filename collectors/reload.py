@@ -25,7 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from collectors.config import validate_collector_config
 from collectors.sdk import CollectorServices, ConfigError, DataCollector
+from gateway_tap.apps import AppIndex
 from gateway_tap.config_reload import ReloadMetrics, changed_keys
+from gateway_tap.services import Gateway
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, load_config
 from gateway_tap.settings.base import live_keys, restart_keys
 
@@ -51,6 +53,7 @@ class ReloadTarget(Protocol):
     collector_cls: type[DataCollector]
     collector: DataCollector | None
     services: CollectorServices | None
+    gateway: Gateway
 
     @property
     def metrics(self) -> _HasRegistry: ...
@@ -98,6 +101,7 @@ class CollectorReloader:
             return False
         rt.settings = old.model_copy(update={key: getattr(settings, key) for key in LIVE_KEYS})
         rt.root = root
+        rt.gateway.use_config(AppIndex(root.apps), root.llms)  # the collector's gateway lookups follow the file
         self.generation += 1
         self.metrics.succeeded(self.generation)
         log.info("collector %s: configuration reloaded: generation %d", rt.name, self.generation,

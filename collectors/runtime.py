@@ -29,11 +29,13 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from collectors.config import validate_collector_config
 from collectors.delivery import retry_delay_s
+from collectors.control import ControlOutbox
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorError, CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
+from gateway_tap.services import Gateway
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, group_id_for
 from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
 from schemas.wire import LazyEvents, validate_event_bytes
@@ -164,6 +166,8 @@ class CollectorRuntime:
         self._open_ranges: set[TopicPartition] = set()
         self.on_batch_done = on_batch_done
         self.services: CollectorServices | None = None
+        self.gateway = Gateway.from_config(root.apps, root.llms) if root is not None else Gateway.from_config((), ())
+        self.control = ControlOutbox(f"collector/{settings.group_instance_id or name}", topic_prefix)
         self.reloader = CollectorReloader(self, config_path, overrides) if config_path is not None else None
 
     # -- control ------------------------------------------------------------------------------------------
@@ -201,7 +205,8 @@ class CollectorRuntime:
         defaults = self.root.collector_defaults() if self.root is not None else CollectorDefaults()
         services = self.services = CollectorServices(name=self.name, logger=self.logger, metrics=self.metrics.registry,
                                      kafka_prefix=self.prefix, defaults=defaults,
-                                     extras={"group_instance_id": self.settings.group_instance_id, **self.extras})
+                                     extras={"group_instance_id": self.settings.group_instance_id, **self.extras},
+                                     gateway=self.gateway, control=self.control.send)
         await collector.initialize(config, services)
         s = self.settings
         consumer = self.consumer = AIOKafkaConsumer(
@@ -225,6 +230,7 @@ class CollectorRuntime:
         code = 0
         try:
             await dlq.start()
+            self.control.attach(dlq.send)  # what the collector sent from initialize goes out now
             await consumer.start()
             if self.ranges is not None:
                 self._assign_ranges()
@@ -249,6 +255,9 @@ class CollectorRuntime:
             with contextlib.suppress(Exception):
                 await (self.collector or collector).close()  # a reload may have replaced the instance
             await consumer.stop()  # static members do not leave the group: a restart takes over at once
+            with contextlib.suppress(Exception):  # what close() sent; at most a few seconds, it is best effort
+                await asyncio.wait_for(self.control.drain(), timeout=5)
+            self.control.detach()
             await dlq.stop()
             if runner is not None:
                 await runner.cleanup()
@@ -387,6 +396,7 @@ class CollectorRuntime:
                              type(exc).__name__)
             for rec, _ in control.drop({m.id for m in control.messages}):
                 dead.append(DeadLetter(rec, str(exc), type(exc).__name__))
+        await self.control.drain()  # control messages sent for this batch are acknowledged before it commits
         if dead:
             assert self.dlq is not None
             await self.dlq.publish(dead)

@@ -38,12 +38,13 @@ Sinks only classify failures; the runtime alone decides backoff and dead letters
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from gateway_tap.services import Gateway, GatewayServices, KeyValueStore, MemoryKV
 from gateway_tap.settings import CollectorDefaults
 from schemas import Analytics, BudgetUsage, ControlMessage, Event, EventType, ProxyLog
 
@@ -101,9 +102,14 @@ class ConfigError(ValueError):
     """The collector's configuration is invalid; the message names the key path."""
 
 
+ControlSink = Callable[[str, str, Mapping[str, Any]], str]
+"""``(collector, kind, payload) -> message id``: how :meth:`CollectorServices.send_to_control` reaches Kafka."""
+
+
 @dataclass
 class CollectorServices:
-    """What the runtime hands a collector at :meth:`DataCollector.initialize`.
+    """What the runtime hands a collector at :meth:`DataCollector.initialize`: the same shape as a tap plugin's
+    services where it makes sense (``kv``, ``logger``, ``gateway``, ``send_to_control``).
 
     :param name: the collector's name (as given to ``gateway-tap collect``).
     :param logger: a logger bound to the collector.
@@ -112,6 +118,10 @@ class CollectorServices:
     :param defaults: the root sections of the config file a collector may fall back on (``budgets``,
         ``budget_store``); empty defaults when the runtime was not started from a file.
     :param extras: runtime-specific services (``group_instance_id``: the worker's static membership id).
+    :param gateway: lookups in the config file in force (apps, LLMs, prices), as a plugin's
+        ``services.gateway`` (``budget_status`` answers ``None``); a reload of the file updates them.
+    :param kv: a key-value store of this collector's own, in this worker process (kept across reloads).
+    :param control: where :meth:`send_to_control` goes (the runtime's acknowledged producer).
     """
 
     name: str
@@ -120,6 +130,25 @@ class CollectorServices:
     kafka_prefix: str = "gateway"
     defaults: CollectorDefaults = field(default_factory=CollectorDefaults)
     extras: dict[str, Any] = field(default_factory=dict)
+    gateway: GatewayServices = field(default_factory=lambda: Gateway.from_config((), ()))
+    kv: KeyValueStore = field(default_factory=lambda: MemoryKV({}, "collector"))
+    control: ControlSink | None = None
+
+    def send_to_control(self, kind: str, payload: Mapping[str, Any]) -> str:
+        """Send ``payload`` (a JSON object) to the control plane: topic ``<prefix>.control``, ``plugin`` = this
+        collector's name, ``gateway_id`` = ``collector/<instance>``. Never blocks; returns the message id.
+
+        A message sent while a batch is handled is acknowledged by Kafka before that batch is committed;
+        when it cannot be, the batch is retried (so a reader may see a message twice; ``id`` tells).
+
+        :raises TypeError: ``payload`` is not JSON-serialisable.
+        :raises OverflowError: too many messages are waiting for Kafka.
+        :raises RuntimeError: the collector runs without a control channel.
+        """
+        if self.control is None:
+            raise RuntimeError("no control channel: send_to_control works inside a collector runtime or a "
+                               "CollectorHarness")
+        return self.control(self.name, kind, payload)
 
 
 class DataCollector:

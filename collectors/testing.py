@@ -17,14 +17,15 @@ each event; :class:`BadEvent` / :class:`BadEvents` become :attr:`rejected`) and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
 from collectors.config import validate_collector_config
 from collectors.sdk import CollectorServices, DataCollector, hand_over, hand_over_control
-from gateway_tap.settings import CollectorDefaults
+from gateway_tap.services import Gateway, new_control_message
+from gateway_tap.settings import AppConfig, CollectorDefaults, LLMConfig
 from schemas import ControlMessage, Event, EventDecodeError, EventType, decode_event, encode_event
 
 
@@ -36,29 +37,41 @@ class CollectorHarness:
     :param name: the collector name passed in its services.
     :param defaults: the root config sections handed over as ``services.defaults`` (default: empty).
     :param extras: extra services (``CollectorServices.extras``).
+    :param apps: the apps ``services.gateway`` knows (as in a config file's ``apps``).
+    :param llms: the LLMs ``services.gateway`` knows (as in a config file's ``llms``).
     :ivar handed: events handed over and not rejected, since the last flush.
     :ivar flushed: events handed over and not rejected before a successful :meth:`flush`.
     :ivar rejected: event id -> reason, for every event the collector rejected.
     :ivar undecodable: reasons of raw values :meth:`feed_raw` could not decode (the runtime dead-letters them).
     :ivar handled_control: control messages handed over with :meth:`feed_control` and not rejected.
+    :ivar control_messages: what the collector sent with ``services.send_to_control`` (envelope filled in,
+        gateway id ``collector/harness``).
     """
 
     def __init__(self, collector_cls: type[DataCollector], config: dict[str, Any] | None = None, *,
                  name: str = "test", defaults: CollectorDefaults | None = None,
-                 extras: dict[str, Any] | None = None) -> None:
+                 extras: dict[str, Any] | None = None, apps: Iterable[AppConfig] = (),
+                 llms: Iterable[LLMConfig] = ()) -> None:
         self.collector_cls = collector_cls
         self.name = name
         self.config = validate_collector_config(name, collector_cls, config or {})
         self.registry = CollectorRegistry()
         self.services = CollectorServices(name=name, logger=logging.getLogger(f"gateway_tap.collectors.{name}"),
                                           metrics=self.registry, defaults=defaults or CollectorDefaults(),
-                                          extras=dict(extras or {}))
+                                          extras=dict(extras or {}),
+                                          gateway=Gateway.from_config(list(apps), list(llms)), control=self._control)
         self.collector = collector_cls()
         self.handed: list[Event] = []
         self.flushed: list[Event] = []
         self.rejected: dict[str, str] = {}
         self.undecodable: list[str] = []
         self.handled_control: list[ControlMessage] = []
+        self.control_messages: list[ControlMessage] = []
+
+    def _control(self, collector: str, kind: str, payload: Mapping[str, Any]) -> str:
+        message, _ = new_control_message("collector/harness", collector, kind, payload)  # the runtime's TypeError
+        self.control_messages.append(message)
+        return message.id
 
     async def __aenter__(self) -> Self:
         await self.collector.initialize(self.config, self.services)

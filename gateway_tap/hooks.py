@@ -42,10 +42,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import orjson
 from multidict import CIMultiDict
 
+# The services shared with collectors live below the SDK; plugin authors import them from here.
+from gateway_tap.services import GatewayServices as GatewayServices
+from gateway_tap.services import KeyValueStore as KeyValueStore
+from gateway_tap.services import LLMInfo as LLMInfo
+from gateway_tap.services import Price as Price
+
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway_tap.settings import AppConfig
 
 _UNPARSED: Any = object()
 
@@ -255,67 +260,6 @@ class StreamEvent:
 
     def __repr__(self) -> str:
         return f"StreamEvent(event={self._event!r}, data={self._data[:60]!r})"
-
-
-class KeyValueStore(Protocol):
-    """A small async key-value store, namespaced per plugin."""
-
-    async def get(self, key: str) -> Any: ...
-
-    async def set(self, key: str, value: Any, ttl_s: float | None = None) -> None: ...
-
-    async def delete(self, key: str) -> None: ...
-
-    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LLMInfo:
-    """A configured LLM as plugins see it: never its upstream URL or credential."""
-
-    id: str
-    vendor: str
-    currency: str
-    priced_models: tuple[str, ...]
-    """Models with a configured price; ``"*"`` when every other model has one too."""
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """What the tap charges for a model: ``currency`` per million input / output tokens."""
-
-    input_per_1m: float
-    output_per_1m: float
-    currency: str
-
-
-class GatewayServices(Protocol):
-    """What the gateway offers plugins; answers come from the configuration in force (reloads included)."""
-
-    def validate_credential(self, key: str) -> AppConfig | None:
-        """The app a presented key belongs to, or ``None``."""
-        ...
-
-    def get_app(self, app_id: str) -> AppConfig | None: ...
-
-    def list_apps(self) -> list[AppConfig]:
-        """Every configured app, in file order."""
-        ...
-
-    def get_llm(self, llm_id: str) -> LLMInfo | None: ...
-
-    def list_llms(self) -> list[LLMInfo]:
-        """Every configured LLM, in file order."""
-        ...
-
-    def price_for(self, llm_id: str, model: str) -> Price | None:
-        """The price the tap charges for ``model`` on ``llm_id`` (the model's own, else the LLM's ``"*"``
-        price); ``None`` for an unknown LLM or an unpriced model."""
-        ...
-
-    async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
-        """The app's current budget standing, or ``None`` when budgets are not configured."""
-        ...
 
 
 ControlSink = Callable[[str, str, Mapping[str, Any]], str]

@@ -27,8 +27,8 @@ from gateway_tap.hooks import (
     KeyValueStore,
     PluginServices,
 )
-from gateway_tap.plugins.services import MemoryKV
 from gateway_tap.plugins.shared_kv import SharedKVStore
+from gateway_tap.services import MemoryKV
 from gateway_tap.settings import PluginConfig
 
 ENTRY_POINT_GROUP = "gateway_tap.plugins"

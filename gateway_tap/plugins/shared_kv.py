@@ -1,7 +1,7 @@
 """The plugins' shared key-value store: one SQLite file (WAL) that every worker process of a tap opens.
 
 A plugin gets it with ``kv: {backend: shared, max_bytes: N}`` in its ``plugins[]`` entry;
-otherwise it gets the per-process :class:`~gateway_tap.plugins.services.MemoryKV`
+otherwise it gets the per-process :class:`~gateway_tap.services.MemoryKV`
 (a dict: no I/O, nothing to bound by bytes, right for per-worker counters).
 
 Why SQLite: it is in the standard library, safe across processes (WAL: readers never

@@ -58,10 +58,10 @@ from gateway_tap.plugins.endpoints import (
     track_response_start,
 )
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
-from gateway_tap.plugins.services import Gateway
 from gateway_tap.plugins.sse import EventReader, EventRelay
+from gateway_tap.services import Gateway, new_control_message
 from gateway_tap.settings import AppConfig, LLMConfig, PluginConfig
-from schemas import ControlMessage, encode_control
+from schemas import ControlMessage
 
 _ids = itertools.count(1)
 
@@ -149,8 +149,7 @@ class PluginHarness:
         self.endpoints: EndpointRoutes | None = None
 
     def _control(self, plugin: str, kind: str, payload: Mapping[str, Any]) -> str:
-        message = ControlMessage(gateway_id="harness", plugin=plugin, kind=kind, payload=dict(payload))
-        encode_control(message)  # the same TypeError as in the tap for a payload that is not JSON
+        message, _ = new_control_message("harness", plugin, kind, payload)  # the tap's TypeError for non-JSON
         self.control_messages.append(message)
         return message.id
 

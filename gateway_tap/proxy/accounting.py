@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from gateway_tap.hooks import StreamEvent
-from gateway_tap.plugins.services import price_for as price_for  # the one pricing rule, which accounting charges by
+from gateway_tap.services import price_for as price_for  # the one pricing rule, which accounting charges by
 from gateway_tap.settings import ModelPrice
 
 CHARS_PER_TOKEN = 4

@@ -22,7 +22,7 @@ from gateway_tap.budgets.periods import Clock
 from gateway_tap.plugins.chain import build_chains
 from gateway_tap.plugins.endpoints import EndpointRoutes
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
-from gateway_tap.plugins.services import BudgetStatusFn, ControlChannel, Gateway
+from gateway_tap.plugins.services import ControlChannel
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.budget import BudgetGate, unenforced_report
@@ -37,6 +37,7 @@ from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
+from gateway_tap.services import BudgetStatusFn, Gateway
 from gateway_tap.settings import GatewayConfig, PluginConfig
 from schemas import status_class
 

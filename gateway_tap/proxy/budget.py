@@ -179,7 +179,7 @@ class BudgetGate:
                 "budgets": [s.to_dict() for s in self.enforcer.status(app_id, llm_id)]}
 
     async def status_for(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
-        """:data:`gateway_tap.plugins.services.BudgetStatusFn` for the plugins' gateway services."""
+        """:data:`gateway_tap.services.BudgetStatusFn` for the plugins' gateway services."""
         return self.report(app_id, llm_id)
 
 

@@ -32,7 +32,7 @@ from gateway_tap.plugins.chain import (
     run_response_header_hooks,
 )
 from gateway_tap.plugins.loader import LoadedPlugin
-from gateway_tap.plugins.services import Gateway, MemoryKV
+from gateway_tap.services import Gateway, MemoryKV
 from gateway_tap.settings import PluginConfig
 
 SERVICES = PluginServices(MemoryKV({}, "t"), logging.getLogger("test"), Gateway(AppIndex([])))

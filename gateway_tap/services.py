@@ -1,0 +1,199 @@
+"""Services the gateway offers its extensions, tap plugins and collectors alike.
+
+A namespaced key-value store (:class:`MemoryKV`), lookups in the configuration in force
+(:class:`Gateway`: apps, LLMs, prices) and the envelope of control messages
+(:func:`new_control_message`). How a control message travels differs by host (the tap's spooled
+publisher, a collector's acknowledged producer), so each host binds the sending itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway_tap.apps import AppIndex
+from schemas import ControlMessage, encode_control
+
+if TYPE_CHECKING:
+    from gateway_tap.settings import AppConfig, LLMConfig, ModelPrice
+
+BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
+
+
+class KeyValueStore(Protocol):
+    """A small async key-value store, namespaced per plugin or collector."""
+
+    async def get(self, key: str) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl_s: float | None = None) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LLMInfo:
+    """A configured LLM as plugins see it: never its upstream URL or credential."""
+
+    id: str
+    vendor: str
+    currency: str
+    priced_models: tuple[str, ...]
+    """Models with a configured price; ``"*"`` when every other model has one too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What the tap charges for a model: ``currency`` per million input / output tokens."""
+
+    input_per_1m: float
+    output_per_1m: float
+    currency: str
+
+
+class GatewayServices(Protocol):
+    """What the gateway offers plugins and collectors; answers come from the configuration in force (reloads
+    included)."""
+
+    def validate_credential(self, key: str) -> AppConfig | None:
+        """The app a presented key belongs to, or ``None``."""
+        ...
+
+    def get_app(self, app_id: str) -> AppConfig | None: ...
+
+    def list_apps(self) -> list[AppConfig]:
+        """Every configured app, in file order."""
+        ...
+
+    def get_llm(self, llm_id: str) -> LLMInfo | None: ...
+
+    def list_llms(self) -> list[LLMInfo]:
+        """Every configured LLM, in file order."""
+        ...
+
+    def price_for(self, llm_id: str, model: str) -> Price | None:
+        """The price the tap charges for ``model`` on ``llm_id`` (the model's own, else the LLM's ``"*"``
+        price); ``None`` for an unknown LLM or an unpriced model."""
+        ...
+
+    async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
+        """The app's current budget standing, or ``None`` when budgets are not configured."""
+        ...
+
+
+class MemoryKV:
+    """In-process key-value store; each plugin sees only its own namespace.
+
+    It lives in one worker process: state that must be shared between workers
+    belongs in an external store the plugin talks to itself.
+    """
+
+    def __init__(self, data: dict[str, tuple[Any, float | None]], namespace: str, max_keys: int = 100_000) -> None:
+        self._data = data
+        self._prefix = namespace + "\x00"
+        self._max_keys = max_keys
+
+    def _get(self, key: str) -> tuple[Any, float | None] | None:
+        item = self._data.get(self._prefix + key)
+        if item is not None and item[1] is not None and item[1] < time.monotonic():
+            del self._data[self._prefix + key]
+            return None
+        return item
+
+    async def get(self, key: str) -> Any:
+        item = self._get(key)
+        return None if item is None else item[0]
+
+    async def set(self, key: str, value: Any, ttl_s: float | None = None) -> None:
+        if len(self._data) >= self._max_keys and self._prefix + key not in self._data:
+            self._evict_expired()
+            if len(self._data) >= self._max_keys:
+                raise OverflowError(f"key-value store is full ({self._max_keys} keys)")
+        self._data[self._prefix + key] = (value, time.monotonic() + ttl_s if ttl_s else None)
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(self._prefix + key, None)
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        item = self._get(key)
+        value = (int(item[0]) if item else 0) + amount
+        expires = item[1] if item else (time.monotonic() + ttl_s if ttl_s else None)
+        self._data[self._prefix + key] = (value, expires)
+        return value
+
+    def _evict_expired(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, (_, exp) in self._data.items() if exp is not None and exp < now]:
+            del self._data[k]
+
+
+def price_for(prices: Mapping[str, ModelPrice], *models: str | None) -> ModelPrice | None:
+    """The price of the first of ``models`` with one in ``prices``, else the ``"*"`` price: the tap's one
+    pricing rule (accounting charges by it, ``services.gateway.price_for`` reports it)."""
+    for model in models:
+        if model and model in prices:
+            return prices[model]
+    return prices.get("*")
+
+
+def _llm_info(llm: LLMConfig) -> LLMInfo:
+    return LLMInfo(llm.id, llm.vendor, llm.currency, tuple(llm.prices))
+
+
+class Gateway:
+    """The :class:`gateway_tap.hooks.GatewayServices` implementation, answering from the configuration in force."""
+
+    def __init__(self, apps: AppIndex, budget_status: BudgetStatusFn | None = None,
+                 llms: Sequence[LLMConfig] = ()) -> None:
+        self.budget_status_fn = budget_status
+        self.use_config(apps, llms)
+
+    @classmethod
+    def from_config(cls, apps: Sequence[AppConfig], llms: Sequence[LLMConfig],
+                    budget_status: BudgetStatusFn | None = None) -> Gateway:
+        """Lookups over ``apps`` and ``llms`` as declared in a config file."""
+        return cls(AppIndex(apps), budget_status, llms)
+
+    def use_config(self, apps: AppIndex, llms: Sequence[LLMConfig]) -> None:
+        """Answer from ``apps`` and ``llms`` from now on (start-up, a configuration reload): one assignment,
+        so a plugin sees the old or the new configuration, never a mix."""
+        self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms])
+
+    def validate_credential(self, key: str) -> AppConfig | None:
+        return self._config[0].app_for_key(key)
+
+    def get_app(self, app_id: str) -> AppConfig | None:
+        return self._config[0].by_id.get(app_id)
+
+    def list_apps(self) -> list[AppConfig]:
+        return list(self._config[0].by_id.values())
+
+    def get_llm(self, llm_id: str) -> LLMInfo | None:
+        llm = self._config[1].get(llm_id)
+        return _llm_info(llm) if llm is not None else None
+
+    def list_llms(self) -> list[LLMInfo]:
+        return list(self._config[2])
+
+    def price_for(self, llm_id: str, model: str) -> Price | None:
+        llm = self._config[1].get(llm_id)
+        price = price_for(llm.prices, model) if llm is not None else None
+        return Price(price.input_per_1m, price.output_per_1m, llm.currency) if llm and price else None
+
+    async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
+        if self.budget_status_fn is None:
+            return None
+        return await self.budget_status_fn(app_id, llm_id)
+
+
+def new_control_message(gateway_id: str, plugin: str, kind: str,
+                        payload: Mapping[str, Any]) -> tuple[ControlMessage, bytes]:
+    """The envelope around ``payload`` and its Kafka message value.
+
+    :raises TypeError: ``payload`` is not JSON-serialisable (raised in the sender's call, not later).
+    """
+    message = ControlMessage(gateway_id=gateway_id, plugin=plugin, kind=kind, payload=dict(payload))
+    return message, encode_control(message)
