@@ -28,8 +28,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from collectors.config import validate_collector_config
-from collectors.delivery import retry_delay_s
 from collectors.control import ControlOutbox
+from collectors.delivery import retry_delay_s
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.registry import resolve_collector
