@@ -106,7 +106,7 @@ class BudgetGate:
     @classmethod
     async def open(cls, config: GatewayConfig, *, registry: CollectorRegistry,
                    clock: Clock | None = None) -> BudgetGate | None:
-        """A gate when budgets are configured and enforcement is enabled, else None.
+        """A gate when budgets are configured (or may come from the admin API) and enforcement is enabled, else None.
 
         The store is only opened here (PostgreSQL connects lazily); the schema is
         migrated and the spend read by :meth:`start`, whose failure is handled by
@@ -115,7 +115,8 @@ class BudgetGate:
         :raises gateway_tap.budgets.store.StoreUnavailable: the SQLite file cannot be opened.
         :raises ValueError: PostgreSQL without a DSN.
         """
-        if not config.budgets or not config.budget_enforcement.enabled:
+        # With the admin state, budgets may arrive through the API at any time.
+        if not (config.budgets or config.tap.admin.enabled) or not config.budget_enforcement.enabled:
             return None
         store = await open_store(config.budget_store, migrate=False)
         return cls(config, store, registry=registry, clock=clock or utc_clock)

@@ -92,6 +92,10 @@ class ConfigReloader:
         self._retiring: list[LoadedPlugin] = []
         self._tasks: set[asyncio.Task[object]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self.file_config: GatewayConfig = tap.snapshot.config
+        """The file's configuration in force, before :attr:`overlay`."""
+        self.overlay: Callable[[GatewayConfig], GatewayConfig] | None = None
+        """What the file's configuration becomes before it is applied (the admin API's state on top)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -150,6 +154,15 @@ class ConfigReloader:
                           extra={"problems": exc.problems, "generation": self.generation})
                 self.metrics.rejected("invalid")
                 return False
+            ok = await self._apply_locked(config if self.overlay is None else self.overlay(config), reason)
+            if ok:
+                self.file_config = config
+            return ok
+
+    async def reapply(self, reason: str) -> bool:
+        """Apply the file's configuration in force through :attr:`overlay` again (its input changed)."""
+        async with self._lock:
+            config = self.file_config if self.overlay is None else self.overlay(self.file_config)
             return await self._apply_locked(config, reason)
 
     async def apply(self, config: GatewayConfig, reason: str = "apply") -> bool:

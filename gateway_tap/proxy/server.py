@@ -59,7 +59,13 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
 
     tap = await create_app(config, worker_index=worker_index, config_path=config_path)
     runner = TapRunner(tap.web_app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()
+    await runner.setup()  # starts the publisher: the admin state's first apply may send control messages
+    admin = None
+    if config.tap.admin.enabled:
+        from gateway_tap.proxy.admin_link import AdminLink
+
+        admin = await AdminLink.open(tap, worker_index=worker_index, workers=workers)
+        await admin.start()
     site = web.TCPSite(runner, config.tap.listen.host, port, reuse_port=workers > 1)
     await site.start()
     stop = asyncio.Event()
@@ -75,6 +81,8 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
     log.info("worker serving", extra={"worker": worker_index, "pid": os.getpid(), "port": port})
     await stop.wait()
     log.info("worker stopping", extra={"worker": worker_index, "pid": os.getpid()})
+    if admin is not None:
+        await admin.stop()
     await runner.cleanup()
     log.info("worker stopped", extra={"worker": worker_index, "publisher": tap.publisher.stats()})
 
