@@ -68,6 +68,31 @@ def messages(prefix: str, n: int) -> list[Message]:
     return out
 
 
+class KeyPartitioner:
+    """aiokafka's default partitioner with its choice for a key memoized per partition count (what the publisher
+    used with aiokafka: murmur2 in pure Python was a third of ``AIOKafkaProducer.send`` per message)."""
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+        self._murmur2 = murmur2
+        self._memo: dict[tuple[bytes, int], int] = {}
+        self._max_keys = max_keys
+        self._random = DefaultPartitioner()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return self._random(key, all_partitions, available)  # type: ignore[no-any-return]
+        memo_key = (key, len(all_partitions))
+        index = self._memo.get(memo_key)
+        if index is None:
+            index = (self._murmur2(key) & 0x7FFFFFFF) % len(all_partitions)
+            if len(self._memo) >= self._max_keys:
+                self._memo.clear()
+            self._memo[memo_key] = index
+        return all_partitions[index]
+
+
 class NullSender:
     """The harness alone (pacing, queue, groups): its CPU is in every other row too."""
 
@@ -88,8 +113,6 @@ class AioKafkaSender:
     def __init__(self, bootstrap: str, codec: str, memo_partitioner: bool = False) -> None:
         from aiokafka import AIOKafkaProducer
         from aiokafka.partitioner import DefaultPartitioner
-
-        from gateway_tap.publisher.publisher import KeyPartitioner
 
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
                                          compression_type=None if codec == "none" else codec, linger_ms=5,
@@ -122,8 +145,6 @@ class AioKafkaBatchSender(AioKafkaSender):
 
     def __init__(self, bootstrap: str, codec: str) -> None:
         super().__init__(bootstrap, codec, memo_partitioner=True)
-        from gateway_tap.publisher.publisher import KeyPartitioner
-
         self.partitioner = KeyPartitioner()
 
     async def send_group(self, group: list[Message]) -> None:

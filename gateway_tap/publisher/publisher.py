@@ -3,8 +3,8 @@
 Two paths, one order:
 
 - *direct*: :meth:`EventPublisher.publish` appends to a bounded in-memory queue; the
-  sender task sends it in groups through one aiokafka producer and awaits the
-  acknowledgements of each group.
+  sender task sends it in groups through one librdkafka producer (:mod:`.kafka`) and
+  awaits Kafka's verdict on every message of each group.
 - *spooling*: when Kafka is unreachable, a send fails or times out, or the queue is
   full, events go to an overflow list that the spool task writes to the disk spool
   (in a dedicated thread). Once anything is spooled every new event is spooled too
@@ -26,62 +26,26 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import prometheus_client
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    InvalidTopicError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-)
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from confluent_kafka import KafkaException
 
 import schemas
+from gateway_tap.publisher.kafka import GroupProducer
 from gateway_tap.publisher.spool import AppendResult, Message, ReadBatch, Spool
 from gateway_tap.settings import KafkaSettings, PublisherSettings
 from schemas.wire import encode_wire, wire_type
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# Kafka will refuse these every time: retrying would wedge the spool behind them.
-_REJECTED = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
 _OVERFLOW_FACTOR = 10
 """The overflow list waiting for the disk holds at most this many queues' worth of events."""
 
 
 DROP_REASONS = ("unencodable", "after_stop", "too_large", "spool_backlog", "rejected", "spool_full", "spool_error")
 """Every ``reason`` label of ``gateway_tap_publisher_events_dropped_total``."""
-
-
-class KeyPartitioner:
-    """aiokafka's default partitioner with its choice for a key memoized per partition count.
-
-    The same partition as :class:`aiokafka.partitioner.DefaultPartitioner` (murmur2 of the key, as the
-    Java client): the tap keys events by app id, a handful of keys, and murmur2 in pure Python was a third
-    of ``AIOKafkaProducer.send`` per message. Messages without a key go to a random available partition.
-    """
-
-    def __init__(self, max_keys: int = 10_000) -> None:
-        self._memo: dict[tuple[bytes, int], int] = {}
-        self._max_keys = max_keys
-        self._random = DefaultPartitioner()
-
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            return self._random(key, all_partitions, available)  # type: ignore[no-any-return]
-        memo_key = (key, len(all_partitions))
-        index = self._memo.get(memo_key)
-        if index is None:
-            index = (murmur2(key) & 0x7FFFFFFF) % len(all_partitions)
-            if len(self._memo) >= self._max_keys:
-                self._memo.clear()
-            self._memo[memo_key] = index
-        return all_partitions[index]
 
 
 class PublisherMetrics:
@@ -147,8 +111,7 @@ class EventPublisher:
         self._spool_pending = 0
         self._spool_segments = 0
         self._inflight: list[Message] = []  # the sender's current group
-        self._producer: AIOKafkaProducer | None = None
-        self._partitioner = KeyPartitioner()
+        self._producer = GroupProducer(kafka, settings)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-tap-spool")  # one thread: spool order
         self._wake_sender = asyncio.Event()
         self._wake_spool = asyncio.Event()
@@ -314,105 +277,32 @@ class EventPublisher:
 
     # ------------------------------------------------------------------ Kafka
 
-    def _new_producer(self) -> AIOKafkaProducer:
-        s = self._settings
-        opts = self._kafka.client_options()
-        # A send must fail within delivery_timeout_s rather than the cluster-wide request timeout.
-        opts["request_timeout_ms"] = min(opts["request_timeout_ms"], int(s.delivery_timeout_s * 1000))
-        return AIOKafkaProducer(
-            **opts,
-            client_id=f"{self._kafka.client_id}-publisher",
-            acks=s.acks,
-            enable_idempotence=s.enable_idempotence,
-            compression_type=None if s.compression == "none" else s.compression,
-            linger_ms=s.linger_ms,
-            max_batch_size=s.max_batch_bytes,
-            max_request_size=max(s.max_batch_bytes, 1_048_576),
-            partitioner=self._partitioner,
-        )
-
     async def _probe(self) -> None:
         """Connect (first time) or check the cluster answers metadata; sets ``_connected``."""
         self._next_probe = asyncio.get_running_loop().time() + self._settings.retry_interval_s
         self._probes += 1
         timeout = self._wait_budget(max(self._settings.retry_interval_s, 2.0))
         try:
-            if self._producer is None:
-                producer = self._new_producer()
-                try:
-                    await asyncio.wait_for(producer.start(), timeout)
-                except BaseException:
-                    await self._close_producer(producer, 1.0)
-                    raise
-                self._producer = producer
-            else:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
-        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._producer.probe(timeout)
+        except (KafkaException, OSError) as exc:
             if self._connected or self._probes == 1:
-                log.warning("Kafka unreachable (%s); spooling events to %s", exc or type(exc).__name__,
-                            self._spool.directory)
+                log.warning("Kafka unreachable (%s); spooling events to %s", exc, self._spool.directory)
             self._connected = False
             return
         if not self._connected:
             log.info("Kafka reachable at %s", self._kafka.bootstrap_servers)
         self._connected = True
 
-    async def _close_producer(self, producer: AIOKafkaProducer, wait_s: float) -> None:
-        """Stop gracefully within ``wait_s`` (0 = not at all), else drop its unsent batches and connections."""
-        try:
-            if wait_s <= 0:
-                raise TimeoutError
-            await asyncio.wait_for(producer.stop(), wait_s)
-        except Exception:
-            # Unacknowledged batches keep an idempotent producer retrying forever; everything it held
-            # is already spooled, so just stop its sender and connections.
-            sender = getattr(producer, "_sender", None)
-            task = getattr(sender, "sender_task", None)
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-            with contextlib.suppress(Exception):
-                await producer.client.close()
-            producer._closed = True  # what stop() would have set; silences the "unclosed" warning
-
     async def _send_group(self, messages: Sequence[Message]) -> list[Message]:
-        """Send and await acks; returns the messages to retry (failed, timed out or never sent)."""
-        producer = self._producer
-        if producer is None or not self._connected:
+        """Send and await Kafka's verdict; returns the messages to retry (failed, timed out or never sent)."""
+        if not self._producer.exists or not self._connected:
             return list(messages)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait_budget(self._settings.delivery_timeout_s)
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            async with asyncio.timeout_at(deadline):
-                for msg in messages:
-                    futures.append(await producer.send(msg.topic, msg.value, key=msg.key, headers=msg.headers,
-                                                       timestamp_ms=msg.timestamp_ms))
-        except (KafkaError, TimeoutError) as exc:
-            if not isinstance(exc, _REJECTED):
-                log.warning("send to Kafka failed after %d of %d events: %r", len(futures), len(messages), exc)
-        if futures:
-            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
-        retry: list[Message] = []
-        acked: Counter[str] = Counter()
-        for i, msg in enumerate(messages):
-            fut = futures[i] if i < len(futures) else None
-            if fut is None or not fut.done():
-                if fut is not None:
-                    fut.add_done_callback(_consume_result)  # may still resolve; nobody awaits it any more
-                retry.append(msg)
-            elif fut.cancelled():
-                retry.append(msg)
-            elif (error := fut.exception()) is not None:
-                if isinstance(error, _REJECTED):
-                    log.error("Kafka rejected an event on %s for good (%r); dropped", msg.topic, error)
-                    self._drop(msg.topic, "rejected")
-                else:
-                    retry.append(msg)
-            else:
-                acked[msg.topic] += 1
-        self._count(self._m.published, "published", acked)
+        result = await self._producer.send(messages, self._wait_budget(self._settings.delivery_timeout_s))
+        for msg, error in result.rejected:
+            log.error("Kafka rejected an event on %s for good (%s); dropped", msg.topic, error)
+            self._drop(msg.topic, "rejected")
+        self._count(self._m.published, "published", result.acked)
+        retry = result.retry
         if retry:
             self._counts["failures"] += 1
             self._m.failures.inc()
@@ -420,13 +310,8 @@ class EventPublisher:
                 log.warning("%d of %d events not acknowledged by Kafka in time; spooling them",
                             len(retry), len(messages))
             self._connected = False
-            self._next_probe = loop.time() + self._settings.retry_interval_s
-            # Start over with a fresh producer: an idempotent producer whose batches timed out keeps
-            # retrying them forever, and one whose broker lost its sequence state (a broker restart)
-            # fails every later send with OutOfOrderSequenceNumber. Its batches are spooled already.
-            if self._producer is producer:
-                self._producer = None
-                await self._close_producer(producer, 0)
+            # The producer dropped itself (see GroupProducer.send); the next probe starts a fresh one.
+            self._next_probe = asyncio.get_running_loop().time() + self._settings.retry_interval_s
         return retry
 
     # ------------------------------------------------------------------ tasks
@@ -565,9 +450,7 @@ class EventPublisher:
                     self._overflow = []
             await self._in_spool_thread(self._spool.close)
             self._refresh_spool_stats()
-            if self._producer is not None:
-                await self._close_producer(self._producer, max(0.5, deadline - loop.time()))
-                self._producer = None
+            await self._producer.close(max(0.5, deadline - loop.time()))
             self._connected = False
         self._closed = True
         self._executor.shutdown(wait=True)
@@ -575,7 +458,3 @@ class EventPublisher:
             log.info("publisher stopped with %d events in the spool %s; the next start sends them",
                      self._spool_pending, self._spool.directory)
 
-
-def _consume_result(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()

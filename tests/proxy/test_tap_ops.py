@@ -56,6 +56,13 @@ async def test_broker_outage_and_tap_restart_lose_no_event(mock_llm: str, topic_
     url = f"http://127.0.0.1:{port}"
     tap = _tap_process(config, port, tmp_path / "tap.log").start()
     try:
+        # /readyz answers once one worker is up; on a loaded machine the other can take seconds more (each
+        # worker opens its spool while starting). A hang guard, not a timing assertion.
+        for _ in range(600):
+            if all((tmp_path / "spool" / f"worker-{i}").is_dir() for i in range(2)):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the worker's Kafka probe, then it listens
         ids = await _traffic(url, 20)
         # Both workers share /metrics: the count covers every request whichever worker served it.
         assert await _metric_sum(url, "gateway_tap_requests_total") == 20

@@ -244,20 +244,3 @@ async def test_queue_overflow_spools_in_order_and_counts_drops_when_the_spool_is
     kept = {e.id for e in events[: stats["spooled"]]}  # drop_newest keeps the oldest
     seen = await consume_ids(running_noida.bootstrap, topic_prefix, kept)
     assert set(seen) == kept
-
-
-def test_key_partitioner_picks_what_aiokafka_picks() -> None:
-    """The memoized partitioner sends every key where aiokafka's default (murmur2) partitioner would."""
-    import random
-
-    from aiokafka.partitioner import DefaultPartitioner
-
-    from gateway_tap.publisher.publisher import KeyPartitioner
-
-    ours, default = KeyPartitioner(max_keys=50), DefaultPartitioner()
-    rng = random.Random(5)
-    for _ in range(3000):
-        key = f"app-{rng.randint(0, 80)}".encode() if rng.random() < 0.9 else rng.randbytes(rng.randint(0, 12))
-        partitions = list(range(rng.choice([1, 3, 6, 12])))
-        assert ours(key, partitions, partitions) == default(key, partitions, partitions)
-    assert ours(None, [0, 1, 2], [2]) == 2  # no key: an available partition
