@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ REJECTED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_EXCE
 behind them. Every other error (topic missing, not enough replicas, timeouts, a fatal producer) is retried
 through the spool."""
 
+_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+"""Kafka's topic names: librdkafka refuses any other name as an unknown topic, which would be retried forever."""
 _PURGE_WAIT_S = 1.0
 """After purging a timed-out group, how long to wait for librdkafka to report the purged messages."""
 _QUEUE_FULL_WAIT_S = 0.05
@@ -167,7 +170,8 @@ class GroupProducer:
                     continue
                 except KafkaException as exc:
                     error: KafkaError = exc.args[0]
-                    if error.code() in REJECTED_CODES:
+                    if error.code() in REJECTED_CODES or (
+                            error.code() == KafkaError._UNKNOWN_TOPIC and not _LEGAL_TOPIC.fullmatch(msg.topic)):
                         rejected.append((msg, error))
                     else:
                         log.warning("send to Kafka failed after %d of %d events: %s", i, n, error)

@@ -307,7 +307,7 @@ class EventPublisher:
             self._counts["failures"] += 1
             self._m.failures.inc()
             if self._connected:
-                log.warning("%d of %d events not acknowledged by Kafka in time; spooling them",
+                log.warning("%d of %d events not acknowledged by Kafka; spooling them",
                             len(retry), len(messages))
             self._connected = False
             # The producer dropped itself (see GroupProducer.send); the next probe starts a fresh one.
