@@ -10,10 +10,11 @@ awaited (as ``EventPublisher._send_group`` does). Messages are the tap's three e
   requests wait on the loop thread, librdkafka's batching, compression and I/O run in its own threads;
   the ``null`` row is the harness alone (pacing and grouping, no producer), included in every other row.
 
-confluent-kafka is driven the way an asyncio publisher would: ``produce()`` on the loop, a poll thread
-serving delivery reports and resolving each group's futures with one ``call_soon_threadsafe``.
+confluent-kafka is driven two ways: ``confluent``, a delivery callback per message and a poll thread resolving
+each group's futures with one ``call_soon_threadsafe``; ``publisher``, the publisher's own Kafka half
+(``gateway_tap.publisher.kafka``: ``delivery.report.only.error``, one thread flushing each group).
 
-    .venv/bin/pip install -e '.[dev,bench]'   # confluent-kafka; cramjam: aiokafka's lz4/zstd
+    .venv/bin/pip install -e '.[dev,bench]'   # cramjam: aiokafka's lz4/zstd
     .venv/bin/python -m bench.producer_bench [--rate 3000] [--seconds 8] [--codecs gzip,lz4,zstd,none]
 """
 
@@ -209,6 +210,34 @@ class ConfluentSender:
         self._thread.join()
 
 
+class PublisherSender:
+    """The publisher's own Kafka half (``gateway_tap.publisher.kafka.GroupProducer``): ``produce()`` on the loop,
+    ``delivery.report.only.error`` (no Python callback per acknowledged message), one Kafka thread flushing each
+    group and handing the verdict back once per group."""
+
+    def __init__(self, bootstrap: str, codec: str) -> None:
+        from gateway_tap.publisher.kafka import GroupProducer
+        from gateway_tap.settings import KafkaSettings, PublisherSettings
+
+        self.producer = GroupProducer(KafkaSettings(bootstrap_servers=bootstrap),  # type: ignore[call-arg]
+                                      PublisherSettings(compression=codec, linger_ms=5))  # type: ignore[call-arg,arg-type]
+        self.timestamp_ms = int(time.time() * 1000)
+
+    async def start(self) -> None:
+        await self.producer.probe(10)
+
+    async def send_group(self, group: list[Message]) -> None:
+        from gateway_tap.publisher.spool import Message as SpoolMessage
+
+        result = await self.producer.send([SpoolMessage(topic, value, key, headers, self.timestamp_ms)
+                                           for topic, value, key, headers in group], 10)
+        if result.retry or result.rejected:
+            raise RuntimeError(f"{len(result.retry)} not acknowledged, {len(result.rejected)} rejected")
+
+    async def stop(self) -> None:
+        await self.producer.close(10)
+
+
 def _resolve(done: list[tuple[asyncio.Future[None], Any]]) -> None:
     for fut, err in done:
         if not fut.done():
@@ -266,7 +295,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=3000, help="Messages per second (3 per tap request).")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--codecs", default="gzip,lz4,zstd,none")
-    parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,aiokafka-batch,confluent")
+    parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,aiokafka-batch,confluent,publisher",
+                        help="null (the harness), aiokafka (send per message), aiokafka-memo (+ memoized partitioner: "
+                             "the publisher before the switch), aiokafka-batch (send_batch per partition), confluent "
+                             "(a delivery callback per message, a poll thread), publisher (the publisher's own Kafka "
+                             "half on confluent-kafka, as the tap runs it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -281,7 +314,7 @@ def main() -> None:
                         continue  # one harness row is enough
                     cls = {"null": NullSender, "aiokafka": AioKafkaSender, "aiokafka-memo": AioKafkaMemoSender,
                            "aiokafka-batch": AioKafkaBatchSender,
-                           "confluent": ConfluentSender}[client]
+                           "confluent": ConfluentSender, "publisher": PublisherSender}[client]
                     msgs = messages(f"{client}-{codec}", 3000)
                     try:
                         r = asyncio.run(paced(lambda cls=cls, codec=codec: cls(server.bootstrap, codec), msgs,
