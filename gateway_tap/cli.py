@@ -257,3 +257,12 @@ def dlq_replay(config_path: str, topic: str, offsets: str | None, everything: bo
     if bool(offsets) == everything:
         raise click.UsageError("give exactly one of --offsets and --all")
     raise SystemExit(run_replay(_load(config_path), topic, offsets, everything, yes, Console()))
+
+
+def _admin_commands() -> click.Group:
+    from gateway_tap.admin.commands import admin
+
+    return admin
+
+
+main.add_command(_admin_commands())

@@ -1,4 +1,5 @@
-"""``gateway-tap status``: collector lag, dead letters, the taps' spools and budget use, in one report.
+"""``gateway-tap status``: collector lag, dead letters, the taps' spools, the admin state version each tap
+worker runs, and budget use (file and API budgets), in one report.
 
 :func:`gather_status` collects a :class:`StatusReport` (each part independently: an
 unreachable part is reported as such, never raised); :func:`render_status` prints it
@@ -8,6 +9,7 @@ as rich tables and :func:`status_json` as one JSON document for scripts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.table import Table
 
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
 from gateway_tap.ops.targets import collector_targets
-from gateway_tap.settings import GatewayConfig
+from gateway_tap.settings import BudgetSettings, GatewayConfig
 from schemas import EVENT_TYPES, dlq_topic, topic_for
 
 TAP_METRICS = {
@@ -96,6 +98,17 @@ class BudgetLine:
 
 
 @dataclass
+class AdminTapLine:
+    """The admin state version one tap worker runs (from ``admin_taps``)."""
+
+    gateway_id: str
+    worker: int
+    pid: int
+    version: int
+    seen_s_ago: float
+
+
+@dataclass
 class StatusReport:
     bootstrap: str
     kafka_error: str | None = None
@@ -104,6 +117,9 @@ class StatusReport:
     taps: list[TapStatus] = field(default_factory=list)
     budgets: list[BudgetLine] = field(default_factory=list)
     budget_error: str | None = None
+    admin_version: int | None = None
+    admin_taps: list[AdminTapLine] = field(default_factory=list)
+    admin_error: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -125,9 +141,43 @@ async def gather_status(config: GatewayConfig, tap_urls: list[str] | None = None
     urls = [u if u.rstrip("/").endswith("/metrics") else u.rstrip("/") + "/metrics"
             for u in (tap_urls or default_tap_urls(config))]
     _, _, report.taps = await asyncio.gather(_kafka_part(config, report),
-                                             _budget_part(config, report, now or datetime.now(UTC)),
+                                             _admin_and_budget_parts(config, report, now or datetime.now(UTC)),
                                              asyncio.gather(*(tap_status(u) for u in urls)))
     return report
+
+
+async def _admin_and_budget_parts(config: GatewayConfig, report: StatusReport, now: datetime) -> None:
+    await _budget_part(config, report, now, await _admin_part(config, report, now))
+
+
+async def _admin_part(config: GatewayConfig, report: StatusReport, now: datetime) -> tuple[BudgetSettings, ...]:
+    """The admin state's version and the version each tap worker runs; returns the API-managed budgets."""
+    from gateway_tap.admin.db import connect
+    from gateway_tap.admin.store import AdminStore
+    from gateway_tap.budgets.store import BudgetStoreError
+
+    if not config.tap.admin.enabled:
+        return ()
+    settings = config.budget_store
+    if settings.backend == "sqlite" and not await asyncio.to_thread(Path(settings.sqlite_path).exists):
+        report.admin_error = f"no admin state yet at {settings.sqlite_path}"
+        return ()
+    try:
+        store = AdminStore(await connect(settings, migrate=False))
+    except (BudgetStoreError, ValueError, OSError) as exc:
+        report.admin_error = f"admin state unavailable: {exc}"
+        return ()
+    try:
+        state = await store.state()
+        report.admin_version = state.version
+        report.admin_taps = [AdminTapLine(t.gateway_id, t.worker, t.pid, t.version,
+                                          round(now.timestamp() - t.seen_s, 1)) for t in await store.taps()]
+        return state.budgets
+    except BudgetStoreError as exc:
+        report.admin_error = f"admin state unavailable: {exc}"
+        return ()
+    finally:
+        await store.close()
 
 
 async def _kafka_part(config: GatewayConfig, report: StatusReport) -> None:
@@ -208,11 +258,13 @@ async def tap_status(url: str, timeout_s: float = 3.0) -> TapStatus:
     return status
 
 
-async def _budget_part(config: GatewayConfig, report: StatusReport, now: datetime) -> None:
+async def _budget_part(config: GatewayConfig, report: StatusReport, now: datetime,
+                       api_budgets: Sequence[BudgetSettings] = ()) -> None:
     from gateway_tap.budgets.periods import micros_to_usd, period_start
     from gateway_tap.budgets.store import BudgetStoreError, open_store
 
-    if not config.budgets:
+    budgets = [*config.budgets, *api_budgets]
+    if not budgets:
         return
     store_settings = config.budget_store
     if store_settings.backend == "sqlite" and not await asyncio.to_thread(Path(store_settings.sqlite_path).exists):
@@ -224,7 +276,7 @@ async def _budget_part(config: GatewayConfig, report: StatusReport, now: datetim
         report.budget_error = f"budget store unavailable: {exc}"
         return
     try:
-        for b in config.budgets:
+        for b in budgets:
             start = period_start(b.period, now)
             spend = await store.spend(b.app_id, b.llm_id, b.period, start)
             spent_usd = micros_to_usd(spend.cost_micros)
@@ -289,6 +341,17 @@ def render_status(report: StatusReport, console: Console) -> None:
             taps.add_row(tap.url, connected, _num(tap.queue_depth_events), _num(tap.spool_pending_events),
                          _num(tap.spool_bytes))
     console.print(taps)
+    if report.admin_error:
+        console.print(f"[yellow]Admin state: {report.admin_error}[/]")
+    elif report.admin_version is not None:
+        admin = Table(title=f"Admin state (version {report.admin_version})", title_justify="left")
+        for col in ("gateway", "worker", "pid", "runs version", "reported"):
+            admin.add_column(col, justify="left" if col == "gateway" else "right")
+        for line in report.admin_taps:
+            colour = "green" if line.version == report.admin_version else "yellow"
+            admin.add_row(line.gateway_id, str(line.worker), str(line.pid), f"[{colour}]{line.version}[/]",
+                          f"{line.seen_s_ago:,.0f} s ago")
+        console.print(admin)
     if report.budget_error:
         console.print(f"[yellow]Budgets: {report.budget_error}[/]")
     elif report.budgets:

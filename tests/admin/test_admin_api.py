@@ -212,3 +212,45 @@ async def test_openapi_is_generated_from_the_models(admin: Admin) -> None:
     from openapi_spec_validator import validate  # type: ignore[import-not-found]
 
     validate(doc)
+
+
+async def test_cli_onboards_a_team(admin: Admin) -> None:
+    """``gateway-tap admin ...`` against the API (run in a thread: the API serves from this event loop)."""
+    import asyncio
+    import json
+
+    from click.testing import CliRunner
+
+    from gateway_tap.cli import main
+
+    def cli(*args: str, token: str = ADMIN_TOKEN) -> tuple[int, str]:
+        result = CliRunner().invoke(main, ["admin", "--url", admin.url, *args],
+                                    env={"GATEWAY_TAP_ADMIN_TOKEN": token})
+        return result.exit_code, result.output
+
+    code, out = await asyncio.to_thread(cli, "apps", "create", "team-b", "--name", "Team B", "--llm", "openai",
+                                        "--meta", "owner=b@example.com")
+    assert code == 0 and "team-b" in out, out
+    code, out = await asyncio.to_thread(cli, "keys", "issue", "team-b", "--json")
+    issued = json.loads(out)
+    assert code == 0 and issued["key"].startswith("gt-")
+    code, out = await asyncio.to_thread(cli, "keys", "list", "team-b")
+    assert code == 0 and issued["prefix"] in out and issued["key"] not in out
+    code, out = await asyncio.to_thread(cli, "keys", "rotate", "team-b", issued["id"], "--overlap-s", "30")
+    assert code == 0 and "valid until" in out
+    code, out = await asyncio.to_thread(cli, "budgets", "set", "team-b", "--usd", "25", "--period", "monthly")
+    assert code == 0, out
+    code, out = await asyncio.to_thread(cli, "budgets", "get", "team-b", "--json")
+    assert code == 0 and json.loads(out)["data"][0]["settings"]["limit_usd"] == 25
+    code, out = await asyncio.to_thread(cli, "plugins", "set", "prompt_firewall", '{"patterns": ["x"]}')
+    assert code == 0, out
+    code, out = await asyncio.to_thread(cli, "plugins", "get", "--json")
+    assert code == 0 and json.loads(out)["data"][0]["config"] == {"patterns": ["x"]}
+    code, out = await asyncio.to_thread(cli, "llms", "list")
+    assert code == 0 and "openai" in out and "gpt-4o-mini" in out
+    code, out = await asyncio.to_thread(cli, "budgets", "delete", "team-b", "--period", "daily")
+    assert code == 1 and "404 not_found" in out
+    code, out = await asyncio.to_thread(cli, "apps", "list", token="bad")
+    assert code == 1 and "401 invalid_admin_token" in out
+    code, out = await asyncio.to_thread(cli, "apps", "delete", "team-b")
+    assert code == 0 and (await admin.store.state()).apps == {}

@@ -13,8 +13,10 @@ import openai
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
+from rich.console import Console
 
-from gateway_tap.settings import BudgetStoreSettings
+from gateway_tap.ops.status import gather_status, render_status
+from gateway_tap.settings import BudgetStoreSettings, parse_config
 from schemas import control_topic
 from tests.support.admin import ADMIN_TOKEN, admin_document, admin_tap
 
@@ -99,6 +101,15 @@ async def test_onboard_use_revoke_and_budget_on_two_workers(
         assert refused is not None and refused.type == "insufficient_quota" and refused.code == "budget_exceeded"
         status, budgets = await tap.call("GET", "/v1/apps/team-a/budgets")
         assert budgets["spend"]["enforced"] and budgets["spend"]["budgets"][0]["limit_tokens"] == 5
+
+        # `gateway-tap status`: the version each worker runs, and the API budget with the file's.
+        report = await gather_status(parse_config(document), [tap.url])
+        assert report.admin_version == 5 and report.admin_error is None
+        assert sorted((t.worker, t.version) for t in report.admin_taps) == [(0, 5), (1, 5)]
+        assert [(b.app_id, b.limit_tokens) for b in report.budgets] == [("team-a", 5)]
+        console = Console(record=True, width=200)
+        render_status(report, console)
+        assert "Admin state (version 5)" in console.export_text()
 
     audits = await _audits(kafka_bootstrap, topic_prefix, 5)
     assert [a["payload"]["action"] for a in audits] == ["app.create", "key.issue", "key.revoke", "key.issue",

@@ -1,0 +1,342 @@
+"""``gateway-tap admin ...``: the admin API from the command line (``--json`` prints the API's answers)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from gateway_tap.admin.client import AdminClient, AdminClientError
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+
+
+@click.group("admin")
+@click.option("--url", envvar="GATEWAY_TAP_ADMIN_URL", default="http://127.0.0.1:8081", show_default=True,
+              help="The admin API (env GATEWAY_TAP_ADMIN_URL).")
+@click.option("--token-env", default="GATEWAY_TAP_ADMIN_TOKEN", show_default=True,
+              help="Environment variable holding the admin token (never a command-line value: shell history).")
+@click.pass_context
+def admin(ctx: click.Context, url: str, token_env: str) -> None:
+    """Manage apps, keys, budgets and plugin configs through a tap's admin API."""
+    import os
+
+    token = os.environ.get(token_env, "")
+    ctx.obj = (url, token, token_env)
+
+
+def _client() -> AdminClient:
+    url, token, token_env = click.get_current_context().obj
+    if not token:
+        raise click.ClickException(f"${token_env} is empty: export the admin token first")
+    return AdminClient(url, token)
+
+
+def _call(method: str, path: str, body: Any = None, params: dict[str, str | None] | None = None) -> Any:
+    try:
+        return _client().call(method, path, body, params)
+    except AdminClientError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2) if data is not None else "")
+    else:
+        human(data)
+
+
+def _rows(rows: Sequence[Sequence[Any]]) -> None:
+    """Aligned columns, the first row a header."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _meta(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+        out[key] = value
+    return out
+
+
+# -- apps --------------------------------------------------------------------------------------------------------
+
+
+@admin.group("apps")
+def apps() -> None:
+    """Apps: create, list, get, update, delete."""
+
+
+def _app_line(app: dict[str, Any]) -> None:
+    _rows([("id", "name", "llms", "enabled", "source", "metadata"),
+           (app["id"], app["name"] or "-", ",".join(app["allowed_llms"]), app["enabled"], app["source"],
+            json.dumps(app["metadata"]) if app["metadata"] else "-")])
+
+
+@apps.command("create")
+@click.argument("app_id")
+@click.option("--name", default="", help="Display name.")
+@click.option("--llm", "llms", multiple=True, help="An allowed LLM id (repeatable; default: all).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="A metadata label (repeatable).")
+@click.option("--disabled", is_flag=True, help="Create it disabled (its keys refused until enabled).")
+@_json_option
+def apps_create(app_id: str, name: str, llms: tuple[str, ...], meta: tuple[str, ...], disabled: bool,
+                as_json: bool) -> None:
+    """Create an app."""
+    body = {"id": app_id, "name": name, "allowed_llms": list(llms) or ["*"], "metadata": _meta(meta),
+            "enabled": not disabled}
+    _show(_call("POST", "/v1/apps", body), as_json, _app_line)
+
+
+@apps.command("list")
+@_json_option
+def apps_list(as_json: bool) -> None:
+    """Every app (from the file and from the API)."""
+    data = _call("GET", "/v1/apps")
+    _show(data, as_json, lambda d: _rows([("id", "name", "llms", "enabled", "source")] + [
+        (a["id"], a["name"] or "-", ",".join(a["allowed_llms"]), a["enabled"], a["source"]) for a in d["data"]]))
+
+
+@apps.command("get")
+@click.argument("app_id")
+@_json_option
+def apps_get(app_id: str, as_json: bool) -> None:
+    """One app."""
+    _show(_call("GET", f"/v1/apps/{app_id}"), as_json, _app_line)
+
+
+@apps.command("update")
+@click.argument("app_id")
+@click.option("--name", help="New display name.")
+@click.option("--llm", "llms", multiple=True, help="Replace the allowed LLMs (repeatable).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Replace the metadata (repeatable).")
+@click.option("--enable/--disable", "enabled", default=None, help="Accept or refuse the app's keys.")
+@_json_option
+def apps_update(app_id: str, name: str | None, llms: tuple[str, ...], meta: tuple[str, ...], enabled: bool | None,
+                as_json: bool) -> None:
+    """Change an app's name, allowed LLMs, metadata or enabled flag."""
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if llms:
+        body["allowed_llms"] = list(llms)
+    if meta:
+        body["metadata"] = _meta(meta)
+    if enabled is not None:
+        body["enabled"] = enabled
+    _show(_call("PATCH", f"/v1/apps/{app_id}", body), as_json, _app_line)
+
+
+@apps.command("delete")
+@click.argument("app_id")
+def apps_delete(app_id: str) -> None:
+    """Delete an app with its keys and budgets."""
+    _call("DELETE", f"/v1/apps/{app_id}")
+    click.echo(f"deleted app {app_id}")
+
+
+# -- keys --------------------------------------------------------------------------------------------------------
+
+
+@admin.group("keys")
+def keys() -> None:
+    """An app's keys: issue, list, revoke, rotate."""
+
+
+def _issued(key: dict[str, Any]) -> None:
+    click.echo(f"key:    {key['key']}")
+    click.echo(f"id:     {key['id']}  (prefix {key['prefix']}, app {key['app_id']})")
+    click.echo("This is the only time the key is shown: store it now.", err=True)
+
+
+@keys.command("issue")
+@click.argument("app_id")
+@_json_option
+def keys_issue(app_id: str, as_json: bool) -> None:
+    """Issue a key (shown once)."""
+    _show(_call("POST", f"/v1/apps/{app_id}/keys"), as_json, _issued)
+
+
+@keys.command("list")
+@click.argument("app_id")
+@_json_option
+def keys_list(app_id: str, as_json: bool) -> None:
+    """The app's keys (prefixes, states, times)."""
+    data = _call("GET", f"/v1/apps/{app_id}/keys")
+    _show(data, as_json, lambda d: _rows([("id", "prefix", "state", "created", "expires", "last used")] + [
+        (k["id"], k["prefix"], k["state"], k["created_at"], k["expires_at"] or "-", k["last_used_at"] or "-")
+        for k in d["data"]]))
+
+
+@keys.command("revoke")
+@click.argument("app_id")
+@click.argument("key_id")
+@_json_option
+def keys_revoke(app_id: str, key_id: str, as_json: bool) -> None:
+    """Revoke a key at once."""
+    _show(_call("DELETE", f"/v1/apps/{app_id}/keys/{key_id}"), as_json,
+          lambda k: click.echo(f"revoked {k['id']} ({k['prefix']})"))
+
+
+@keys.command("rotate")
+@click.argument("app_id")
+@click.argument("key_id")
+@click.option("--overlap-s", default=3600.0, show_default=True, type=click.FloatRange(0),
+              help="How long the old key stays valid next to the new one.")
+@_json_option
+def keys_rotate(app_id: str, key_id: str, overlap_s: float, as_json: bool) -> None:
+    """Issue a successor; the old key expires after the overlap."""
+    data = _call("POST", f"/v1/apps/{app_id}/keys/{key_id}/rotate", {"overlap_s": overlap_s})
+
+    def human(d: dict[str, Any]) -> None:
+        _issued(d["issued"])
+        click.echo(f"old key {d['previous']['id']} valid until {d['previous']['expires_at']}")
+
+    _show(data, as_json, human)
+
+
+# -- budgets -----------------------------------------------------------------------------------------------------
+
+
+@admin.group("budgets")
+def budgets() -> None:
+    """An app's budgets: set, get, delete."""
+
+
+@budgets.command("set")
+@click.argument("app_id")
+@click.option("--llm", "llm_id", help="Only this LLM of the app (default: all its LLMs).")
+@click.option("--usd", "limit_usd", type=float, help="Spend limit per period in USD.")
+@click.option("--tokens", "limit_tokens", type=int, help="Total-token limit per period.")
+@click.option("--period", type=click.Choice(["monthly", "daily"]), default="monthly", show_default=True)
+@click.option("--mode", type=click.Choice(["hard", "soft"]), default="hard", show_default=True)
+@_json_option
+def budgets_set(app_id: str, llm_id: str | None, limit_usd: float | None, limit_tokens: int | None, period: str,
+                mode: str, as_json: bool) -> None:
+    """Create or replace the app's budget for (LLM, period)."""
+    body = {"llm_id": llm_id, "limit_usd": limit_usd, "limit_tokens": limit_tokens, "period": period, "mode": mode}
+    _show(_call("PUT", f"/v1/apps/{app_id}/budgets", body), as_json,
+          lambda b: click.echo(f"budget set: {b['settings']}"))
+
+
+@budgets.command("get")
+@click.argument("app_id")
+@_json_option
+def budgets_get(app_id: str, as_json: bool) -> None:
+    """The app's budgets and its current spend."""
+    data = _call("GET", f"/v1/apps/{app_id}/budgets")
+
+    def human(d: dict[str, Any]) -> None:
+        rows: list[tuple[Any, ...]] = [("llm", "period", "mode", "limit usd", "limit tokens", "source")]
+        rows += [(b["settings"]["llm_id"] or "*", b["settings"]["period"], b["settings"]["mode"],
+                  b["settings"]["limit_usd"] if b["settings"]["limit_usd"] is not None else "-",
+                  b["settings"]["limit_tokens"] if b["settings"]["limit_tokens"] is not None else "-", b["source"])
+                 for b in d["data"]]
+        _rows(rows)
+        for s in (d.get("spend") or {}).get("budgets", []):
+            click.echo(f"spend {s.get('llm_id') or '*'} {s.get('period')}: ${s.get('spent_usd', 0):.6f}, "
+                       f"{s.get('spent_tokens', 0)} tokens, {s.get('percent_used', 0)}% used, "
+                       f"resets {s.get('resets_at')}")
+
+    _show(data, as_json, human)
+
+
+@budgets.command("delete")
+@click.argument("app_id")
+@click.option("--llm", "llm_id", help="The LLM of an app x LLM budget.")
+@click.option("--period", type=click.Choice(["monthly", "daily"]), default="monthly", show_default=True)
+def budgets_delete(app_id: str, llm_id: str | None, period: str) -> None:
+    """Delete one of the app's budgets."""
+    _call("DELETE", f"/v1/apps/{app_id}/budgets", params={"period": period, "llm_id": llm_id})
+    click.echo(f"deleted the {period} budget of {app_id}{' x ' + llm_id if llm_id else ''}")
+
+
+# -- plugins, LLMs, status ---------------------------------------------------------------------------------------
+
+
+@admin.group("plugins")
+def plugins() -> None:
+    """Plugins' effective configs: get, set, reset."""
+
+
+@plugins.command("get")
+@click.argument("name", required=False)
+@_json_option
+def plugins_get(name: str | None, as_json: bool) -> None:
+    """Every plugin's config (or one plugin's, with its schema)."""
+    data = _call("GET", f"/v1/plugins/{name}" if name else "/v1/plugins")
+    items = [data] if name else data["data"]
+
+    def human(_: Any) -> None:
+        for p in items:
+            click.echo(f"{p['name']} ({p['config_source']}): {json.dumps(p['config'])}")
+
+    _show(data, as_json, human)
+
+
+@plugins.command("set")
+@click.argument("name")
+@click.argument("config_json", metavar="CONFIG", required=False)
+@click.option("--file", "path", type=click.File(), help="Read the JSON config from this file ('-': stdin).")
+@_json_option
+def plugins_set(name: str, config_json: str | None, path: Any, as_json: bool) -> None:
+    """Replace a plugin's whole config (CONFIG: a JSON object)."""
+    text = path.read() if path is not None else config_json
+    if text is None:
+        raise click.UsageError("give CONFIG or --file")
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="CONFIG") from None
+    _show(_call("PUT", f"/v1/plugins/{name}/config", {"config": config}), as_json,
+          lambda p: click.echo(f"{p['name']}: config replaced"))
+
+
+@plugins.command("reset")
+@click.argument("name")
+@_json_option
+def plugins_reset(name: str, as_json: bool) -> None:
+    """Back to the config in the file."""
+    _show(_call("DELETE", f"/v1/plugins/{name}/config"), as_json,
+          lambda p: click.echo(f"{p['name']}: back to the file's config"))
+
+
+@admin.group("llms")
+def llms() -> None:
+    """The LLMs (read-only)."""
+
+
+@llms.command("list")
+@_json_option
+def llms_list(as_json: bool) -> None:
+    """Ids, vendors and prices."""
+    data = _call("GET", "/v1/llms")
+    _show(data, as_json, lambda d: _rows([("id", "vendor", "prices per 1M tokens (in/out)")] + [
+        (m["id"], m["vendor"], ", ".join(f"{k}: {v['input_per_1m']}/{v['output_per_1m']} {m['currency']}"
+                                         for k, v in m["prices"].items()) or "-") for m in d["data"]]))
+
+
+@admin.command("status")
+@_json_option
+def status(as_json: bool) -> None:
+    """The state's version and the version each tap worker runs."""
+    data = _call("GET", "/v1/status")
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"state version {d['version']}")
+        _rows([("gateway", "worker", "pid", "version", "seen")]
+              + [(t["gateway_id"], t["worker"], t["pid"], t["version"], t["seen_at"]) for t in d["taps"]])
+
+    _show(data, as_json, human)
+
+
+@admin.command("openapi")
+def openapi() -> None:
+    """Print the API's OpenAPI 3.1 document."""
+    click.echo(json.dumps(_call("GET", "/v1/openapi.json"), indent=2))
