@@ -38,6 +38,8 @@ class AppIndex:
             for key_hash in app.key_hashes:
                 self.by_hash[key_hash] = app
         self._allowed = {app.id: frozenset(app.allowed_llms) for app in self.by_id.values()}
+        self.used: set[str] = set()
+        """Hashes of the keys that authenticated since the admin state last took them (a key's "last used")."""
 
     def app_for_key(self, key: str) -> AppConfig | None:
         digest = hash_key(key)
@@ -45,7 +47,10 @@ class AppIndex:
         if app is None:
             return None
         # The dict lookup already matched; compare again in constant time so the answer never depends on timing.
-        return app if any(hmac.compare_digest(digest, h) for h in app.key_hashes) else None
+        if any(hmac.compare_digest(digest, h) for h in app.key_hashes):
+            self.used.add(digest)
+            return app
+        return None
 
     def allowed(self, app_id: str, llm_id: str) -> bool:
         allowed = self._allowed.get(app_id)

@@ -290,6 +290,13 @@ class AdminStore:
 
     # -- what taps report ------------------------------------------------------------------------------------
 
+    async def mark_used(self, key_hashes: set[str], at_s: float) -> None:
+        """Record that these keys authenticated a request (``last_used_s``; hashes of file keys match nothing)."""
+        async with self.db.transaction() as tx:
+            for digest in sorted(key_hashes):
+                await tx.execute("UPDATE admin_keys SET last_used_s = ? WHERE key_hash = ? "
+                                 "AND (last_used_s IS NULL OR last_used_s < ?)", at_s, digest, at_s)
+
     async def report_tap(self, gateway_id: str, worker: int, pid: int, version: int) -> None:
         """Record the version a tap worker runs (no version bump: this is not a change of the state)."""
         async with self.db.transaction() as tx:

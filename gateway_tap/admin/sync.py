@@ -24,18 +24,22 @@ from gateway_tap.budgets.store import BudgetStoreError
 log = logging.getLogger("gateway_tap.admin")
 
 HEARTBEAT_S = 10.0
-"""How often a worker re-reports the version it runs even when nothing changed."""
+"""How often a worker re-reports the version it runs even when nothing changed, and records its keys' use."""
 
 ApplyFn = Callable[[AdminState], Awaitable[bool]]
+UsedFn = Callable[[], set[str]]
+"""Takes the hashes of the keys used since the last call (:attr:`gateway_tap.apps.AppIndex.used`)."""
 
 
 class StateSync:
     """Polls the version row and applies new states, one at a time."""
 
     def __init__(self, store: AdminStore, apply: ApplyFn, *, interval_s: float, gateway_id: str, worker: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 used: UsedFn | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._apply = apply
+        self._used = used
+        self._unrecorded: set[str] = set()
         self.interval_s = interval_s
         self.gateway_id = gateway_id
         self.worker = worker
@@ -60,6 +64,16 @@ class StateSync:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        with contextlib.suppress(BudgetStoreError):
+            await self.record_use(self.clock())
+
+    async def record_use(self, now_s: float) -> None:
+        """Write the keys used since the last time (kept for the next try when the database is down)."""
+        if self._used is not None:
+            self._unrecorded |= self._used()
+        if self._unrecorded:
+            await self.store.mark_used(self._unrecorded, now_s)
+            self._unrecorded = set()
 
     async def _loop(self) -> None:
         while True:
@@ -87,6 +101,7 @@ class StateSync:
                 if now - self._reported_s >= HEARTBEAT_S:
                     await self.store.report_tap(self.gateway_id, self.worker, os.getpid(), self.applied_version)
                     self._reported_s = now
+                    await self.record_use(now)
                 if self._failing:
                     log.info("admin state database reachable again", extra={"worker": self.worker})
                     self._failing = False

@@ -46,8 +46,9 @@ class AdminLink:
         self.settings = config.tap.admin
         self.workers = workers
         self._state = AdminState()
+        self._used: set[str] = set()
         self.sync = StateSync(store, self._apply, interval_s=self.settings.poll_interval_s,
-                              gateway_id=config.gateway_id, worker=worker_index)
+                              gateway_id=config.gateway_id, worker=worker_index, used=self._take_used)
         self._control = ControlChannel(tap.publisher, config.gateway_id, config.kafka.topic_prefix)
         self.api: AdminAPI | None = None
         self._runner: web.AppRunner | None = None
@@ -87,7 +88,17 @@ class AdminLink:
     def _overlay(self, file_config: GatewayConfig) -> GatewayConfig:
         return self._state.overlay(file_config, time.time())
 
+    def _take_used(self) -> set[str]:
+        """The keys used since the last call. A reload replaces the app index: what the replaced one saw was
+        taken before (:meth:`_apply`); a SIGHUP loses at most one heartbeat of marks."""
+        apps = self.tap.apps
+        used, self._used = self._used | apps.used, set()
+        apps.used = set()
+        return used
+
     async def _apply(self, state: AdminState) -> bool:
+        self._used |= self.tap.apps.used
+        self.tap.apps.used = set()
         previous, self._state = self._state, state
         if self._overlay(self.file_config()) == self.tap.config:
             return True

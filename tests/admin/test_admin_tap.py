@@ -15,9 +15,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 
+from gateway_tap.admin.db import connect
+from gateway_tap.admin.store import AdminStore
 from gateway_tap.ops.status import gather_status, render_status
 from gateway_tap.settings import BudgetStoreSettings, parse_config
-from schemas import control_topic
+from schemas import control_topic, topic_for
 from tests.support.admin import ADMIN_TOKEN, admin_document, admin_tap
 
 pytestmark = pytest.mark.integration
@@ -34,6 +36,23 @@ def _client(url: str, key: str) -> openai.OpenAI:
 def _chat(client: openai.OpenAI) -> str:
     reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
     return reply.choices[0].message.content or ""
+
+
+async def _raw_values(bootstrap: str, topic: str, idle_s: float = 2.0) -> list[bytes]:
+    """Every message of ``topic`` (read until nothing new came for ``idle_s``)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle_s:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                values += [r.value for r in records if r.value is not None]
+                quiet_since = time.monotonic()
+    finally:
+        await consumer.stop()
+    return values
 
 
 async def _audits(bootstrap: str, prefix: str, count: int) -> list[dict[str, object]]:
@@ -59,6 +78,7 @@ async def test_onboard_use_revoke_and_budget_on_two_workers(
         mock_llm: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path,
         budget_store_settings: BudgetStoreSettings) -> None:
     document = admin_document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path, budget_store_settings)
+    document["tap"]["capture_bodies"] = True  # the redaction of captured bodies is checked on these events
     async with admin_tap(document, tmp_path) as tap:
         status, app = await tap.call("POST", "/v1/apps", {"id": "team-a", "allowed_llms": ["openai"]})
         assert status == 201, app
@@ -69,6 +89,9 @@ async def test_onboard_use_revoke_and_budget_on_two_workers(
         client = _client(tap.url, secret)
         replies = await asyncio.gather(*(asyncio.to_thread(_chat, client) for _ in range(12)))
         assert all(replies)
+        # A client pasting its own key into a prompt: captured bodies redact it.
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=4, messages=[
+            {"role": "user", "content": f"my key is {secret} and {ADMIN_TOKEN}"}])
         print(f"key usable on both workers {applied_s * 1000:.0f} ms after it was issued")
         assert applied_s < 5.0  # target 1 s (poll 0.25 s); loose here: the machine is shared
 
@@ -111,11 +134,26 @@ async def test_onboard_use_revoke_and_budget_on_two_workers(
         render_status(report, console)
         assert "Admin state (version 5)" in console.export_text()
 
+    # Each worker recorded its keys' use ("last used"), at the latest when it stopped.
+    store = AdminStore(await connect(budget_store_settings, migrate=False))
+    try:
+        used = {k.id: k.last_used_s for k in (await store.state()).keys}
+    finally:
+        await store.close()
+    assert used[issued["id"]] is not None and used[issued2["id"]] is not None
+
     audits = await _audits(kafka_bootstrap, topic_prefix, 5)
     assert [a["payload"]["action"] for a in audits] == ["app.create", "key.issue", "key.revoke", "key.issue",
                                                         "budget.set"]
     assert {a["payload"]["actor"] for a in audits} == {"ops"} and {a["plugin"] for a in audits} == {"admin"}
+    events = b"".join(await _raw_values(kafka_bootstrap, topic_for("proxy_log", topic_prefix)))
+    assert b"gpt-4o-mini" in events and b"[REDACTED]" in events
+    stored = b""
+    if budget_store_settings.backend == "sqlite":  # the database file (and its WAL) holds hashes only
+        db = Path(budget_store_settings.sqlite_path)
+        stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+        assert b"sha256:" in stored
     text = str(audits) + tap.log_path.read_text()
     for secret_value in (secret, issued2["key"], ADMIN_TOKEN):
-        assert secret_value not in text
+        assert secret_value not in text and secret_value.encode() not in events + stored
     assert "admin change: key.revoke" in tap.log_path.read_text()
