@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
@@ -44,6 +45,27 @@ def _translate(exc: Exception) -> BudgetStoreError:
     return BudgetStoreError(f"sqlite budget store error: {exc}")
 
 
+async def _enable_wal(conn: aiosqlite.Connection, timeout_s: float) -> None:
+    """Put the file in WAL mode, waiting up to ``timeout_s`` for other processes (tap workers and the budget
+    collector open the same file). Changing the mode needs an exclusive lock for which SQLite does not call
+    the busy handler, so two openers of a new file could get "database is locked" at once: read the mode
+    first (it is stored in the file, only the first opener changes it) and retry with a short backoff."""
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.005
+    while True:
+        try:
+            async with conn.execute("PRAGMA journal_mode") as cursor:
+                row = await cursor.fetchone()
+            if row is None or row[0] != "wal":
+                await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.1)
+
+
 class SqliteBudgetStore(BudgetStore):
     """:class:`BudgetStore` on one SQLite file. Create with :meth:`connect`."""
 
@@ -66,7 +88,7 @@ class SqliteBudgetStore(BudgetStore):
             raise _translate(exc) from exc
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(settings.timeout_s * 1000)}")
-            await conn.execute("PRAGMA journal_mode = WAL")
+            await _enable_wal(conn, settings.timeout_s)
             # FULL: a committed batch survives power loss, since offsets are committed right after.
             await conn.execute("PRAGMA synchronous = FULL")
             await conn.execute(_STAGE)

@@ -28,6 +28,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from time import monotonic, sleep  # apart from `time`, which tests replace with a settable clock
 from typing import Any
 
 import orjson
@@ -60,6 +61,27 @@ def _encode(value: Any) -> tuple[bytes, int]:
 
 def _decode(blob: bytes, is_bytes: int) -> Any:
     return bytes(blob) if is_bytes else orjson.loads(blob)
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the file in WAL mode, waiting up to ``timeout_s`` for other processes.
+
+    The mode is stored in the file, so only the first opener changes it. Changing it needs an exclusive
+    lock for which SQLite does not call the busy handler: two workers opening a new file at the same time
+    got "database is locked" at once. So: read the mode first, and retry the change with a short backoff.
+    """
+    deadline = monotonic() + timeout_s
+    delay_s = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or monotonic() >= deadline:
+                raise
+            sleep(delay_s)  # in the store's own thread, never the event loop
+            delay_s = min(delay_s * 2, 0.1)
 
 
 class SharedKVStore:
@@ -97,7 +119,7 @@ class SharedKVStore:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
                                check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(conn, self._busy_timeout_ms / 1000)
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable against a process crash
         conn.execute(f"PRAGMA cache_size = -{int(self._cache_kib)}")
         conn.execute("PRAGMA journal_size_limit = 16777216")

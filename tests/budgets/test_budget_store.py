@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
+import threading
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -178,3 +181,28 @@ def test_budget_config_sections_name_the_key_path() -> None:
                                   {"app_id": "a", "limit_usd": 6, "period": "daily"}]})
     assert str(info.value).count("duplicate budget") == 1
     assert "budgets[1]: duplicate budget for app 'a' (monthly)" in str(info.value)
+
+
+async def test_sqlite_store_opens_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    # A tap worker and the budget collector open the same new file: `PRAGMA journal_mode = WAL` against another
+    # opener's RESERVED lock fails at once in SQLite (no busy handler); the store waits for it instead.
+    path = tmp_path / "budgets.sqlite3"
+    held = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE IF NOT EXISTS other (x)")
+        held.set()
+        time.sleep(0.3)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert await asyncio.to_thread(held.wait, 10)
+    try:
+        async with await open_store(BudgetStoreSettings(sqlite_path=str(path))) as store:
+            assert store is not None
+    finally:
+        holder.join()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
+import threading
+import time
 import types
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -118,3 +121,30 @@ async def test_bytes_values_are_evicted_before_counters(tmp_path: Path) -> None:
         assert used <= 600
     finally:
         await store.close()
+
+
+def _hold_write_lock(path: Path, held: threading.Event, hold_s: float) -> None:
+    """Another opener mid-way through creating the schema: a RESERVED lock on a file not yet in WAL mode."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("CREATE TABLE IF NOT EXISTS other (x)")
+    held.set()
+    time.sleep(hold_s)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def test_opening_while_another_process_holds_the_write_lock_waits_instead_of_failing(tmp_path: Path) -> None:
+    # SQLite does not call the busy handler for `PRAGMA journal_mode = WAL` against a RESERVED lock: without the
+    # store's own wait this failed at once with "database is locked" (seen when two processes opened a new file).
+    path = tmp_path / "kv.sqlite"
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(path, held, 0.3))
+    holder.start()
+    assert await asyncio.to_thread(held.wait, 10)
+    store = SharedKVStore(path)
+    try:
+        assert await store.namespace("p", 1 << 20).incr("n") == 1
+    finally:
+        await store.close()
+        holder.join()
