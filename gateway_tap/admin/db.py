@@ -174,14 +174,22 @@ class PostgresDatabase(Database):
             await pool.close()
 
 
-async def connect(settings: BudgetStoreSettings, *, migrate: bool = True) -> Database:
-    """Open the admin state's connections (migrating the budget store's schema first unless ``migrate=False``).
+async def apply_migrations(settings: BudgetStoreSettings) -> None:
+    """Apply the budget store's pending migrations (the admin tables are among them).
 
     :raises StoreUnavailable: the database cannot be reached.
     """
+    store = await open_store(settings, migrate=True)
+    await store.close()
+
+
+async def connect(settings: BudgetStoreSettings, *, migrate: bool = True) -> Database:
+    """Open the admin state's connections (migrating the budget store's schema first unless ``migrate=False``).
+
+    :raises StoreUnavailable: the database cannot be reached (PostgreSQL connects lazily: only when migrating).
+    """
     if migrate:
-        store = await open_store(settings, migrate=True)
-        await store.close()
+        await apply_migrations(settings)
     if settings.backend == "postgres":
         return await PostgresDatabase.open(settings)
     return await SqliteDatabase.open(settings)

@@ -35,8 +35,10 @@ class StateSync:
     """Polls the version row and applies new states, one at a time."""
 
     def __init__(self, store: AdminStore, apply: ApplyFn, *, interval_s: float, gateway_id: str, worker: int,
-                 used: UsedFn | None = None, clock: Callable[[], float] = time.time) -> None:
+                 used: UsedFn | None = None, prepare: Callable[[], Awaitable[object]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self._prepare = prepare
         self._apply = apply
         self._used = used
         self._unrecorded: set[str] = set()
@@ -84,6 +86,9 @@ class StateSync:
         """One check; applies the state when its version moved, a rotated key expired, or ``force``."""
         async with self._lock:
             try:
+                if self._prepare is not None:  # e.g. migrating the schema: until it once succeeded
+                    await self._prepare()
+                    self._prepare = None
                 version = await self.store.version()
                 now = self.clock()
                 expired = self._next_expiry_s is not None and now >= self._next_expiry_s

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway_tap.admin.api import AdminAPI
-from gateway_tap.admin.db import connect
+from gateway_tap.admin.db import apply_migrations, connect
 from gateway_tap.admin.state import AdminState
 from gateway_tap.admin.store import AdminStore
 from gateway_tap.admin.sync import StateSync
@@ -48,18 +48,21 @@ class AdminLink:
         self._state = AdminState()
         self._used: set[str] = set()
         self.sync = StateSync(store, self._apply, interval_s=self.settings.poll_interval_s,
-                              gateway_id=config.gateway_id, worker=worker_index, used=self._take_used)
+                              gateway_id=config.gateway_id, worker=worker_index, used=self._take_used,
+                              prepare=lambda: apply_migrations(config.budget_store))
         self._control = ControlChannel(tap.publisher, config.gateway_id, config.kafka.topic_prefix)
         self.api: AdminAPI | None = None
         self._runner: web.AppRunner | None = None
 
     @classmethod
     async def open(cls, tap: TapApp, *, worker_index: int = 0, workers: int = 1) -> AdminLink:
-        """Connect to the budget store's database (migrating it).
+        """Connect to the budget store's database. A database that is down is no error here: the schema is
+        migrated and the state read by the first poll that reaches it (logged until then), and API calls get 503.
 
-        :raises gateway_tap.budgets.store.StoreUnavailable: it cannot be reached.
+        :raises gateway_tap.budgets.store.StoreUnavailable: the SQLite file cannot be opened.
+        :raises ValueError: PostgreSQL without a DSN.
         """
-        db = await connect(tap.config.budget_store)
+        db = await connect(tap.config.budget_store, migrate=False)
         return cls(tap, AdminStore(db), worker_index=worker_index, workers=workers)
 
     async def start(self) -> None:
