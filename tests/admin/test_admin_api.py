@@ -254,3 +254,24 @@ async def test_cli_onboards_a_team(admin: Admin) -> None:
     assert code == 1 and "401 invalid_admin_token" in out
     code, out = await asyncio.to_thread(cli, "apps", "delete", "team-b")
     assert code == 0 and (await admin.store.state()).apps == {}
+
+
+def test_admin_settings_are_checked() -> None:
+    from gateway_tap.settings import ConfigFileError
+
+    base = tap_config("http://127.0.0.1:9", "127.0.0.1:9", "t", Path("/tmp/spool"), port=8080)
+    bad = [
+        ({"listen": {"port": 8080}, "tokens": [{"id": "a", "token_env": "X"}]}, "the proxy's port"),
+        ({"listen": {"port": 8081}}, "no tokens are configured"),
+        ({"listen": {"port": 8081}, "tokens": [{"id": "a", "token_env": "X", "token_hash": _hash("t")}]},
+         "exactly one of token_hash and token_env"),
+        ({"tokens": [{"id": "a", "token_hash": "sha256:short"}]}, "64 lowercase hex digits"),
+        ({"tokens": [{"id": "a", "token_env": "X"}, {"id": "a", "token_env": "Y"}]}, "unique"),
+    ]
+    for admin_section, message in bad:
+        document = {**base, "tap": {**base["tap"], "admin": admin_section}}
+        with pytest.raises(ConfigFileError, match=message):
+            parse_config(document)
+    ok = parse_config({**base, "tap": {**base["tap"], "admin": {"sync": True}}})
+    assert ok.tap.admin.enabled and ok.tap.admin.listen is None
+    assert not parse_config(base).tap.admin.enabled
