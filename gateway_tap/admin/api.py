@@ -71,6 +71,26 @@ def _error_response(exc: ApiError, request_id: str) -> web.Response:
                         headers={"x-request-id": request_id})
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                       ) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path 404, wrong method 405) as the API's JSON errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if exc.status == 404:
+            error = _not_found(f"no route for {request.path}")
+        elif exc.status == 405:
+            error = ApiError(405, "invalid_request_error", "method_not_allowed",
+                             f"{request.method} is not allowed on {request.path}")
+        else:
+            error = ApiError(exc.status, "invalid_request_error", "http_error", exc.reason)
+        return _error_response(error, rid)
+
+
 def _not_found(message: str) -> ApiError:
     return ApiError(404, "not_found_error", "not_found", message)
 
@@ -117,7 +137,7 @@ class AdminAPI:
         self.runtime = runtime
         self._tokens = _tokens(settings.tokens)
         self.routes: list[Route] = []
-        self.web_app = web.Application(client_max_size=settings.max_body_bytes)
+        self.web_app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
         self._add_routes()
         self._openapi = orjson.dumps(openapi_document(self.routes))
 

@@ -184,6 +184,10 @@ async def test_bad_input_gets_a_specific_error_and_changes_nothing(admin: Admin)
     assert status == 404 and "key_unknown" in answer["error"]["message"]
     status, answer = await admin.call("POST", "/v1/apps", raw=b"{not json")
     assert status == 400 and answer["error"]["code"] == "invalid_json"
+    status, answer = await admin.call("GET", "/v1/nothing-here")
+    assert status == 404 and answer["error"]["code"] == "not_found"
+    status, answer = await admin.call("PUT", "/v1/apps", {"id": "x"})
+    assert status == 405 and answer["error"]["code"] == "method_not_allowed"
     status, answer = await admin.call("POST", "/v1/apps", {"id": "big", "metadata": {"x": "y" * 4096}})
     assert status == 413 and answer["error"]["code"] == "request_too_large"
     assert await admin.store.version() == 1 and list((await admin.store.state()).apps) == ["a"]
