@@ -49,6 +49,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import yaml
@@ -257,11 +258,28 @@ class RssSampler:
         self._thread.join()
 
 
+def demo_config_of(root: Path) -> Path:
+    """The demo config of checkout ``root``: each version runs its own (keys and plugin paths moved over time)."""
+    for candidate in (root / "gateway_tap" / "examples" / "gateway-tap.yaml", root / "examples" / "gateway-tap.yaml"):
+        if candidate.exists():
+            return candidate
+    return DEMO_CONFIG
+
+
+def cache_plugin_of(root: Path) -> dict[str, Any]:
+    """:data:`CACHE_PLUGIN` with the response cache's module path in checkout ``root``."""
+    for folder in ("gateway_tap/examples/plugins", "gateway_tap/plugins/examples"):
+        if (root / folder / "response_cache.py").exists():
+            return {**CACHE_PLUGIN, "use": folder.replace("/", ".") + ".response_cache:ResponseCache"}
+    return CACHE_PLUGIN
+
+
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, variant: Variant,
-               prefix: str) -> Path:
-    """The demo ``gateway-tap.yaml`` pointed at the bench's mock and broker, with ``variant``'s layers."""
+               prefix: str, root: Path = ROOT) -> Path:
+    """The demo ``gateway-tap.yaml`` of checkout ``root`` pointed at the bench's mock and broker, with
+    ``variant``'s layers."""
     tmp.mkdir(parents=True, exist_ok=True)
-    document = yaml.safe_load(DEMO_CONFIG.read_text())
+    document = yaml.safe_load(demo_config_of(root).read_text())
     document["kafka"]["bootstrap_servers"] = bootstrap
     document["kafka"]["topic_prefix"] = prefix
     document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": workers,
@@ -277,7 +295,7 @@ def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int
     if not variant.plugins:
         document["plugins"] = []
     if variant.cache:
-        document["plugins"].append(CACHE_PLUGIN)
+        document["plugins"].append(cache_plugin_of(root))
     path = tmp / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -403,7 +421,7 @@ class Bench:
         port = free_port()
         prefix = f"bench{self._seq}"
         tmp = self.tmp / f"{variant.name}-{workers}w-{version}"
-        config = tap_config(tmp, self.mock_url, self.noida.bootstrap, port, workers, variant, prefix)
+        config = tap_config(tmp, self.mock_url, self.noida.bootstrap, port, workers, variant, prefix, root)
         argv = [sys.executable, str(ROOT / "bench" / "tap_worker.py"), "--root", str(root), "--config", str(config),
                 "--workers", str(workers), *(() if variant.events else ("--no-events",))]
         tap = ManagedProcess(f"tap-{prefix}", argv, ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
