@@ -26,7 +26,8 @@ In one run, wrk (1 thread, POST of a small chat completion) against:
 CPU per request is the user + system CPU of the server's processes (every worker; not wrk, not the mock)
 divided by the requests served; the broker's CPU is a column of its own.
 ``--before CHECKOUT`` measures every tap variant for that checkout too (e.g. a worktree of main), cell by
-cell next to the current one, so before/after come from the same run and the same load.
+cell next to the current one, so before/after come from the same run and the same load; ``--after CHECKOUT``
+replaces the current one (e.g. one past commit against its parent).
 
     .venv/bin/python -m bench.tap_bench [--duration 6] [--concurrency 1,16,64] [--workers 1,2]
         [--variants base,events,budgets,plugins,stream,cache] [--before ../main] [--skip-litellm] [--write]
@@ -478,9 +479,9 @@ def _serving(port: int) -> bool:
 
 
 def run(duration: int, levels: list[int], workers: list[int], variants: list[Variant], before: Path | None,
-        with_litellm: bool, chunk_delay_ms: float, rounds: int) -> RunData:
+        with_litellm: bool, chunk_delay_ms: float, rounds: int, after: Path = ROOT) -> RunData:
     with Bench(duration, levels, chunk_delay_ms, rounds) as bench:
-        bench.data.versions = {"after": _describe(ROOT)} | ({"before": _describe(before)} if before else {})
+        bench.data.versions = {"after": _describe(after)} | ({"before": _describe(before)} if before else {})
         bench.data.rounds = rounds
         bench.direct()
         streamed = any(v.stream for v in variants)
@@ -488,7 +489,7 @@ def run(duration: int, levels: list[int], workers: list[int], variants: list[Var
             bench.bare(count)
             if streamed:
                 bench.bare(count, stream=True)
-            roots = {"before": before, "after": ROOT} if before is not None else {"after": ROOT}
+            roots = {"before": before, "after": after} if before is not None else {"after": after}
             for variant in variants:
                 bench.taps(variant, count, roots, variant.cache and count == workers[0])
         if with_litellm:
@@ -641,6 +642,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="Worker counts of the tap and the bare proxy.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Tap variants: {', '.join(VARIANTS)}.")
     parser.add_argument("--before", type=Path, help="A checkout of the old code: every tap variant runs for it too.")
+    parser.add_argument("--after", type=Path, default=ROOT,
+                        help="The checkout of the new code (default: this one), e.g. to measure one past commit "
+                             "against its parent.")
     parser.add_argument("--chunk-delay-ms", type=float, default=1.0, help="Between streamed chunks (stream).")
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--write", action="store_true", help="Replace the '## Tap' section of BENCHMARKS.md.")
@@ -654,7 +658,7 @@ def main() -> None:
     workers = [int(x) for x in args.workers.split(",")]
     before = args.before.resolve() if args.before else None
     data = run(args.duration, levels, workers, variants, before, not args.skip_litellm, args.chunk_delay_ms,
-               args.rounds)
+               args.rounds, args.after.resolve())
     command = "python -m bench.tap_bench " + " ".join(sys.argv[1:])
     section = markdown(data, args.duration, command.strip(), args.chunk_delay_ms)
     print(section)
