@@ -1,6 +1,6 @@
 """Kafka producers side by side for the tap's publisher: aiokafka vs confluent-kafka (librdkafka), by codec.
 
-Both with the publisher's guarantees: idempotent, acks=all, linger 5 ms, every message's acknowledgement
+Both with the publisher's guarantees: idempotent, acks=all, linger ``--linger-ms``, every message's acknowledgement
 awaited (as ``EventPublisher._send_group`` does). Messages are the tap's three events of a request
 (~1.6 KB together, key = app id, the two headers), against a local noida-db broker:
 
@@ -35,6 +35,8 @@ import orjson
 from gateway_tap.dev.servers import NoidaServer
 
 Message = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
+LINGER_MS = 5
+"""Every client's linger (``--linger-ms``)."""
 
 
 def messages(prefix: str, n: int) -> list[Message]:
@@ -116,7 +118,7 @@ class AioKafkaSender:
         from aiokafka.partitioner import DefaultPartitioner
 
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                         compression_type=None if codec == "none" else codec, linger_ms=5,
+                                         compression_type=None if codec == "none" else codec, linger_ms=LINGER_MS,
                                          max_batch_size=1024 * 1024, max_request_size=1024 * 1024,
                                          partitioner=KeyPartitioner() if memo_partitioner else DefaultPartitioner())
 
@@ -175,7 +177,7 @@ class ConfluentSender:
         from confluent_kafka import Producer
 
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                  "compression.type": codec, "linger.ms": 5, "message.timeout.ms": 10_000,
+                                  "compression.type": codec, "linger.ms": LINGER_MS, "message.timeout.ms": 10_000,
                                   "batch.size": 1024 * 1024})
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -220,7 +222,7 @@ class PublisherSender:
         from gateway_tap.settings import KafkaSettings, PublisherSettings
 
         self.producer = GroupProducer(KafkaSettings(bootstrap_servers=bootstrap),  # type: ignore[call-arg]
-                                      PublisherSettings(compression=codec, linger_ms=5))  # type: ignore[call-arg,arg-type]
+                                      PublisherSettings(compression=codec, linger_ms=LINGER_MS))  # type: ignore[call-arg,arg-type]
         self.timestamp_ms = int(time.time() * 1000)
 
     async def start(self) -> None:
@@ -295,12 +297,15 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=3000, help="Messages per second (3 per tap request).")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--codecs", default="gzip,lz4,zstd,none")
+    parser.add_argument("--linger-ms", type=int, default=5, help="Every client's linger.ms.")
     parser.add_argument("--clients", default="null,aiokafka,aiokafka-memo,aiokafka-batch,confluent,publisher",
                         help="null (the harness), aiokafka (send per message), aiokafka-memo (+ memoized partitioner: "
                              "the publisher before the switch), aiokafka-batch (send_batch per partition), confluent "
                              "(a delivery callback per message, a poll thread), publisher (the publisher's own Kafka "
                              "half on confluent-kafka, as the tap runs it)")
     args = parser.parse_args()
+    global LINGER_MS
+    LINGER_MS = args.linger_ms
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         server = NoidaServer(data_dir=tmp / "noida", services=("kafka",), log_path=tmp / "noida.log")
@@ -326,6 +331,7 @@ def main() -> None:
                     print(client, codec, {k: round(v, 1) for k, v in r.items()}, flush=True)
         finally:
             server.stop()
+    print(f"\nlinger {args.linger_ms} ms, {args.seconds:g} s per row")
     print(f"\n| client | codec | CPU µs/message, whole process | CPU µs/message, event-loop thread | "
           f"achieved msg/s (target {args.rate}) |")
     print("|---|---|---|---|---|")
