@@ -119,7 +119,7 @@ def _tokens(settings: list[AdminTokenSettings]) -> list[_Token]:
     return out
 
 
-Handler = Callable[[web.Request, "Caller"], Awaitable[BaseModel | None]]
+Handler = Callable[[web.Request, "Caller"], Awaitable[BaseModel | web.Response | None]]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,9 @@ class AdminAPI:
                 return _error_response(ApiError(500, "api_error", "internal_error", "the change failed"), rid)
             if result is None:
                 return web.Response(status=204, headers={"x-request-id": rid})
+            if isinstance(result, web.Response):
+                result.headers["x-request-id"] = rid
+                return result
             return web.Response(status=status, body=result.model_dump_json().encode(),
                                 content_type="application/json", headers={"x-request-id": rid})
 
@@ -276,8 +279,8 @@ class AdminAPI:
         r("GET", "/v1/llms", self._list_llms, "The LLMs (ids, vendor, prices; never upstream secrets).",
           response=m.LLMList)
 
-    async def _get_openapi(self, request: web.Request, caller: Caller) -> BaseModel:
-        return _Raw(self._openapi)
+    async def _get_openapi(self, request: web.Request, caller: Caller) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def _status(self, request: web.Request, caller: Caller) -> BaseModel:
         taps = await self.store.taps()
@@ -482,18 +485,6 @@ class AdminAPI:
     async def _list_llms(self, request: web.Request, caller: Caller) -> BaseModel:
         return m.LLMList(data=[m.LLM(id=llm.id, vendor=llm.vendor, currency=llm.currency, prices=llm.prices,
                                      timeouts=llm.timeouts) for llm in self.runtime.file_config().llms])
-
-
-class _Raw(BaseModel):
-    """A pre-serialised JSON document answered as is."""
-
-    body: bytes
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__(body=body)
-
-    def model_dump_json(self, **kwargs: Any) -> str:  # type: ignore[override]
-        return self.body.decode()
 
 
 def _unprocessable(exc: ValidationError) -> ApiError:
