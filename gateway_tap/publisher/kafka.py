@@ -137,7 +137,7 @@ class GroupProducer:
         """
         if self._producer is None:
             self._producer = await self._in_thread(Producer, self._config)
-        await self._in_thread(self._producer.list_topics, None, max(0.01, timeout_s))
+        await self._in_thread(_probe, self._producer, max(0.01, timeout_s))
 
     async def send(self, messages: Sequence[Message], timeout_s: float) -> SendResult:
         """Produce ``messages`` and wait up to ``timeout_s`` for Kafka's verdict on each of them.
@@ -202,6 +202,13 @@ class GroupProducer:
                 self._producer = None
                 await self._in_thread(_destroy, holder, wait_s)
         self._thread.shutdown(wait=True)
+
+
+def _probe(producer: Producer, timeout_s: float) -> None:
+    """(Kafka thread) Serve what librdkafka queued for us (its log lines: nothing else polls while Kafka is
+    away), then ask for the cluster's metadata."""
+    producer.poll(0)
+    producer.list_topics(None, timeout_s)
 
 
 def _await_delivery(producer: Producer, timeout_s: float, poll_s: float) -> int:
