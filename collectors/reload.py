@@ -3,7 +3,7 @@
 The file is validated whole (:func:`gateway_tap.settings.load_config`), then the
 collector's ``config`` against its declaration; a rejected file is logged with the key
 path and changes nothing. Applied live: the fields of
-:class:`~gateway_tap.settings.CollectorSettings` not marked ``RESTART`` (``batch``, ``retry``,
+:class:`~gateway_tap.settings.CollectorSettings` not marked ``RESTART`` (``batch``, ``max_in_flight_*``, ``retry``,
 ``shutdown_grace_s``, ``config``) and the root sections a collector falls back on
 (``services.defaults``: ``budgets``, ``budget_store``). A changed ``config`` goes to the
 collector's ``on_config_change(config)`` when it has one; otherwise (and when its defaults

@@ -1,13 +1,19 @@
 """The collector runtime: one Kafka consumer-group member driving one :class:`DataCollector`.
 
 It owns, once for every sink: batching, decoding, retries with backoff, dead letters,
-offset commits, rebalances, metrics and shutdown. The loop is deliberately sequential
-(fetch a batch -> hand over -> flush -> dead letters acked -> commit), so at any moment
-at most one batch is in flight and a rebalance or a signal never finds half a batch.
+offset commits, rebalances, metrics and shutdown. It is a pipeline: while a batch is
+being delivered (handed over, flushed, dead letters acknowledged) the next ones are
+fetched and decoded, up to ``max_in_flight_batches`` / ``max_in_flight_bytes``; past
+either bound the partitions are paused (not buffered) and polled only as often as group
+liveness requires. The sink gets at most ``DataCollector.concurrent_batches`` batches at
+once (one unless it says otherwise), in fetch order per partition when it declares
+``ordered_delivery``.
 
-Guarantees: an offset is committed only after every record below it was handled and
-flushed or its dead letter acknowledged by the broker; retriable failures are retried
-forever (with fetching paused) and never skipped.
+Guarantees: per partition an offset is committed only when every record below it was
+handled and flushed or its dead letter acknowledged by the broker (contiguous offsets,
+:mod:`collectors.offsets`), so a crash re-delivers at most what was in flight; retriable
+failures are retried forever (:mod:`collectors.delivery`) and never skipped; a revoke
+waits for the in-flight batches of the revoked partitions (or abandons them uncommitted).
 """
 
 from __future__ import annotations
@@ -19,33 +25,34 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import OffsetAndMetadata
 
+from collectors.batch import Batch, Bucket, Record, decode_batch
 from collectors.config import validate_collector_config
 from collectors.control import ControlOutbox
 from collectors.delivery import retry_delay_s
 from collectors.dlq import DeadLetter, DeadLetterPublisher
 from collectors.metrics import CollectorMetrics, serve_metrics
+from collectors.offsets import OffsetTracker
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorError, CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
 from gateway_tap.services import Gateway
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, group_id_for
-from schemas import ControlMessage, EventDecodeError, EventType, control_topic, decode_control, topic_for
-from schemas.wire import LazyEvents, validate_event_bytes
+from schemas import EventType, control_topic, topic_for
 
 log = logging.getLogger("gateway_tap.collectors")
 
 FRESHNESS_SAMPLES = 32
 """Events per type and batch whose freshness is observed (observing all would cost more than decoding)."""
 
-Record: TypeAlias = ConsumerRecord  # type: ignore[type-arg]
+PAUSED_POLL_MAX_S = 5.0
+"""While paused, poll at least this often (and 4x per ``max_poll_interval_ms``): enough for group liveness."""
 
 
 class BatchLogger(logging.LoggerAdapter[logging.Logger]):
@@ -58,45 +65,6 @@ class BatchLogger(logging.LoggerAdapter[logging.Logger]):
 
 class ShutdownTimeout(Exception):
     """The batch in hand could not be finished within the shutdown grace period (it stays uncommitted)."""
-
-
-@dataclass
-class _Bucket:
-    """The validated events of one type in a batch, with their raw values and records (parallel lists).
-
-    ``events`` builds each pydantic model on first access only: sinks that write the
-    raw values (file, Elasticsearch) never pay for models they do not read.
-    """
-
-    event_type: EventType
-    values: list[bytes] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-    events: LazyEvents = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.events = LazyEvents(self.event_type, self.values)
-
-    def drop(self, indexes: set[int]) -> None:
-        keep = [i for i in range(len(self.values)) if i not in indexes]
-        self.values = [self.values[i] for i in keep]
-        self.records = [self.records[i] for i in keep]
-        self.events = LazyEvents(self.event_type, self.values)
-
-
-@dataclass
-class _ControlBucket:
-    """The decoded control messages of a batch with their records (parallel lists)."""
-
-    messages: list[ControlMessage] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-
-    def drop(self, ids: set[str]) -> list[tuple[Record, str]]:
-        """Remove the messages with these ids; returns their records."""
-        keep = [i for i, m in enumerate(self.messages) if m.id not in ids]
-        gone = [(self.records[i], self.messages[i].id) for i in range(len(self.messages)) if self.messages[i].id in ids]
-        self.messages = [self.messages[i] for i in keep]
-        self.records = [self.records[i] for i in keep]
-        return gone
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -157,10 +125,21 @@ class CollectorRuntime:
         self.dlq: DeadLetterPublisher | None = None
         self._stopping = asyncio.Event()
         self._stop_deadline = float("inf")
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._retrying = False
         self._batches = 0
+        self._in_flight: dict[int, Batch] = {}
+        self._in_flight_bytes = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # set whenever a batch leaves the pipeline or stops retrying
+        self._retrying = 0  # batches waiting for a retry
+        self._paused_by_us = False
+        self._generation = 0  # bumped by every revoke: a batch fetched across it is dropped
+        self._offsets = OffsetTracker()
+        self._commit_lock = asyncio.Lock()
+        self._sink_slots = asyncio.Semaphore(max(1, collector_cls.concurrent_batches))
+        self._ordered = collector_cls.ordered_delivery and collector_cls.concurrent_batches > 1
+        self._last_done: dict[TopicPartition, asyncio.Event] = {}  # ordered delivery: per partition, the last batch
+        self._crashed: BaseException | None = None
+        self._commit_timeout_s = max(5.0, settings.session_timeout_ms / 1000)
         self._healthy = False
         self.ranges = dict(ranges) if ranges is not None else None
         self._open_ranges: set[TopicPartition] = set()
@@ -209,7 +188,47 @@ class CollectorRuntime:
                                      gateway=self.gateway, control=self.control.send)
         await collector.initialize(config, services)
         s = self.settings
-        consumer = self.consumer = AIOKafkaConsumer(
+        dlq = self.dlq = DeadLetterPublisher(self.name, {**self.kafka_options,
+                                                         "client_id": f"{self.client_id}-{self.name}-dlq"})
+        runner = None
+        code = 0
+        try:
+            await dlq.start()
+            self.control.attach(dlq.send)  # what the collector sent from initialize goes out now
+            await self._start_consumer()
+            if self.ranges is not None:
+                self._assign_ranges()
+            if s.metrics.port is not None:
+                runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
+            self._healthy = True
+            log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topics),
+                     self.group_id, s.group_instance_id)
+            await self._pipeline()
+        except ShutdownTimeout as exc:
+            log.error("%s", exc)
+            code = 1
+        finally:
+            self._healthy = False
+            for task in self._tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await (self.collector or collector).close()  # a reload may have replaced the instance
+            if self.consumer is not None:
+                await self.consumer.stop()  # static members do not leave the group: a restart takes over at once
+            with contextlib.suppress(Exception):  # what close() sent; at most a few seconds, it is best effort
+                await asyncio.wait_for(self.control.drain(), timeout=5)
+            self.control.detach()
+            await dlq.stop()
+            if runner is not None:
+                await runner.cleanup()
+        log.info("collector %s stopped (exit %d)", self.name, code)
+        return code
+
+    # -- the pipeline -------------------------------------------------------------------------------------
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self.settings
+        consumer = AIOKafkaConsumer(
             **self.kafka_options,
             client_id=f"{self.client_id}-{self.name}",
             group_id=self.group_id,
@@ -224,47 +243,105 @@ class CollectorRuntime:
         )
         if self.ranges is None:
             consumer.subscribe(self.topics, listener=_Listener(self))
-        dlq = self.dlq = DeadLetterPublisher(self.name, {**self.kafka_options,
-                                                         "client_id": f"{self.client_id}-{self.name}-dlq"})
-        runner = None
-        code = 0
-        try:
-            await dlq.start()
-            self.control.attach(dlq.send)  # what the collector sent from initialize goes out now
-            await consumer.start()
-            if self.ranges is not None:
-                self._assign_ranges()
-            if s.metrics.port is not None:
-                runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
-            self._healthy = True
-            log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topics),
-                     self.group_id, s.group_instance_id)
-            while not self._stopping.is_set() and not self.ranges_done:
-                records = await self._fetch_batch()
-                if records:
-                    await self._process(records)
-                elif self.ranges is not None:
-                    await self._close_passed_ranges()
-                if self.reloader is not None and self.reloader.requested:
-                    await self.reloader.apply()  # between batches: the last one is flushed and committed
-        except ShutdownTimeout as exc:
-            log.error("%s", exc)
-            code = 1
-        finally:
-            self._healthy = False
-            with contextlib.suppress(Exception):
-                await (self.collector or collector).close()  # a reload may have replaced the instance
-            await consumer.stop()  # static members do not leave the group: a restart takes over at once
-            with contextlib.suppress(Exception):  # what close() sent; at most a few seconds, it is best effort
-                await asyncio.wait_for(self.control.drain(), timeout=5)
-            self.control.detach()
-            await dlq.stop()
-            if runner is not None:
-                await runner.cleanup()
-        log.info("collector %s stopped (exit %d)", self.name, code)
-        return code
+        return consumer
 
-    # -- the loop -----------------------------------------------------------------------------------------
+    async def _start_consumer(self) -> None:
+        """Start a consumer, retrying transient Kafka errors (a coordinator still settling after a restart)."""
+        attempt = 0
+        while True:
+            consumer = self.consumer = self._new_consumer()
+            try:
+                await consumer.start()
+                return
+            except KafkaError as exc:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                self.consumer = None
+                attempt += 1
+                if self._stopping.is_set() or attempt > 20:
+                    raise
+                delay = retry_delay_s(exc, attempt, self.settings.retry)
+                log.warning("consumer start failed (attempt %d), retrying in %.2fs: %s: %s", attempt, delay,
+                            type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+
+    async def _pipeline(self) -> None:
+        """Fetch and decode batches while earlier ones are delivered; then drain what is in flight."""
+        while not self._stopping.is_set() and not self.ranges_done:
+            await self._wait_for_room()
+            if self._stopping.is_set():
+                break
+            generation = self._generation
+            records = await self._fetch_batch()
+            if records and generation == self._generation:
+                self._launch(records)
+            elif self.ranges is not None:
+                await self._close_passed_ranges()
+            if self._crashed is not None:
+                raise self._crashed
+            if self.reloader is not None and self.reloader.requested:
+                await self._drain(float("inf"))  # between batches: every one in flight flushed and committed
+                await self.reloader.apply()
+        deadline = self._stop_deadline if self._stopping.is_set() else float("inf")
+        await self._drain(deadline)
+        if self._crashed is not None:
+            raise self._crashed
+
+    def _has_room(self) -> bool:
+        s = self.settings
+        return (len(self._in_flight) < s.max_in_flight_batches and self._in_flight_bytes < s.max_in_flight_bytes
+                and not self._retrying)
+
+    async def _wait_for_room(self) -> None:
+        """Past a bound (or while a batch is retrying), pause the partitions and poll only for liveness."""
+        consumer = self.consumer
+        assert consumer is not None
+        if self._has_room():
+            self._resume()
+            return
+        poll_s = min(PAUSED_POLL_MAX_S, self.settings.max_poll_interval_ms / 4000)
+        while not self._has_room() and not self._stopping.is_set() and self._crashed is None:
+            self._pause_all()
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout=poll_s)
+            if not self._has_room():
+                await self._poll_paused()
+        if self._has_room():
+            self._resume()
+
+    def _resume(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        if not self._paused_by_us:
+            return
+        self._paused_by_us = False
+        paused = consumer.paused()
+        if self.ranges is not None:
+            paused = paused & self._open_ranges  # a finished range stays paused
+        if paused:
+            consumer.resume(*paused)
+
+    def _pause_all(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        assigned = consumer.assignment()
+        if self.ranges is not None:
+            assigned = assigned & self._open_ranges
+        if assigned - consumer.paused():
+            # Prefetched data of a paused partition is dropped by aiokafka (refetched on resume): memory stays bounded.
+            consumer.pause(*assigned)
+        self._paused_by_us = True
+
+    async def _poll_paused(self) -> None:
+        """One poll of paused partitions: keeps the member alive; partitions a rebalance assigned meanwhile are
+        not paused yet, so whatever they return is put back."""
+        consumer = self.consumer
+        assert consumer is not None
+        got = await consumer.getmany(timeout_ms=0)
+        for tp, recs in got.items():
+            consumer.seek(tp, recs[0].offset)
+        self._pause_all()
 
     async def _fetch_batch(self) -> list[Record]:
         """Up to max_events / max_bytes, waiting at most max_wait_ms once the first record arrived."""
@@ -287,61 +364,78 @@ class CollectorRuntime:
                 deadline = time.monotonic() + b.max_wait_ms / 1000
             if len(records) >= b.max_events or size >= b.max_bytes or time.monotonic() >= deadline:
                 break
+            if self._in_flight_bytes + size >= self.settings.max_in_flight_bytes:
+                break  # do not hold more than the bound, whatever the broker's fetch returned
         return records
 
-    async def _process(self, records: list[Record]) -> None:
-        """Decode, deliver (with retries), then commit the batch's offsets."""
-        self._idle.clear()
+    def _launch(self, records: list[Record]) -> None:
+        """Decode ``records`` into a batch, track its offsets and start delivering it."""
+        self._batches += 1
+        batch = decode_batch(self._batches, records, self.topic_types, self.control_topic, time.monotonic())
+        for tp, end in batch.ends.items():
+            self._offsets.add(batch.seq, tp, end)
+        self._in_flight[batch.seq] = batch
+        self._in_flight_bytes += batch.size_bytes
+        after: list[asyncio.Event] = []
+        if self._ordered:
+            after = [self._last_done[tp] for tp in batch.ends if tp in self._last_done]
+            for tp in batch.ends:
+                self._last_done[tp] = batch.done
+        task = asyncio.create_task(self._run_batch(batch, after))
+        self._tasks.add(task)
+        task.add_done_callback(self._batch_finished)
+
+    def _batch_finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None and self._crashed is None:
+            self._crashed = exc  # the pipeline loop re-raises it: a bug must not leave a batch silently behind
+
+    async def _run_batch(self, batch: Batch, after: list[asyncio.Event]) -> None:
         try:
-            started = time.monotonic()
-            self._batches += 1
-            assert self.logger.extra is not None
-            self.logger.extra["batch"] = self._batches  # type: ignore[index]
-            buckets, dead, control = self._decode(records)
-            await self._deliver_with_retry(buckets, dead, control)
-            await self._commit(records)
-            self._observe(records, buckets, dead, started, control)
+            for event in after:  # ordered delivery: earlier batches of the same partitions first
+                await event.wait()
+            async with self._sink_slots:
+                if batch.abandoned:
+                    return
+                batch.started = True
+                assert self.logger.extra is not None
+                self.logger.extra["batch"] = batch.seq  # type: ignore[index]
+                started = time.monotonic()
+                await self._deliver_with_retry(batch)
+            self._offsets.ack(batch.seq, batch.ends)
+            batch.acked.set()
+            await self._commit_ready()
+            self._observe(batch, started)
             if self.on_batch_done is not None:
-                self.on_batch_done(len(records))
+                self.on_batch_done(len(batch.records))
         finally:
-            self._idle.set()
+            batch.done.set()
+            self._in_flight.pop(batch.seq, None)
+            self._in_flight_bytes -= batch.size_bytes
+            self._room.set()
 
-    def _decode(self, records: list[Record]) -> tuple[dict[EventType, _Bucket], list[DeadLetter], _ControlBucket]:
-        buckets: dict[EventType, _Bucket] = {}
-        dead: list[DeadLetter] = []
-        control = _ControlBucket()
-        topic_types = self.topic_types
-        for rec in records:
-            value = rec.value
-            if value is None:  # a tombstone: nothing to decode
-                dead.append(DeadLetter(rec, "empty message value", "EventDecodeError"))
-                continue
-            if rec.topic == self.control_topic:
-                try:
-                    control.messages.append(decode_control(value))
-                    control.records.append(rec)
-                except EventDecodeError as exc:
-                    dead.append(DeadLetter(rec, str(exc), "EventDecodeError"))
-                continue
-            event_type = topic_types[rec.topic]
-            try:
-                validate_event_bytes(value, event_type)
-            except EventDecodeError as exc:
-                dead.append(DeadLetter(rec, str(exc), "EventDecodeError"))
-                continue
-            bucket = buckets.get(event_type)
-            if bucket is None:
-                bucket = buckets[event_type] = _Bucket(event_type)
-            bucket.values.append(value)  # bucket.events shares this list
-            bucket.records.append(rec)
-        return buckets, dead, control
+    async def _drain(self, deadline: float) -> None:
+        """Wait for every batch in flight to be delivered and committed, until ``deadline`` (monotonic).
 
-    async def _deliver_with_retry(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
-                                  control: _ControlBucket) -> None:
+        :raises ShutdownTimeout: some were not; they stay uncommitted.
+        """
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending or any(not t.cancelled() and isinstance(t.exception(), ShutdownTimeout) for t in tasks):
+            for task in pending:
+                task.cancel()
+            raise ShutdownTimeout(f"shutdown grace period ran out with {len(pending) or 1} batch(es) in flight; "
+                                  "they stay uncommitted and will be handled again after the restart")
+
+    async def _deliver_with_retry(self, batch: Batch) -> None:
+        logger = BatchLogger(log, {"collector": self.name, "batch": batch.seq})  # batches overlap: name this one
         attempt = 0
         while True:
             try:
-                await self._deliver(buckets, dead, control)
+                await self._deliver(batch)
                 break
             except asyncio.CancelledError:
                 raise
@@ -350,20 +444,26 @@ class CollectorRuntime:
                 self.metrics.retries_c.inc()
                 delay = retry_delay_s(exc, attempt, self.settings.retry)
                 if isinstance(exc, RetryLater | KafkaError):
-                    self.logger.warning("retry %d in %.2fs: %s: %s", attempt, delay, type(exc).__name__, exc)
+                    logger.warning("retry %d in %.2fs: %s: %s", attempt, delay, type(exc).__name__, exc)
                 else:
-                    self.logger.warning("retry %d in %.2fs after an unexpected error", attempt, delay, exc_info=exc)
-                await self._pause_for(delay)
-        if self._retrying:
-            self._retrying = False
-            assert self.consumer is not None
-            self.consumer.resume(*self.consumer.paused())
+                    logger.warning("retry %d in %.2fs after an unexpected error", attempt, delay, exc_info=exc)
+                if self._stopping.is_set() and time.monotonic() + delay > self._stop_deadline:
+                    raise ShutdownTimeout("shutdown grace period ran out while retrying; the batch stays "
+                                          "uncommitted and will be handled again after the restart") from exc
+                if not batch.retrying:
+                    batch.retrying = True
+                    self._retrying += 1  # fetching pauses until it went through
+                await asyncio.sleep(delay)
+        if batch.retrying:
+            batch.retrying = False
+            self._retrying -= 1
+            self._room.set()
 
-    async def _deliver(self, buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
-                       control: _ControlBucket) -> None:
+    async def _deliver(self, batch: Batch) -> None:
         """Hand every bucket over, flush, then publish the dead letters and wait for their acks."""
         collector = self.collector
         assert collector is not None
+        buckets, dead, control = batch.buckets, batch.dead, batch.control
         for event_type, bucket in buckets.items():
             if not bucket.events:
                 continue
@@ -401,7 +501,7 @@ class CollectorRuntime:
             assert self.dlq is not None
             await self.dlq.publish(dead)
 
-    def _reject(self, bucket: _Bucket, rejected: dict[str, str], dead: list[DeadLetter],
+    def _reject(self, bucket: Bucket, rejected: dict[str, str], dead: list[DeadLetter],
                 error_class: str = "BadEvent") -> None:
         """Move the events a collector rejected (by id) from the bucket to the dead letters."""
         indexes = {i for i, event in enumerate(bucket.events) if event.id in rejected}
@@ -409,67 +509,59 @@ class CollectorRuntime:
             dead.append(DeadLetter(bucket.records[i], rejected[bucket.events[i].id], error_class))
         bucket.drop(indexes)
 
-    def _narrow(self, bucket: _Bucket, pending: frozenset[str], rejected: dict[str, str],
+    def _narrow(self, bucket: Bucket, pending: frozenset[str], rejected: dict[str, str],
                 dead: list[DeadLetter]) -> None:
         """Keep in ``bucket`` only the ``pending`` events (the sink stored the others), dead-lettering ``rejected``."""
         if rejected:
             self._reject(bucket, rejected, dead)
-        bucket.drop({i for i, event in enumerate(bucket.events) if event.id not in pending})
+        stored = {i for i, event in enumerate(bucket.events) if event.id not in pending}
+        bucket.stored += len(stored)
+        bucket.drop(stored)
 
-    async def _pause_for(self, delay: float) -> None:
-        """Wait ``delay`` with fetching paused, still polling so the group does not think we hung."""
+    async def _commit_ready(self, tps: set[TopicPartition] | None = None) -> None:
+        """Commit, per partition, the end of the acknowledged prefix of batches (never past an unacknowledged one)."""
         consumer = self.consumer
         assert consumer is not None
-        if self._stopping.is_set() and time.monotonic() + delay > self._stop_deadline:
-            raise ShutdownTimeout("shutdown grace period ran out while retrying; the batch stays uncommitted "
-                                  "and will be handled again after the restart")
-        self._retrying = True
-        consumer.pause(*consumer.assignment())
-        end = time.monotonic() + delay
-        while (remaining := end - time.monotonic()) > 0:
-            got = await consumer.getmany(timeout_ms=max(1, int(remaining * 1000)))
-            for tp, recs in got.items():
-                # Partitions assigned by a rebalance during the wait are not paused yet: put them back.
-                consumer.seek(tp, recs[0].offset)
-                consumer.pause(tp)
-
-    async def _commit(self, records: list[Record]) -> None:
-        consumer = self.consumer
-        assert consumer is not None
-        offsets: dict[TopicPartition, int] = {}
-        for rec in records:
-            offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
-        assigned = consumer.assignment()
-        owned = {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items() if tp in assigned}
-        if len(owned) < len(offsets):
-            self.logger.info("not committing %d revoked partition(s); their new owner handles them again",
-                             len(offsets) - len(owned))
-        if not owned:
-            return
-        try:
-            await consumer.commit(owned)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # A rebalance took the partitions: the new owner starts from the last commit (duplicates, no loss).
-            self.logger.warning("commit failed (%s); the batch will be handled again by the partitions' owner", exc)
-            return
+        async with self._commit_lock:  # commits go out in order, each covering everything acknowledged so far
+            offsets = self._offsets.committable(tps)
+            assigned = consumer.assignment()
+            owned = {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items() if tp in assigned}
+            if not owned:
+                return
+            try:
+                # aiokafka retries a retriable commit error forever; bounded here so that neither the pipeline
+                # nor a revoke (which commits too) can hang on it. The next commit covers these offsets.
+                await asyncio.wait_for(consumer.commit(owned), timeout=self._commit_timeout_s)
+            except TimeoutError:
+                self.logger.warning("commit timed out after %.0fs; retried with the next batch", self._commit_timeout_s)
+                return
+            except (CommitFailedError, IllegalStateError) as exc:
+                # A rebalance took the partitions: the new owner starts from the last commit (duplicates, no loss).
+                self.logger.warning("commit failed (%s); the partitions' owner handles those batches again", exc)
+                return
+            except KafkaError as exc:
+                # Transient (coordinator moving): the next commit covers these offsets too.
+                self.logger.warning("commit failed (%s: %s); retried with the next batch", type(exc).__name__, exc)
+                return
+            self._offsets.committed(offsets)
         for tp, offset in offsets.items():
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 self.metrics.lag.labels(self.name, tp.topic, str(tp.partition)).set(max(0, highwater - offset))
 
-    def _observe(self, records: list[Record], buckets: dict[EventType, _Bucket], dead: list[DeadLetter],
-                 started: float, control: _ControlBucket) -> None:
+    def _observe(self, batch: Batch, started: float) -> None:
         m = self.metrics
         now = time.time()
-        m.batch_size_c.observe(len(records))
-        for event_type, bucket in buckets.items():
+        m.batch_size_c.observe(len(batch.records))
+        for event_type, bucket in batch.buckets.items():
             events = bucket.events
-            m.handled_by_type[event_type].inc(len(events))
-            m.consumed_by_type[event_type].inc(len(events))
+            m.handled_by_type[event_type].inc(len(events) + bucket.stored)
+            m.consumed_by_type[event_type].inc(len(events) + bucket.stored)
             step = max(1, len(events) // FRESHNESS_SAMPLES)
             hist = m.freshness_by_type[event_type]
             for event in events[::step]:
                 hist.observe(max(0.0, now - event.emitted_at.timestamp()))
+        control, dead = batch.control, batch.dead
         if control.messages:
             m.handled.labels(self.name, "control").inc(len(control.messages))
             m.consumed.labels(self.name, "control").inc(len(control.messages))
@@ -528,17 +620,36 @@ class CollectorRuntime:
     # -- rebalance ----------------------------------------------------------------------------------------
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Let the batch in hand finish and commit (it commits itself), unless it is stuck retrying."""
+        """Before the partitions move: batches of only revoked partitions not yet at the sink are abandoned, those
+        at the sink are waited for (not while retrying), what they acknowledged is committed, the partitions are
+        forgotten. Bounded by half the session timeout (and the grace period): a member slow to rejoin is evicted.
+        Nothing of a revoked partition is committed after this returns; its new owner redelivers the rest."""
         if not revoked:
             return
-        if self._retrying:
-            self.logger.warning("partitions revoked while a batch is retrying; it stays uncommitted")
-            return
+        self._generation += 1
+        budget_s = min(self.settings.shutdown_grace_s, self.settings.session_timeout_ms / 2000)
+        deadline = time.monotonic() + budget_s
+        touched = [b for b in self._in_flight.values() if revoked & b.ends.keys()]
+        for b in touched:
+            if not b.started and b.ends.keys() <= revoked:
+                b.abandoned = True
+        waiting = [b for b in touched if b.started and not b.retrying and not b.acked.is_set()]
+        self.logger.info("%d partition(s) revoked: waiting for %d batch(es) at the sink", len(revoked), len(waiting))
+        if waiting:
+            waits = [asyncio.ensure_future(b.acked.wait()) for b in waiting]
+            _, pending = await asyncio.wait(waits, timeout=budget_s)
+            for w in pending:
+                w.cancel()
+            if pending:
+                self.logger.warning("partitions revoked with %d batch(es) still at the sink; they stay uncommitted "
+                                    "and their new owner handles them again", len(pending))
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait_for(self._commit_ready(revoked), timeout=max(1.0, deadline - time.monotonic()))
         except TimeoutError:
-            self.logger.warning("partitions revoked before the batch in hand finished; it stays uncommitted")
+            self.logger.warning("revoke: the final commit did not finish in time; the new owner may redeliver")
+        self._offsets.forget(revoked)
         for tp in revoked:
+            self._last_done.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(self.name, tp.topic, str(tp.partition))
 

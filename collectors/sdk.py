@@ -160,6 +160,13 @@ class DataCollector:
     """
 
     event_types: ClassVar[tuple[EventType, ...]] = ()
+    concurrent_batches: ClassVar[int] = 1
+    """How many batches the runtime may hand over at once (handlers + ``flush`` of different batches
+    overlapping). Above 1 only for a sink whose handlers store each batch on their own (``flush`` a no-op or
+    safe to overlap), like the ``elasticsearch`` collector."""
+    ordered_delivery: ClassVar[bool] = True
+    """With ``concurrent_batches`` above 1: batches sharing a partition are still delivered one after the
+    other, in offset order. False when order does not matter (idempotent upserts by id)."""
     Config: ClassVar[type[BaseModel] | None] = None
     """This collector's config as a pydantic model (preferred). When set, ``collectors.<NAME>.config`` is
     validated with it (defaults filled in) and :attr:`config_schema` is derived from it."""

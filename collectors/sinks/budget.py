@@ -55,6 +55,7 @@ class BudgetCollector(DataCollector):
 
     event_types = ("budget_usage",)
     Config = BudgetCollectorConfig
+    ordered_delivery = False  # exactly-once by event id: the order of batches does not matter
 
     store: BudgetStore | None = None
 

@@ -233,6 +233,9 @@ class ElasticsearchCollector(DataCollector):
 
     event_types: ClassVar[tuple[EventType, ...]] = EVENT_TYPES
     Config = EsConfig
+    # Each handler call indexes its batch on its own (flush is a no-op) and ``_id`` = event id makes order moot.
+    concurrent_batches: ClassVar[int] = 2
+    ordered_delivery: ClassVar[bool] = False
 
     settings: EsConfig
     client: AsyncElasticsearch

@@ -68,6 +68,12 @@ class CollectorSettings(Section):
     auto_offset_reset: Annotated[str, RESTART] = Field(
         default="earliest", pattern="^(earliest|latest)$", description="Where a new group starts.")
     batch: BatchSettings = Field(default_factory=BatchSettings)  # type: ignore[arg-type]
+    max_in_flight_batches: int = Field(
+        default=4, ge=1, description="Batches fetched and not yet committed: the next ones are fetched and decoded "
+                                     "while earlier ones are delivered. Past it the partitions are paused.")
+    max_in_flight_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Message bytes held by those batches; past it the partitions "
+                                                    "are paused (not buffered) until batches are committed.")
     retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
     shutdown_grace_s: float = Field(default=30.0, gt=0,
                                     description="On SIGTERM/SIGINT: time to finish, flush and commit.")

@@ -62,7 +62,8 @@ def test_reloaders_read_the_marks_the_doc_shows() -> None:
     collector_rows = describe(CollectorSettings)
     assert set(collector_reload.RESTART_KEYS) == {r.path for r in collector_rows if r.restart and "." not in r.path}
     assert set(collector_reload.LIVE_KEYS) == {r.path for r in collector_rows if not r.restart and "." not in r.path}
-    assert set(collector_reload.LIVE_KEYS) == {"batch", "retry", "shutdown_grace_s", "config"}
+    assert set(collector_reload.LIVE_KEYS) == {"batch", "max_in_flight_batches", "max_in_flight_bytes", "retry",
+                                              "shutdown_grace_s", "config"}
 
 
 def test_a_section_documented_once_is_referred_to_afterwards() -> None:
