@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -184,8 +185,15 @@ class GroupProducer:
                     produced.append(msg)
                 i += 1
             del produce
-            outstanding = await self._in_thread(_await_delivery, producer, max(0.0, deadline - loop.time()),
-                                                self._poll_s)
+            abandon = threading.Event()
+            try:
+                outstanding = await self._in_thread(_await_delivery, producer, max(0.0, deadline - loop.time()),
+                                                    self._poll_s, abandon)
+            except asyncio.CancelledError:
+                # stop() gave up on this group (it spools it): the Kafka thread must not go on waiting for
+                # it, or closing the producer would wait behind it.
+                abandon.set()
+                raise
             result = _verdict(produced, reports.reports, outstanding, rejected, unsent)
             if result.retry:
                 self._producer = None
@@ -211,21 +219,23 @@ def _probe(producer: Producer, timeout_s: float) -> None:
     producer.list_topics(None, timeout_s)
 
 
-def _await_delivery(producer: Producer, timeout_s: float, poll_s: float) -> int:
-    """(Kafka thread) Wait for every message's verdict; on timeout purge the rest. Returns how many are unknown.
+def _await_delivery(producer: Producer, timeout_s: float, poll_s: float, abandon: threading.Event) -> int:
+    """(Kafka thread) Wait for every message's verdict; on timeout (or ``abandon``) purge the rest. Returns how
+    many are unknown.
 
     Polls rather than ``flush()``: flush makes librdkafka send at once, ignoring ``linger.ms``, and small
     groups then go out as many tiny (separately compressed) batches, which doubled the CPU per message.
     ``len(producer)`` counts the messages without a verdict and the error reports not yet served.
     """
     deadline = time.monotonic() + timeout_s
-    while (outstanding := len(producer)) and (remaining := deadline - time.monotonic()) > 0:
+    while ((outstanding := len(producer)) and (remaining := deadline - time.monotonic()) > 0
+           and not abandon.is_set()):
         producer.poll(min(poll_s, remaining))
     if outstanding:
         # Timed out (a hung or lost broker): take back what librdkafka still holds. The purged
         # messages come back as error reports, and every message then has a verdict.
         producer.purge(in_queue=True, in_flight=True, blocking=False)
-        outstanding = producer.flush(_PURGE_WAIT_S)
+        outstanding = producer.flush(0 if abandon.is_set() else _PURGE_WAIT_S)
     return outstanding
 
 
