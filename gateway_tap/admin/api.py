@@ -144,8 +144,9 @@ class AdminAPI:
     # -- plumbing --------------------------------------------------------------------------------------------
 
     def _route(self, method: str, path: str, handler: Handler, summary: str, *, body: type[BaseModel] | None = None,
-               response: type[BaseModel] | None = None, status: int = 200, write: bool | None = None) -> None:
-        self.routes.append(Route(method, path, summary, body, response, status))
+               response: type[BaseModel] | None = None, status: int = 200, write: bool | None = None,
+               query: tuple[tuple[str, str], ...] = ()) -> None:
+        self.routes.append(Route(method, path, summary, body, response, status, query))
         writes = method != "GET" if write is None else write
 
         async def endpoint(request: web.Request) -> web.Response:
@@ -262,11 +263,12 @@ class AdminAPI:
         r("POST", "/v1/apps/{app_id}/keys/{key_id}/rotate", self._rotate_key, "Issue a successor; the old key "
           "stays valid for overlap_s.", body=m.KeyRotate, response=m.RotatedKey, status=201)
         r("GET", "/v1/apps/{app_id}/budgets", self._list_budgets, "The app's budgets and current spend.",
-          response=m.BudgetList)
+          response=m.BudgetList, query=(("llm_id", "Only the spend of this LLM's budgets."),))
         r("PUT", "/v1/apps/{app_id}/budgets", self._set_budget, "Create or replace the app's budget for "
           "(llm_id, period).", body=m.BudgetSet, response=m.Budget)
-        r("DELETE", "/v1/apps/{app_id}/budgets", self._delete_budget, "Delete a budget (query: period, llm_id).",
-          status=204)
+        r("DELETE", "/v1/apps/{app_id}/budgets", self._delete_budget, "Delete one of the app's budgets.",
+          status=204, query=(("period", "monthly (default) or daily."),
+                             ("llm_id", "The LLM of an app x LLM budget (default: the app-wide one).")))
         r("GET", "/v1/budgets", self._all_budgets, "Every budget.", response=m.BudgetList)
         r("GET", "/v1/plugins", self._list_plugins, "Each plugin's effective config.", response=m.PluginList)
         r("GET", "/v1/plugins/{name}", self._get_plugin, "One plugin's effective config and schema.",

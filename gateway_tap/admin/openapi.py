@@ -25,6 +25,8 @@ class Route:
     body: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     status: int = 200
+    query: tuple[tuple[str, str], ...] = ()
+    """Query parameters: (name, description); all optional."""
 
 
 _ERRORS = {"401": "No or an invalid admin token.", "403": "The token may only read.",
@@ -46,8 +48,10 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
     for route in routes:
         op: dict[str, Any] = {"summary": route.summary, "operationId": _operation_id(route),
                               "security": [{"adminToken": []}]}
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in re.findall(r"{(\w+)}", route.path)]
+        params: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                        for name in re.findall(r"{(\w+)}", route.path)]
+        params += [{"name": name, "in": "query", "required": False, "description": text,
+                    "schema": {"type": "string"}} for name, text in route.query]
         if params:
             op["parameters"] = params
         if route.body is not None:

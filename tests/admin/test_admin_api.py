@@ -213,6 +213,8 @@ async def test_openapi_is_generated_from_the_models(admin: Admin) -> None:
     create = doc["paths"]["/v1/apps"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     schema = doc["components"]["schemas"][create.rsplit("/", 1)[1]]
     assert schema["additionalProperties"] is False and schema["properties"]["id"]["pattern"]
+    params = doc["paths"]["/v1/apps/{app_id}/budgets"]["delete"]["parameters"]
+    assert [(p["name"], p["in"]) for p in params] == [("app_id", "path"), ("period", "query"), ("llm_id", "query")]
     from openapi_spec_validator import validate  # type: ignore[import-not-found]
 
     validate(doc)
