@@ -8,13 +8,15 @@ awaited (as ``EventPublisher._send_group`` does). Messages are the tap's three e
   pattern (whatever is queued goes as one group, acks awaited before the next group);
 * CPU per message of the whole process (every thread) and of the event-loop thread alone: the tap's
   requests wait on the loop thread, librdkafka's batching, compression and I/O run in its own threads;
-  the ``null`` row is the harness alone (pacing and grouping, no producer), included in every other row.
+  the ``null`` row is the harness alone (pacing and grouping, no producer), included in every other row;
+  the process's CPU split further into librdkafka's threads (``rdk:*``) and the other threads besides the
+  loop (the publisher's Kafka thread, the ``confluent`` row's poll thread), from ``/proc`` clock ticks.
 
 confluent-kafka is driven two ways: ``confluent``, a delivery callback per message and a poll thread resolving
 each group's futures with one ``call_soon_threadsafe``; ``publisher``, the publisher's own Kafka half
 (``gateway_tap.publisher.kafka``: ``delivery.report.only.error``, one thread flushing each group).
 
-    .venv/bin/pip install -e '.[dev,bench]'   # cramjam: aiokafka's lz4/zstd
+    .venv/bin/pip install -e '.[dev]'
     .venv/bin/python -m bench.producer_bench [--rate 3000] [--seconds 8] [--codecs gzip,lz4,zstd,none]
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import threading
 import time
@@ -249,6 +252,20 @@ def _resolve(done: list[tuple[asyncio.Future[None], Any]]) -> None:
                 fut.set_exception(RuntimeError(str(err)))
 
 
+def thread_cpu_s() -> dict[tuple[str, str], float]:
+    """CPU seconds of each live thread of this process, by (thread id, name) (Linux ``/proc``)."""
+    out: dict[tuple[str, str], float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        out[(tid, name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 async def paced(make: Callable[[], Any], msgs: list[Message], rate: int, seconds: float) -> dict[str, float]:
     """Send ``rate`` messages/s in the publisher's pattern; CPU per message of the process and the loop thread."""
     sender = make()
@@ -272,6 +289,7 @@ async def paced(make: Callable[[], Any], msgs: list[Message], rate: int, seconds
 
     task = asyncio.create_task(drain())
     total = int(rate * seconds)
+    threads0 = thread_cpu_s()
     cpu0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     tick = 0.001
     i = 0
@@ -286,9 +304,21 @@ async def paced(make: Callable[[], Any], msgs: list[Message], rate: int, seconds
         wake.set()
         await asyncio.sleep(0.005)
     cpu1, thread1, wall1 = time.process_time(), time.thread_time(), time.perf_counter()
+    threads1 = thread_cpu_s()  # before stop(): librdkafka's threads end with the producer
     task.cancel()
     await sender.stop()
+    # librdkafka names its threads rdk:main, rdk:broker<N>, ...; the others besides the loop are ours (the
+    # publisher's Kafka thread, the poll thread) or the executor's. Clock ticks: coarser than the columns above.
+    loop_tid = str(threading.get_native_id())
+    rdk = other = 0.0
+    for key, cpu in threads1.items():
+        delta = cpu - threads0.get(key, 0.0)
+        if key[1].startswith("rdk:"):
+            rdk += delta
+        elif key[0] != loop_tid:
+            other += delta
     return {"process_us": (cpu1 - cpu0) / total * 1e6, "loop_us": (thread1 - thread0) / total * 1e6,
+            "librdkafka_us": rdk / total * 1e6, "other_threads_us": other / total * 1e6,
             "achieved": total / (wall1 - wall0)}
 
 
@@ -332,11 +362,12 @@ def main() -> None:
         finally:
             server.stop()
     print(f"\nlinger {args.linger_ms} ms, {args.seconds:g} s per row")
-    print(f"\n| client | codec | CPU µs/message, whole process | CPU µs/message, event-loop thread | "
-          f"achieved msg/s (target {args.rate}) |")
-    print("|---|---|---|---|---|")
+    print(f"\n| client | codec | CPU µs/message, whole process | event-loop thread | librdkafka's threads | "
+          f"other threads | achieved msg/s (target {args.rate}) |")
+    print("|---|---|---|---|---|---|---|")
     for client, codec, r in rows:
-        print(f"| {client} | {codec} | {r['process_us']:.1f} | {r['loop_us']:.1f} | {r['achieved']:,.0f} |")
+        print(f"| {client} | {codec} | {r['process_us']:.1f} | {r['loop_us']:.1f} | {r['librdkafka_us']:.1f} | "
+              f"{r['other_threads_us']:.1f} | {r['achieved']:,.0f} |")
 
 
 if __name__ == "__main__":
