@@ -209,7 +209,13 @@ class GroupProducer:
                 holder = [self._producer]
                 self._producer = None
                 await self._in_thread(_destroy, holder, wait_s)
-        self._thread.shutdown(wait=True)
+            else:
+                await self._in_thread(_idle)  # whatever a cancelled caller left running ends first
+        self._thread.shutdown(wait=True)  # idle by now: joining does not block the loop
+
+
+def _idle() -> None:
+    pass
 
 
 def _probe(producer: Producer, timeout_s: float) -> None:
