@@ -9,7 +9,7 @@ In one run, wrk (1 thread, POST of a small chat completion) against:
 
   - ``base``: no plugins, no budgets, no events (``bench/tap_worker.py --no-events``: ``Exchange.events``
     patched to return nothing, so no event is built, encoded or produced; the publisher idles);
-  - ``events``: + the three events per request, published to a local noida-db broker (gzip, acks=all, idempotent);
+  - ``events``: + the three events per request, published to a local noida-db broker (lz4, acks=all, idempotent);
   - ``budgets``: + the example budgets plus a hard daily budget on the bench app (so admission checks a hard
     limit), read back from a SQLite store every second. No budget collector runs (it would take half the
     machine's CPU from the tap); ``pending_ttl_s: 2`` stands in for it, so the ids of settled usages the

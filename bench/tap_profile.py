@@ -30,7 +30,7 @@ from gateway_tap.dev.servers import ManagedProcess, free_port, http_ok
 # (layer, substrings of "function (file)"); a sample goes to the first layer met walking from the leaf up.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics (prometheus-client)", ("prometheus_client",)),
-    ("producer (aiokafka)", ("aiokafka", "kafka/")),
+    ("producer (aiokafka; confluent-kafka via publisher/kafka.py)", ("aiokafka", "kafka/", "publisher/kafka.py")),
     ("publisher (queue, spool)", ("gateway_tap/publisher",)),
     ("events: build + encode", ("schemas/", "pydantic", "uuid_utils", "events (", "redact_headers",
                                 "capture_body", "_is_sensitive")),
