@@ -14,6 +14,11 @@ One run, one private noida-db (Kafka + Elasticsearch on free ports), the same do
    ``--seconds``; every ``--probe-every``-th event is a probe whose first appearance in ``_search``
    results (polled every 100 ms) gives emitted -> searchable.
 
+``--before PATH`` (a checkout of an older commit, e.g. ``git worktree add --detach /tmp/before <commit>``)
+repeats phases 4 and 5 with the collector process importing that checkout (``PYTHONPATH``), alternating
+with the current code, so before and after come from the same run. ``--in-flight 1,2,4,8`` adds runtime
+passes of the current code with those ``max_in_flight_batches``.
+
 Each contender writes into its own index prefix; indices are deleted between passes.
 
 Usage::
@@ -128,16 +133,56 @@ async def bench_bare(es_url: str, prefix: str, events: list[Event], values: list
         return time.perf_counter() - started
 
 
-def collector_process(tmp: Path, bootstrap: str, topic_prefix: str, es_url: str, prefix: str) -> ManagedProcess:
+def collector_process(tmp: Path, bootstrap: str, topic_prefix: str, es_url: str, prefix: str,
+                      group_id: str | None = None, pythonpath: str | None = None,
+                      extra: dict[str, Any] | None = None) -> ManagedProcess:
     port = free_port()
+    section: dict[str, Any] = {"metrics": {"port": port}, "config": {"hosts": [es_url], "index_prefix": prefix},
+                               **(extra or {})}
+    if group_id:
+        section["group_id"] = group_id
     config = {"kafka": {"bootstrap_servers": bootstrap, "topic_prefix": topic_prefix},
-              "collectors": {"elasticsearch": {"metrics": {"port": port},
-                                               "config": {"hosts": [es_url], "index_prefix": prefix}}}}
-    path = tmp / "gateway-tap.yaml"
+              "collectors": {"elasticsearch": section}}
+    path = tmp / f"gateway-tap-{prefix}.yaml"
     path.write_text(yaml.safe_dump(config))
     return ManagedProcess("collect-es", cli_argv("collect", "elasticsearch", "--config", str(path)),
-                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), log_path=tmp / "collect.log",
-                          stop_signal=signal.SIGTERM, start_timeout=60)
+                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+                          log_path=tmp / f"collect-{prefix}.log", stop_signal=signal.SIGTERM, start_timeout=60,
+                          env={"PYTHONPATH": pythonpath} if pythonpath else {})
+
+
+async def runtime_pass(tmp: Path, kafka: NoidaServer, topic_prefix: str, topic: str, label: str,
+                       args: argparse.Namespace, pythonpath: str | None, extra: dict[str, Any] | None,
+                       with_freshness: bool) -> tuple[float, list[float]]:
+    """``gateway-tap collect elasticsearch`` into a fresh Elasticsearch: drain the topic (rate), then freshness."""
+    es_server = NoidaServer(data_dir=tmp / f"es-{label}", services=("elasticsearch",),
+                            log_path=tmp / f"es-{label}.log")
+    await asyncio.to_thread(es_server.start)
+    es = AsyncElasticsearch(es_server.es_url)
+    prefix = f"rt{label}"
+    group = f"{topic_prefix}.collector.es-{label}"
+    proc = collector_process(tmp, kafka.bootstrap, topic_prefix, es_server.es_url, prefix, group, pythonpath, extra)
+    lags: list[float] = []
+    try:
+        started = time.perf_counter()
+        await asyncio.to_thread(proc.start)
+        ready = time.perf_counter()
+        finished = await wait_committed(kafka.bootstrap, group, args.events)
+        assert await count_docs(es, tpl.alias_name(prefix, "analytics")) >= args.events
+        rate = args.events / (finished - ready)
+        print(f"runtime {label:12s} {args.events} docs in {finished - ready:6.2f}s = {rate:8.0f} docs/s "
+              f"(process start {ready - started:.1f}s not included)", flush=True)
+        if with_freshness:
+            lags = await freshness(kafka.bootstrap, topic, es, tpl.alias_name(prefix, "analytics"), args.rate,
+                                   args.seconds, args.probe_every)
+            print(f"freshness {label:10s} at {args.rate}/s: p50 {statistics.median(lags) * 1000:.0f} ms, "
+                  f"p99 {pct(lags, 99) * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms ({len(lags)} probes)",
+                  flush=True)
+    finally:
+        await asyncio.to_thread(proc.stop)
+        await es.close()
+        await asyncio.to_thread(es_server.stop)
+    return rate, lags
 
 
 async def wait_committed(bootstrap: str, group: str, n: int) -> float:
@@ -253,28 +298,31 @@ async def main(args: argparse.Namespace) -> None:
             await es.indices.delete(index=",".join(names))
         await es.close()
         await asyncio.to_thread(es_server.stop)
-
-        es_server = NoidaServer(data_dir=tmp / "es2", services=("elasticsearch",), log_path=tmp / "es2.log")
-        await asyncio.to_thread(es_server.start)
-        es = AsyncElasticsearch(es_server.es_url)
-        prefix = f"rt{run}"
-        proc = collector_process(tmp, kafka.bootstrap, topic_prefix, es_server.es_url, prefix)
-        started = time.perf_counter()
-        await asyncio.to_thread(proc.start)
-        ready = time.perf_counter()
-        finished = await wait_committed(kafka.bootstrap, f"{topic_prefix}.collector.elasticsearch", args.events)
-        assert await count_docs(es, tpl.alias_name(prefix, "analytics")) == args.events
-        runtime_rate = args.events / (finished - ready)
-        print(f"runtime    {args.events} docs in {finished - ready:6.2f}s = {runtime_rate:8.0f} docs/s "
-              f"(process start {ready - started:.1f}s not included)", flush=True)
-
-        lags = await freshness(kafka.bootstrap, topic, es, tpl.alias_name(prefix, "analytics"), args.rate,
-                               args.seconds, args.probe_every)
+        es_server = None  # type: ignore[assignment]
+        # Freshness events land on the same topic: later passes drain those too, so each pass has its own
+        # group and waits for the first ``--events`` offsets only (the rate is over the backlog).
+        passes: list[tuple[str, str | None, dict[str, Any] | None, bool]] = []
+        for round_ in range(args.rounds):
+            if args.before:
+                passes.append((f"before{round_}", args.before, None, round_ == 0))
+            passes.append((f"after{round_}", None, None, round_ == 0))
+        for n in (int(x) for x in args.in_flight.split(",") if x):
+            passes.append((f"inflight{n}", None, {"max_in_flight_batches": n}, False))
+        runtime: dict[str, list[float]] = {}
+        fresh: dict[str, list[float]] = {}
+        for label, pythonpath, extra, with_freshness in passes:
+            rate, lags = await runtime_pass(tmp, kafka, topic_prefix, topic, label, args, pythonpath, extra,
+                                            with_freshness)
+            key = label.rstrip("0123456789") if not label.startswith("inflight") else label
+            runtime.setdefault(key, []).append(rate)
+            if lags:
+                fresh[key] = lags
     finally:
         if proc is not None:
             await asyncio.to_thread(proc.stop)
         await es.close()
-        await asyncio.to_thread(es_server.stop)
+        if es_server is not None:
+            await asyncio.to_thread(es_server.stop)
         await asyncio.to_thread(kafka.stop)
 
     bare = statistics.mean(results["bare"])
@@ -289,11 +337,14 @@ async def main(args: argparse.Namespace) -> None:
     print(f"| bare `async_streaming_bulk` (chunk {chunk}) | {bare:.0f} | 100% |")
     print(f"| collector `handle_raw_batch` (batches of {args.batch}, concurrency {args.concurrency}) | "
           f"{collector:.0f} | {ratio:.0%} |")
-    print(f"| `gateway-tap collect elasticsearch` (Kafka -> ES, fresh server) | {runtime_rate:.0f} | "
-          f"{runtime_rate / bare:.0%} |")
-    print(f"freshness at {args.rate} events/s for {args.seconds:.0f}s ({len(lags)} probes): "
-          f"p50 {statistics.median(lags) * 1000:.0f} ms, p99 {pct(lags, 99) * 1000:.0f} ms, "
-          f"max {max(lags) * 1000:.0f} ms")
+    for key, rates in runtime.items():
+        rate = statistics.mean(rates)
+        print(f"| `gateway-tap collect elasticsearch` {key} (Kafka -> ES, fresh server, {len(rates)} pass(es)) | "
+              f"{rate:.0f} | {rate / bare:.0%} |")
+    for key, lags in fresh.items():
+        print(f"freshness {key} at {args.rate} events/s for {args.seconds:.0f}s ({len(lags)} probes): "
+              f"p50 {statistics.median(lags) * 1000:.0f} ms, p99 {pct(lags, 99) * 1000:.0f} ms, "
+              f"max {max(lags) * 1000:.0f} ms")
 
 
 def parse_args() -> argparse.Namespace:
@@ -307,6 +358,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-every", type=int, default=50,
                         help="every Nth event is a freshness probe (searching is costly on noida: keep probes few)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
+    parser.add_argument("--before", help="a checkout of the older code: its runtime passes alternate with ours")
+    parser.add_argument("--rounds", type=int, default=1, help="runtime passes per version (alternating)")
+    parser.add_argument("--in-flight", default="", help="extra runtime passes with these max_in_flight_batches")
     parser.add_argument("--order", default="bare,collector,collector,bare",
                         help="contenders, in order (rates are averaged per contender)")
     return parser.parse_args()
