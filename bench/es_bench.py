@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from elasticsearch import AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk
@@ -173,6 +173,9 @@ async def runtime_pass(tmp: Path, kafka: NoidaServer, topic_prefix: str, topic: 
         print(f"runtime {label:12s} {args.events} docs in {finished - ready:6.2f}s = {rate:8.0f} docs/s "
               f"(process start {ready - started:.1f}s not included)", flush=True)
         if with_freshness:
+            # Earlier passes' freshness events are on the topic too: drain them first, so the probes measure
+            # a caught-up collector, not a backlog.
+            await wait_committed(kafka.bootstrap, group, await topic_end(kafka.bootstrap, topic))
             lags = await freshness(kafka.bootstrap, topic, es, tpl.alias_name(prefix, "analytics"), args.rate,
                                    args.seconds, args.probe_every)
             print(f"freshness {label:10s} at {args.rate}/s: p50 {statistics.median(lags) * 1000:.0f} ms, "
@@ -183,6 +186,18 @@ async def runtime_pass(tmp: Path, kafka: NoidaServer, topic_prefix: str, topic: 
         await es.close()
         await asyncio.to_thread(es_server.stop)
     return rate, lags
+
+
+async def topic_end(bootstrap: str, topic: str) -> int:
+    """The sum of the topic's end offsets (every record ever produced to it)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()  # loads the metadata partitions_for_topic reads
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
 
 
 async def wait_committed(bootstrap: str, group: str, n: int) -> float:
@@ -281,7 +296,7 @@ async def main(args: argparse.Namespace) -> None:
         chunk = EsConfig().bulk_max_events
 
         results: dict[str, list[float]] = {"bare": [], "collector": []}
-        for n, name in enumerate(args.order.split(",")):
+        for n, name in enumerate(x for x in args.order.split(",") if x):
             prefix = f"{name}{n}{run}"
             if name == "collector":
                 elapsed = await bench_collector(es_server.es_url, prefix, events, values, args.batch,
@@ -325,8 +340,8 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.to_thread(es_server.stop)
         await asyncio.to_thread(kafka.stop)
 
-    bare = statistics.mean(results["bare"])
-    collector = statistics.mean(results["collector"])
+    bare = statistics.mean(results["bare"]) if results["bare"] else float("nan")
+    collector = statistics.mean(results["collector"]) if results["collector"] else float("nan")
     ratio = collector / bare
     print()
     print(f"machine: {platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}, noida-db 0.2.3")

@@ -51,6 +51,8 @@ log = logging.getLogger("gateway_tap.collectors")
 FRESHNESS_SAMPLES = 32
 """Events per type and batch whose freshness is observed (observing all would cost more than decoding)."""
 
+PAUSE_AFTER_S = 1.0
+"""Waiting this long for room (a slow or stalled sink, a retry), the runtime pauses the partitions."""
 PAUSED_POLL_MAX_S = 5.0
 """While paused, poll at least this often (and 4x per ``max_poll_interval_ms``): enough for group liveness."""
 
@@ -75,6 +77,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.runtime.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.runtime.assignments += 1
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
@@ -132,7 +135,7 @@ class CollectorRuntime:
         self._room = asyncio.Event()  # set whenever a batch leaves the pipeline or stops retrying
         self._retrying = 0  # batches waiting for a retry
         self._paused_by_us = False
-        self._generation = 0  # bumped by every revoke: a batch fetched across it is dropped
+        self.assignments = 0  # bumped by every assignment: records fetched before it belong to the old one
         self._offsets = OffsetTracker()
         self._commit_lock = asyncio.Lock()
         self._sink_slots = asyncio.Semaphore(max(1, collector_cls.concurrent_batches))
@@ -152,7 +155,8 @@ class CollectorRuntime:
     # -- control ------------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop fetching; the batch in hand is finished, flushed and committed within the grace period."""
+        """Stop fetching; the batches at the sink are finished, flushed and committed within the grace period
+        (the ones not handed over yet are dropped uncommitted)."""
         if not self._stopping.is_set():
             log.info("stop requested: finishing the batch in hand (grace %.1fs)", self.settings.shutdown_grace_s)
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s
@@ -271,9 +275,8 @@ class CollectorRuntime:
             await self._wait_for_room()
             if self._stopping.is_set():
                 break
-            generation = self._generation
             records = await self._fetch_batch()
-            if records and generation == self._generation:
+            if records:
                 self._launch(records)
             elif self.ranges is not None:
                 await self._close_passed_ranges()
@@ -282,6 +285,12 @@ class CollectorRuntime:
             if self.reloader is not None and self.reloader.requested:
                 await self._drain(float("inf"))  # between batches: every one in flight flushed and committed
                 await self.reloader.apply()
+        if self._stopping.is_set():
+            # Batches not yet handed to the sink are dropped (uncommitted: the next owner gets them): a stop
+            # waits for what the sink holds only, as fast as before the pipeline.
+            for batch in self._in_flight.values():
+                if not batch.started:
+                    batch.abandoned = True
         deadline = self._stop_deadline if self._stopping.is_set() else float("inf")
         await self._drain(deadline)
         if self._crashed is not None:
@@ -293,20 +302,30 @@ class CollectorRuntime:
                 and not self._retrying)
 
     async def _wait_for_room(self) -> None:
-        """Past a bound (or while a batch is retrying), pause the partitions and poll only for liveness."""
-        consumer = self.consumer
-        assert consumer is not None
+        """Past a bound (or while a batch is retrying) fetch nothing more; if that lasts, pause the partitions and
+        poll only for group liveness.
+
+        A short wait does not pause: aiokafka holds at most one fetch response per partition until it is
+        consumed, and pausing drops that response (it is fetched again on resume), which under steady
+        backpressure would refetch the same records over and over (noida-db answers a fetch with up to
+        ~90 MiB, whatever the size limits). Once the wait exceeds ``PAUSE_AFTER_S`` (a stalled sink), the
+        partitions are paused and polled at once, so aiokafka releases what it held.
+        """
         if self._has_room():
             self._resume()
             return
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout=PAUSE_AFTER_S)
         poll_s = min(PAUSED_POLL_MAX_S, self.settings.max_poll_interval_ms / 4000)
         while not self._has_room() and not self._stopping.is_set() and self._crashed is None:
             self._pause_all()
+            await self._poll_paused()
             self._room.clear()
+            if self._has_room():
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout=poll_s)
-            if not self._has_room():
-                await self._poll_paused()
         if self._has_room():
             self._resume()
 
@@ -352,7 +371,13 @@ class CollectorRuntime:
         deadline: float | None = None
         while not self._stopping.is_set():
             wait = b.max_wait_ms if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
+            assignments = self.assignments
             got = await self.consumer.getmany(timeout_ms=int(wait), max_records=b.max_events - len(records))
+            if self.assignments != assignments:
+                # A rebalance completed during this poll: aiokafka waited for it, so ``got`` is from the new
+                # assignment (positions reset to the committed offsets), and what was gathered before is from
+                # the old one: drop that, it will be fetched again by whoever owns it now.
+                records, size, deadline = [], 0, None
             if self.ranges is not None:
                 got = self._clip_to_ranges(got)
             for recs in got.values():
@@ -626,7 +651,6 @@ class CollectorRuntime:
         Nothing of a revoked partition is committed after this returns; its new owner redelivers the rest."""
         if not revoked:
             return
-        self._generation += 1
         budget_s = min(self.settings.shutdown_grace_s, self.settings.session_timeout_ms / 2000)
         deadline = time.monotonic() + budget_s
         touched = [b for b in self._in_flight.values() if revoked & b.ends.keys()]

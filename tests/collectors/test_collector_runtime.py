@@ -166,7 +166,8 @@ async def test_retry_later_retries_without_committing_then_delivers_everything(
     await wait_for(lambda: FlakyCollector.failures >= 5, "several failed flushes")
     tp = TopicPartition(topic_for("analytics", topic_prefix), 0)
     assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] is None, "nothing committed while failing"
-    assert rt.consumer is not None and rt.consumer.paused(), "fetching is paused while retrying"
+    # Nothing is fetched while a batch retries; past PAUSE_AFTER_S the partitions are paused too.
+    await wait_for(lambda: bool(rt.consumer and rt.consumer.paused()), "fetching paused while retrying")
     FlakyCollector.healed = True
     await wait_for(lambda: len(written(tmp_path, "analytics")) >= len(events), "all events written")
     rt.request_stop()
