@@ -318,9 +318,12 @@ async def main(args: argparse.Namespace) -> None:
         # group and waits for the first ``--events`` offsets only (the rate is over the backlog).
         passes: list[tuple[str, str | None, dict[str, Any] | None, bool]] = []
         for round_ in range(args.rounds):
+            pair = [(f"after{round_}", None, None, round_ == 0)]
             if args.before:
-                passes.append((f"before{round_}", args.before, None, round_ == 0))
-            passes.append((f"after{round_}", None, None, round_ == 0))
+                pair.insert(0, (f"before{round_}", args.before, None, round_ == 0))
+            # Later passes index into a topic holding the earlier passes' freshness events too: alternate
+            # which version goes first (``--after-first`` for round 0).
+            passes.extend(reversed(pair) if (round_ % 2 == 1) != args.after_first else pair)
         for n in (int(x) for x in args.in_flight.split(",") if x):
             passes.append((f"inflight{n}", None, {"max_in_flight_batches": n}, False))
         runtime: dict[str, list[float]] = {}
@@ -375,6 +378,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
     parser.add_argument("--before", help="a checkout of the older code: its runtime passes alternate with ours")
     parser.add_argument("--rounds", type=int, default=1, help="runtime passes per version (alternating)")
+    parser.add_argument("--after-first", action="store_true", help="round 0 runs the current code first")
     parser.add_argument("--in-flight", default="", help="extra runtime passes with these max_in_flight_batches")
     parser.add_argument("--order", default="bare,collector,collector,bare",
                         help="contenders, in order (rates are averaged per contender)")

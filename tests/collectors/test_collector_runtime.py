@@ -166,7 +166,7 @@ async def test_retry_later_retries_without_committing_then_delivers_everything(
     await wait_for(lambda: FlakyCollector.failures >= 5, "several failed flushes")
     tp = TopicPartition(topic_for("analytics", topic_prefix), 0)
     assert (await committed(kafka_bootstrap, s.group_id or "", [tp]))[tp] is None, "nothing committed while failing"
-    # Nothing is fetched while a batch retries; past PAUSE_AFTER_S the partitions are paused too.
+    # Nothing is fetched while a batch retries: the partitions are paused.
     await wait_for(lambda: bool(rt.consumer and rt.consumer.paused()), "fetching paused while retrying")
     FlakyCollector.healed = True
     await wait_for(lambda: len(written(tmp_path, "analytics")) >= len(events), "all events written")
