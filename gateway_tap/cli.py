@@ -198,11 +198,16 @@ def status(config_path: str, as_json: bool, tap_urls: tuple[str, ...]) -> None:
 @click.option("--to", "stop", metavar="TIME|OFFSET", help="Exclusive end, same forms (default: the end at start).")
 @click.option("--types", "types", multiple=True, type=click.Choice(["proxy_log", "analytics", "budget_usage"]),
               help="Only these event types (repeatable; default: all the collector consumes).")
-def replay(config_path: str, name: str, start: str, stop: str | None, types: tuple[str, ...]) -> None:
+@click.option("--refresh-interval", "refresh_interval", metavar="INTERVAL",
+              help="elasticsearch collector: refresh_interval of its existing indices during the replay (e.g. 30s, "
+                   "-1); each index's own value is put back at the end.")
+def replay(config_path: str, name: str, start: str, stop: str | None, types: tuple[str, ...],
+           refresh_interval: str | None) -> None:
     """Re-export a range of a collector's topics through it, under a separate consumer group (backfill)."""
     from gateway_tap.ops.replay import run_replay
 
-    raise SystemExit(run_replay(_load(config_path), name, start, stop, list(types)))  # type: ignore[arg-type]
+    raise SystemExit(run_replay(_load(config_path), name, start, stop, list(types),  # type: ignore[arg-type]
+                                refresh_interval))
 
 
 @main.group("dlq")

@@ -15,6 +15,7 @@ beyond the end offsets seen at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from collectors.config import validate_collector_config
 from collectors.registry import resolve_collector
 from collectors.runtime import CollectorRuntime
 from collectors.sdk import ConfigError
+from collectors.sinks.elasticsearch import ElasticsearchCollector, EsConfig, refresh_interval_raised
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
 from gateway_tap.settings import CollectorSettings, GatewayConfig, MetricsSettings, group_id_for
 from schemas import EventType, topic_for
@@ -129,8 +131,11 @@ class ReplayResult:
 
 async def replay(config: GatewayConfig, name: str, start: Position, stop: Position | None = None,
                  types: Iterable[EventType] | None = None, console: Console | None = None,
-                 stop_event: asyncio.Event | None = None) -> ReplayResult:
+                 stop_event: asyncio.Event | None = None, refresh_interval: str | None = None) -> ReplayResult:
     """Replay collector NAME's topics (or only ``types``) from ``start`` to ``stop`` and return the counts.
+
+    :param refresh_interval: for an ``elasticsearch`` collector, the ``index.refresh_interval`` its existing
+        indices get for the duration (e.g. ``30s``, ``-1``); each index's own value is put back at the end.
 
     :raises ReplayError: NAME does not consume one of ``types``, or a topic is missing.
     :raises ConfigError: NAME cannot be loaded or its config is invalid.
@@ -139,6 +144,8 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
     settings = config.collectors.get(name) or CollectorSettings.model_validate({})
     collector_cls = resolve_collector(settings.plugin or name)
     validate_collector_config(name, collector_cls, settings.config)
+    if refresh_interval is not None and not issubclass(collector_cls, ElasticsearchCollector):
+        raise ReplayError(f"--refresh-interval applies to an elasticsearch collector, not {name!r}")
     consumed = collector_cls.consumed_types()
     chosen = tuple(types) if types else consumed
     unknown = [t for t in chosen if t not in consumed]
@@ -173,7 +180,14 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
         waiter = asyncio.create_task((stop_event or asyncio.Event()).wait())
         waiter.add_done_callback(lambda t: None if t.cancelled() else runtime.request_stop())
         try:
-            code = await runtime.run()
+            async with contextlib.AsyncExitStack() as stack:
+                if refresh_interval is not None:
+                    es_settings = EsConfig.model_validate(validate_collector_config(name, collector_cls,
+                                                                                    settings.config))
+                    await stack.enter_async_context(refresh_interval_raised(es_settings, refresh_interval))
+                    console.print(f"refresh_interval of {es_settings.index_prefix}-* set to {refresh_interval} "
+                                  "until the replay ends")
+                code = await runtime.run()
         finally:
             waiter.cancel()
         if runtime.ranges_done:
@@ -182,7 +196,8 @@ async def replay(config: GatewayConfig, name: str, start: Position, stop: Positi
     return ReplayResult(group, planned, handled, runtime.ranges_done, code if runtime.ranges_done else code or 1)
 
 
-def run_replay(config: GatewayConfig, name: str, start: str, stop: str | None, types: list[EventType]) -> int:
+def run_replay(config: GatewayConfig, name: str, start: str, stop: str | None, types: list[EventType],
+               refresh_interval: str | None = None) -> int:
     """``gateway-tap replay``: run on a fresh loop, Ctrl-C stops cleanly (the batch in hand is committed)."""
     quiet_client_logs()
     console = Console(stderr=True)
@@ -193,7 +208,7 @@ def run_replay(config: GatewayConfig, name: str, start: str, stop: str | None, t
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
         return await replay(config, name, parse_position(start), parse_position(stop) if stop else None, types,
-                            console, stopping)
+                            console, stopping, refresh_interval)
 
     try:
         result = asyncio.run(main())

@@ -148,3 +148,45 @@ def test_budget_replay_leaves_totals_unchanged(tmp_path: Path, kafka_bootstrap: 
     out = replay(config_path, "budget", "--from", "earliest")
     assert "done: 30 record(s)" in out, out
     assert asyncio.run(totals()) == before
+
+
+def test_elasticsearch_replay_raises_the_refresh_interval_for_its_duration_only(
+        tmp_path: Path, kafka_bootstrap: str, es_url: str, topic_prefix: str) -> None:
+    from elasticsearch import AsyncElasticsearch
+
+    from collectors.sinks.elasticsearch import EsConfig, refresh_interval_raised
+
+    es_config = {"hosts": [es_url], "index_prefix": topic_prefix}
+    one, two = f"{topic_prefix}-analytics-2026.01.01", f"{topic_prefix}-analytics-2026.01.02"
+
+    async def settings_of() -> dict[str, Any]:
+        async with AsyncElasticsearch(es_url) as es:
+            got = await es.indices.get_settings(index=f"{topic_prefix}-*")
+            return {i: b["settings"]["index"].get("refresh_interval") for i, b in got.body.items()}
+
+    async def prepare_and_raise() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with AsyncElasticsearch(es_url) as es:
+            await es.indices.create(index=one, settings={"index": {"refresh_interval": "2s"}})
+            await es.indices.create(index=two)
+        async with refresh_interval_raised(EsConfig.model_validate(es_config), "30s") as previous:
+            during = await settings_of()
+        return previous, during
+
+    previous, during = asyncio.run(prepare_and_raise())
+    assert previous == {one: "2s", two: None}
+    assert during == {one: "30s", two: "30s"}
+    assert asyncio.run(settings_of()) == {one: "2s", two: None}, "each index's own value is put back"
+
+    events = analytics(20)
+    asyncio.run(create_topics(kafka_bootstrap, topic_prefix))
+    asyncio.run(produce_events(kafka_bootstrap, topic_prefix, events))
+    document = ops_config(tmp_path, kafka_bootstrap, topic_prefix)
+    document["collectors"]["elasticsearch"] = {"group_id": f"{topic_prefix}-es", "metrics": {"port": None},
+                                               "batch": {"max_events": 100, "max_wait_ms": 20}, "config": es_config}
+    config_path = write_config(tmp_path, document)
+    out = replay(config_path, "elasticsearch", "--from", "earliest", "--refresh-interval", "-1")
+    assert "done: 20 record(s)" in out and "refresh_interval" in out, out
+    assert asyncio.run(settings_of())[one] == "2s"
+    refused = RUNNER.invoke(main, ["replay", "--config", config_path, "--collector", "file", "--from", "earliest",
+                                   "--refresh-interval", "30s"])
+    assert refused.exit_code == 2 and "applies to an elasticsearch collector" in refused.output
