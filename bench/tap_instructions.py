@@ -3,11 +3,12 @@
 CPU time per request (``bench/tap_bench.py``) is the product's number, but on a shared 2-core machine it
 moves by 10-30% between runs, more than a small change costs. This bench runs one tap worker of each
 checkout under ``valgrind --tool=callgrind`` with instrumentation off, warms it up, switches instrumentation
-on (``callgrind_control -i on``) for exactly ``--requests`` sequential requests (c=1, the same body as
-tap_bench), then counts an idle window of the same length, and reports (requests - idle) / requests, every
-thread of the worker (event loop, Kafka client threads) included. Subtracting the idle window keeps what runs
-by the clock (pollers, refresh loops, timers), which valgrind's ~50x slowness would inflate per request, out
-of the per-request figure; it is reported apart, per second. Repeated runs agree within about 1%.
+on (``callgrind_control -i on``) for exactly ``--requests`` requests (``--concurrency`` keep-alive
+connections, default 1; the same body as tap_bench), then counts an idle window of the same length, and
+reports (requests - idle) / requests, every thread of the worker (event loop, Kafka client threads) included.
+Subtracting the idle window keeps what runs by the clock (pollers, refresh loops, timers), which valgrind's ~50x
+slowness would inflate per request, out of the per-request figure; it is reported apart, per second. Repeated
+runs agree within a few percent.
 
     .venv/bin/python -m bench.tap_instructions --roots ../before,. [--variants base,plugins] [--requests 300]
 
@@ -19,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +41,26 @@ from gateway_tap.dev.servers import ManagedProcess, free_port, http_ok
 WARMUP_REQUESTS = 50
 
 
-def post(url: str) -> None:
-    request = urllib.request.Request(url, data=BODY.encode(), method="POST", headers={
-        "content-type": "application/json", "authorization": f"Bearer {APP_KEY}"})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: {resp.status}")
+def post_many(url: str, count: int, concurrency: int) -> None:
+    """``count`` POSTs over ``concurrency`` keep-alive connections (as wrk sends them), each sequential."""
+    parts = urllib.parse.urlsplit(url)
+
+    def client(n: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+        try:
+            for _ in range(n):
+                conn.request("POST", parts.path, body=BODY.encode(), headers={
+                    "content-type": "application/json", "authorization": f"Bearer {APP_KEY}"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}: {resp.status}")
+        finally:
+            conn.close()
+
+    shares = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, shares))
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ def instructions(out_file: Path) -> int:
 
 
 def measure(bench: Bench, variant: Variant | None, root: Path, requests: int, tmp: Path, seq: int,
-            admin: bool = False) -> Measure:
+            admin: bool = False, concurrency: int = 1) -> Measure:
     """Instructions per request of one tap worker of ``root`` running ``variant`` (None: the bare proxy);
     ``admin``: with the admin API on (listener up, :data:`MANAGED_APPS` API-managed apps with a key each, the
     version row polled as configured)."""
@@ -108,14 +124,12 @@ def measure(bench: Bench, variant: Variant | None, root: Path, requests: int, tm
                 _admin_call(f"http://127.0.0.1:{admin_port}", "POST", "/v1/apps",
                             {"id": f"managed-{i}", "allowed_llms": ["*"]})
                 _admin_call(f"http://127.0.0.1:{admin_port}", "POST", f"/v1/apps/managed-{i}/keys")
-        for _ in range(WARMUP_REQUESTS):
-            post(url)
+        post_many(url, WARMUP_REQUESTS, concurrency)
         pid = str(tap.proc.pid)
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
         started = time.monotonic()
-        for _ in range(requests):
-            post(url)
+        post_many(url, requests, concurrency)
         window_s = time.monotonic() - started
         subprocess.run(["callgrind_control", "-d", "requests", pid], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
@@ -141,6 +155,7 @@ def main() -> None:
                         help=f"Tap variants: {', '.join(VARIANTS)}; 'bare' is the bare aiohttp proxy (measured once); "
                              "'<variant>+admin' runs the variant with the admin API on.")
     parser.add_argument("--requests", type=int, default=300, help="Requests counted per checkout and variant.")
+    parser.add_argument("--concurrency", type=int, default=1, help="Keep-alive connections sending at once.")
     parser.add_argument("--keep", type=Path, help="Keep the callgrind files here (for callgrind_annotate).")
     args = parser.parse_args()
     roots = [Path(r).resolve() for r in args.roots.split(",")]
@@ -153,13 +168,15 @@ def main() -> None:
             variant = None if name == "bare" else VARIANTS[name.removesuffix("+admin")]
             for root in roots[:1] if variant is None else roots:
                 seq += 1
-                m = measure(bench, variant, root, args.requests, tmp, seq, name.endswith("+admin"))
+                m = measure(bench, variant, root, args.requests, tmp, seq, name.endswith("+admin"),
+                            args.concurrency)
                 rows.setdefault(name, []).append(m)
                 print(f"{name} {root}: {m.per_request:,.0f} instructions/request, idle {m.idle_per_s:,.0f}/s",
                       flush=True)
     print()
     print(f"`python -m bench.tap_instructions {' '.join(sys.argv[1:])}`: instructions per request (callgrind, "
-          f"{args.requests} sequential requests after {WARMUP_REQUESTS} of warm-up, one worker, every thread, minus "
+          f"{args.requests} requests over {args.concurrency} keep-alive connection(s) after {WARMUP_REQUESTS} "
+          "of warm-up, one worker, every thread, minus "
           "an idle window of the same length; the idle instructions per second in brackets)")
     print()
     print("| variant | " + " | ".join(f"{i + 1}: {_describe(r)}" for i, r in enumerate(roots)) + " |")
