@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 import asyncpg
 
+from gateway_tap.budgets.sqlite import sqlite_transaction
 from gateway_tap.budgets.store import BudgetStoreError, StoreUnavailable, open_store
 from gateway_tap.settings import BudgetStoreSettings
 
@@ -89,25 +90,9 @@ class SqliteDatabase(Database):
     async def transaction(self, *, write: bool = True) -> AsyncIterator[Tx]:
         if self._conn is None:
             raise BudgetStoreError("admin state database is closed")
-        async with self._lock:
-            conn = self._conn
-            try:
-                await conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite admin state unavailable: {exc}") from exc
-            try:
-                yield _SqliteTx(conn)
-                await conn.execute("COMMIT")
-            except BaseException as exc:
-                try:
-                    await conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise StoreUnavailable(f"sqlite admin state unavailable: {exc}") from exc
-                if isinstance(exc, sqlite3.Error):
-                    raise BudgetStoreError(f"sqlite admin state error: {exc}") from exc
-                raise
+        mode = "IMMEDIATE" if write else "DEFERRED"
+        async with self._lock, sqlite_transaction(self._conn, mode, "admin state") as conn:
+            yield _SqliteTx(conn)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

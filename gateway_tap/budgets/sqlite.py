@@ -8,6 +8,7 @@ and ``busy_timeout``. Writes take the lock up front (``BEGIN IMMEDIATE``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -39,10 +40,31 @@ _COLUMNS = "event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completio
 _TOTALS_COLUMNS = "app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests"
 
 
-def _translate(exc: Exception) -> BudgetStoreError:
+def _translate(exc: Exception, what: str = "budget store") -> BudgetStoreError:
     if isinstance(exc, sqlite3.OperationalError | OSError):
-        return StoreUnavailable(f"sqlite budget store unavailable: {exc}")
-    return BudgetStoreError(f"sqlite budget store error: {exc}")
+        return StoreUnavailable(f"sqlite {what} unavailable: {exc}")
+    return BudgetStoreError(f"sqlite {what} error: {exc}")
+
+
+@asynccontextmanager
+async def sqlite_transaction(conn: aiosqlite.Connection, mode: str,
+                             what: str = "budget store") -> AsyncIterator[aiosqlite.Connection]:
+    """``BEGIN <mode>`` ... ``COMMIT`` on ``conn`` (opened with ``isolation_level=None``), rolled back on any
+    error; SQLite errors become :class:`StoreUnavailable` / :class:`BudgetStoreError` naming ``what``.
+    The caller serialises transactions on one connection."""
+    try:
+        await conn.execute(f"BEGIN {mode}")
+    except sqlite3.Error as exc:
+        raise _translate(exc, what) from exc
+    try:
+        yield conn
+        await conn.execute("COMMIT")
+    except BaseException as exc:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise _translate(exc, what) from exc
+        raise
 
 
 async def _enable_wal(conn: aiosqlite.Connection, timeout_s: float) -> None:
@@ -101,23 +123,8 @@ class SqliteBudgetStore(BudgetStore):
     async def _transaction(self, mode: str = "DEFERRED") -> AsyncIterator[aiosqlite.Connection]:
         if self._conn is None:
             raise BudgetStoreError("budget store is closed")
-        async with self._lock:
-            conn = self._conn
-            try:
-                await conn.execute(f"BEGIN {mode}")
-            except sqlite3.Error as exc:
-                raise _translate(exc) from exc
-            try:
-                yield conn
-                await conn.execute("COMMIT")
-            except BaseException as exc:
-                try:
-                    await conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(exc, sqlite3.Error):
-                    raise _translate(exc) from exc
-                raise
+        async with self._lock, sqlite_transaction(self._conn, mode) as conn:
+            yield conn
 
     async def migrate(self) -> list[int]:
         applied: list[int] = []
