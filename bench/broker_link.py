@@ -123,7 +123,7 @@ class BrokerLink(TcpLink):
     def _pumps(self, client_r: asyncio.StreamReader, target_w: asyncio.StreamWriter,
                target_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
                ) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
-        pending: dict[int, int] = {}  # correlation id -> api key of requests awaiting a response
+        pending: dict[int, int] = {}  # correlation id -> api key << 16 | version, of requests awaiting a response
         return (asyncio.create_task(self._requests(client_r, target_w, pending)),
                 asyncio.create_task(self._responses(target_r, client_w, pending)))
 
@@ -137,9 +137,8 @@ class BrokerLink(TcpLink):
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 frame = await self._frame(reader)
-                api_key, _version, correlation = struct.unpack(">hhi", frame[4:12])
-                if api_key in (METADATA, FIND_COORDINATOR):
-                    pending[correlation] = api_key
+                api_key, version, correlation = struct.unpack(">hhi", frame[4:12])
+                pending[correlation] = (api_key << 16) | version
                 writer.write(frame)
                 await writer.drain()
 
@@ -149,8 +148,16 @@ class BrokerLink(TcpLink):
             while True:
                 frame = await self._frame(reader)
                 (correlation,) = struct.unpack(">i", frame[4:8])
-                if pending.pop(correlation, None) is not None:
-                    for old, new in self._swaps:
-                        frame = frame.replace(old, new)
+                request = pending.pop(correlation, None)
+                api_key, version = (request >> 16, request & 0xFFFF) if request is not None else (-1, -1)
+                frame = await self._response(api_key, version, frame)
                 writer.write(frame)
                 await writer.drain()
+
+    async def _response(self, api_key: int, version: int, frame: bytes) -> bytes:
+        """The response ``frame`` to a request of ``api_key``/``version`` as the client gets it: Metadata and
+        FindCoordinator answers advertise this link's port. Subclasses inject faults here."""
+        if api_key in (METADATA, FIND_COORDINATOR):
+            for old, new in self._swaps:
+                frame = frame.replace(old, new)
+        return frame

@@ -5,7 +5,6 @@ a key goes to, and that nothing is lost or reordered per partition on the way.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -37,34 +36,12 @@ class FaultyLink(BrokerLink):
         self.refusing = False
         self.refused = 0
 
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        pending: dict[int, int]) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                frame = await self._frame(reader)
-                api_key, version, correlation = struct.unpack(">hhi", frame[4:12])
-                pending[correlation] = (api_key << 16) | version
-                writer.write(frame)
-                await writer.drain()
-
-    async def _responses(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         pending: dict[int, int]) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                frame = await self._frame(reader)
-                await self.flowing.wait()
-                (correlation,) = struct.unpack(">i", frame[4:8])
-                request = pending.pop(correlation, None)
-                api_key, version = (request >> 16, request & 0xFFFF) if request is not None else (-1, -1)
-                if api_key in (3, 10):  # Metadata, FindCoordinator: the advertised port (see BrokerLink)
-                    for old, new in self._swaps:
-                        frame = frame.replace(old, new)
-                elif api_key == PRODUCE and self.refusing:
-                    frame = _refuse_produce(frame, version)
-                    self.refused += 1
-                writer.write(frame)
-                await writer.drain()
-
+    async def _response(self, api_key: int, version: int, frame: bytes) -> bytes:
+        await self.flowing.wait()
+        if api_key == PRODUCE and self.refusing:
+            self.refused += 1
+            return _refuse_produce(frame, version)
+        return await super()._response(api_key, version, frame)
 
 def _refuse_produce(frame: bytes, version: int) -> bytes:
     """The Produce response ``frame`` with every partition's error code set to TOPIC_AUTHORIZATION_FAILED."""
