@@ -55,6 +55,17 @@ def unknown_llm(llm_id: str) -> TapError:
     return TapError(404, "not_found_error", "unknown_llm", f"no LLM with id {llm_id!r} is configured")
 
 
+def invalid_path(path: str, why: str) -> TapError:
+    """A path the tap will not forward: it could mean something else to the upstream (:mod:`.paths`)."""
+    return TapError(400, "invalid_request_error", "invalid_path", f"the request path {path!r} is refused: {why}")
+
+
+def path_outside_upstream(path: str) -> TapError:
+    """A path whose dot-segments climb above the LLM's ``upstream_url`` path."""
+    return TapError(400, "invalid_request_error", "path_outside_upstream",
+                    f"the request path {path!r} climbs above the LLM's base path")
+
+
 def missing_key() -> TapError:
     return TapError(401, "authentication_error", "missing_api_key",
                     "no API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")

@@ -54,6 +54,7 @@ from gateway_tap.proxy.accounting import (
 )
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.paths import confined_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
 from gateway_tap.tracing import TRACEPARENT, continue_trace
@@ -123,7 +124,8 @@ class ProxyHandler:
 
     async def _handle(self, request: web.Request, snap: ConfigSnapshot) -> web.StreamResponse:
         llm_id = request.match_info["llm_id"]
-        ex = Exchange(new_request_id(), request.method, request.path, llm_id, time.perf_counter(),
+        # The path as the client sent it, until the upstream path is known (then the one forwarded).
+        ex = Exchange(new_request_id(), request.method, request.rel_url.raw_path, llm_id, time.perf_counter(),
                       continue_trace(request.headers.get(TRACEPARENT)))
         ex.client_address = request.remote
         ex.user_agent = request.headers.get("user-agent")
@@ -192,6 +194,11 @@ class ProxyHandler:
             raise errors.unknown_llm(ex.llm_id)
         ex.vendor = up.vendor
         ex.currency = up.config.currency
+        # Cut from the raw path at its own separators (the router matched the same ones: an encoded "/" is no
+        # separator to it either), never by the decoded id's length; then confined below upstream_url.
+        parts = ex.path.split("/", 3)
+        rest = confined_path(parts[3] if len(parts) == 4 else "")
+        ex.path = f"/llm/{ex.llm_id}/{rest}"
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
@@ -200,8 +207,6 @@ class ProxyHandler:
         except web.HTTPRequestEntityTooLarge:
             raise errors.body_too_large(self.max_body_bytes) from None
         ex.request_bytes = len(body)
-        raw_path = request.rel_url.raw_path
-        rest = raw_path[len(ex.llm_id) + 6:]  # strip "/llm/{llm_id}/"
         req = TapRequest(request.method, rest, request.rel_url.raw_query_string, CIMultiDict(request.headers),
                          body, ex.client_address)
         chain = up.chain
@@ -244,7 +249,11 @@ class ProxyHandler:
 
     async def _forward(self, request: web.Request, up: Upstream, req: TapRequest, ex: Exchange, parsed: Any,
                        strip_usage: bool) -> web.StreamResponse:
-        url = up.base_url + req.path + ("?" + req.query_string if req.query_string else "")
+        path = req.path
+        if path != ex.path[len(ex.llm_id) + 6:]:  # a hook rewrote it: confined like the client's, recorded as sent
+            path = confined_path(path)
+            ex.path = f"/llm/{ex.llm_id}/{path}"
+        url = up.base_url + path + ("?" + req.query_string if req.query_string else "")
         headers = self._upstream_headers(up, req, ex)
         ex.upstream_start = time.perf_counter()
         try:

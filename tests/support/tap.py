@@ -114,3 +114,28 @@ def by_request(events: list[Event]) -> dict[str, dict[str, Event]]:
     for event in events:
         out.setdefault(event.request_id, {})[event.type] = event
     return out
+
+
+async def events_for(bootstrap: str, prefix: str, request_ids: list[str], *, event_type: str = "proxy_log",
+                     wait_s: float = 30.0) -> dict[str, Event]:
+    """The ``event_type`` event of each of ``request_ids``, read until all arrived (or time runs out: the
+    missing ones are absent from the result)."""
+    wanted = set(request_ids)
+    consumer = AIOKafkaConsumer(topic_for(event_type, prefix), bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found: dict[str, Event] = {}
+    try:
+        async with asyncio.timeout(wait_s):
+            while not wanted <= found.keys():
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        assert record.value is not None
+                        event = decode_event(record.value)
+                        if event.request_id in wanted:
+                            found[event.request_id] = event
+    except TimeoutError:
+        pass
+    finally:
+        await consumer.stop()
+    return found
