@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import jsonschema
 from pydantic import BaseModel, ValidationError
 
 from collectors.sdk import ConfigError, DataCollector
 from gateway_tap.settings.base import format_validation_error
+from gateway_tap.settings.extension import check_extension_config
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -32,28 +32,15 @@ def parse_collector_config(name: str, model: type[ModelT], config: Mapping[str, 
 
 def validate_collector_config(name: str, collector_cls: type[DataCollector],
                               config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` validated for ``collector_cls``, with defaults filled in.
+    """``config`` validated for ``collector_cls``, with defaults filled in
+    (:func:`gateway_tap.settings.extension.check_extension_config`, the check tap plugins get too).
 
     With a ``Config`` model: every field, nested ones included, is in the result. With only a
-    JSON Schema: top-level ``default`` values are filled in.
+    JSON Schema: the ``default`` of every property missing, at any depth of the objects present.
 
     :raises ConfigError: one line per problem, each naming ``collectors.<name>.config.<path>``.
     """
-    if collector_cls.Config is not None:
-        return parse_collector_config(name, collector_cls.Config, config).model_dump()
-    return _validate_schema(name, collector_cls.config_schema, config)
-
-
-def _validate_schema(name: str, schema: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
-    problems = []
-    for err in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-        problems.append(f"collectors.{name}.config{path}: {err.message}")
+    filled, problems = check_extension_config(collector_cls, config, f"collectors.{name}.config")
     if problems:
         raise ConfigError("\n".join(problems))
-    filled = dict(config)
-    for key, prop in schema.get("properties", {}).items():
-        if key not in filled and isinstance(prop, dict) and "default" in prop:
-            filled[key] = prop["default"]
     return filled

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-import jsonschema
 from aiohttp import hdrs, web
 
 from gateway_tap.hooks import (
-    ConfigSchemaProvider,
     ControlSink,
     Endpoint,
     GatewayServices,
@@ -30,6 +28,7 @@ from gateway_tap.hooks import (
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.services import MemoryKV
 from gateway_tap.settings import PluginConfig
+from gateway_tap.settings.extension import check_extension_config
 
 ENTRY_POINT_GROUP = "gateway_tap.plugins"
 
@@ -74,18 +73,6 @@ def resolve_class(use: str) -> type[Any]:
     return obj
 
 
-def _schema_problems(index: int, instance: Any, config: dict[str, Any]) -> list[str]:
-    if not isinstance(instance, ConfigSchemaProvider):
-        return []
-    schema = dict(instance.config_schema())
-    validator = jsonschema.Draft202012Validator(schema)
-    problems = []
-    for err in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-        problems.append(f"plugins[{index}].config{path}: {err.message}")
-    return problems
-
-
 HOOKS: dict[str, tuple[str, ...]] = {
     "pre_auth": ("request", "ctx"),
     "authenticate": ("request", "ctx"),
@@ -100,7 +87,8 @@ LIFECYCLE: dict[str, tuple[str, ...]] = {"initialize": ("config", "services"), "
                                          "on_config_change": ("config",)}
 """Optional ``async def`` lifecycle methods and their arguments."""
 DECLARATIONS = ("endpoints", "config_schema")
-"""Plain ``def`` methods without arguments, read at load."""
+"""Plain ``def`` methods without arguments, read at load (``config_schema`` may also be a dict, as on a
+``DataCollector``)."""
 ENDPOINT_HANDLER_ARGS = ("request", "ctx")
 _HTTP_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -116,8 +104,18 @@ def route_path(plugin: str, path: str) -> str:
     return f"/plugins/{plugin}/{path.lstrip('/')}"
 
 
+_ARG_NAMES: dict[str, frozenset[str]] = {
+    "request": frozenset({"request", "req"}), "response": frozenset({"response", "resp", "res"}),
+    "body": frozenset({"body"}), "event": frozenset({"event", "evt"}), "chunk": frozenset({"chunk"}),
+    "ctx": frozenset({"ctx", "context"}), "config": frozenset({"config", "cfg", "conf"}),
+    "services": frozenset({"services", "service", "svc"}),
+}
+"""The names a parameter for each argument the tap passes is commonly given: a parameter named for one argument
+in the place of another is a method written for another order (the seed's ``post_auth(ctx, req)``)."""
+
+
 def _arity_problem(fn: Any, args: tuple[str, ...]) -> str | None:
-    """Why ``fn`` cannot be called with ``len(args)`` positional arguments, or None."""
+    """Why ``fn`` cannot be called with ``len(args)`` positional arguments in the order ``args``, or None."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -132,6 +130,11 @@ def _arity_problem(fn: Any, args: tuple[str, ...]) -> str | None:
     if len(required) > len(args) or (len(positional) < len(args) and not varargs):
         shown = ", ".join(p.name for p in positional) or "no arguments"
         return f"takes ({shown}), {len(required)} required"
+    for j, param in enumerate(positional[:len(args)]):
+        named = next((a for a in args if param.name.lstrip("_") in _ARG_NAMES.get(a, ())), args[j])
+        if named != args[j]:
+            shown = ", ".join(p.name for p in positional)
+            return f"takes ({shown}): {param.name!r} is where the tap passes {args[j]!r} (arguments in another order)"
     return None
 
 
@@ -146,7 +149,7 @@ def _method_problems(where: str, instance: Any) -> list[str]:
                                  *((n, a, True) for n, a in LIFECYCLE.items()),
                                  *((n, (), False) for n in DECLARATIONS)]:
         fn = getattr(instance, name, None)
-        if fn is None:
+        if fn is None or (name == "config_schema" and isinstance(fn, Mapping)):  # a collector's dict: also fine
             continue
         expected = _signature(name, args, is_async)
         if not callable(fn):
@@ -256,14 +259,30 @@ def _instantiate(settings: list[PluginConfig], running: Mapping[str, LoadedPlugi
         if checked:
             problems += checked
             continue
-        problems += _schema_problems(i, instance, plugin.config)
-        made.append((i, plugin, instance, endpoints))
+        config, invalid = check_extension_config(instance, plugin.config, f"plugins[{i}].config")
+        problems += invalid
+        made.append((i, plugin.model_copy(update={"config": config}), instance, endpoints))
     return made, problems
+
+
+def effective_plugin_configs(settings: list[PluginConfig]) -> tuple[list[PluginConfig], list[str]]:
+    """The plugins section as the tap applies it, and the problems (by key path) that keep it from loading.
+
+    Each enabled plugin is instantiated and checked as at start-up (its class loads, its hooks can be called as
+    the tap calls them, it does something, its endpoints are valid), and its ``config`` is validated against its
+    declaration (``Config`` model or ``config_schema``) with the schema's defaults filled in
+    (:func:`~gateway_tap.settings.extension.check_extension_config`): the returned entries carry the config
+    ``initialize`` / ``on_config_change`` and ``ctx.config`` would get. Disabled plugins are left out.
+    ``serve``, ``check-config``, reloads and the admin API's checks all go through this.
+    """
+    made, problems = _instantiate(settings)
+    return [plugin for _, plugin, _, _ in made], problems
 
 
 def validate_plugin_configs(settings: list[PluginConfig]) -> list[str]:
     """Problems (by key path) with the plugins section: unloadable classes, hooks that cannot be called as the
-    tap calls them, plugins that do nothing, invalid endpoint declarations and configs failing their schema."""
+    tap calls them, plugins that do nothing, invalid endpoint declarations and configs failing their schema
+    (:func:`effective_plugin_configs` without the configs)."""
     return _instantiate(settings)[1]
 
 

@@ -59,6 +59,26 @@ class BadEndpoints:
                 Endpoint("BAD METHOD", "x", self.good)]
 
 
+class SeedOrder:
+    """Written in the seed's order, ``(ctx, req)``: would fail on its first request, so it never loads."""
+
+    async def post_auth(self, ctx: HookContext, req: TapRequest) -> HookResult | None:
+        return None
+
+    async def initialize(self, services: Any, config: Mapping[str, Any]) -> None:
+        return None
+
+
+class UnknownNames:
+    """Parameter names that name no argument the tap passes: only the arity can be checked, and it is right."""
+
+    async def post_auth(self, r: TapRequest, c: HookContext) -> HookResult | None:
+        return None
+
+    async def on_response_body(self, _response: TapResponse, payload: bytes, _ctx: HookContext) -> None:
+        return None
+
+
 class HeadersOnly:
     """Only on_response_headers: a capability on its own (no companion needed)."""
 
@@ -88,8 +108,8 @@ def _plugins(*classes: str) -> list[dict[str, Any]]:
     return [{"name": cls.lower(), "use": f"tests.plugins.test_plugin_checks:{cls}"} for cls in classes]
 
 
-BAD = ("SchemaOnly", "TooFewArgs", "SyncHook", "BodyHookTwoArgs", "AsyncEndpoints", "BadEndpoints")
-GOOD = ("HeadersOnly", "WorkerOnly", "MisspeltWithHook")
+BAD = ("SchemaOnly", "TooFewArgs", "SyncHook", "BodyHookTwoArgs", "AsyncEndpoints", "BadEndpoints", "SeedOrder")
+GOOD = ("HeadersOnly", "WorkerOnly", "MisspeltWithHook", "UnknownNames")
 EXPECTED = [
     "plugins[0] (schemaonly): 'tests.plugins.test_plugin_checks:SchemaOnly' implements no capability: "
     "define at least one of async def pre_auth(self, request, ctx)",
@@ -103,6 +123,10 @@ EXPECTED = [
     "plugins[5] (badendpoints).endpoints()[1]: path 'broken/{' is not a valid route pattern",
     "plugins[5] (badendpoints).endpoints()[3]: GET twice is declared twice",
     "plugins[5] (badendpoints).endpoints()[4]: method 'BAD METHOD' is not an HTTP method (or '*' for any)",
+    "plugins[6] (seedorder).post_auth: takes (ctx, req): 'ctx' is where the tap passes 'request' (arguments in "
+    "another order); expected async def post_auth(self, request, ctx)",
+    "plugins[6] (seedorder).initialize: takes (services, config): 'services' is where the tap passes 'config' "
+    "(arguments in another order); expected async def initialize(self, config, services)",
 ]
 
 
@@ -118,12 +142,14 @@ def test_validation_names_plugin_method_and_expectation() -> None:
 
 def test_check_config_and_serve_refuse_to_start(tmp_path: Path) -> None:
     path = tmp_path / "tap.yaml"
-    path.write_text(yaml.safe_dump({"plugins": _plugins(*GOOD, "TooFewArgs", "SyncHook"),
+    path.write_text(yaml.safe_dump({"plugins": _plugins(*GOOD, "TooFewArgs", "SyncHook", "SeedOrder"),
                                     "tap": {"publisher": {"spool_dir": str(tmp_path / "spool")}}}))
     for argv in (cli_argv("check-config", str(path)), cli_argv("serve", "--config", str(path), "--workers", "2")):
         result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT, timeout=60)
         assert result.returncode == 1, result
-        assert "plugins[3] (toofewargs).post_auth: takes (request), 1 required" in result.stderr
-        assert "plugins[4] (synchook).pre_auth: is a plain def; expected async def pre_auth(self, request, ctx)" \
+        assert "plugins[4] (toofewargs).post_auth: takes (request), 1 required" in result.stderr
+        assert "plugins[5] (synchook).pre_auth: is a plain def; expected async def pre_auth(self, request, ctx)" \
             in result.stderr
+        assert "plugins[6] (seedorder).post_auth: takes (ctx, req): 'ctx' is where the tap passes 'request' " \
+            "(arguments in another order); expected async def post_auth(self, request, ctx)" in result.stderr
         assert "headersonly" not in result.stderr and "workeronly" not in result.stderr
