@@ -9,9 +9,9 @@ rich Live panel on a terminal, or as one summary line every 10 s otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -268,18 +268,28 @@ def summary_line(snap: Snapshot) -> str:
     return " | ".join(items)
 
 
-def show(monitor: Monitor, stopping: threading.Event, interactive: bool | None = None) -> None:
-    """Render until ``stopping`` is set: a Live panel on a terminal, periodic summary lines otherwise."""
+def show(monitor: Monitor, stopping: threading.Event, say: Callable[[str], None],
+         interactive: bool | None = None) -> None:
+    """Render until ``stopping`` is set: a Live panel on a terminal, a summary line through ``say`` every
+    10 s otherwise.
+
+    :raises OSError: the terminal went away (the caller stops the stack).
+    """
     console = Console()
     endpoints = monitor.stack.endpoints()
     if interactive is None:
         interactive = console.is_terminal
     if not interactive:
         while not stopping.wait(PLAIN_INTERVAL_S):
-            print(f"{datetime.now().strftime('%H:%M:%S')} {summary_line(monitor.snapshot)}", flush=True)
+            say(f"{datetime.now().strftime('%H:%M:%S')} {summary_line(monitor.snapshot)}")
         return
-    with Live(render(monitor.snapshot, endpoints), console=console, refresh_per_second=2,
+    # Refreshed from this thread only (no auto-refresh thread), so a terminal error reaches the caller.
+    with Live(render(monitor.snapshot, endpoints), console=console, auto_refresh=False,
               screen=False, transient=False) as live:
         while not stopping.wait(1.0):
-            with contextlib.suppress(Exception):  # a rendering glitch must never take the stack down
-                live.update(render(monitor.snapshot, endpoints))
+            try:
+                live.update(render(monitor.snapshot, endpoints), refresh=True)
+            except OSError:
+                raise
+            except Exception:
+                continue  # a rendering glitch must never take the stack down

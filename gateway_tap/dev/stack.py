@@ -419,9 +419,12 @@ class LocalStack:
         """Stop every started component in reverse order (each: signal its group, wait, then SIGKILL)."""
         while self.components:
             c = self.components.pop()
-            if c.alive():
-                self.say(f"stopping {c.name} ...")
-            c.runner.stop()
+            try:
+                if c.alive():
+                    self.say(f"stopping {c.name} ...")
+                c.runner.stop()
+            except Exception as exc:  # one failed stop must not leave the components after it running
+                self.say(f"stopping {c.name} failed: {exc!r}")
         if self._pids is not None:
             self._pids.clear()
         if self._lock is not None:

@@ -1,20 +1,16 @@
 """``gateway-tap up`` end to end: the real stack as a subprocess on free ports, driven with the openai SDK.
 
 Each test runs its own ``up`` (its own noida-db, mock LLM, tap and three collectors)
-with a temp state dir, so nothing is shared with the session fixtures.
+with a temp state dir, so nothing is shared with the session fixtures (:mod:`tests.support.up`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,114 +19,10 @@ import orjson
 import psutil
 import pytest
 
-from gateway_tap.dev.servers import free_port
 from gateway_tap.examples import DEMO_CONFIG
+from tests.support.up import ROOT, Up, free_ports, running, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
-                "--es-metrics-port", "--budget-metrics-port")
-READY_TIMEOUT_S = 90.0
 FILL_TIMEOUT_S = 60.0
-
-
-@dataclass
-class Up:
-    """One ``gateway-tap up`` subprocess and what it was given."""
-
-    state_dir: Path
-    ports: dict[str, int]
-    demo_traffic: bool = False
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-    seen: dict[int, psutil.Process] = field(default_factory=dict)  # every descendant observed, by pid
-
-    @property
-    def tap_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['--tap-port']}"
-
-    @property
-    def es_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['--es-port']}"
-
-    def start(self) -> Up:
-        # No --config: the demo config shipped in the package.
-        argv = [sys.executable, "-m", "gateway_tap", "up", "--plain", "--state-dir", str(self.state_dir)]
-        for option, port in self.ports.items():
-            argv += [option, str(port)]
-        if self.demo_traffic:
-            argv.append("--demo-traffic")
-        self.log = self.state_dir.parent / f"up-{time.monotonic_ns()}.log"
-        with open(self.log, "wb") as out:
-            # Its own session, like a shell job: our signals reach it only when we send them.
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "ready; press Ctrl-C" not in self.output():
-            assert self.proc.poll() is None, f"up exited with {self.proc.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"up not ready after {READY_TIMEOUT_S}s:\n{self.output()}"
-            time.sleep(0.2)
-        self.record_descendants()
-        return self
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
-
-    def record_descendants(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        for child in children:
-            self.seen.setdefault(child.pid, child)
-        return children
-
-    def cleanup(self) -> None:
-        """Whatever a failed test left: SIGKILL ``up`` and every descendant seen (by pid, with its identity)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.record_descendants()
-            self.proc.kill()
-            self.proc.wait()
-        for child in self.seen.values():
-            if running(child):
-                with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, signal.SIGKILL)
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-
-
-def running(proc: psutil.Process) -> bool:
-    """Still the same process (is_running checks the start time) and not a zombie awaiting its reaper."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def wait_for(check: object, timeout: float, what: str, up: Up) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert up.proc is not None and up.proc.poll() is None, f"up exited while waiting for {what}:\n{up.output()}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s:\n{up.output()[-4000:]}"
-        time.sleep(0.5)
-
-
-@pytest.fixture
-def make_up(tmp_path: Path) -> Iterator[type[Up]]:
-    started: list[Up] = []
-
-    class _Up(Up):
-        def start(self) -> Up:
-            started.append(self)
-            return super().start()
-
-    yield _Up
-    for up in reversed(started):
-        up.cleanup()
-
-
-def free_ports() -> dict[str, int]:
-    ports: dict[str, int] = {}
-    while len(set(ports.values())) < len(PORT_OPTIONS):
-        ports = {option: free_port() for option in PORT_OPTIONS}
-    return ports
 
 
 def event_files(state: Path, event_type: str) -> int:
