@@ -8,9 +8,9 @@ from the ``run_*`` functions below and never re-implement:
 
 - steps run in chain order (plugins by ``order``, then file order; built-in post-auth
   steps before or after the plugins' as configured); a stop ends the stage at once;
-- a plugin hook that raises, times out or returns something its stage does not accept
-  is skipped when it is ``fail_open`` and raises :class:`HookFailed` when it is
-  ``fail_closed``;
+- a plugin hook that raises, times out (also by running past its timeout without yielding,
+  which blocked the event loop) or returns something its stage does not accept is skipped
+  when it is ``fail_open`` and raises :class:`HookFailed` when it is ``fail_closed``;
 - ``None`` / :meth:`HookResult.proceed` continue; :meth:`HookResult.modify` sets the
   headers, replaces the body and adds the metadata, then continues;
   :meth:`HookResult.stop` raises :class:`Stopped`; :meth:`HookResult.respond` (request
@@ -235,7 +235,9 @@ class PluginHook:
         """The hook's result on ``arg``; :data:`SKIPPED` when a fail-open hook failed.
 
         The hook runs eagerly: most hooks return without ever waiting, and those pay no timer. A hook
-        that suspends finishes under its timeout, counted from the call.
+        that suspends finishes under its timeout, counted from the call. A call that ran past its timeout
+        without yielding (it blocked the event loop, so no timer could interrupt it: ``time.sleep``, a
+        synchronous client) is a timeout too: its result is discarded.
 
         :raises HookFailed: a fail-closed hook raised, exceeded its timeout or returned a wrong type.
         """
@@ -255,7 +257,12 @@ class PluginHook:
         except Exception as exc:
             return self._failed(scope, "exception", repr(exc))
         finally:
-            self._latency.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self._latency.observe(elapsed)
+        if elapsed > self.timeout_s:  # no timer could fire: the hook never gave the event loop back in time
+            return self._failed(scope, "timeout", f"ran {elapsed * 1000:.0f} ms, past its {self.timeout_s * 1000:.0f} "
+                                "ms timeout, without giving the event loop back: every request of this worker "
+                                "waited; run blocking work with asyncio.to_thread")
         if not isinstance(result, self._accepts):
             expected = " or ".join("None" if t is type(None) else t.__name__ for t in self._accepts)
             return self._failed(scope, "exception", f"returned {type(result).__name__}, expected {expected}")
