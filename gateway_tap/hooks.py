@@ -43,10 +43,12 @@ import orjson
 from multidict import CIMultiDict
 
 # The services shared with collectors live below the SDK; plugin authors import them from here.
+from gateway_tap.services import AppInfo as AppInfo
 from gateway_tap.services import GatewayServices as GatewayServices
 from gateway_tap.services import KeyValueStore as KeyValueStore
 from gateway_tap.services import LLMInfo as LLMInfo
 from gateway_tap.services import Price as Price
+from gateway_tap.services import read_only
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -107,15 +109,6 @@ class TapResponse:
 NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
-def _frozen(value: Any) -> Any:
-    """A read-only copy of JSON-like data: mappings become read-only mappings, lists tuples."""
-    if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who is calling: returned by an :class:`AuthHook`.
@@ -131,7 +124,7 @@ class Identity:
 
     def __post_init__(self) -> None:
         if self.claims is not NO_CLAIMS:
-            object.__setattr__(self, "claims", _frozen(self.claims))
+            object.__setattr__(self, "claims", read_only(self.claims))
 
 
 @dataclass(slots=True)
@@ -316,6 +309,13 @@ class HookContext:
     traceparent: str = ""
     """The tap's span of this request as a ``traceparent`` value: send it with a call the hook makes, so that
     call joins the trace as a child of the gateway's span."""
+
+    @property
+    def app(self) -> AppInfo | None:
+        """The calling app as configured (``name``, ``allowed_llms``, ``metadata``: the file's ``apps[]`` entry or
+        the admin API's), None before authentication or for an app id no configuration knows. Looked up when
+        read, in the configuration in force: reading it costs nothing to hooks that do not."""
+        return self.services.gateway.get_app(self.app_id) if self.app_id is not None else None
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

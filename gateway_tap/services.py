@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway_tap.apps import AppIndex
@@ -32,6 +33,32 @@ class KeyValueStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int: ...
+
+
+def read_only(value: Any) -> Any:
+    """A read-only copy of JSON-like data: mappings become read-only mappings (nested ones too), lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: read_only(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(read_only(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AppInfo:
+    """A configured app as plugins and collectors see it: never its keys, not even their hashes."""
+
+    id: str
+    name: str
+    allowed_llms: tuple[str, ...]
+    """LLM ids it may call; ``"*"`` for all."""
+    metadata: Mapping[str, Any]
+    """Free-form data about the app (``apps[].metadata`` in the file, or the admin API's), read-only."""
+
+
+def app_info(app: AppConfig) -> AppInfo:
+    """What plugins and collectors may know of ``app``."""
+    return AppInfo(app.id, app.name, tuple(app.allowed_llms), read_only(app.metadata))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +85,15 @@ class GatewayServices(Protocol):
     """What the gateway offers plugins and collectors; answers come from the configuration in force (reloads
     included)."""
 
-    def validate_credential(self, key: str) -> AppConfig | None:
+    def validate_credential(self, key: str) -> AppInfo | None:
         """The app a presented key belongs to, or ``None``."""
         ...
 
-    def get_app(self, app_id: str) -> AppConfig | None: ...
+    def get_app(self, app_id: str) -> AppInfo | None:
+        """The app ``app_id`` (its name, allowed LLMs and metadata), or ``None``."""
+        ...
 
-    def list_apps(self) -> list[AppConfig]:
+    def list_apps(self) -> list[AppInfo]:
         """Every configured app, in file order."""
         ...
 
@@ -160,16 +189,18 @@ class Gateway:
     def use_config(self, apps: AppIndex, llms: Sequence[LLMConfig]) -> None:
         """Answer from ``apps`` and ``llms`` from now on (start-up, a configuration reload): one assignment,
         so a plugin sees the old or the new configuration, never a mix."""
-        self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms])
+        self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms],
+                        {app.id: app_info(app) for app in apps.by_id.values()})
 
-    def validate_credential(self, key: str) -> AppConfig | None:
-        return self._config[0].app_for_key(key)
+    def validate_credential(self, key: str) -> AppInfo | None:
+        app = self._config[0].app_for_key(key)
+        return self._config[3][app.id] if app is not None else None
 
-    def get_app(self, app_id: str) -> AppConfig | None:
-        return self._config[0].by_id.get(app_id)
+    def get_app(self, app_id: str) -> AppInfo | None:
+        return self._config[3].get(app_id)
 
-    def list_apps(self) -> list[AppConfig]:
-        return list(self._config[0].by_id.values())
+    def list_apps(self) -> list[AppInfo]:
+        return list(self._config[3].values())
 
     def get_llm(self, llm_id: str) -> LLMInfo | None:
         llm = self._config[1].get(llm_id)

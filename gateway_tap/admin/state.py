@@ -92,6 +92,7 @@ class AdminState:
                 log.warning("API app %r is shadowed by the app of the same id in the file", app.id)
                 continue
             apps.append(AppConfig(id=app.id, name=app.name, allowed_llms=list(app.allowed_llms),
+                                  metadata=dict(app.metadata),
                                   key_hashes=hashes.get(app.id, []) if app.enabled else []))
         yaml_budgets = {b.key for b in config.budgets}
         budgets = list(config.budgets) + [b for b in self.budgets if b.key not in yaml_budgets]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -17,6 +18,10 @@ class AppConfig(Section):
     key_hashes: list[str] = Field(default_factory=list,
                                   description="'sha256:<hex>' of each valid key (gateway-tap hash-key).")
     allowed_llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids, or '*' for all.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form data about the app (team, tier, cost center, ...) for plugins and collectors: "
+                    "services.gateway.get_app(app_id).metadata and a hook's ctx.app.metadata. Not for secrets.")
 
     @field_validator("key_hashes")
     @classmethod

@@ -41,7 +41,8 @@ async def test_harness_gives_collectors_kv_gateway_lookups_and_the_control_chann
     async with CollectorHarness(ErrorAlerts, {"threshold": 3, "window_s": 60}, name="error-alerts",
                                 apps=apps, llms=llms) as h:
         services: CollectorServices = h.services
-        assert services.gateway.get_app("team-a") == apps[0]
+        team = services.gateway.get_app("team-a")
+        assert team is not None and (team.id, team.name, team.metadata) == ("team-a", "Team A", {})
         assert [llm.id for llm in services.gateway.list_llms()] == ["openai"]
         price = services.gateway.price_for("openai", "gpt-4o-mini")
         assert price is not None and price.output_per_1m == 0.6
