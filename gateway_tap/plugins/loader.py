@@ -225,8 +225,13 @@ def declared_endpoints(where: str, plugin: str, instance: Any) -> tuple[tuple[En
 
 
 def _capability_problems(where: str, plugin: PluginConfig, instance: Any) -> list[str]:
-    """No silent plugins: something the tap attaches (a hook or endpoints) or ``initialize`` must exist."""
-    if any(getattr(instance, name, None) is not None for name in (*HOOKS, "endpoints", "initialize")):
+    """No silent plugins: something the tap attaches (a hook or endpoints) or ``initialize`` must exist (for a
+    collector, whose ``initialize`` serves ``gateway-tap collect``, a hook or endpoints)."""
+    attached = any(getattr(instance, name, None) is not None for name in (*HOOKS, "endpoints"))
+    if not attached and callable(getattr(instance, "handle_raw_batch", None)):  # a DataCollector, seen structurally
+        return [f"{where}: {plugin.use!r} is a collector without a hook or endpoints: it would do nothing in the tap; "
+                f"run it with gateway-tap collect, or define a hook to use it as a plugin too"]
+    if attached or getattr(instance, "initialize", None) is not None:
         return _method_problems(where, instance)
     return [f"{where}: {plugin.use!r} implements no capability: define at least one of "
             f"{', '.join(_signature(n, a, True) for n, a in HOOKS.items())}, def endpoints(self) or "
