@@ -13,7 +13,8 @@ the capabilities below (checked structurally, no base class needed):
   ``data:`` chunks and ``[DONE]``, Anthropic typed events), and may rewrite or drop it, or end the
   stream with an error event the clients' SDKs raise;
 - :class:`ResponseChunkHook` sees the raw bytes of every body write (each streamed chunk as read
-  from the upstream, or the whole body once) and returns the bytes to send;
+  from the upstream, or the whole body once) and returns the bytes to send; with
+  :class:`ResponseEndHook` it is told when the body ends, to send what it held back;
 - :class:`EndpointProvider` serves its own routes under ``/plugins/{name}/...`` (path patterns with
   parameters, any method; authenticated like ``/llm/`` unless ``public``);
 - :class:`ConfigSchemaProvider` declares a JSON Schema its ``config`` must match.
@@ -380,6 +381,20 @@ class StreamEventHook(Protocol):
 class ResponseChunkHook(Protocol):
     async def on_response_chunk(self, chunk: bytes, ctx: HookContext) -> bytes:
         """Before each body write, on the raw bytes; returns the bytes to send (``b""`` drops the chunk)."""
+        ...
+
+
+@runtime_checkable
+class ResponseEndHook(Protocol):
+    async def on_response_end(self, ctx: HookContext) -> bytes:
+        """The end of a body, after its last chunk: the bytes this plugin's chunk hook held back (``b""``: none).
+
+        For a chunk hook that buffers (text cut across two chunks): they are written before the body ends,
+        after passing through the chunk hooks that run after this one. Called once per body that ends
+        normally: a whole answer after its one chunk call, a stream after the upstream's end or after a stream
+        stop's final error event; not after a stream broke off (the upstream failed, the client left, a hook
+        failed). Only with :meth:`ResponseChunkHook.on_response_chunk` on the same plugin.
+        """
         ...
 
 

@@ -22,7 +22,9 @@ from the ``run_*`` functions below and never re-implement:
 - a stream event hook passes, rewrites (in place or by returning an event) or drops
   (:meth:`HookResult.drop`) each parsed server-sent event, or stops: the caller ends the stream
   with an error event;
-- a chunk hook returns the bytes to send (``b""`` drops the chunk).
+- a chunk hook returns the bytes to send (``b""`` drops the chunk); at the end of a body each chunk
+  hook's plugin with ``on_response_end`` returns what it held back, which the chunk hooks after it
+  see like any chunk (:func:`run_chunk_end`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from gateway_tap.hooks import (
     PreAuthHook,
     ResponseBodyHook,
     ResponseChunkHook,
+    ResponseEndHook,
     ResponseHeadersHook,
     StreamEvent,
     StreamEventHook,
@@ -173,6 +176,7 @@ _ACCEPTS: dict[str, tuple[type, ...]] = {
     "on_response_body": (HookResult, type(None)),
     "on_stream_event": (StreamEvent, HookResult, type(None)),
     "on_response_chunk": (bytes, bytearray),
+    "on_response_end": (bytes, bytearray),
 }
 """What each hook may return; anything else is the plugin's failure, handled by its ``on_error``."""
 
@@ -393,6 +397,28 @@ async def run_chunk_hooks(steps: Sequence[Step], chunk: bytes, scope: RequestSco
     return chunk
 
 
+async def run_chunk_end(steps: Sequence[Step], ends: Sequence[Step | None], scope: RequestScope) -> bytes:
+    """The end of a body: the bytes to write last (``b""``: nothing).
+
+    ``ends[i]`` is the ``on_response_end`` of the plugin of chunk hook ``steps[i]`` (None without one). In
+    chain order, what the earlier hooks flushed goes through chunk hook ``i`` like any chunk, then hook
+    ``i``'s own end adds what it held back: every chunk hook sees every byte once, in order.
+
+    :raises HookFailed: a fail-closed hook failed.
+    """
+    out = b""
+    for step, end in zip(steps, ends, strict=True):
+        if out:
+            result = await step.run(out, scope)
+            if result is not SKIPPED:
+                out = result
+        if end is not None:
+            held = await end.run(b"", scope)
+            if held is not SKIPPED:
+                out += held
+    return out
+
+
 def parse_request_json(request: TapRequest, scope: RequestScope) -> Any:
     """The JSON body of a POST that declares JSON (else None), setting ``scope.model`` from its ``model``.
 
@@ -419,6 +445,9 @@ class Chain:
     response_body: tuple[Step, ...] = ()
     stream_event: tuple[Step, ...] = ()
     response_chunk: tuple[Step, ...] = ()
+    response_end: tuple[Step | None, ...] = ()
+    """Empty when no chunk hook's plugin has ``on_response_end``; else one per ``response_chunk`` step: its
+    plugin's end hook, or None (:func:`run_chunk_end`)."""
 
 
 def _attached(plugin: LoadedPlugin, llm_id: str) -> bool:
@@ -433,6 +462,11 @@ def _bind(plugin: LoadedPlugin, hook: str, metrics: HookMetrics) -> PluginHook:
 
         async def fn(pair: tuple[TapResponse, bytes], ctx: HookContext) -> Any:
             return await method(pair[0], pair[1], ctx)
+    elif hook == "on_response_end":  # the one hook without an argument
+        method = fn
+
+        async def fn(_: bytes, ctx: HookContext) -> Any:
+            return await method(ctx)
 
     return PluginHook(s.name, hook, fn, config=s.config, services=plugin.services, timeout_s=s.timeout_ms / 1000,
                       fail_open=s.on_error == "fail_open", metrics=metrics)
@@ -453,6 +487,9 @@ def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metric
         def bound(capability: type, hook: str, attached: list[LoadedPlugin] = attached) -> tuple[PluginHook, ...]:
             return tuple(_bind(p, hook, metrics) for p in attached if isinstance(p.instance, capability))
 
+        chunked = [p for p in attached if isinstance(p.instance, ResponseChunkHook)]
+        ends = tuple(_bind(p, "on_response_end", metrics) if isinstance(p.instance, ResponseEndHook) else None
+                     for p in chunked)
         chains[llm_id] = Chain(
             pre_auth=bound(PreAuthHook, "pre_auth"),
             auth=bound(AuthHook, "authenticate"),
@@ -461,5 +498,6 @@ def build_chains(plugins: Sequence[LoadedPlugin], llm_ids: Iterable[str], metric
             response_body=bound(ResponseBodyHook, "on_response_body"),
             stream_event=bound(StreamEventHook, "on_stream_event"),
             response_chunk=bound(ResponseChunkHook, "on_response_chunk"),
+            response_end=ends if any(e is not None for e in ends) else (),
         )
     return chains

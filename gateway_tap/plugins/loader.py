@@ -81,6 +81,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "on_response_body": ("response", "body", "ctx"),
     "on_stream_event": ("event", "ctx"),
     "on_response_chunk": ("chunk", "ctx"),
+    "on_response_end": ("ctx",),
 }
 """Each hook method (``async def``) and the arguments the tap calls it with."""
 LIFECYCLE: dict[str, tuple[str, ...]] = {"initialize": ("config", "services"), "close": (),
@@ -232,7 +233,12 @@ def _capability_problems(where: str, plugin: PluginConfig, instance: Any) -> lis
         return [f"{where}: {plugin.use!r} is a collector without a hook or endpoints: it would do nothing in the tap; "
                 f"run it with gateway-tap collect, or define a hook to use it as a plugin too"]
     if attached or getattr(instance, "initialize", None) is not None:
-        return _method_problems(where, instance)
+        problems = _method_problems(where, instance)
+        if getattr(instance, "on_response_end", None) is not None and getattr(instance, "on_response_chunk",
+                                                                              None) is None:
+            problems.append(f"{where}.on_response_end: without on_response_chunk there is nothing it could have "
+                            f"held back; expected async def on_response_chunk(self, chunk, ctx) beside it")
+        return problems
     return [f"{where}: {plugin.use!r} implements no capability: define at least one of "
             f"{', '.join(_signature(n, a, True) for n, a in HOOKS.items())}, def endpoints(self) or "
             f"async def initialize(self, config, services)"]

@@ -43,6 +43,7 @@ from gateway_tap.plugins.chain import (
     parse_request_json,
     run_auth_hooks,
     run_body_hooks,
+    run_chunk_end,
     run_chunk_hooks,
     run_request_hooks,
     run_response_header_hooks,
@@ -238,8 +239,10 @@ class PluginHarness:
             return ResponseOutcome(result.status, CIMultiDict(result.headers or {}), [result.body or b""], result,
                                    stop.plugin)
         if chunks is None:
-            return ResponseOutcome(resp.status, resp.headers, [await run_chunk_hooks(chain.response_chunk, body or b"",
-                                                                                     scope)])
+            body = await run_chunk_hooks(chain.response_chunk, body or b"", scope)
+            if chain.response_end:
+                body += await run_chunk_end(chain.response_chunk, chain.response_end, scope)
+            return ResponseOutcome(resp.status, resp.headers, [body])
         # A stream: the event hooks on each parsed event (as the tap does), then the chunk hooks on what they sent.
         relay = EventRelay(chain.stream_event, self.vendor, scope) if chain.stream_event else None
         sent: list[bytes] = []
@@ -254,7 +257,13 @@ class PluginHarness:
             if data:
                 sent.append(data)
             if relay is not None and relay.stopped is not None:
-                return ResponseOutcome(resp.status, resp.headers, sent, relay.stopped.result, relay.stopped.plugin)
+                break
+        if chain.response_end:  # the end of the body, as in the tap: what the chunk hooks held back
+            held = await run_chunk_end(chain.response_chunk, chain.response_end, scope)
+            if held:
+                sent.append(held)
+        if relay is not None and relay.stopped is not None:
+            return ResponseOutcome(resp.status, resp.headers, sent, relay.stopped.result, relay.stopped.plugin)
         return ResponseOutcome(resp.status, resp.headers, sent)
 
     @asynccontextmanager

@@ -37,6 +37,7 @@ from gateway_tap.plugins.chain import (
     parse_request_json,
     run_auth_hooks,
     run_body_hooks,
+    run_chunk_end,
     run_chunk_hooks,
     run_request_hooks,
     run_response_header_hooks,
@@ -336,6 +337,8 @@ class ProxyHandler:
             ex.status = tap_resp.status  # a body hook may have changed it
         if up.chain.response_chunk:
             body = await run_chunk_hooks(up.chain.response_chunk, body, ex)
+            if up.chain.response_end:
+                body += await run_chunk_end(up.chain.response_chunk, up.chain.response_end, ex)
         ex.response_body = body
         ex.response_bytes = len(body)
         resp = ex.response = web.Response(status=tap_resp.status, body=body, headers=tap_resp.headers)
@@ -378,6 +381,10 @@ class ProxyHandler:
                 tail = await relay.flush() if relay is not None else acct.flush() if acct is not None else b""
                 if tail:
                     await self._write_chunk(resp, tail, hooks, ex, captured)
+            if up.chain.response_end:  # the body ended (also by a stop's error event): what chunk hooks held back
+                held = await run_chunk_end(hooks, up.chain.response_end, ex)
+                if held:
+                    await self._write_chunk(resp, held, (), ex, captured)
         except TimeoutError:
             ex.error = errors.upstream_timeout(up.id, "stream not complete in time")
         except HookFailed as exc:
