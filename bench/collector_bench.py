@@ -35,9 +35,10 @@ from typing import Any
 import orjson
 
 from bench.kafka_fill import fill_topic
-from collectors.runtime import CollectorRuntime, tune_gc
+from collectors.runtime import CollectorRuntime
 from collectors.sinks.file import FileCollector
 from gateway_tap.dev.servers import NoidaServer
+from gateway_tap.eventloop import tune_gc
 from gateway_tap.settings import CollectorSettings
 from schemas import Event, EventType, encode_event, topic_for
 from schemas.events import Analytics

@@ -44,8 +44,12 @@ def rss_mib() -> float:
 
 async def child(args: argparse.Namespace) -> None:
     """The collector under test (imports whatever checkout PYTHONPATH names)."""
-    from collectors.runtime import CollectorRuntime, tune_gc
+    from collectors.runtime import CollectorRuntime
     from collectors.sinks.file import FileCollector
+    try:
+        from gateway_tap.eventloop import tune_gc
+    except ImportError:  # a checkout from before tune_gc moved there
+        from collectors.runtime import tune_gc  # type: ignore[attr-defined,no-redef]
     from gateway_tap.settings import CollectorSettings
 
     stall_until = 0.0

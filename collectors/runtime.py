@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import time
@@ -42,8 +41,9 @@ from collectors.offsets import OffsetTracker
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
 from collectors.sdk import CollectorError, CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
+from gateway_tap.eventloop import LoopHealth, tune_gc
 from gateway_tap.services import Gateway
-from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, group_id_for
+from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, LoopMonitorSettings, group_id_for
 from schemas import EventType, control_topic, topic_for
 
 log = logging.getLogger("gateway_tap.collectors")
@@ -194,6 +194,8 @@ class CollectorRuntime:
                                                          "client_id": f"{self.client_id}-{self.name}-dlq"})
         runner = None
         code = 0
+        loop_health = LoopHealth(self.metrics.loop_lag.labels(self.name),
+                                 self.root.loop_monitor if self.root is not None else LoopMonitorSettings())
         try:
             await dlq.start()
             self.control.attach(dlq.send)  # what the collector sent from initialize goes out now
@@ -203,6 +205,7 @@ class CollectorRuntime:
             if s.metrics.port is not None:
                 runner = await serve_metrics(self.metrics, s.metrics.host, s.metrics.port, lambda: self.healthy)
             self._healthy = True
+            loop_health.start()
             log.info("collector %s consuming %s as group %s (instance %s)", self.name, sorted(self.topics),
                      self.group_id, s.group_instance_id)
             await self._pipeline()
@@ -211,6 +214,7 @@ class CollectorRuntime:
             code = 1
         finally:
             self._healthy = False
+            await loop_health.stop()
             for task in self._tasks:
                 task.cancel()
             with contextlib.suppress(Exception):
@@ -692,19 +696,6 @@ def build_runtime(name: str, config_path: str | None, group_id: str | None = Non
     return CollectorRuntime(name, collector_cls, settings, config.kafka.client_options(),
                             config.kafka.topic_prefix, config.kafka.client_id, root=config,
                             config_path=config_path, overrides=overrides)
-
-
-def tune_gc() -> None:
-    """Make CPython's cycle collector cheap for a decode-heavy worker.
-
-    Decoding allocates about ten container objects per event and events hold no cycles,
-    yet with the default thresholds (700, 10, 10) the collector runs every ~70 events and
-    keeps re-walking the live batch: ~30% of decode time in measurements. Freezing what
-    start-up allocated and raising the thresholds removes most of that.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
 
 
 def run_collector(runtime: CollectorRuntime) -> int:

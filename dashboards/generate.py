@@ -138,6 +138,12 @@ def tap() -> Board:
     b.add(series("Time to first byte by LLM", "s",
                  quantile_queries("gateway_tap_upstream_ttfb_seconds", llm, ["llm"]),
                  "From sending the request upstream to its first response byte."))
+    b.add(series("Event-loop lag p99 by worker", "s",
+                 [prom('histogram_quantile(0.99, sum by (le, instance) '
+                       '(rate(gateway_tap_event_loop_lag_seconds_bucket{collector=""}[$__rate_interval])))',
+                       "{{instance}}")],
+                 "How late each tap's loop ran a timer that was due: a stalled loop (a blocking hook, a long "
+                 "garbage collection) shows here first. loop_monitor.log_stalls_over_ms names the culprit."))
     b.row("Plugins")
     b.add(series("Hook latency p95 by plugin and hook", "s",
                   [prom("histogram_quantile(0.95, sum by (le, plugin, hook) "
@@ -200,6 +206,11 @@ def pipeline() -> Board:
     b.add(series("Batch size p50 by collector", "short",
                  [prom("histogram_quantile(0.5, sum by (le, collector) "
                        f"(rate(gateway_tap_collector_batch_size_bucket{sel}[$__rate_interval])))", "{{collector}}")]))
+    b.add(series("Event-loop lag p99 by collector", "s",
+                 [prom("histogram_quantile(0.99, sum by (le, collector) "
+                       f"(rate(gateway_tap_event_loop_lag_seconds_bucket{sel}[$__rate_interval])))",
+                       "{{collector}}")],
+                 "How late the collector's loop ran a timer that was due: a sink that blocks the loop shows here."))
     b.add(series("Retries/s by collector", "ops",
                  [prom(f"sum by (collector) (rate(gateway_tap_collector_retries_total{sel}[$__rate_interval]))",
                        "{{collector}}")], "Batches retried after a retriable failure (sink down, timeouts)."))

@@ -61,6 +61,15 @@ def collector_registry() -> CollectorRegistry:
     return registry
 
 
+def process_registry() -> CollectorRegistry:
+    """A fresh registry holding what every long-running process serves alike (tap workers and collectors)."""
+    from gateway_tap.eventloop import lag_histogram
+
+    registry = CollectorRegistry()
+    lag_histogram(registry, ("collector",))
+    return registry
+
+
 def describe(registry: CollectorRegistry) -> list[MetricDoc]:
     """The metric families registered on ``registry``, sorted by name."""
     # prometheus_client keeps label names and buckets only on the metric objects (a family
@@ -114,6 +123,8 @@ so run one worker per container (as docker-compose does) and scale with replicas
 """
 
 _SECTIONS: tuple[tuple[str, str, Callable[[], CollectorRegistry]], ...] = (
+    ("Every process", "Served by every tap worker and every collector worker alike (`loop_monitor` configures "
+                      "them); a collector's carry its `collector` label, a tap's have none.", process_registry),
     ("Tap", "Served by `gateway-tap serve` on `/metrics` (proxy, plugin hooks, publisher, budget "
             "enforcement).", tap_registry),
     ("Collectors", "Served by `gateway-tap collect <name>` on `collectors.<name>.metrics`. The "
@@ -124,11 +135,21 @@ _SECTIONS: tuple[tuple[str, str, Callable[[], CollectorRegistry]], ...] = (
 )
 
 
+def sections() -> list[tuple[str, str, list[MetricDoc]]]:
+    """(title, text, metrics) of each section; a metric every process serves is listed once, in the first."""
+    shared = {d.name for d in describe(process_registry())}
+    out = []
+    for title, text, registry in _SECTIONS:
+        docs = describe(registry())
+        out.append((title, text, docs if registry is process_registry else [d for d in docs if d.name not in shared]))
+    return out
+
+
 def render() -> str:
     """The whole ``docs/metrics.md``."""
     lines = [_INTRO]
-    for title, text, registry in _SECTIONS:
-        lines += [f"## {title}", "", text, "", *_table(describe(registry())), ""]
+    for title, text, docs in sections():
+        lines += [f"## {title}", "", text, "", *_table(docs), ""]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_tap.metrics_docs import MetricDoc, collector_registry, describe, render, tap_registry
+from gateway_tap.metrics_docs import MetricDoc, render, sections
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -18,8 +18,12 @@ BOUNDED_LABELS = {
 }
 
 
+def section(title: str) -> list[MetricDoc]:
+    return next(docs for name, _, docs in sections() if name == title)
+
+
 def all_metrics() -> list[MetricDoc]:
-    return describe(tap_registry()) + describe(collector_registry())
+    return [d for _, _, docs in sections() for d in docs]
 
 
 def test_committed_doc_is_current() -> None:
@@ -55,7 +59,7 @@ def test_labels_are_bounded(metric: MetricDoc) -> None:
 
 def test_latency_histograms_resolve_overhead_and_long_calls() -> None:
     """Tap latencies: 100 µs buckets for the tap's own overhead and hooks, up to 120 s for LLM calls."""
-    latencies = [m for m in describe(tap_registry()) if m.type == "histogram" and m.name.endswith("_seconds")
+    latencies = [m for m in section("Tap") if m.type == "histogram" and m.name.endswith("_seconds")
                  and "budget" not in m.name]
     assert {m.name for m in latencies} >= {
         "gateway_tap_request_duration_seconds", "gateway_tap_upstream_duration_seconds",
@@ -65,8 +69,14 @@ def test_latency_histograms_resolve_overhead_and_long_calls() -> None:
 
 
 def test_collector_duration_histograms_span_sub_ms_to_minutes() -> None:
-    for metric in describe(collector_registry()):
+    for metric in section("Collectors"):
         if metric.type == "histogram" and metric.name.endswith("_seconds"):
             assert metric.buckets[-1] >= 120, metric
             if "freshness" not in metric.name:  # freshness is end-to-end: milliseconds at best
                 assert metric.buckets[0] <= 0.001, metric
+
+
+def test_event_loop_lag_spans_the_timer_resolution_to_seconds() -> None:
+    """Lag is sampled with a loop timer (1 ms resolution in libuv): buckets from 1 ms to a loop blocked for 10 s."""
+    (lag,) = [m for m in section("Every process") if m.name == "gateway_tap_event_loop_lag_seconds"]
+    assert lag.buckets[0] == 0.001 and lag.buckets[-1] >= 10

@@ -34,6 +34,7 @@ from gateway_tap.settings.collectors import (
 )
 from gateway_tap.settings.kafka import KafkaSettings
 from gateway_tap.settings.llms import LLMConfig, LLMTimeouts, ModelPrice
+from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig, PluginKVSettings
 from gateway_tap.settings.publisher import PublisherSettings
 from gateway_tap.settings.root import ConfigFileError, GatewayConfig, load_config, parse_config
@@ -58,6 +59,7 @@ __all__ = [
     "LLMTimeouts",
     "LimitSettings",
     "ListenSettings",
+    "LoopMonitorSettings",
     "MetricsSettings",
     "ModelPrice",
     "Period",

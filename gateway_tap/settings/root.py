@@ -20,6 +20,7 @@ from gateway_tap.settings.budgets import (
 from gateway_tap.settings.collectors import CollectorDefaults, CollectorSettings
 from gateway_tap.settings.kafka import KafkaSettings
 from gateway_tap.settings.llms import LLMConfig
+from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig
 from gateway_tap.settings.tap import TapSettings
 
@@ -41,6 +42,8 @@ class GatewayConfig(Section):
         default_factory=BudgetEnforcementSettings)  # type: ignore[arg-type]
     collectors: dict[str, CollectorSettings] = Field(
         default_factory=dict, description="Collector workers by NAME (as given to `gateway-tap collect NAME`).")
+    loop_monitor: Annotated[LoopMonitorSettings, RESTART] = Field(
+        default_factory=LoopMonitorSettings)  # type: ignore[arg-type]
 
     def collector_defaults(self) -> CollectorDefaults:
         """What a collector may fall back on from this file (handed over as ``CollectorServices.defaults``)."""

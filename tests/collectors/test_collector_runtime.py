@@ -4,6 +4,7 @@ never skip or commit early, a plugin author's collector under ``gateway-tap coll
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,9 @@ async def test_each_kind_of_poison_goes_to_the_dlq_and_the_rest_is_written(
     assert 'gateway_tap_collector_events_consumed_total{collector="file",type="analytics"} 13.0' in text
     assert "gateway_tap_collector_freshness_seconds_bucket" in text
     assert "gateway_tap_collector_consumer_lag{" in text
+    # the runtime samples its event loop's lag every 100 ms while it runs
+    lag_count = re.search(r'^gateway_tap_event_loop_lag_seconds_count{collector="file"} (\S+)$', text, re.M)
+    assert lag_count is not None and float(lag_count.group(1)) >= 1
 
     rt.request_stop()
     assert await asyncio.wait_for(task, 30) == 0
