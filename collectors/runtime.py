@@ -36,6 +36,7 @@ from collectors.config import validate_collector_config
 from collectors.control import ControlOutbox
 from collectors.delivery import retry_delay_s
 from collectors.dlq import DeadLetter, DeadLetterPublisher
+from collectors.idle_fetch import wait_out_empty_fetches
 from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.offsets import OffsetTracker
 from collectors.registry import resolve_collector
@@ -258,6 +259,7 @@ class CollectorRuntime:
             consumer = self.consumer = self._new_consumer()
             try:
                 await consumer.start()
+                wait_out_empty_fetches(consumer)  # a broker that answers empty fetches at once must not spin us
                 return
             except KafkaError as exc:
                 with contextlib.suppress(Exception):
