@@ -60,7 +60,7 @@ from gateway_tap.plugins.endpoints import (
 )
 from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.sse import EventReader, EventRelay
-from gateway_tap.services import Gateway, new_control_message
+from gateway_tap.services import BudgetStatusFn, Gateway, new_control_message
 from gateway_tap.settings import AppConfig, LLMConfig, PluginConfig
 from schemas import ControlMessage
 
@@ -126,13 +126,19 @@ class PluginHarness:
     :param apps: apps known to ``services.gateway`` (``get_app``, ``list_apps``, ``validate_credential``) and
         to the key check of :meth:`endpoint_client`.
     :param llms: LLMs known to ``services.gateway`` (``get_llm``, ``list_llms``, ``price_for``).
+    :param budget_status: what ``services.gateway.budget_status(app_id, llm_id)`` answers: a mapping of app
+        id to its report (:attr:`budget_status` may be changed between calls), or an ``async def (app_id,
+        llm_id)`` for answers per LLM; None (default) answers None, as a tap without budgets does. The tap's
+        reports are what ``GET /budget`` answers: ``{"app_id", "llm_id", "enforced", "store_available",
+        "budgets": [{"period", "limit_usd", "spent_usd", "percent_used", "exceeded", ...}]}``.
     :param timeout_ms: per hook call; :param on_error: ``fail_closed`` (raise) or ``fail_open`` (skip the hook).
     """
 
     def __init__(self, use: str | type[Any], config: Mapping[str, Any] | None = None, *, name: str = "test",
                  llm_id: str = "openai", vendor: str = "openai", apps: Iterable[AppConfig] = (),
-                 llms: Iterable[LLMConfig] = (), timeout_ms: float = 1000.0,
-                 on_error: Literal["fail_closed", "fail_open"] = "fail_closed") -> None:
+                 llms: Iterable[LLMConfig] = (),
+                 budget_status: Mapping[str, Mapping[str, Any]] | BudgetStatusFn | None = None,
+                 timeout_ms: float = 1000.0, on_error: Literal["fail_closed", "fail_open"] = "fail_closed") -> None:
         if isinstance(use, type):
             use = f"{use.__module__}:{use.__qualname__}"
         self.settings = PluginConfig.model_validate({"name": name, "use": use, "timeout_ms": timeout_ms,
@@ -141,8 +147,13 @@ class PluginHarness:
         self.vendor = vendor
         self.registry = CollectorRegistry()
         """The hook metrics (``gateway_tap_hook_*``) of the harness's own requests."""
+        self._metrics = HookMetrics(self.registry)
         self.apps = AppIndex(apps)
-        self.gateway = Gateway(self.apps, llms=list(llms))
+        self.budget_status: dict[str, Mapping[str, Any]] | BudgetStatusFn | None = \
+            dict(budget_status) if isinstance(budget_status, Mapping) else budget_status
+        """What ``services.gateway.budget_status`` answers (change it between calls to drive a plugin)."""
+        self.gateway = Gateway(self.apps, self._budget_status, llms=list(llms))
+        self._kv_data: dict[str, tuple[Any, float | None]] = {}
         self.control_messages: list[ControlMessage] = []
         """What the plugin sent with ``services.send_to_control`` (envelope filled in, gateway id ``harness``)."""
         self._loaded: list[LoadedPlugin] = []
@@ -159,13 +170,39 @@ class PluginHarness:
         """The plugin instance (after ``async with``)."""
         return self._loaded[0].instance
 
+    async def _budget_status(self, app_id: str, llm_id: str | None) -> Mapping[str, Any] | None:
+        answers = self.budget_status
+        if answers is None or isinstance(answers, Mapping):
+            return answers.get(app_id) if answers is not None else None
+        return await answers(app_id, llm_id)
+
     async def __aenter__(self) -> Self:
-        self._loaded = await load_plugins([self.settings], self.gateway, control=self._control)
-        metrics = HookMetrics(self.registry)
-        chains = build_chains(self._loaded, [self.llm_id, "*"], metrics)  # "*": what endpoints authenticate with
-        self.chain = chains[self.llm_id]
-        self.endpoints = EndpointRoutes(self._loaded, metrics, chains["*"].auth)
+        self._compose(await load_plugins([self.settings], self.gateway, control=self._control,
+                                         kv_data=self._kv_data))
         return self
+
+    def _compose(self, loaded: list[LoadedPlugin]) -> None:
+        self._loaded = loaded
+        self.settings = loaded[0].settings  # the config as the plugin got it: schema defaults filled in
+        chains = build_chains(loaded, [self.llm_id, "*"], self._metrics)  # "*": what endpoints authenticate with
+        self.chain = chains[self.llm_id]
+        self.endpoints = EndpointRoutes(loaded, self._metrics, chains["*"].auth)
+
+    async def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """A live change of the plugin's ``config``, applied as a tap reload (or an admin API change) applies it.
+
+        The new config is validated first (:class:`PluginLoadError` naming the key path; the plugin keeps its
+        config). Then ``on_config_change(config)`` is awaited if the plugin has it (it raises: the change is
+        rejected, with :class:`PluginLoadError`, and the plugin keeps its config); without it a fresh instance
+        is created and initialised (:attr:`plugin` is then the new one, with the same ``services.kv`` data) and
+        the old one closed. Requests after this run with the new config.
+        """
+        settings = self.settings.model_copy(update={"config": dict(config)})
+        loaded = await load_plugins([settings], self.gateway, control=self._control, previous=self._loaded,
+                                    kv_data=self._kv_data)
+        replaced = [old for old in self._loaded if old.instance is not loaded[0].instance]
+        self._compose(loaded)
+        await close_plugins(replaced)
 
     async def __aexit__(self, *exc: object) -> None:
         await close_plugins(self._loaded)
