@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway_tap.eventloop import lag_histogram
+from gateway_tap.eventloop import LoopMetrics
 from schemas import EVENT_TYPES, EventType
 
 PREFIX = "gateway_tap_collector_"
@@ -43,7 +43,7 @@ class CollectorMetrics:
         self.freshness = Histogram(PREFIX + "freshness_seconds",
                                    "Handling time minus the event's emitted_at (sampled per batch).",
                                    labels, buckets=FRESHNESS_BUCKETS, registry=r)
-        self.loop_lag = lag_histogram(r, ("collector",))
+        self.loop = LoopMetrics(r, ("collector",))
         # Bound children: label lookups are too slow for per-batch use at 100k events/s.
         self.consumed_by_type = {t: self.consumed.labels(collector, t) for t in EVENT_TYPES}
         self.handled_by_type = {t: self.handled.labels(collector, t) for t in EVENT_TYPES}

@@ -195,8 +195,8 @@ class CollectorRuntime:
                                                          "client_id": f"{self.client_id}-{self.name}-dlq"})
         runner = None
         code = 0
-        loop_health = LoopHealth(self.metrics.loop_lag.labels(self.name),
-                                 self.root.loop_monitor if self.root is not None else LoopMonitorSettings())
+        loop_health = LoopHealth(self.metrics.loop, self.root.loop_monitor if self.root is not None
+                                 else LoopMonitorSettings(), (self.name,))
         try:
             await dlq.start()
             self.control.attach(dlq.send)  # what the collector sent from initialize goes out now

@@ -4,6 +4,7 @@
   reference cycles (measured: see BENCHMARKS.md, "Tail latency").
 * :class:`LoopLagMonitor`: ``gateway_tap_event_loop_lag_seconds``, how late the loop runs a timer that is due,
   sampled every ``loop_monitor.lag_interval_ms``: a stalled loop shows here before it shows in request latency.
+* :class:`GcPauses`: ``gateway_tap_gc_pause_seconds``, each garbage collection's length, by generation.
 * :class:`StallReporter` (``loop_monitor.log_stalls_over_ms``, a debug option): a watchdog thread pings the
   loop; when a ping waits longer than the threshold it samples the loop thread's stack (or notes the garbage
   collection that held it) and logs the longest stall of every window, naming what ran and for how long.
@@ -33,8 +34,11 @@ from gateway_tap.settings import LoopMonitorSettings
 log = logging.getLogger(__name__)
 
 LAG_METRIC = "gateway_tap_event_loop_lag_seconds"
+GC_PAUSE_METRIC = "gateway_tap_gc_pause_seconds"
 # From the timer's own resolution (1 ms in libuv) to a loop blocked for seconds.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A young collection of what is in flight (tens of µs) to a full one over a large heap (seconds).
+GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GC_THRESHOLDS = (50_000, 50, 100)
 
 
@@ -54,10 +58,40 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def lag_histogram(registry: CollectorRegistry, labelnames: Sequence[str] = ()) -> Histogram:
-    """The lag histogram on ``registry`` (the tap's and each collector's registry declare it the same way)."""
-    return Histogram(LAG_METRIC, "How late the event loop ran a timer that was due (sampled periodically).",
-                     labelnames, buckets=LAG_BUCKETS, registry=registry)
+class LoopMetrics:
+    """The loop's metrics on one registry: the tap's and each collector's declare them the same way."""
+
+    def __init__(self, registry: CollectorRegistry, labelnames: Sequence[str] = ()) -> None:
+        self.lag = Histogram(LAG_METRIC, "How late the event loop ran a timer that was due (sampled periodically).",
+                             labelnames, buckets=LAG_BUCKETS, registry=registry)
+        self.gc_pause = Histogram(GC_PAUSE_METRIC, "Time the process spent in one garbage collection (the event "
+                                  "loop waits meanwhile), by generation.", (*labelnames, "generation"),
+                                  buckets=GC_PAUSE_BUCKETS, registry=registry)
+
+
+class GcPauses:
+    """A ``gc.callbacks`` hook observing each collection's wall time into ``gateway_tap_gc_pause_seconds``.
+
+    Two Python calls per collection: with :func:`tune_gc`'s thresholds, a few a minute.
+    """
+
+    def __init__(self, metrics: LoopMetrics, labels: Sequence[str] = ()) -> None:
+        self._by_generation = [FastHistogram(metrics.gc_pause.labels(*labels, str(g))) for g in range(3)]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self)
 
 
 class LoopLagMonitor:
@@ -207,23 +241,27 @@ class StallReporter:
 
 
 class LoopHealth:
-    """What every long-running process starts once it serves: the lag monitor, and the stall reporter when
-    ``log_stalls_over_ms`` is set."""
+    """What every long-running process starts once it serves: the lag monitor, the GC pause hook, and the stall
+    reporter when ``log_stalls_over_ms`` is set. ``labels`` are the values of ``metrics``' own label names."""
 
-    def __init__(self, histogram: Any, settings: LoopMonitorSettings) -> None:
-        self.monitor = LoopLagMonitor(histogram, settings.lag_interval_ms / 1e3)
+    def __init__(self, metrics: LoopMetrics, settings: LoopMonitorSettings, labels: Sequence[str] = ()) -> None:
+        self.monitor = LoopLagMonitor(metrics.lag.labels(*labels) if labels else metrics.lag,
+                                      settings.lag_interval_ms / 1e3)
+        self.gc_pauses = GcPauses(metrics, labels)
         self.threshold_s = settings.log_stalls_over_ms / 1e3 if settings.log_stalls_over_ms is not None else None
         self.reporter: StallReporter | None = None
 
     def start(self) -> None:
         """Start on the running loop (idempotent)."""
         self.monitor.start()
+        self.gc_pauses.install()
         if self.threshold_s is not None and self.reporter is None:
             self.reporter = StallReporter(asyncio.get_running_loop(), self.threshold_s)
             self.reporter.start()
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        self.gc_pauses.remove()
         if self.reporter is not None:
             await asyncio.to_thread(self.reporter.stop)
             self.reporter = None

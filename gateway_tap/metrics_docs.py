@@ -63,10 +63,10 @@ def collector_registry() -> CollectorRegistry:
 
 def process_registry() -> CollectorRegistry:
     """A fresh registry holding what every long-running process serves alike (tap workers and collectors)."""
-    from gateway_tap.eventloop import lag_histogram
+    from gateway_tap.eventloop import LoopMetrics
 
     registry = CollectorRegistry()
-    lag_histogram(registry, ("collector",))
+    LoopMetrics(registry, ("collector",))
     return registry
 
 

@@ -15,6 +15,7 @@ BOUNDED_LABELS = {
     "app", "llm", "model", "status_class", "plugin", "hook", "kind", "code", "collector", "type", "topic",
     "partition", "error_class", "reason", "outcome", "result", "period", "threshold",
     "endpoint",  # a plugin endpoint as declared ("GET mcp/{session}"), never the concrete path
+    "generation",  # a garbage collector generation: 0, 1 or 2
 }
 
 
@@ -80,3 +81,5 @@ def test_event_loop_lag_spans_the_timer_resolution_to_seconds() -> None:
     """Lag is sampled with a loop timer (1 ms resolution in libuv): buckets from 1 ms to a loop blocked for 10 s."""
     (lag,) = [m for m in section("Every process") if m.name == "gateway_tap_event_loop_lag_seconds"]
     assert lag.buckets[0] == 0.001 and lag.buckets[-1] >= 10
+    (pause,) = [m for m in section("Every process") if m.name == "gateway_tap_gc_pause_seconds"]
+    assert pause.buckets[0] <= 0.0001 and pause.buckets[-1] >= 1

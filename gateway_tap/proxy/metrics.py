@@ -13,7 +13,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway_tap.eventloop import lag_histogram
+from gateway_tap.eventloop import LoopMetrics
 from gateway_tap.fast_metrics import FastCounter, FastHistogram
 from gateway_tap.plugins.chain import LATENCY_BUCKETS as BUCKETS
 from gateway_tap.plugins.chain import HookMetrics
@@ -58,7 +58,7 @@ class TapMetrics:
                                           registry=r)
         self.tokens = Counter("gateway_tap_tokens", "Tokens consumed.", ["app", "llm", "model", "kind"],
                               registry=r)
-        self.loop_lag = lag_histogram(r)
+        self.loop = LoopMetrics(r)
         self.cost = Counter("gateway_tap_cost_usd", "Cost of the calls in the LLM's currency.",
                             ["app", "llm", "model"], registry=r)
         self.rejected = Counter("gateway_tap_rejected_requests", "Requests the tap answered itself.",

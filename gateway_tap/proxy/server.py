@@ -54,7 +54,7 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
                         config_path: str | None = None, early_hup: list[int] | None = None) -> None:
     from aiohttp import web
 
-    from gateway_tap.eventloop import LoopHealth
+    from gateway_tap.eventloop import LoopHealth, tune_gc
     from gateway_tap.proxy.app import create_app
     from gateway_tap.proxy.protocol import TapRunner
 
@@ -79,7 +79,8 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
         loop.add_signal_handler(signal.SIGHUP, tap.reloader.request)
         if early_hup:
             tap.reloader.request("SIGHUP during start-up")
-    loop_health = LoopHealth(tap.metrics.loop_lag, config.loop_monitor)
+    tune_gc()  # everything start-up allocated is frozen: collections scan only what requests allocate
+    loop_health = LoopHealth(tap.metrics.loop, config.loop_monitor)
     loop_health.start()
     log.info("worker serving", extra={"worker": worker_index, "pid": os.getpid(), "port": port})
     await stop.wait()
