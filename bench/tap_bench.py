@@ -558,6 +558,7 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
             if prior16 is not None and floor is not None:
                 ratio = f"{prior16.cpu_us / floor.cpu_us:.1f}x → {ratio}"
             lines.append(f"| {label} | " + " | ".join(row) + f" | {ratio} |")
+    lines += latency_and_targets(data, workers, levels, variants)
     layer_rows = [name for name in LAYERS if any(v.name == name for v in variants)]
     if len(layer_rows) > 1:
         lines += ["", "**What each layer adds** (CPU µs per request, difference to the row above it; "
@@ -618,6 +619,58 @@ def markdown(data: RunData, duration: int, command: str, chunk_delay_ms: float) 
         lines += ["", "Peak RSS per worker under load: " + "; ".join(peaks) + "."]
     lines += data.notes
     return "\n".join(lines) + "\n"
+
+
+def _ms(r: Result | None, attr: str) -> str:
+    return f"{getattr(r, attr):.2f}" if r is not None else "n/a"
+
+
+def latency_and_targets(data: RunData, workers: list[int], levels: list[int], variants: list[Variant]) -> list[str]:
+    """The latency table per layer (p50 / p99 beside CPU) and the tail-latency targets, met or not."""
+    lines: list[str] = []
+    shown = [lv for lv in (1, 16) if lv in levels] or levels[:2]
+    for count in workers:
+        rows = [("bare", "bare aiohttp proxy (floor)"), *[(v.name, v.label) for v in variants if not v.stream
+                                                           and not v.cache]]
+        lines += ["", f"**Latency per layer, {count} worker{'s' if count > 1 else ''}** (ms; CPU µs per request at "
+                  f"the highest concurrency shown)", "",
+                  "| target | " + " | ".join(f"c={c} p50 | c={c} p99" for c in shown) + f" | CPU c={shown[-1]} |",
+                  "|---|" + "---|" * (2 * len(shown) + 1)]
+        for target, label in rows:
+            cells = [data.get(target, count, c) for c in shown]
+            if all(c is None for c in cells):
+                continue
+            lines.append(f"| {label} | " + " | ".join(f"{_ms(c, 'p50_ms')} | {_ms(c, 'p99_ms')}" for c in cells)
+                         + f" | {_us(cells[-1])} |")
+    bare1, bare16 = data.get("bare", 1, 1), data.get("bare", 1, 16)
+    full1, full16 = data.get("plugins", 1, 1), data.get("plugins", 1, 16)
+    litellm_workers = max((c.workers for c in data.cells if c.target == "litellm"), default=None)
+    targets: list[tuple[str, str, bool | None]] = []
+    if bare16 and full16:
+        ratio = full16.p99_ms / bare16.p99_ms
+        targets.append(("p99 at c=16 <= 2x the bare proxy's", f"{full16.p99_ms:.2f} vs {bare16.p99_ms:.2f} ms = "
+                        f"{ratio:.2f}x", ratio <= 2.0))
+        cpu = full16.cpu_us / bare16.cpu_us
+        targets.append(("CPU per request at c=16 <= 2.0x bare (stretch 1.5x)", f"{full16.cpu_us:,.0f} vs "
+                        f"{bare16.cpu_us:,.0f} µs = {cpu:.2f}x" + (" (stretch met)" if cpu <= 1.5 else ""),
+                        cpu <= 2.0))
+    if bare1 and full1:
+        added = full1.p99_ms - bare1.p99_ms
+        targets.append(("p99 at c=1 <= bare + 1 ms", f"{full1.p99_ms:.2f} vs {bare1.p99_ms:.2f} ms = +{added:.2f} ms",
+                        added <= 1.0))
+    if litellm_workers is not None:
+        tap = data.get("plugins", litellm_workers, 16)
+        lite = data.get("litellm", litellm_workers, 16)
+        if tap and lite:
+            times = tap.rps / max(lite.rps, 1e-9)
+            targets.append((f"RPS at c=16 >= 50x LiteLLM's ({litellm_workers} worker"
+                            f"{'s' if litellm_workers > 1 else ''} each)",
+                            f"{tap.rps:,.0f} vs {lite.rps:,.0f} = {times:.0f}x", times >= 50))
+    if targets:
+        lines += ["", "**Tail-latency targets** (full tap vs the bare proxy in this run, 1 worker)", "",
+                  "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {name} | {value} | {'met' if ok else 'NOT met'} |" for name, value, ok in targets]
+    return lines
 
 
 def write_section(section: str) -> None:
