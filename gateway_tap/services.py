@@ -11,14 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway_tap.apps import AppIndex
+from gateway_tap.pricing import PriceBook
 from schemas import ControlMessage, encode_control
 
 if TYPE_CHECKING:
-    from gateway_tap.settings import AppConfig, LLMConfig, ModelPrice
+    from gateway_tap.settings import AppConfig, LLMConfig
 
 BudgetStatusFn = Callable[[str, str | None], Awaitable[Mapping[str, Any] | None]]
 
@@ -74,11 +76,17 @@ class LLMInfo:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """What the tap charges for a model: ``currency`` per million input / output tokens."""
+    """What the tap charges for a model: ``currency`` per million tokens of each class, and where it came from
+    (``source``: ``config:<model>``, ``config:*`` or ``catalog:<provider>/<model id>``; docs/pricing.md)."""
 
     input_per_1m: float
     output_per_1m: float
     currency: str
+    cache_read_per_1m: float | None = None
+    cache_write_per_1m: float | None = None
+    reasoning_per_1m: float | None = None
+    source: str | None = None
+    version: str | None = None
 
 
 class GatewayServices(Protocol):
@@ -104,8 +112,8 @@ class GatewayServices(Protocol):
         ...
 
     def price_for(self, llm_id: str, model: str) -> Price | None:
-        """The price the tap charges for ``model`` on ``llm_id`` (the model's own, else the LLM's ``"*"``
-        price); ``None`` for an unknown LLM or an unpriced model."""
+        """The price the tap charges for ``model`` on ``llm_id`` now (the LLM's own price for it, else the price
+        catalog's, else the LLM's ``"*"`` price); ``None`` for an unknown LLM or an unpriced model."""
         ...
 
     async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
@@ -159,15 +167,6 @@ class MemoryKV:
             del self._data[k]
 
 
-def price_for(prices: Mapping[str, ModelPrice], *models: str | None) -> ModelPrice | None:
-    """The price of the first of ``models`` with one in ``prices``, else the ``"*"`` price: the tap's one
-    pricing rule (accounting charges by it, ``services.gateway.price_for`` reports it)."""
-    for model in models:
-        if model and model in prices:
-            return prices[model]
-    return prices.get("*")
-
-
 def _llm_info(llm: LLMConfig) -> LLMInfo:
     return LLMInfo(llm.id, llm.vendor, llm.currency, tuple(llm.prices))
 
@@ -191,6 +190,7 @@ class Gateway:
         so a plugin sees the old or the new configuration, never a mix."""
         self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms],
                         {app.id: app_info(app) for app in apps.by_id.values()})
+        self._books: dict[str, PriceBook] = {}  # built on first use (the catalog loads only when asked)
 
     def validate_credential(self, key: str) -> AppInfo | None:
         app = self._config[0].app_for_key(key)
@@ -211,8 +211,17 @@ class Gateway:
 
     def price_for(self, llm_id: str, model: str) -> Price | None:
         llm = self._config[1].get(llm_id)
-        price = price_for(llm.prices, model) if llm is not None else None
-        return Price(price.input_per_1m, price.output_per_1m, llm.currency) if llm and price else None
+        if llm is None:
+            return None
+        book = self._books.get(llm_id)
+        if book is None:
+            book = self._books[llm_id] = PriceBook.for_llm(llm)
+        plan = book.plan(model, at=datetime.now(UTC))
+        if plan is None:
+            return None
+        rates = plan.base.per_1m_usd()
+        return Price(rates["input"], rates["output"], llm.currency, rates["cache_read"], rates["cache_write"],
+                     rates["reasoning"], plan.source, book.version)
 
     async def budget_status(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
         if self.budget_status_fn is None:

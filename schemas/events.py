@@ -144,6 +144,28 @@ class Analytics(Event):
     cache_hit: bool = False
     blocked_by: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    # Since 1.2: the token classes and the cost split the same way (schemas/README.md, docs/pricing.md).
+    reasoning_tokens: NonNegInt | None = None
+    cost_micros: NonNegInt | None = None
+    cost_input_micros: NonNegInt | None = None
+    cost_cache_read_micros: NonNegInt | None = None
+    cost_cache_write_micros: NonNegInt | None = None
+    cost_output_micros: NonNegInt | None = None
+    cost_reasoning_micros: NonNegInt | None = None
+    price_version: str | None = None
+    price_source: str | None = None
+    # Since 1.2: what the OpenTelemetry GenAI conventions describe a call by (docs/opentelemetry.md).
+    operation: str | None = None
+    request_model: str | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reasons: list[str] | None = None
+    request_max_tokens: NonNegInt | None = None
+    request_temperature: float | None = None
+    request_top_p: float | None = None
+    request_stream: bool | None = None
+    server_address: str | None = None
+    server_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
 
 class BudgetUsage(Event):
@@ -162,6 +184,18 @@ class BudgetUsage(Event):
     period: Literal["monthly", "daily"] = "monthly"
     period_start: date
     requests: int = Field(default=1, ge=0)
+    # Since 1.2 (as in analytics):
+    cache_read_tokens: NonNegInt | None = None
+    cache_write_tokens: NonNegInt | None = None
+    reasoning_tokens: NonNegInt | None = None
+    cost_micros: NonNegInt | None = None
+    cost_input_micros: NonNegInt | None = None
+    cost_cache_read_micros: NonNegInt | None = None
+    cost_cache_write_micros: NonNegInt | None = None
+    cost_output_micros: NonNegInt | None = None
+    cost_reasoning_micros: NonNegInt | None = None
+    price_version: str | None = None
+    price_source: str | None = None
 
 
 EVENT_MODELS: dict[EventType, type[Event]] = {

@@ -75,6 +75,8 @@ class SettledUsage(Protocol):
     @property
     def cost(self) -> float: ...
     @property
+    def cost_micros(self) -> int | None: ...
+    @property
     def total_tokens(self) -> int: ...
     @property
     def prompt_tokens(self) -> int: ...
@@ -528,7 +530,7 @@ class BudgetEnforcer:
         if usage is None or usage.id in self._pending:
             return
         key = (usage.llm_id, usage_day(usage.period, usage.period_start, usage.emitted_at))
-        cost = usd_to_micros(usage.cost)
+        cost = usage.cost_micros if usage.cost_micros is not None else usd_to_micros(usage.cost)
         tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
         self._pending[usage.id] = _Pending(usage.app_id, key, cost, tokens, time.monotonic())
         self._local.setdefault(usage.app_id, _Sums()).add(key, cost, tokens)

@@ -47,13 +47,14 @@ class UsageRecord:
 
     @classmethod
     def from_event(cls, event: BudgetUsage) -> UsageRecord:
-        """The record for a budget_usage event (cost rounded by :func:`usd_to_micros`)."""
+        """The record for a budget_usage event: its ``cost_micros`` (since 1.2), else ``cost`` rounded by
+        :func:`usd_to_micros`."""
         return cls(
             event_id=event.id,
             app_id=event.app_id,
             llm_id=event.llm_id,
             day=usage_day(event.period, event.period_start, event.emitted_at),
-            cost_micros=usd_to_micros(event.cost),
+            cost_micros=event.cost_micros if event.cost_micros is not None else usd_to_micros(event.cost),
             prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens,
             total_tokens=event.total_tokens or event.prompt_tokens + event.completion_tokens,

@@ -17,6 +17,14 @@ options): ``x-mock-latency-ms`` (delay before the first byte),
 ``x-mock-reply`` (words to answer with instead of ``"tok"``, cycled; usage is unchanged),
 ``x-mock-split-events: 1`` (write each streamed event in two halves, apart in time, so a
 reader sees it cut across two socket reads).
+
+Cache and reasoning tokens, per request through headers (the usage numbers above stay the totals):
+``x-mock-cache-read-tokens: N`` and ``x-mock-cache-write-tokens: N`` (of the prompt tokens: OpenAI reports
+the reads as ``prompt_tokens_details.cached_tokens`` and the writes as ``cache_write_tokens`` inside
+``prompt_tokens``; Anthropic reports them as ``cache_read_input_tokens`` / ``cache_creation_input_tokens``
+beside ``input_tokens``, which then counts only the rest), ``x-mock-reasoning-tokens: N`` (of the completion
+tokens: OpenAI ``completion_tokens_details.reasoning_tokens``, Anthropic
+``output_tokens_details.thinking_tokens``). Each is capped by its total.
 """
 
 from __future__ import annotations
@@ -62,6 +70,41 @@ def prompt_tokens_for(body: dict[str, Any]) -> int:
 def completion_tokens_for(body: dict[str, Any]) -> int:
     value = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
     return max(1, int(value))
+
+
+def _token_classes(request: web.Request, prompt: int, completion: int) -> tuple[int, int, int]:
+    """``(cache_read, cache_write, reasoning)`` tokens the request's headers ask for, capped by the totals."""
+    def header(name: str) -> int:
+        try:
+            return max(0, int(request.headers.get(name, 0)))
+        except ValueError:
+            return 0
+
+    read = min(header("x-mock-cache-read-tokens"), prompt)
+    write = min(header("x-mock-cache-write-tokens"), prompt - read)
+    return read, write, min(header("x-mock-reasoning-tokens"), completion)
+
+
+def _openai_usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]:
+    read, write, reasoning = _token_classes(request, prompt, completion)
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if read or write:
+        usage["prompt_tokens_details"] = {"cached_tokens": read, "cache_write_tokens": write}
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
+
+
+def _anthropic_usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]:
+    read, write, reasoning = _token_classes(request, prompt, completion)
+    usage: dict[str, Any] = {"input_tokens": prompt - read - write, "output_tokens": completion}
+    if read or write:
+        usage["cache_read_input_tokens"] = read
+        usage["cache_creation_input_tokens"] = write
+    if reasoning:
+        usage["output_tokens_details"] = {"thinking_tokens": reasoning}
+    return usage
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -130,8 +173,7 @@ class MockLLM:
         no_usage = request.headers.get("x-mock-no-usage") == "1"
         created = int(time.time())
         cid = f"chatcmpl-mock{self.requests}"
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion * n,
-                 "total_tokens": prompt + completion * n}
+        usage = _openai_usage(request, prompt, completion * n)
         words = _words(request, completion)
         if not body.get("stream"):
             text = " ".join(words)
@@ -199,7 +241,7 @@ class MockLLM:
             return _json({
                 "id": mid, "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
-                "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": completion},
+                "stop_sequence": None, "usage": _anthropic_usage(request, prompt, completion),
             })
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
@@ -210,10 +252,10 @@ class MockLLM:
         async def send(event: str, data: dict[str, Any]) -> None:
             await write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
 
+        usage = _anthropic_usage(request, prompt, completion)
         await send("message_start", {"type": "message_start", "message": {
             "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": prompt, "output_tokens": 1}}})
+            "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}})
         await send("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}})
         for word in words:
@@ -222,9 +264,12 @@ class MockLLM:
             await send("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                "delta": {"type": "text_delta", "text": word + " "}})
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        final = {"output_tokens": completion}
+        if "output_tokens_details" in usage:
+            final["output_tokens_details"] = usage["output_tokens_details"]
         await send("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                     "usage": {"output_tokens": completion}})
+                                     "usage": final})
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
         return resp

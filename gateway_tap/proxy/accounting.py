@@ -5,10 +5,18 @@ is set, so the tap sets it (:func:`prepare_openai_stream`) and, when the client
 did not ask for it, :class:`StreamAccounting` strips that extra chunk again.
 Anthropic streams report input tokens in ``message_start`` and output tokens in
 ``message_delta``.
+
+Usage is normalised to one meaning whatever the vendor (the token classes of :mod:`gateway_tap.pricing`):
+``prompt_tokens`` counts every input token, cache reads and writes included (OpenAI's ``prompt_tokens``
+already does; Anthropic reports ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` *beside*
+``input_tokens``, so they are added in), and ``completion_tokens`` every output token, reasoning included
+(both vendors count it so). ``cache_read_tokens``, ``cache_write_tokens`` and ``reasoning_tokens`` are
+parts of those totals, never added on top.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,57 +24,140 @@ from typing import Any
 import orjson
 
 from gateway_tap.hooks import StreamEvent
-from gateway_tap.services import price_for as price_for  # the one pricing rule, which accounting charges by
-from gateway_tap.settings import ModelPrice
 
 CHARS_PER_TOKEN = 4
 
 
 @dataclass(slots=True)
 class Usage:
-    """What one call consumed. ``found`` is False until an upstream usage report was seen."""
+    """What one call consumed. ``found`` is False until an upstream usage report was seen.
+
+    ``response_id``, ``finish_reasons`` and ``model`` are what the upstream said about its answer.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cache_read_tokens: int | None = None
     cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
     estimated: bool = False
     found: bool = False
     model: str | None = None
     choices: int | None = None
     tool_calls: int | None = None
+    response_id: str | None = None
+    finish_reasons: list[str] | None = None
+    uncached_input_tokens: int = 0
+    """Anthropic's ``input_tokens`` (without the cache tokens), kept while a stream reports them apart."""
 
     def finish(self) -> None:
         if not self.total_tokens:
             self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+    def add_finish_reason(self, reason: Any) -> None:
+        if isinstance(reason, str) and reason:
+            if self.finish_reasons is None:
+                self.finish_reasons = [reason]
+            elif len(self.finish_reasons) < 128:  # one per choice; a hostile upstream cannot grow it forever
+                self.finish_reasons.append(reason)
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
+def _detail(data: Mapping[str, Any], section: str, key: str) -> int | None:
+    details = data.get(section)
+    if isinstance(details, dict):
+        value = details.get(key)
+        if isinstance(value, int) and value >= 0:
+            return value
+    return None
+
+
 def apply_openai_usage(usage: Usage, data: Mapping[str, Any]) -> None:
+    """OpenAI's ``usage``: Chat Completions and embeddings (``prompt_tokens``...) or Responses (``input_tokens``...)."""
     usage.found = True
-    usage.prompt_tokens = _int(data.get("prompt_tokens"))
-    usage.completion_tokens = _int(data.get("completion_tokens"))
+    if "prompt_tokens" in data or "input_tokens" not in data:
+        usage.prompt_tokens = _int(data.get("prompt_tokens"))
+        usage.completion_tokens = _int(data.get("completion_tokens"))
+        input_details, output_details = "prompt_tokens_details", "completion_tokens_details"
+    else:  # the Responses API
+        usage.prompt_tokens = _int(data.get("input_tokens"))
+        usage.completion_tokens = _int(data.get("output_tokens"))
+        input_details, output_details = "input_tokens_details", "output_tokens_details"
     usage.total_tokens = _int(data.get("total_tokens"))
-    details = data.get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-        usage.cache_read_tokens = details["cached_tokens"]
+    cached = _detail(data, input_details, "cached_tokens")
+    if cached is not None:
+        usage.cache_read_tokens = cached
+    written = _detail(data, input_details, "cache_write_tokens")
+    if written is not None:
+        usage.cache_write_tokens = written
+    reasoning = _detail(data, output_details, "reasoning_tokens")
+    if reasoning is not None:
+        usage.reasoning_tokens = reasoning
 
 
 def apply_anthropic_usage(usage: Usage, data: Mapping[str, Any]) -> None:
+    """Anthropic's ``usage`` (a whole message's, or a stream's ``message_start`` / ``message_delta`` part):
+    only the counts present are updated; ``prompt_tokens`` = input + cache read + cache write tokens."""
     usage.found = True
     if "input_tokens" in data:
-        usage.prompt_tokens = _int(data.get("input_tokens"))
+        usage.uncached_input_tokens = _int(data.get("input_tokens"))
     if "output_tokens" in data:
         usage.completion_tokens = _int(data.get("output_tokens"))
     if isinstance(data.get("cache_read_input_tokens"), int):
-        usage.cache_read_tokens = data["cache_read_input_tokens"]
+        usage.cache_read_tokens = _int(data["cache_read_input_tokens"])
     if isinstance(data.get("cache_creation_input_tokens"), int):
-        usage.cache_write_tokens = data["cache_creation_input_tokens"]
+        usage.cache_write_tokens = _int(data["cache_creation_input_tokens"])
+    thinking = _detail(data, "output_tokens_details", "thinking_tokens")
+    if thinking is not None:
+        usage.reasoning_tokens = thinking
+    usage.prompt_tokens = usage.uncached_input_tokens + (usage.cache_read_tokens or 0) + (usage.cache_write_tokens or 0)
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+
+
+OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def output_limit(request: Any) -> int | None:
+    """The request's limit on completion tokens per choice (the first of :data:`OUTPUT_LIMIT_FIELDS` set)."""
+    if isinstance(request, dict):
+        for name in OUTPUT_LIMIT_FIELDS:
+            value = request.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def request_parameters(request: Any) -> tuple[int | None, float | None, float | None, bool | None]:
+    """``(max_tokens, temperature, top_p, stream)`` as the request set them (None when it did not)."""
+    if not isinstance(request, dict):
+        return None, None, None, None
+    stream = request.get("stream")
+    return (output_limit(request), _number(request.get("temperature")), _number(request.get("top_p")),
+            stream if isinstance(stream, bool) else None)
+
+
+_OPERATIONS = {"completions": "text_completion", "embeddings": "embeddings", "messages": "chat",
+               "responses": "chat"}
+
+
+def operation_of(path: str) -> str:
+    """The call's ``gen_ai.operation.name``: ``chat``, ``text_completion``, ``embeddings``, else the path's
+    last segment (``models``...)."""
+    path = path.partition("?")[0].rstrip("/")
+    if path.endswith("chat/completions"):
+        return "chat"
+    last = path.rpartition("/")[2]
+    return _OPERATIONS.get(last, last[:64] or "_OTHER")
 
 
 def _text_chars(content: Any) -> int:
@@ -105,11 +196,14 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
         return usage
     if isinstance(data.get("model"), str):
         usage.model = data["model"]
+    if isinstance(data.get("id"), str):
+        usage.response_id = data["id"][:256]
     reported = data.get("usage")
     completion_chars = 0
     if vendor == "anthropic":
         if isinstance(reported, dict):
             apply_anthropic_usage(usage, reported)
+        usage.add_finish_reason(data.get("stop_reason"))
         content = data.get("content")
         if isinstance(content, list):
             usage.choices = 1
@@ -123,6 +217,8 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
             usage.choices = len(choices)
             calls = 0
             for choice in choices:
+                if isinstance(choice, dict):
+                    usage.add_finish_reason(choice.get("finish_reason"))
                 message = choice.get("message") if isinstance(choice, dict) else None
                 if isinstance(message, dict):
                     calls += len(message.get("tool_calls") or ())
@@ -215,7 +311,8 @@ class StreamAccounting:
                 self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
             return True
         if self.usage.model is None or (b'"usage"' in event and b'"usage":null' not in event
-                                        and b'"usage": null' not in event):
+                                        and b'"usage": null' not in event) \
+                or b'"finish_reason":"' in event or b'"finish_reason": "' in event:  # a choice's last chunk
             payload = _data_of(event)
             if isinstance(payload, dict):
                 return self._openai(payload)
@@ -227,9 +324,14 @@ class StreamAccounting:
             if isinstance(message, dict):
                 if isinstance(message.get("model"), str):
                     self.usage.model = message["model"]
+                if isinstance(message.get("id"), str):
+                    self.usage.response_id = message["id"][:256]
                 if isinstance(message.get("usage"), dict):
                     apply_anthropic_usage(self.usage, message["usage"])
         elif kind == "message_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                self.usage.add_finish_reason(delta.get("stop_reason"))
             if isinstance(payload.get("usage"), dict):
                 apply_anthropic_usage(self.usage, payload["usage"])
                 self.complete = True
@@ -241,6 +343,13 @@ class StreamAccounting:
     def _openai(self, payload: dict[str, Any]) -> bool:
         if self.usage.model is None and isinstance(payload.get("model"), str):
             self.usage.model = payload["model"]
+            if isinstance(payload.get("id"), str):
+                self.usage.response_id = payload["id"][:256]
+        choices = payload.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                    self.usage.add_finish_reason(choice["finish_reason"])
         reported = payload.get("usage")
         if isinstance(reported, dict):
             apply_openai_usage(self.usage, reported)
@@ -270,9 +379,3 @@ def _data_of(event: bytes) -> Any:
             except orjson.JSONDecodeError:
                 return None
     return None
-
-
-def cost_of(usage: Usage, price: ModelPrice | None) -> float:
-    if price is None:
-        return 0.0
-    return (usage.prompt_tokens * price.input_per_1m + usage.completion_tokens * price.output_per_1m) / 1_000_000

@@ -39,7 +39,7 @@ from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
 from gateway_tap.services import BudgetStatusFn, Gateway
 from gateway_tap.settings import GatewayConfig, PluginConfig
-from schemas import status_class
+from schemas import status_class, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,14 @@ class TapApp:
         ``snap`` is the snapshot the request ran with (its LLMs, apps and capture settings).
         """
         m = self.metrics
+        now = utc_now()
+        ex.settle_cost(now)
         up = snap.upstreams.get(ex.llm_id)
         llm = ex.llm_id if up is not None else "unknown"
         app = ex.app_id or "none"
         if app != "none" and app not in snap.apps.by_id:
             app = "other"  # ids an auth plugin invented: keep the label set bounded
-        model = up.model_label(ex.model) if up is not None else "other"
+        model = up.model_label(ex.model, now) if up is not None else "other"
         c = m.request_children(app, llm, model, status_class(ex.status))
         c.requests.inc()
         c.request_seconds.observe(ex.total_ms / 1000)
@@ -192,7 +194,7 @@ class TapApp:
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
             })
-        events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit)
+        events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit, now=now)
         if ex.budget is not None:
             BudgetGate.settle(ex, events)
         publish = self.publisher.publish_wire

@@ -29,61 +29,48 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway_tap.budgets.enforcer import BudgetEnforcer, Decision
-from gateway_tap.budgets.periods import Clock, period_start, usd_to_micros, utc_clock
+from gateway_tap.budgets.periods import Clock, period_start, utc_clock
 from gateway_tap.budgets.store import BudgetStore, open_store
 from gateway_tap.hooks import TapRequest
 from gateway_tap.plugins.chain import HookMetrics, RequestScope
+from gateway_tap.pricing import PICOS_PER_MICRO, PriceBook
 from gateway_tap.proxy import errors
-from gateway_tap.proxy.accounting import estimate_prompt_tokens
+from gateway_tap.proxy.accounting import estimate_prompt_tokens, output_limit
 from gateway_tap.proxy.exchange import Exchange
-from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, GatewayConfig, ModelPrice, Period
+from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, GatewayConfig, Period
 from schemas.wire import WireBudgetUsage
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-
-
 def max_output_tokens(request: Any) -> int:
     """The completion tokens a request may produce: ``max_completion_tokens`` / ``max_tokens`` /
-    ``max_output_tokens`` (the first one set) times ``n`` choices; 0 when none is set."""
-    if not isinstance(request, dict):
+    ``max_output_tokens`` (the first one set, :func:`output_limit`) times ``n`` choices; 0 when none is set."""
+    limit = output_limit(request)
+    if limit is None:
         return 0
-    for name in _OUTPUT_LIMIT_FIELDS:
-        value = request.get(name)
-        if isinstance(value, int) and value > 0:
-            n = request.get("n")
-            return value * (n if isinstance(n, int) and n > 1 else 1)
-    return 0
+    n = request.get("n")
+    return limit * (n if isinstance(n, int) and n > 1 else 1)
 
 
-PicoPrices = Mapping[str, tuple[int, int]]
-"""Per model (``*`` for any other): integer pico-USD per (input, output) token."""
-
-
-def pico_prices(prices: Mapping[str, ModelPrice]) -> dict[str, tuple[int, int]]:
-    """An LLM's price table in integers, computed once: USD per million tokens is micro-USD per token, so
-    :func:`usd_to_micros` of it (the one money rounding rule) is pico-USD per token."""
-    return {model: (usd_to_micros(p.input_per_1m), usd_to_micros(p.output_per_1m)) for model, p in prices.items()}
-
-
-def estimate(request: Any, prices: PicoPrices) -> tuple[int, int]:
+def estimate(request: Any, prices: PriceBook | None, at: datetime) -> tuple[int, int]:
     """Estimated (cost in integer micro-USD, total tokens) of a request before it is forwarded.
 
     Prompt tokens are the prompt's characters / 4 (the tap's own estimator), completion
     tokens the request's output limit (:func:`max_output_tokens`, 0 when unset), priced
-    like the actual usage will be (the requested model's price, else ``*``), rounded half up.
+    like the actual usage will be (the requested model's price, else ``*``) at the dearest rate of
+    their direction (a cache write can cost more than plain input, reasoning more than output), rounded
+    half up.
     """
     prompt = estimate_prompt_tokens(request)
     completion = max_output_tokens(request)
     model = request.get("model") if isinstance(request, dict) else None
-    price = prices.get(model) if isinstance(model, str) else None
-    if price is None:
-        price = prices.get("*")
-    if price is None:
+    plan = prices.plan(model if isinstance(model, str) else None, at=at) if prices is not None else None
+    if plan is None:
         return 0, prompt + completion
-    picos = prompt * price[0] + completion * price[1]
-    return (picos + 500_000) // 1_000_000, prompt + completion
+    rates = plan.rates_for(prompt)
+    picos = prompt * max(rates.input, rates.cache_read, rates.cache_write) + completion * max(rates.output,
+                                                                                              rates.reasoning)
+    return (picos + PICOS_PER_MICRO // 2) // PICOS_PER_MICRO, prompt + completion
 
 
 class BudgetGate:
@@ -101,7 +88,6 @@ class BudgetGate:
         self.store = store
         self.clock = clock
         self.enforcer = BudgetEnforcer(config.budgets, store, self.settings, clock=clock, registry=registry)
-        self._prices = {llm.id: pico_prices(llm.prices) for llm in config.llms}
 
     @classmethod
     async def open(cls, config: GatewayConfig, *, registry: CollectorRegistry,
@@ -153,7 +139,7 @@ class BudgetGate:
             parsed = req.json()
         except orjson.JSONDecodeError:
             parsed = None
-        cost_micros, tokens = estimate(parsed, self._prices.get(ex.llm_id, {}))
+        cost_micros, tokens = estimate(parsed, ex.prices, now)
         decision = self.enforcer.admit(app_id, ex.llm_id, estimated_cost_micros=cost_micros,
                                        estimated_tokens=tokens, now=now)
         if not decision.allowed:

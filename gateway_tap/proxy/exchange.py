@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from gateway_tap.plugins.chain import RequestScope
+from gateway_tap.pricing import Cost, PriceBook
 from gateway_tap.proxy.accounting import Usage
 from gateway_tap.tracing import TraceContext
 from schemas import SCHEMA_VERSION, new_event_id, utc_now
@@ -85,22 +86,26 @@ class Exchange(RequestScope):
         "cache_hit",
         "charge",
         "client_address",
-        "cost",
         "currency",
         "error",
         "finished",
         "first_chunk",
         "method",
+        "operation",
         "path",
+        "price",
+        "prices",
         "request_body",
         "request_bytes",
         "request_headers",
+        "request_params",
         "requested_model",
         "response",
         "response_body",
         "response_bytes",
         "response_headers",
         "served_by",
+        "server",
         "started",
         "status",
         "streamed",
@@ -137,13 +142,31 @@ class Exchange(RequestScope):
         self.upstream_end: float | None = None
         self.finished = started
         self.usage: Usage | None = None
-        self.cost = 0.0
+        self.prices: PriceBook | None = None  # the LLM's (set once the route is known)
+        self.price: Cost | None = None  # set by settle_cost() when the request is recorded
         self.currency = "USD"
+        self.operation: str | None = None
+        self.request_params: tuple[int | None, float | None, float | None, bool | None] = _NO_PARAMS
+        self.server: tuple[str, int] | None = None
         self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
         self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
         self.cache_hit = False
         self.charge = True  # False: a plugin's answer that costs nothing (no cost, no budget usage)
+
+    def settle_cost(self, now: datetime) -> None:
+        """Price the usage at the LLM's prices in force at ``now`` (the events' ``emitted_at``, so a re-price of
+        the events finds the same prices); nothing when a plugin's answer costs nothing (``charge`` False)."""
+        usage = self.usage
+        if usage is None or self.prices is None or not self.charge:
+            self.price = None
+            return
+        self.price = self.prices.cost(usage, usage.model, self.requested_model, at=now)
+
+    @property
+    def cost(self) -> float:
+        """The cost in units of ``currency`` (0 until :meth:`settle_cost`, or when no price applied)."""
+        return 0.0 if self.price is None else self.price.total_micros / 1_000_000
 
     def fail(self, error: TapError) -> None:
         self.error = error
@@ -167,13 +190,15 @@ class Exchange(RequestScope):
     def ttfb_ms(self) -> float | None:
         return None if self.ttfb is None else max(0.0, (self.ttfb - self.started) * 1000)
 
-    def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int) -> list[msgspec.Struct]:
+    def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int,
+               now: datetime | None = None) -> list[msgspec.Struct]:
         """proxy_log and analytics always; budget_usage when tokens or cost were consumed.
 
-        Built as the writing structs of :mod:`schemas.wire` (no pydantic on the hot path); publish them
-        with :meth:`gateway_tap.publisher.EventPublisher.publish_wire`.
+        ``now`` is their ``emitted_at`` (the time :meth:`settle_cost` priced at). Built as the writing structs
+        of :mod:`schemas.wire` (no pydantic on the hot path); publish them with
+        :meth:`gateway_tap.publisher.EventPublisher.publish_wire`.
         """
-        now = utc_now()
+        now = now or utc_now()
         usage = self.usage or _NO_USAGE
         upstream_ms = 0.0 if self.served_by is not None else self.upstream_ms
         total_ms = self.total_ms
@@ -185,6 +210,11 @@ class Exchange(RequestScope):
         request_id, app_id, llm_id, user_id = self.request_id, self.app_id, self.llm_id, self.user_id
         trace = self.trace
         trace_id, span_id, parent_span_id = trace.trace_id, trace.span_id, trace.parent_span_id
+        price = self.price
+        cost = 0.0 if price is None else price.total_micros / 1_000_000
+        priced = _price_fields(price) if price is not None else _UNPRICED
+        max_tokens, temperature, top_p, stream = self.request_params
+        server_address, server_port = self.server or (None, None)
         events: list[msgspec.Struct] = [
             WireProxyLog(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
@@ -209,26 +239,41 @@ class Exchange(RequestScope):
                 vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
                 cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
-                tokens_estimated=usage.estimated, cost=self.cost, currency=self.currency, latency_ms=total_ms,
+                tokens_estimated=usage.estimated, cost=cost, currency=self.currency, latency_ms=total_ms,
                 ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
                 upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
                 tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=self.blocked_by, tags=metadata,
+                reasoning_tokens=usage.reasoning_tokens, **priced, operation=self.operation,
+                request_model=self.requested_model, response_model=usage.model, response_id=usage.response_id,
+                finish_reasons=usage.finish_reasons, request_max_tokens=max_tokens, request_temperature=temperature,
+                request_top_p=top_p, request_stream=stream, server_address=server_address, server_port=server_port,
             ),
         ]
-        if (usage.total_tokens > 0 or self.cost > 0) and app_id is not None and self.charge:
+        if (usage.total_tokens > 0 or cost > 0) and app_id is not None and self.charge:
             period, start = self.budget_period or ("monthly", month_start(now))
             events.append(WireBudgetUsage(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
                 trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
                 model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens, cost=self.cost, currency=self.currency, period=period,
-                period_start=start, requests=1,
+                total_tokens=usage.total_tokens, cost=cost, currency=self.currency, period=period,
+                period_start=start, requests=1, cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens, **priced,
             ))
         return events
 
 
 _NO_USAGE = Usage()
+_NO_PARAMS: tuple[int | None, float | None, float | None, bool | None] = (None, None, None, None)
+_UNPRICED: dict[str, None] = {}
+
+
+def _price_fields(price: Cost) -> dict[str, int | str]:
+    """The events' cost split and price version fields."""
+    return {"cost_micros": price.total_micros, "cost_input_micros": price.input_micros,
+            "cost_cache_read_micros": price.cache_read_micros, "cost_cache_write_micros": price.cache_write_micros,
+            "cost_output_micros": price.output_micros, "cost_reasoning_micros": price.reasoning_micros,
+            "price_version": price.version, "price_source": price.source}
 
 
 def _str_values(metadata: dict[str, str]) -> dict[str, str]:

@@ -47,10 +47,10 @@ from gateway_tap.proxy import errors
 from gateway_tap.proxy.accounting import (
     StreamAccounting,
     Usage,
-    cost_of,
     estimate_prompt_tokens,
+    operation_of,
     prepare_openai_stream,
-    price_for,
+    request_parameters,
     usage_from_body,
 )
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
@@ -195,11 +195,14 @@ class ProxyHandler:
             raise errors.unknown_llm(ex.llm_id)
         ex.vendor = up.vendor
         ex.currency = up.config.currency
+        ex.prices = up.prices
+        ex.server = (up.server_address, up.server_port)
         # Cut from the raw path at its own separators (the router matched the same ones: an encoded "/" is no
         # separator to it either), never by the decoded id's length; then confined below upstream_url.
         parts = ex.path.split("/", 3)
         rest = confined_path(parts[3] if len(parts) == 4 else "")
         ex.path = f"/llm/{ex.llm_id}/{rest}"
+        ex.operation = operation_of(rest)
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
@@ -222,6 +225,7 @@ class ProxyHandler:
         except orjson.JSONDecodeError as exc:
             raise errors.malformed_json(str(exc)) from None
         ex.requested_model = ex.model
+        ex.request_params = request_parameters(parsed)
         if chain.post_auth:
             served = await run_request_hooks(chain.post_auth, req, ex)
             parsed = req.json() if req.body is not body else parsed
@@ -426,8 +430,8 @@ class ProxyHandler:
         if usage is None:
             return
         usage.completion_tokens = 0
+        usage.reasoning_tokens = None
         usage.total_tokens = usage.prompt_tokens
-        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model)) if ex.charge else 0.0
 
     @staticmethod
     def _price(up: Upstream, ex: Exchange, parsed: Any, estimated_completion: int | None) -> None:
@@ -442,6 +446,5 @@ class ProxyHandler:
         ex.usage = usage
         if usage.model:
             ex.model = usage.model
-        # A plugin's answer with charge=False (a cache hit on a paid answer) costs nothing, whole or streamed.
-        ex.cost = cost_of(usage, price_for(up.prices, usage.model, ex.requested_model)) if ex.charge else 0.0
+        # Priced when the request is recorded (Exchange.settle_cost), at the time its events are emitted.
 

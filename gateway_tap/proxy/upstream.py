@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from gateway_tap.plugins.chain import Chain
-from gateway_tap.settings import LLMConfig, ModelPrice
+from gateway_tap.pricing import PriceBook
+from gateway_tap.settings import LLMConfig
 
 # Never forwarded upstream: hop-by-hop headers, the client's credentials, and what aiohttp sets itself.
 REQUEST_HEADERS_DROPPED = (
@@ -32,8 +35,9 @@ class Upstream:
     credential: tuple[str, str] | None
     timeout: aiohttp.ClientTimeout
     first_byte_s: float
-    prices: dict[str, ModelPrice]
-    price_labels: frozenset[str]
+    prices: PriceBook
+    server_address: str
+    server_port: int
 
     @property
     def id(self) -> str:
@@ -51,13 +55,18 @@ class Upstream:
             credential = ("x-api-key", secret) if config.vendor == "anthropic" else \
                 ("Authorization", f"Bearer {secret}")
         t = config.timeouts
+        url = urlsplit(config.upstream_url)
+        prices = PriceBook.for_llm(config)
+        prices.warm([model for model in config.prices], datetime.now(UTC))
         return cls(
             config=config, chain=chain, base_url=config.upstream_url.rstrip("/") + "/", credential=credential,
             timeout=aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s),
-            first_byte_s=t.first_byte_s, prices=dict(config.prices),
-            price_labels=frozenset(k for k in config.prices if k != "*"),
+            first_byte_s=t.first_byte_s, prices=prices, server_address=url.hostname or "",
+            server_port=url.port or (443 if url.scheme == "https" else 80),
         )
 
-    def model_label(self, model: str | None) -> str:
-        """A bounded metric label: only models with a configured price keep their name."""
-        return model if model in self.price_labels else "other"
+    def model_label(self, model: str | None, at: datetime) -> str:
+        """A bounded metric label: the name of the price entry the model resolves to (its own config key, or the
+        catalog's model id, so dated variants share one label), else ``other``."""
+        plan = self.prices.plan(model, at=at) if model else None
+        return "other" if plan is None or plan.entry == "*" else plan.entry

@@ -10,10 +10,18 @@ from gateway_tap.settings.base import Section
 
 
 class ModelPrice(Section):
-    """Price of one model in ``currency`` per million tokens."""
+    """Price of one model in ``currency`` per million tokens, by token class (docs/pricing.md)."""
 
     input_per_1m: float = Field(default=0.0, ge=0, description="Price of one million prompt tokens.")
     output_per_1m: float = Field(default=0.0, ge=0, description="Price of one million completion tokens.")
+    cache_read_per_1m: float | None = Field(
+        default=None, ge=0, description="Price of one million prompt tokens read from the provider's cache "
+                                        "(default: input_per_1m).")
+    cache_write_per_1m: float | None = Field(
+        default=None, ge=0, description="Price of one million prompt tokens written to the provider's cache "
+                                        "(default: input_per_1m).")
+    reasoning_per_1m: float | None = Field(
+        default=None, ge=0, description="Price of one million reasoning (thinking) tokens (default: output_per_1m).")
 
 
 class LLMTimeouts(Section):
@@ -33,5 +41,12 @@ class LLMConfig(Section):
     api_key_env: str | None = Field(default=None, description="Environment variable holding the upstream credential.")
     timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)  # type: ignore[arg-type]
     currency: str = Field(default="USD", description="Currency of prices (budgets count USD only).")
-    prices: dict[str, ModelPrice] = Field(default_factory=dict,
-                                          description="Per model; the key '*' prices any other model.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Overrides of the price catalog, per model (exact name as the upstream "
+                                          "reports it or the client asks for it); the key '*' prices any model "
+                                          "neither these nor the catalog price.")
+    price_catalog: str | None = Field(
+        default=None, pattern=r"^[a-z0-9._-]+$",
+        description="The genai-prices provider whose catalog prices this LLM's models (default: the vendor, "
+                    "openai or anthropic; e.g. azure, groq, deepseek for OpenAI-compatible upstreams); "
+                    "'none': only `prices` apply.")

@@ -59,8 +59,15 @@ async def test_services_answer_from_the_running_config(mock_llm: str, kafka_boot
         assert got["openai"] == {"id": "openai", "vendor": "openai", "currency": "USD",
                                  "priced_models": ["gpt-4o-mini"]}
         assert got["ghost"] is None and got["unpriced"] is None
-        assert got["price"] == {"input_per_1m": 0.15, "output_per_1m": 0.60, "currency": "USD"}
-        assert got["any_model"] == {"input_per_1m": 0.80, "output_per_1m": 4.00, "currency": "USD"}  # the "*" price
+        version = got["price"].pop("version")
+        assert version.startswith("genai-prices-")  # the catalog's version, + the hash of the LLM's price settings
+        assert got["price"] == {"input_per_1m": 0.15, "output_per_1m": 0.60, "currency": "USD",
+                                "cache_read_per_1m": 0.15, "cache_write_per_1m": 0.15, "reasoning_per_1m": 0.60,
+                                "source": "config:gpt-4o-mini"}  # the classes without a price of their own
+        assert got["any_model"] == {"input_per_1m": 0.80, "output_per_1m": 4.00, "currency": "USD",  # "*": the
+                                    "cache_read_per_1m": 0.80, "cache_write_per_1m": 0.80,  # catalog has no claude-x
+                                    "reasoning_per_1m": 4.00, "source": "config:*",
+                                    "version": got["any_model"]["version"]}
         # A reload changes the answers: a new app, a new price, an LLM gone.
         changed = dict(document)
         changed["apps"] = [*document["apps"], {"id": "newcomer"}]
@@ -70,7 +77,8 @@ async def test_services_answer_from_the_running_config(mock_llm: str, kafka_boot
         got = await probe()
         assert got["apps"] == ["test", "limited", "newcomer"]
         assert [llm["id"] for llm in got["llms"]] == ["openai"]
-        assert got["price"] == {"input_per_1m": 1.0, "output_per_1m": 2.0, "currency": "USD"}
+        assert (got["price"]["input_per_1m"], got["price"]["output_per_1m"]) == (1.0, 2.0)
+        assert got["price"]["version"] != version  # other price settings, another price version
         assert got["any_model"] is None
 
 

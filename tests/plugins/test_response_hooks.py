@@ -133,7 +133,7 @@ async def test_blocked_whole_answer_is_a_403_billed_for_the_prompt_only(
     assert log.error is not None and log.error.code == "content_blocked"
     assert isinstance(analytics, Analytics) and (analytics.prompt_tokens, analytics.completion_tokens) == (4, 0)
     assert isinstance(usage, BudgetUsage) and (usage.prompt_tokens, usage.completion_tokens) == (4, 0)
-    assert usage.cost == pytest.approx(4 * 0.15 / 1_000_000)
+    assert usage.cost_micros == 1 and usage.cost == 1e-6  # 4 prompt tokens x $0.15/1M = 0.6 micro-USD, half up
 
 
 async def test_openai_stream_cut_by_the_guard_raises_in_the_sdk_and_bills_what_was_delivered(

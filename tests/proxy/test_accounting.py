@@ -165,9 +165,11 @@ def test_anthropic_event_types(size: int) -> None:
     assert b"".join(acct.feed(c) for c in chunks) == ANTHROPIC_STREAM
     assert acct.flush() == b""
     usage = acct.usage
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (25, 42, 67)
+    # input_tokens counts only the uncached rest: the prompt is 25 + 5 cache reads + 7 cache writes
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (37, 42, 79)
     assert (usage.cache_read_tokens, usage.cache_write_tokens) == (5, 7)
     assert usage.model == "claude-3-5-haiku-20241022"
+    assert (usage.response_id, usage.finish_reasons) == ("msg_1", ["tool_use"])
     assert usage.tool_calls == 1
     assert usage.found is True
     assert acct.events == 10
@@ -177,7 +179,7 @@ def test_anthropic_event_types(size: int) -> None:
 def test_anthropic_message_start_alone_reports_input_tokens() -> None:
     acct = StreamAccounting("anthropic", strip_usage_chunk=False)
     acct.feed(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: content_block_start")])
-    assert (acct.usage.prompt_tokens, acct.usage.completion_tokens, acct.usage.total_tokens) == (25, 1, 26)
+    assert (acct.usage.prompt_tokens, acct.usage.completion_tokens, acct.usage.total_tokens) == (37, 1, 38)
 
 
 def test_usage_from_openai_body() -> None:

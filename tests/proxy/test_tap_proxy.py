@@ -15,13 +15,13 @@ from multidict import CIMultiDict
 from gateway_tap.dev.servers import free_port
 from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.support.tap import (
-    ANTHROPIC_PRICE,
     APP_KEY,
     LIMITED_KEY,
     OPENAI_PRICE,
     UPSTREAM_SECRET,
     RunningTap,
     by_request,
+    cost_micros,
     read_events,
     running_tap,
     tap_config,
@@ -54,7 +54,7 @@ def _anthropic(tap: RunningTap, key: str = APP_KEY) -> anthropic.AsyncAnthropic:
 
 
 def _cost(prompt: int, completion: int, price: dict[str, float]) -> float:
-    return (prompt * price["input_per_1m"] + completion * price["output_per_1m"]) / 1_000_000
+    return cost_micros(price, prompt, completion) / 1_000_000
 
 
 async def test_openai_sdk_non_streaming_and_its_three_events(tap: RunningTap, mock_llm: str,
@@ -126,7 +126,9 @@ async def test_anthropic_sdk_streaming_and_not(tap: RunningTap, mock_llm: str, k
     analytics = sorted((e for e in events if isinstance(e, Analytics)), key=lambda e: e.completion_tokens)
     assert [(a.vendor, a.prompt_tokens, a.completion_tokens, a.streamed) for a in analytics] == [
         ("anthropic", PROMPT_TOKENS, 4, False), ("anthropic", PROMPT_TOKENS, 6, True)]
-    assert analytics[1].cost == pytest.approx(_cost(PROMPT_TOKENS, 6, ANTHROPIC_PRICE))
+    # The catalog prices claude-sonnet-4-5 ($3 / $15 per 1M in genai-prices 0.2.3), ahead of the LLM's "*" price.
+    assert analytics[1].price_source == "catalog:anthropic/claude-sonnet-4-5"
+    assert analytics[1].cost == _cost(PROMPT_TOKENS, 6, {"input_per_1m": 3.0, "output_per_1m": 15.0})
     assert len([e for e in events if isinstance(e, BudgetUsage)]) == 2
 
 

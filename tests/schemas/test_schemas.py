@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,9 +261,14 @@ def assert_honours_contract(raw: bytes, event_type: str) -> dict[str, Any]:
 
 def exchanges() -> dict[str, Any]:
     """Exchanges as the handler leaves them: completed, rejected, streamed, answered by a plugin."""
+    from gateway_tap.pricing import PriceBook
     from gateway_tap.proxy.accounting import Usage
     from gateway_tap.proxy.errors import TapError
     from gateway_tap.proxy.exchange import Exchange
+    from gateway_tap.settings import ModelPrice
+
+    prices = PriceBook("openai", "openai", {"gpt-4o-mini": ModelPrice(input_per_1m=0.15, output_per_1m=0.6,
+                                                                      cache_read_per_1m=0.075)}, "none")
 
     def exchange(**fields: Any) -> Exchange:
         ex = Exchange("req_0190a", "POST", "/llm/openai/v1/chat/completions", "openai", 100.0)
@@ -272,10 +277,12 @@ def exchanges() -> dict[str, Any]:
             setattr(ex, name, value)
         return ex
 
-    usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7, found=True, model="gpt-4o-mini", choices=1,
-                  tool_calls=0, cache_read_tokens=2)
+    usage = Usage(prompt_tokens=3000, completion_tokens=4000, total_tokens=7000, found=True, model="gpt-4o-mini",
+                  choices=1, tool_calls=0, cache_read_tokens=2000, reasoning_tokens=1000, response_id="chatcmpl-1",
+                  finish_reasons=["stop"])
     done = exchange(app_id="demo", user_id="u1", model="gpt-4o-mini", requested_model="gpt-4o-mini", usage=usage,
-                    cost=(3 * 0.15 + 4 * 0.6) / 1e6, request_bytes=99, response_bytes=300, upstream_start=100.001,
+                    prices=prices, operation="chat", request_params=(4096, 0.5, 1.0, False),
+                    server=("api.openai.com", 443), request_bytes=99, response_bytes=300, upstream_start=100.001,
                     ttfb=100.004, first_chunk=100.005, upstream_end=100.011, client_address="127.0.0.1",
                     user_agent="wrk", request_headers={"Authorization": "Bearer sk-secret12345", "X-Team": "a"},
                     response_headers={"content-type": "application/json"}, metadata={"team": "demo"},
@@ -284,8 +291,9 @@ def exchanges() -> dict[str, Any]:
     rejected = exchange(status=401, error=TapError(401, "invalid_request_error", "invalid_api_key", "unknown key"),
                         vendor="unknown", finished=100.0002)
     streamed = exchange(app_id="demo", streamed=True, usage=Usage(prompt_tokens=5, completion_tokens=18,
-                                                                  total_tokens=23, estimated=True),
-                        cost=1.155e-05, upstream_start=100.001, ttfb=100.002, first_chunk=100.003,
+                                                                  total_tokens=23, estimated=True,
+                                                                  model="gpt-4o-mini"),
+                        prices=prices, upstream_start=100.001, ttfb=100.002, first_chunk=100.003,
                         error=TapError(499, "client_error", "client_disconnected", "client went away mid-stream"))
     served = exchange(app_id="demo", served_by="response_cache", cache_hit=True, charge=False, usage=usage,
                       metadata={"hits": 3})  # a plugin put a number in: written as the string the contract types
@@ -300,7 +308,9 @@ def test_the_taps_events_honour_the_contract(name: str, capture_bodies: bool) ->
     from schemas.wire import encode_wire, wire_type
 
     ex = exchanges()[name]
-    events = ex.events("tap-1", capture_bodies=capture_bodies, body_limit=16)
+    now = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    ex.settle_cost(now)
+    events = ex.events("tap-1", capture_bodies=capture_bodies, body_limit=16, now=now)
     types = [wire_type(e) for e in events]
     assert types[:2] == ["proxy_log", "analytics"]
     assert types[2:] == (["budget_usage"] if name in ("completed", "streamed") else [])
@@ -314,10 +324,25 @@ def test_the_taps_events_honour_the_contract(name: str, capture_bodies: bool) ->
         assert log["latency"] == pytest.approx({"total_ms": 12.0, "upstream_ms": 10.0, "ttfb_ms": 4.0,
                                                 "tap_overhead_ms": 2.0})
         assert written[2]["period"] == "daily" and written[2]["period_start"] == "2026-12-03"
-        assert written[1]["cost"] == written[2]["cost"] == (3 * 0.15 + 4 * 0.6) / 1e6
+        # 1000 uncached input x 0.15 + 2000 cached x 0.075 + 4000 output (1000 of them reasoning) x 0.6 per 1M
+        split = {"cost_input_micros": 150, "cost_cache_read_micros": 150, "cost_cache_write_micros": 0,
+                 "cost_output_micros": 1800, "cost_reasoning_micros": 600, "cost_micros": 2700}
+        for event in written[1:]:
+            assert {k: event[k] for k in split} == split and event["cost"] == 0.0027
+            assert event["price_source"] == "config:gpt-4o-mini" and event["price_version"] == ex.prices.version
+            assert (event["cache_read_tokens"], event["reasoning_tokens"]) == (2000, 1000)
+            assert event["emitted_at"] == "2026-12-03T10:00:00Z"
+        assert {k: written[1][k] for k in ("operation", "request_model", "response_model", "response_id",
+                                           "finish_reasons", "request_max_tokens", "request_temperature",
+                                           "request_top_p", "request_stream", "server_address", "server_port")} == {
+            "operation": "chat", "request_model": "gpt-4o-mini", "response_model": "gpt-4o-mini",
+            "response_id": "chatcmpl-1", "finish_reasons": ["stop"], "request_max_tokens": 4096,
+            "request_temperature": 0.5, "request_top_p": 1.0, "request_stream": False,
+            "server_address": "api.openai.com", "server_port": 443}
         assert ("request_body" in log) is capture_bodies
     if name == "rejected":
         assert log["error"] == {"type": "invalid_request_error", "code": "invalid_api_key", "message": "unknown key"}
         assert "vendor" not in log and "upstream_ms" not in log["latency"]
-    if name == "served_by_plugin":
+    if name == "served_by_plugin":  # charge=False: no cost, no price fields
         assert log["metadata"] == {"hits": "3"} and written[1]["cache_hit"] is True
+        assert written[1]["cost"] == 0 and "cost_micros" not in written[1] and "price_version" not in written[1]

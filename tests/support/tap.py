@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ LIMITED_KEY = "gt-limited-key-0123456789"
 UPSTREAM_SECRET = "upstream-secret-value"
 OPENAI_PRICE = {"input_per_1m": 0.15, "output_per_1m": 0.60}
 ANTHROPIC_PRICE = {"input_per_1m": 0.80, "output_per_1m": 4.00}
+
+
+def cost_micros(price: dict[str, float], prompt: int, completion: int, *, cache_read: int = 0, cache_write: int = 0,
+                reasoning: int = 0) -> int:
+    """What the tap charges, computed here independently in decimals: each token class (uncached input, cache
+    read, cache write, output, reasoning) at its rate (a class without one at its parent's) rounded half up
+    to micro-USD, then summed (docs/pricing.md)."""
+    def rate(name: str, parent: str) -> Decimal:
+        return Decimal(repr(float(price.get(name, price[parent]))))
+
+    def micros(tokens: int, per_1m: Decimal) -> int:
+        return int((tokens * per_1m).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    return (micros(prompt - cache_read - cache_write, rate("input_per_1m", "input_per_1m"))
+            + micros(cache_read, rate("cache_read_per_1m", "input_per_1m"))
+            + micros(cache_write, rate("cache_write_per_1m", "input_per_1m"))
+            + micros(completion - reasoning, rate("output_per_1m", "output_per_1m"))
+            + micros(reasoning, rate("reasoning_per_1m", "output_per_1m")))
 
 EXAMPLE_PLUGINS: list[dict[str, Any]] = [
     {"name": "prompt_firewall", "use": "gateway_tap.examples.plugins.prompt_firewall:PromptFirewall",
