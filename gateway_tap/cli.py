@@ -79,7 +79,7 @@ def check_config(config_path: str) -> None:
         config = load_config(config_path)
     except ConfigFileError as exc:
         raise click.ClickException(str(exc)) from None
-    problems = validate_plugin_configs(config.plugins)
+    problems = validate_plugin_configs(config.plugins) + config.tap.admin.environment_problems()
     if problems:
         raise click.ClickException(str(ConfigFileError(config_path, problems)))
     click.echo(f"{config_path}: ok ({len(config.llms)} LLMs, {len(config.apps)} apps, {len(config.plugins)} plugins)")

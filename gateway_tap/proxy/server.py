@@ -95,13 +95,14 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
 def serve(config_path: str, workers: int | None = None, port: int | None = None) -> int:
     """Run the tap; returns the exit code.
 
-    :raises ConfigFileError: the file is invalid, or a plugin cannot load (each problem by key path),
-        found here before any worker starts rather than by workers dying one after the other.
+    :raises ConfigFileError: the file is invalid, a plugin cannot load, or an admin token's environment variable
+        is unset (each problem by key path), found here before any worker starts rather than by workers dying
+        one after the other.
     """
     from gateway_tap.plugins.loader import validate_plugin_configs
 
     config: GatewayConfig = load_config(config_path)
-    problems = validate_plugin_configs(config.plugins)
+    problems = validate_plugin_configs(config.plugins) + config.tap.admin.environment_problems()
     if problems:
         raise ConfigFileError(config_path, problems)
     count = workers or config.tap.workers

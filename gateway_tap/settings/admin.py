@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway_tap.settings.base import Section
+from gateway_tap.settings.apps import KEY_HASH
+from gateway_tap.settings.base import Id, Section
 
 
 class AdminListenSettings(Section):
@@ -23,7 +23,7 @@ class AdminListenSettings(Section):
 class AdminTokenSettings(Section):
     """One admin token: its id (who, in audit records), its role and its secret as a hash or an env variable."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Names the token in audit records and logs.")
+    id: Id = Field(description="Names the token in audit records and logs.")
     role: Literal["admin", "read"] = Field(default="admin",
                                            description="admin: every call; read: GET only (writes get 403).")
     token_hash: str | None = Field(default=None, description="'sha256:<hex>' of the token (gateway-tap hash-key).")
@@ -32,7 +32,7 @@ class AdminTokenSettings(Section):
     @field_validator("token_hash")
     @classmethod
     def _check_hash(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        if value is not None and not KEY_HASH.fullmatch(value):
             raise ValueError(f"{value[:12]!r}... is not 'sha256:' followed by 64 lowercase hex digits")
         return value
 
@@ -62,11 +62,25 @@ class AdminSettings(Section):
     poll_interval_s: float = Field(default=0.25, gt=0, le=60,
                                    description="How often each worker checks the state's version row.")
     max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger admin request bodies get 413.")
+    allowed_plugins: list[str] = Field(
+        default_factory=list,
+        description="Plugin classes the API may add instances of ('module:Class' or entry point names), besides "
+                    "the installed entry points of group gateway_tap.plugins and the classes this file's plugins "
+                    "use. The API imports nothing else: an admin token never becomes code execution.")
 
     @property
     def enabled(self) -> bool:
         """True when this tap applies the API-managed state."""
         return self.sync or self.listen is not None
+
+    def environment_problems(self) -> list[str]:
+        """Tokens of a served API whose ``token_env`` is unset or empty, one ``key.path: message`` line each
+        (``check-config`` and ``serve`` refuse to start with any: every call would get 401)."""
+        if self.listen is None:
+            return []
+        return [f"tap.admin.tokens[{i}].token_env: ${t.token_env} is not set (or empty) in the environment; "
+                f"export the admin token {t.id!r} there" for i, t in enumerate(self.tokens)
+                if t.token_env is not None and not os.environ.get(t.token_env)]
 
     @model_validator(mode="after")
     def _tokens_when_listening(self) -> AdminSettings:

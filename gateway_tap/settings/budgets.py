@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway_tap.settings.base import Section
+from gateway_tap.settings.base import Id, Section
 
 Period = Literal["monthly", "daily"]
 
@@ -15,8 +15,8 @@ Period = Literal["monthly", "daily"]
 class BudgetSettings(Section):
     """One budget: per app, or per app x LLM when ``llm_id`` is set."""
 
-    app_id: str = Field(min_length=1, description="The app this budget applies to.")
-    llm_id: str | None = Field(default=None, description="Limit only this LLM of the app (default: all its LLMs).")
+    app_id: Id = Field(description="The app this budget applies to.")
+    llm_id: Id | None = Field(default=None, description="Limit only this LLM of the app (default: all its LLMs).")
     limit_usd: float | None = Field(default=None, ge=0, description="Spend limit per period in USD.")
     limit_tokens: int | None = Field(default=None, ge=0, description="Total-token limit per period.")
     period: Period = Field(default="monthly", description="monthly (calendar month, UTC) or daily (UTC day).")

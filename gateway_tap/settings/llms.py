@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 from pydantic import Field
 
-from gateway_tap.settings.base import Section
+from gateway_tap.settings.base import Id, Section
 
 
 class ModelPrice(Section):
@@ -35,7 +36,7 @@ class LLMTimeouts(Section):
 class LLMConfig(Section):
     """One upstream the tap routes ``/llm/{id}/...`` to."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; the {id} in /llm/{id}/.")
+    id: Id = Field(description="Unique; the {id} in /llm/{id}/.")
     vendor: Literal["openai", "anthropic"] = Field(description="API style: how usage is read and the key is sent.")
     upstream_url: str = Field(pattern=r"^https?://", description="Base URL; the rest of the path is appended.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the upstream credential.")
@@ -50,3 +51,8 @@ class LLMConfig(Section):
         description="The genai-prices provider whose catalog prices this LLM's models (default: the vendor, "
                     "openai or anthropic; e.g. azure, groq, deepseek for OpenAI-compatible upstreams); "
                     "'none': only `prices` apply.")
+
+
+def unknown_llm_refs(ids: Sequence[str], known: Collection[str]) -> list[tuple[int, str]]:
+    """``(index, id)`` of each reference in ``ids`` that names no LLM of ``known`` (``*`` names them all)."""
+    return [(i, llm_id) for i, llm_id in enumerate(ids) if llm_id != "*" and llm_id not in known]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway_tap.settings.base import Section
+from gateway_tap.settings.base import Id, Section
 
 
 class PluginKVSettings(Section):
@@ -24,7 +24,7 @@ class PluginKVSettings(Section):
 class PluginConfig(Section):
     """One plugin in the hook chain."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique; also the /plugins/{name}/ slug.")
+    name: Id = Field(description="Unique; also the /plugins/{name}/ slug.")
     use: str = Field(description="'package.module:Class' or an entry point name in group gateway_tap.plugins.")
     llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids it attaches to, or '*'.")
     order: int = Field(default=0, description="Lower runs first; ties keep file order.")

@@ -19,7 +19,7 @@ from gateway_tap.settings.budgets import (
 )
 from gateway_tap.settings.collectors import CollectorDefaults, CollectorSettings
 from gateway_tap.settings.kafka import KafkaSettings
-from gateway_tap.settings.llms import LLMConfig
+from gateway_tap.settings.llms import LLMConfig, unknown_llm_refs
 from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig
 from gateway_tap.settings.tap import TapSettings
@@ -65,9 +65,8 @@ def _check_tap_references(config: GatewayConfig) -> list[str]:
                           ("plugins", [p.llms for p in config.plugins])):
         field = "allowed_llms" if section == "apps" else "llms"
         for i, ids in enumerate(refs):
-            for j, llm_id in enumerate(ids):
-                if llm_id != "*" and llm_id not in llm_ids:
-                    problems.append(f"{section}[{i}].{field}[{j}]: unknown LLM {llm_id!r}")
+            for j, llm_id in unknown_llm_refs(ids, llm_ids):
+                problems.append(f"{section}[{i}].{field}[{j}]: unknown LLM {llm_id!r}")
     return problems
 
 
