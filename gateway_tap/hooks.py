@@ -57,6 +57,17 @@ if TYPE_CHECKING:
 
 _UNPARSED: Any = object()
 
+# "Contains nothing outside the set" (not "^[set]*$": Python's $ also matches before a final newline).
+HEADER_NAME_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1,
+                                      "not": {"pattern": r"[^!#$%&'*+.^_`|~0-9A-Za-z-]"}}
+"""JSON Schema of an HTTP header name (an RFC 9110 token), for a plugin's ``config_schema``."""
+HEADER_VALUE_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 4096, "not": {"pattern": r"[^\t\x20-\x7e]"}}
+"""JSON Schema of a header value a plugin sends (visible ASCII, space and tab; never CR, LF or NUL, which would
+make every request carrying it fail): a config with one is refused when the file loads and by the admin API."""
+HEADERS_SCHEMA: dict[str, Any] = {"type": "object", "propertyNames": HEADER_NAME_SCHEMA,
+                                  "additionalProperties": HEADER_VALUE_SCHEMA}
+"""JSON Schema of a ``{name: value}`` map of headers (:data:`HEADER_NAME_SCHEMA`, :data:`HEADER_VALUE_SCHEMA`)."""
+
 
 class TapRequest:
     """The client request as the hooks see it; changes are forwarded upstream.

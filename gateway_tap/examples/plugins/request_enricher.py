@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from gateway_tap.hooks import HookContext, HookResult, PluginServices, TapRequest
+from gateway_tap.hooks import HEADER_NAME_SCHEMA, HEADERS_SCHEMA, HookContext, HookResult, PluginServices, TapRequest
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 REPORT_KIND = "request_counts"
@@ -33,7 +33,7 @@ REPORT_KIND = "request_counts"
 class RequestEnricher:
     def config_schema(self) -> Mapping[str, Any]:
         return {"type": "object", "additionalProperties": False,
-                "properties": {"headers": _STRING_MAP, "metadata": _STRING_MAP, "app_header": {"type": "string"},
+                "properties": {"headers": HEADERS_SCHEMA, "metadata": _STRING_MAP, "app_header": HEADER_NAME_SCHEMA,
                                "report_every_s": {"type": "number", "minimum": 0},
                                "report_every_requests": {"type": "integer", "minimum": 0}}}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway_tap.hooks import HookContext, HookResult, PluginServices, TapResponse
+from gateway_tap.hooks import HEADERS_SCHEMA, HookContext, HookResult, PluginServices, TapResponse
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 
@@ -21,7 +21,7 @@ _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 class ResponseModifier:
     def config_schema(self) -> Mapping[str, Any]:
         return {"type": "object", "additionalProperties": False,
-                "properties": {"headers": _STRING_MAP, "replace": _STRING_MAP}}
+                "properties": {"headers": HEADERS_SCHEMA, "replace": _STRING_MAP}}
 
     async def initialize(self, config: Mapping[str, Any], services: PluginServices) -> None:
         self.headers: dict[str, str] = dict(config.get("headers", {}))
