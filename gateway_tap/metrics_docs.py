@@ -33,6 +33,7 @@ class MetricDoc:
 
 def tap_registry() -> CollectorRegistry:
     """A fresh registry holding every metric a tap worker serves on ``/metrics``."""
+    from gateway_tap.admin.metrics import AdminMetrics
     from gateway_tap.budgets.enforcer import _Metrics as BudgetEnforcerMetrics
     from gateway_tap.config_reload import ReloadMetrics
     from gateway_tap.proxy.metrics import TapMetrics
@@ -43,6 +44,7 @@ def tap_registry() -> CollectorRegistry:
     PublisherMetrics(registry)
     BudgetEnforcerMetrics(registry)
     ReloadMetrics(registry, "gateway_tap_")  # as gateway_tap.proxy.reload registers them
+    AdminMetrics(registry)  # as gateway_tap.proxy.admin_link registers them (with tap.admin on)
     return registry
 
 

@@ -1,12 +1,15 @@
-"""The admin HTTP API: apps, keys, budgets, plugin configs and LLMs, on its own listener.
+"""The admin HTTP API: apps, keys, budgets, plugins and LLMs, on its own listener.
 
 Every call needs ``Authorization: Bearer <admin token>``: the token's sha256 is compared in
 constant time with every configured one (``tap.admin.tokens``); a ``read`` token may only
-GET. A change is validated with the models the YAML uses, written in one transaction that
-bumps the state's version (:class:`~gateway_tap.admin.store.AdminStore`), applied by this
-worker before the answer (the others follow within ``poll_interval_s``), logged and
-published as an audit record on the control topic. Entries declared in the YAML file are
-read-only here (409).
+GET; a refused call is logged (never the token) and counted. A change is validated exactly as
+each worker will apply it (:mod:`gateway_tap.admin.state`'s entry checks with the YAML's
+models; for a plugin also its own checks and ``initialize``, tried on a fresh instance) and
+answered 422 naming the field before anything is stored; then it is written in one transaction
+that bumps the state's version (:class:`~gateway_tap.admin.store.AdminStore`), applied by this
+worker before the answer (the others follow within ``poll_interval_s``), logged and published
+as an audit record on the control topic. Entries declared in the YAML file are read-only here
+(409), a file plugin's config excepted. Every answer is JSON with a request id made here.
 """
 
 from __future__ import annotations
@@ -14,27 +17,49 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import uuid
+import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
+import uuid_utils
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from gateway_tap.admin import models as m
+from gateway_tap.admin.metrics import AdminMetrics
 from gateway_tap.admin.openapi import Route, openapi_document
-from gateway_tap.admin.state import ManagedApp, ManagedKey
+from gateway_tap.admin.state import (
+    EntryError,
+    ManagedApp,
+    ManagedKey,
+    app_entry,
+    budget_entry,
+    plugin_config_entry,
+    plugin_entry,
+    validated,
+)
 from gateway_tap.admin.store import AdminStore, Conflict, NotFound, app_view, key_view
 from gateway_tap.budgets.store import BudgetStoreError, StoreUnavailable
-from gateway_tap.plugins.loader import resolve_class, validate_plugin_configs
-from gateway_tap.settings import AdminSettings, AdminTokenSettings, BudgetSettings, GatewayConfig
-from gateway_tap.settings.base import key_path
+from gateway_tap.plugins.loader import resolve_class
+from gateway_tap.settings import AdminSettings, AdminTokenSettings, BudgetSettings, GatewayConfig, PluginConfig
+from gateway_tap.settings.base import ID_PATTERN, is_id
 
 log = logging.getLogger("gateway_tap.admin")
 
 M = TypeVar("M", bound=BaseModel)
+
+CLIENT_REQUEST_ID_MAX = 128
+"""A caller's own ``x-request-id`` is kept in the audit record (``client_request_id``) up to this length, when
+it is printable ASCII; the request id of every answer is made by the API."""
+REFUSED_LOG_LINES = 10
+"""Refused calls logged per :data:`REFUSED_LOG_WINDOW_S`; the rest are counted in the next line (and the metric)."""
+REFUSED_LOG_WINDOW_S = 10.0
+_PATH_IDS = ("app_id", "key_id", "name")
+_CLIENT_ID = re.compile(rf"[\x21-\x7e]{{1,{CLIENT_REQUEST_ID_MAX}}}")
+_REQUEST_ID = web.RequestKey("admin_request_id", str)
 
 
 class AdminRuntime(Protocol):
@@ -48,6 +73,10 @@ class AdminRuntime(Protocol):
 
     async def refresh(self) -> None:
         """Apply the newest state in this worker now."""
+
+    async def check_plugin(self, plugin: PluginConfig) -> list[str]:
+        """The problems of loading ``plugin`` as a worker would (its checks, schema and ``initialize``, on a fresh
+        instance), by key path (``plugins[0]...``); empty when it loads."""
 
     def budget_report(self, app_id: str, llm_id: str | None) -> dict[str, Any] | None:
         """What ``GET /budget`` shows for the app (None when this tap enforces no budget)."""
@@ -64,6 +93,26 @@ class ApiError(Exception):
         self.status, self.type, self.code, self.message, self.param = status, type_, code, message, param
 
 
+_ENTRY_STATUS = {"declared_in_file": 409, "not_found": 404}
+
+
+def _entry_error(exc: EntryError) -> ApiError:
+    status = _ENTRY_STATUS.get(exc.code, 422)
+    type_ = "not_found_error" if status == 404 else "invalid_request_error"
+    return ApiError(status, type_, exc.code, exc.message, exc.param)
+
+
+def new_request_id() -> str:
+    """The request id of an admin answer (``adm_`` + a UUIDv7: sortable by time)."""
+    return "adm_" + uuid_utils.uuid7().hex
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """``text`` safe for a log line: bounded, control and non-printing characters escaped."""
+    cut = text[:limit]
+    return (cut if cut.isprintable() else repr(cut)[1:-1]) + ("..." if len(text) > limit else "")
+
+
 def _error_response(exc: ApiError, request_id: str) -> web.Response:
     body = {"error": {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param,
                       "request_id": request_id}}
@@ -74,21 +123,27 @@ def _error_response(exc: ApiError, request_id: str) -> web.Response:
 @web.middleware
 async def _json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                        ) -> web.StreamResponse:
-    """aiohttp's own errors (unknown path 404, wrong method 405) as the API's JSON errors."""
+    """Gives every call its request id, and turns every error into the API's JSON errors: aiohttp's own (unknown
+    path 404, wrong method 405) and anything unexpected (500, logged with its traceback, never plain text)."""
+    rid = request[_REQUEST_ID] = new_request_id()
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         if exc.status == 404:
-            error = _not_found(f"no route for {request.path}")
+            error = _not_found(f"no route for {shown(request.path)}")
         elif exc.status == 405:
             error = ApiError(405, "invalid_request_error", "method_not_allowed",
-                             f"{request.method} is not allowed on {request.path}")
+                             f"{shown(request.method, 20)} is not allowed on {shown(request.path)}")
         else:
             error = ApiError(exc.status, "invalid_request_error", "http_error", exc.reason)
         return _error_response(error, rid)
+    except Exception:
+        log.exception("admin call failed: %s %s (request id %s)", shown(request.method, 20), shown(request.path), rid)
+        return _error_response(ApiError(500, "api_error", "internal_error",
+                                        "the call failed; the tap's log has the details (search its request id)"),
+                               rid)
 
 
 def _not_found(message: str) -> ApiError:
@@ -112,11 +167,34 @@ def _tokens(settings: list[AdminTokenSettings]) -> list[_Token]:
     out = []
     for t in settings:
         digest = t.digest()
-        if digest is None:
-            log.warning("admin token %r: $%s is empty; the token is disabled", t.id, t.token_env)
-            continue
+        if digest is None:  # `serve` and `check-config` refuse this before a worker starts
+            raise ValueError(f"admin token {t.id!r}: ${t.token_env} is not set (or empty) in the environment")
         out.append(_Token(t.id, t.role, digest))
     return out
+
+
+class _RefusedLog:
+    """Logs refused calls, at most :data:`REFUSED_LOG_LINES` per window (a flood of bad tokens must not flood
+    the log); the lines not written are counted in the next one."""
+
+    def __init__(self) -> None:
+        self._window_s = 0.0
+        self._lines = 0
+        self._skipped = 0
+
+    def __call__(self, code: str, request: web.Request, rid: str, token_id: str | None = None) -> None:
+        now = time.monotonic()
+        if now - self._window_s >= REFUSED_LOG_WINDOW_S:
+            self._window_s, self._lines = now, 0
+        if self._lines >= REFUSED_LOG_LINES:
+            self._skipped += 1
+            return
+        self._lines += 1
+        skipped, self._skipped = self._skipped, 0
+        log.warning("admin call refused: %s: %s %s from %s%s (request id %s)%s", code, shown(request.method, 20),
+                    shown(request.path), request.remote or "?", f" with token {token_id!r}" if token_id else "",
+                    rid, f"; {skipped} more refused calls were not logged" if skipped else "",
+                    extra={"code": code, "remote": request.remote, "token_id": token_id, "request_id": rid})
 
 
 Handler = Callable[[web.Request, "Caller"], Awaitable[BaseModel | web.Response | None]]
@@ -126,16 +204,21 @@ Handler = Callable[[web.Request, "Caller"], Awaitable[BaseModel | web.Response |
 class Caller:
     token_id: str
     request_id: str
+    client_request_id: str | None = None
+    """The caller's own ``x-request-id`` when it was printable ASCII of at most 128 characters."""
 
 
 class AdminAPI:
     """The aiohttp application of the admin API (``web_app``)."""
 
-    def __init__(self, settings: AdminSettings, store: AdminStore, runtime: AdminRuntime) -> None:
+    def __init__(self, settings: AdminSettings, store: AdminStore, runtime: AdminRuntime,
+                 metrics: AdminMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
+        self.metrics = metrics
         self._tokens = _tokens(settings.tokens)
+        self._refused = _RefusedLog()
         self.routes: list[Route] = []
         self.web_app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
         self._add_routes()
@@ -150,12 +233,20 @@ class AdminAPI:
         writes = method != "GET" if write is None else write
 
         async def endpoint(request: web.Request) -> web.Response:
-            rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+            rid = request[_REQUEST_ID]
             try:
                 caller = self._authenticate(request, rid, writes)
+                for name in _PATH_IDS:
+                    value = request.match_info.get(name)
+                    if value is not None and not is_id(value):
+                        raise ApiError(422, "invalid_request_error", "invalid_id",
+                                       f"{name}: {shown(value, 80)!r} is not an id (1 to 64 letters, digits, '.', "
+                                       f"'_' or '-', not starting with '.' or '-': {ID_PATTERN})", name)
                 result = await handler(request, caller)
             except ApiError as exc:
                 return _error_response(exc, rid)
+            except EntryError as exc:
+                return _error_response(_entry_error(exc), rid)
             except NotFound as exc:
                 return _error_response(_not_found(str(exc)), rid)
             except Conflict as exc:
@@ -165,7 +256,7 @@ class AdminAPI:
                 return _error_response(ApiError(503, "api_error", "state_store_unavailable",
                                                 "the admin state database is unavailable; retry later"), rid)
             except BudgetStoreError:
-                log.exception("admin call failed")
+                log.exception("admin call failed (request id %s)", rid)
                 return _error_response(ApiError(500, "api_error", "internal_error", "the change failed"), rid)
             if result is None:
                 return web.Response(status=204, headers={"x-request-id": rid})
@@ -182,19 +273,29 @@ class AdminAPI:
         scheme, _, token = value.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "authentication_error", "missing_admin_token",
-                           "no admin token: send 'Authorization: Bearer <token>'")
+            raise self._refuse(request, rid, ApiError(401, "authentication_error", "missing_admin_token",
+                                                      "no admin token: send 'Authorization: Bearer <token>'"))
         digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
         found: _Token | None = None
         for candidate in self._tokens:  # all of them, whatever matches: the time taken never depends on which
             if hmac.compare_digest(digest, candidate.digest):
                 found = candidate
         if found is None:
-            raise ApiError(401, "authentication_error", "invalid_admin_token", "the admin token is not valid")
+            raise self._refuse(request, rid, ApiError(401, "authentication_error", "invalid_admin_token",
+                                                      "the admin token is not valid"))
         if writes and found.role != "admin":
-            raise ApiError(403, "permission_error", "read_only_token",
-                           f"admin token {found.id!r} may only read ({request.method} needs role admin)")
-        return Caller(found.id, rid)
+            raise self._refuse(request, rid, ApiError(
+                403, "permission_error", "read_only_token",
+                f"admin token {found.id!r} may only read ({request.method} needs role admin)"), found.id)
+        client_id = request.headers.get("x-request-id")
+        return Caller(found.id, rid, client_id if client_id and _CLIENT_ID.fullmatch(client_id) else None)
+
+    def _refuse(self, request: web.Request, rid: str, error: ApiError, token_id: str | None = None) -> ApiError:
+        """Log (never the token) and count a refused call; returns the error to answer with."""
+        self._refused(error.code, request, rid, token_id)
+        if self.metrics is not None:
+            self.metrics.auth_failures.labels(error.code).inc()
+        return error
 
     @staticmethod
     async def _body(request: web.Request, model: type[M]) -> M:
@@ -208,16 +309,17 @@ class AdminAPI:
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, "invalid_request_error", "invalid_json", f"request body is not valid JSON: {exc}") \
                 from None
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            raise _unprocessable(exc) from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_request_error", "validation_error",
+                           f"(root): expected a JSON object, got {type(data).__name__}", "(root)")
+        return validated(model, data)
 
     async def _changed(self, caller: Caller, action: str, target: str, version: int, before: Any,
                        after: Any) -> None:
         """After a committed change: apply it here, log it, publish the audit record."""
         record = {"actor": caller.token_id, "action": action, "target": target, "version": version,
-                  "before": before, "after": after, "request_id": caller.request_id}
+                  "before": before, "after": after, "request_id": caller.request_id,
+                  "client_request_id": caller.client_request_id}
         log.info("admin change: %s %s by %s (version %d)", action, target, caller.token_id, version,
                  extra={"admin_audit": record})
         self.runtime.audit(record)
@@ -225,6 +327,9 @@ class AdminAPI:
 
     def _yaml_app(self, app_id: str) -> bool:
         return any(a.id == app_id for a in self.runtime.file_config().apps)
+
+    def _llm_ids(self) -> set[str]:
+        return {llm.id for llm in self.runtime.file_config().llms}
 
     async def _api_app(self, app_id: str) -> ManagedApp:
         state = await self.store.state()
@@ -235,20 +340,21 @@ class AdminAPI:
             raise _not_found(f"no app {app_id!r}")
         return app
 
-    def _check_llms(self, ids: list[str], field: str) -> None:
-        known = {llm.id for llm in self.runtime.file_config().llms}
-        for i, llm_id in enumerate(ids):
-            if llm_id != "*" and llm_id not in known:
-                raise ApiError(422, "invalid_request_error", "unknown_llm", f"{field}[{i}]: unknown LLM {llm_id!r}",
-                               f"{field}[{i}]")
+    async def _check_plugin(self, plugin: PluginConfig) -> None:
+        """422 naming the field unless ``plugin`` loads as a worker will load it (its own checks included)."""
+        problems = await self.runtime.check_plugin(plugin)
+        if problems:
+            raise ApiError(422, "invalid_request_error", "invalid_plugin_config",
+                           "; ".join(p.removeprefix("plugins[0]").lstrip(".") for p in problems),
+                           plugin_problem_param(problems[0], plugin.config))
 
     # -- routes ----------------------------------------------------------------------------------------------
 
     def _add_routes(self) -> None:
         r = self._route
         r("GET", "/v1/openapi.json", self._get_openapi, "This document (OpenAPI 3.1).")
-        r("GET", "/v1/status", self._status, "The state's version and the version each tap worker runs.",
-          response=m.Status)
+        r("GET", "/v1/status", self._status, "The state's version, and the version each tap worker runs with the "
+          "entries it could not apply.", response=m.Status)
         r("GET", "/v1/apps", self._list_apps, "Every app (from the file and from the API).", response=m.AppList)
         r("POST", "/v1/apps", self._create_app, "Create an app.", body=m.AppCreate, response=m.App, status=201)
         r("GET", "/v1/apps/{app_id}", self._get_app, "One app.", response=m.App)
@@ -270,14 +376,22 @@ class AdminAPI:
           status=204, query=(("period", "monthly (default) or daily."),
                              ("llm_id", "The LLM of an app x LLM budget (default: the app-wide one).")))
         r("GET", "/v1/budgets", self._all_budgets, "Every budget.", response=m.BudgetList)
-        r("GET", "/v1/plugins", self._list_plugins, "Each plugin's effective config.", response=m.PluginList)
+        r("GET", "/v1/plugins", self._list_plugins, "Every plugin (the file's and the API's) with its effective "
+          "config.", response=m.PluginList)
+        r("POST", "/v1/plugins", self._create_plugin, "Add a plugin instance of an allowed class (an installed entry "
+          "point, a class the file's plugins use, or one in tap.admin.allowed_plugins), validated as the file's "
+          "plugins are and by its own initialize.", body=PluginConfig, response=m.Plugin, status=201)
         r("GET", "/v1/plugins/{name}", self._get_plugin, "One plugin's effective config and schema.",
           response=m.Plugin)
+        r("PATCH", "/v1/plugins/{name}", self._update_plugin, "Enable or disable a plugin created through the API, "
+          "attach it to LLMs, set its order, timeout or on_error.", body=m.PluginUpdate, response=m.Plugin)
+        r("DELETE", "/v1/plugins/{name}", self._delete_plugin, "Remove a plugin created through the API.",
+          status=204)
         r("PUT", "/v1/plugins/{name}/config", self._set_plugin_config, "Replace a plugin's config (validated "
-          "against its config_schema; requests in flight finish with the old one).", body=m.PluginConfigSet,
-          response=m.Plugin)
-        r("DELETE", "/v1/plugins/{name}/config", self._reset_plugin_config, "Back to the file's config.",
-          response=m.Plugin)
+          "against its config_schema and by its own initialize; requests in flight finish with the old one).",
+          body=m.PluginConfigSet, response=m.Plugin)
+        r("DELETE", "/v1/plugins/{name}/config", self._reset_plugin_config, "A file plugin back to the file's "
+          "config.", response=m.Plugin)
         r("GET", "/v1/llms", self._list_llms, "The LLMs (ids, vendor, prices; never upstream secrets).",
           response=m.LLMList)
 
@@ -288,7 +402,9 @@ class AdminAPI:
         taps = await self.store.taps()
         return m.Status(version=await self.store.version(), applied_version=self.runtime.applied_version(),
                         taps=[m.TapState(gateway_id=t.gateway_id, worker=t.worker, pid=t.pid, version=t.version,
-                                         seen_at=m.datetime_of(t.seen_s)) for t in taps])
+                                         seen_at=m.datetime_of(t.seen_s),
+                                         rejected=[m.RejectedEntry(entry=r.entry, error=r.error) for r in t.rejected])
+                              for t in taps])
 
     # apps
 
@@ -300,8 +416,8 @@ class AdminAPI:
 
     async def _list_apps(self, request: web.Request, caller: Caller) -> BaseModel:
         state = await self.store.state()
-        out = [m.App(id=a.id, name=a.name, allowed_llms=a.allowed_llms, metadata={}, enabled=True, source="yaml")
-               for a in self.runtime.file_config().apps]
+        out = [m.App(id=a.id, name=a.name, allowed_llms=a.allowed_llms, metadata=a.metadata, enabled=True,
+                     source="yaml") for a in self.runtime.file_config().apps]
         out += [self._app_out(a) for a in state.apps.values()]
         return m.AppList(data=out)
 
@@ -309,7 +425,7 @@ class AdminAPI:
         app_id = request.match_info["app_id"]
         for a in self.runtime.file_config().apps:
             if a.id == app_id:
-                return m.App(id=a.id, name=a.name, allowed_llms=a.allowed_llms, metadata={}, enabled=True,
+                return m.App(id=a.id, name=a.name, allowed_llms=a.allowed_llms, metadata=a.metadata, enabled=True,
                              source="yaml")
         app = (await self.store.state()).apps.get(app_id)
         if app is None:
@@ -321,7 +437,8 @@ class AdminAPI:
         if self._yaml_app(body.id):
             raise ApiError(409, "invalid_request_error", "declared_in_file",
                            f"app {body.id!r} is declared in the configuration file")
-        self._check_llms(body.allowed_llms, "allowed_llms")
+        app_entry(ManagedApp(body.id, body.name, tuple(body.allowed_llms), body.metadata, body.enabled, 0, 0), [],
+                  self._llm_ids())
         app, version = await self.store.create_app(body.id, body.name, body.allowed_llms, body.metadata,
                                                    body.enabled)
         await self._changed(caller, "app.create", f"apps/{app.id}", version, None, app_view(app))
@@ -330,10 +447,11 @@ class AdminAPI:
     async def _update_app(self, request: web.Request, caller: Caller) -> BaseModel:
         app_id = request.match_info["app_id"]
         body = await self._body(request, m.AppUpdate)
-        await self._api_app(app_id)
+        current = await self._api_app(app_id)
         changes = body.model_dump(exclude_none=True)
-        if "allowed_llms" in changes:
-            self._check_llms(changes["allowed_llms"], "allowed_llms")
+        app_entry(ManagedApp(app_id, changes.get("name", current.name),
+                             tuple(changes.get("allowed_llms", current.allowed_llms)),
+                             changes.get("metadata", current.metadata), True, 0, 0), [], self._llm_ids())
         (before, after), version = await self.store.update_app(app_id, changes)
         await self._changed(caller, "app.update", f"apps/{app_id}", version, app_view(before), app_view(after))
         return self._app_out(after)
@@ -411,15 +529,11 @@ class AdminAPI:
     async def _set_budget(self, request: web.Request, caller: Caller) -> BaseModel:
         app_id = request.match_info["app_id"]
         body = await self._body(request, m.BudgetSet)
-        try:
-            budget = BudgetSettings(app_id=app_id, **body.model_dump())
-        except ValidationError as exc:
-            raise _unprocessable(exc) from None
-        if budget.llm_id is not None:
-            self._check_llms([budget.llm_id], "llm_id")
+        budget = validated(BudgetSettings, {"app_id": app_id, **body.model_dump()})
         if any(b.key == budget.key for b in self.runtime.file_config().budgets):
             raise _read_only(f"the {budget.period} budget of {budget.key.rsplit(':', 1)[0]!r}")
         await self._api_app(app_id)
+        budget_entry(budget, {app_id}, self._llm_ids())
         before, version = await self.store.set_budget(budget)
         await self._changed(caller, "budget.set", f"apps/{app_id}/budgets/{budget.key}", version,
                             before.model_dump() if before else None, budget.model_dump())
@@ -430,8 +544,11 @@ class AdminAPI:
         period = request.query.get("period", "monthly")
         if period not in ("monthly", "daily"):
             raise ApiError(422, "invalid_request_error", "validation_error",
-                           f"period: expected 'monthly' or 'daily', got {period!r}", "period")
+                           f"period: expected 'monthly' or 'daily', got {shown(period, 40)!r}", "period")
         llm_id = request.query.get("llm_id") or None
+        if llm_id is not None and not is_id(llm_id):
+            raise ApiError(422, "invalid_request_error", "invalid_id", f"llm_id: {shown(llm_id, 80)!r} is not an id",
+                           "llm_id")
         key = f"{app_id}{'/' + llm_id if llm_id else ''}:{period}"
         if any(b.key == key for b in self.runtime.file_config().budgets):
             raise _read_only(f"the {period} budget of {key.rsplit(':', 1)[0]!r}")
@@ -441,64 +558,136 @@ class AdminAPI:
 
     # plugins
 
-    def _plugin_out(self, name: str, api_configs: Mapping[str, Mapping[str, Any]]) -> m.Plugin:
+    def _file_plugin(self, name: str) -> PluginConfig | None:
+        return next((p for p in self.runtime.file_config().plugins if p.name == name), None)
+
+    @staticmethod
+    def _plugin_out(plugin: PluginConfig, source: m.Source, config_source: m.Source) -> m.Plugin:
+        return m.Plugin(name=plugin.name, use=plugin.use, enabled=plugin.enabled, llms=plugin.llms,
+                        order=plugin.order, timeout_ms=plugin.timeout_ms, on_error=plugin.on_error,
+                        config=plugin.config, source=source, config_source=config_source,
+                        config_schema=_config_schema(plugin.use))
+
+    async def _plugins(self) -> list[m.Plugin]:
+        state = await self.store.state()
+        out = []
         for p in self.runtime.file_config().plugins:
-            if p.name == name:
-                config = api_configs.get(name)
-                return m.Plugin(name=p.name, use=p.use, enabled=p.enabled, llms=p.llms, order=p.order,
-                                config=dict(config) if config is not None else p.config,
-                                config_source="api" if config is not None else "yaml",
-                                config_schema=_config_schema(p.use))
-        raise _not_found(f"no plugin {name!r} in the configuration file")
+            config = state.plugin_configs.get(p.name)
+            shown_config = p if config is None else p.model_copy(update={"config": dict(config)})
+            out.append(self._plugin_out(shown_config, "yaml", "yaml" if config is None else "api"))
+        file_names = {p.name for p in out}
+        out += [self._plugin_out(p, "api", "api") for p in state.plugins.values() if p.name not in file_names]
+        return out
 
     async def _list_plugins(self, request: web.Request, caller: Caller) -> BaseModel:
-        configs = (await self.store.state()).plugin_configs
-        return m.PluginList(data=[self._plugin_out(p.name, configs) for p in self.runtime.file_config().plugins])
+        return m.PluginList(data=await self._plugins())
 
     async def _get_plugin(self, request: web.Request, caller: Caller) -> BaseModel:
-        return self._plugin_out(request.match_info["name"], (await self.store.state()).plugin_configs)
+        name = request.match_info["name"]
+        for plugin in await self._plugins():
+            if plugin.name == name:
+                return plugin
+        raise _not_found(f"no plugin {name!r}")
+
+    async def _api_plugin(self, name: str) -> PluginConfig:
+        if self._file_plugin(name) is not None:
+            raise _read_only(f"plugin {name!r} (its config excepted: PUT /v1/plugins/{name}/config)")
+        plugin = (await self.store.state()).plugins.get(name)
+        if plugin is None:
+            raise _not_found(f"no plugin {name!r}")
+        return plugin
+
+    async def _create_plugin(self, request: web.Request, caller: Caller) -> BaseModel:
+        plugin = await self._body(request, PluginConfig)
+        plugin_entry(plugin, self.runtime.file_config())  # before anything is imported: only allowed classes
+        if plugin.name in (await self.store.state()).plugins:
+            raise ApiError(409, "invalid_request_error", "conflict", f"plugin {plugin.name!r} already exists")
+        await self._check_plugin(plugin)
+        created, version = await self.store.create_plugin(plugin)
+        await self._changed(caller, "plugin.create", f"plugins/{plugin.name}", version, None, created.model_dump())
+        return self._plugin_out(created, "api", "api")
+
+    async def _update_plugin(self, request: web.Request, caller: Caller) -> BaseModel:
+        name = request.match_info["name"]
+        body = await self._body(request, m.PluginUpdate)
+        current = await self._api_plugin(name)
+        plugin = validated(PluginConfig, {**current.model_dump(), **body.model_dump(exclude_none=True)})
+        await self._replace_plugin(caller, current, plugin, "plugin.update")
+        return self._plugin_out(plugin, "api", "api")
+
+    async def _replace_plugin(self, caller: Caller, current: PluginConfig, plugin: PluginConfig, action: str) -> None:
+        plugin_entry(plugin, self.runtime.file_config())
+        await self._check_plugin(plugin)
+        before, version = await self.store.replace_plugin(plugin, current)
+        await self._changed(caller, action, f"plugins/{plugin.name}", version, before.model_dump(),
+                            plugin.model_dump())
+
+    async def _delete_plugin(self, request: web.Request, caller: Caller) -> None:
+        name = request.match_info["name"]
+        await self._api_plugin(name)
+        before, version = await self.store.delete_plugin(name)
+        await self._changed(caller, "plugin.delete", f"plugins/{name}", version, dict(before), None)
 
     async def _set_plugin_config(self, request: web.Request, caller: Caller) -> BaseModel:
         name = request.match_info["name"]
         body = await self._body(request, m.PluginConfigSet)
-        plugin = next((p for p in self.runtime.file_config().plugins if p.name == name), None)
-        if plugin is None:
-            raise _not_found(f"no plugin {name!r} in the configuration file")
-        candidate = plugin.model_copy(update={"config": body.config})
-        problems = validate_plugin_configs([candidate])
-        if problems:
-            first = problems[0].removeprefix("plugins[0].")
-            raise ApiError(422, "invalid_request_error", "invalid_plugin_config",
-                           "; ".join(p.removeprefix("plugins[0].") for p in problems),
-                           first.split(":", 1)[0])
+        if self._file_plugin(name) is None:
+            current = (await self.store.state()).plugins.get(name)
+            if current is None:
+                raise _not_found(f"no plugin {name!r}")
+            plugin = validated(PluginConfig, {**current.model_dump(), "config": body.config})
+            await self._replace_plugin(caller, current, plugin, "plugin.config.set")
+            return self._plugin_out(plugin, "api", "api")
+        plugin = plugin_config_entry(name, body.config, self.runtime.file_config())
+        await self._check_plugin(plugin)
         before, version = await self.store.set_plugin_config(name, body.config)
+        file_plugin = self._file_plugin(name)
         await self._changed(caller, "plugin.config.set", f"plugins/{name}", version,
-                            dict(before) if before is not None else plugin.config, body.config)
-        return self._plugin_out(name, {name: body.config})
+                            dict(before) if before is not None else file_plugin and file_plugin.config, body.config)
+        return self._plugin_out(plugin, "yaml", "api")
 
     async def _reset_plugin_config(self, request: web.Request, caller: Caller) -> BaseModel:
         name = request.match_info["name"]
-        if not any(p.name == name for p in self.runtime.file_config().plugins):
-            raise _not_found(f"no plugin {name!r} in the configuration file")
+        plugin = self._file_plugin(name)
+        if plugin is None:
+            if name in (await self.store.state()).plugins:
+                raise ApiError(409, "invalid_request_error", "conflict",
+                               f"plugin {name!r} was created through the API and has no file config to go back to; "
+                               "PUT its config instead")
+            raise _not_found(f"no plugin {name!r}")
         before, version = await self.store.delete_plugin_config(name)
         await self._changed(caller, "plugin.config.reset", f"plugins/{name}", version, dict(before), None)
-        return self._plugin_out(name, {})
+        return self._plugin_out(plugin, "yaml", "yaml")
 
     async def _list_llms(self, request: web.Request, caller: Caller) -> BaseModel:
         return m.LLMList(data=[m.LLM(id=llm.id, vendor=llm.vendor, currency=llm.currency, prices=llm.prices,
                                      timeouts=llm.timeouts) for llm in self.runtime.file_config().llms])
 
 
-def _unprocessable(exc: ValidationError) -> ApiError:
-    errors = exc.errors()
-    first = errors[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    param = key_path(loc)
-    messages = []
-    for err in errors:
-        where = key_path(tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-        messages.append(f"{where}: {err['msg']}")
-    return ApiError(422, "invalid_request_error", "validation_error", "; ".join(messages), param)
+_LEADING_PATH = re.compile(r"[A-Za-z_][\w-]*(?:\[\d+\]|\.[A-Za-z_][\w-]*)*")
+
+
+def plugin_problem_param(problem: str, config: Mapping[str, Any]) -> str:
+    """The field a plugin load problem names, as a request ``param``: ``plugins[0].config.patterns: ...`` ->
+    ``config.patterns``; when the plugin's ``initialize`` refused its config (``plugins[0].config: <its message>``)
+    and the message starts with a path into the config (``patterns[0] is not ...``), that path."""
+    rest = re.sub(r"^plugins\[0\](?: \([^)]*\))?\.?", "", problem)
+    path, _, message = rest.partition(": ")
+    if path == "config" and (match := _LEADING_PATH.match(message)) and _resolves(config, match.group(0)):
+        return f"config.{match.group(0)}"
+    return path or "(root)"
+
+
+def _resolves(value: Any, path: str) -> bool:
+    for part in re.findall(r"\[(\d+)\]|([^.\[\]]+)", path):
+        index, key = part
+        if index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        elif key and isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            return False
+    return True
 
 
 def _config_schema(use: str) -> dict[str, Any] | None:
@@ -506,5 +695,5 @@ def _config_schema(use: str) -> dict[str, Any] | None:
     try:
         schema = getattr(resolve_class(use)(), "config_schema", None)
         return dict(schema()) if callable(schema) else None
-    except Exception:  # the file's plugins loaded at start; a failure here only leaves the schema out
+    except Exception:  # the plugins loaded (or were checked) already; a failure here only leaves the schema out
         return None

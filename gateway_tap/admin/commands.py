@@ -1,14 +1,21 @@
-"""``gateway-tap admin ...``: the admin API from the command line (``--json`` prints the API's answers)."""
+"""``gateway-tap admin ...``: the admin API from the command line (``--json`` prints the API's answers).
+
+What a caller stored (names, metadata, error messages quoting them) is printed with its control and
+non-printing characters escaped (``\\x1b``), so a value can never drive the terminal.
+"""
 
 from __future__ import annotations
 
 import json
+import unicodedata
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from gateway_tap.admin.client import AdminClient, AdminClientError
+from gateway_tap.settings.base import control_characters
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
 
@@ -27,6 +34,23 @@ def admin(ctx: click.Context, url: str, token_env: str) -> None:
     ctx.obj = (url, token, token_env)
 
 
+def safe(value: Any) -> str:
+    """``str(value)`` with control and non-printing format characters escaped (``\\x1b``, ``\\u202e``)."""
+    text = str(value)
+    if not control_characters(text):
+        return text
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text)
+
+
+def _say(text: Any, err: bool = False) -> None:
+    click.echo(safe(text), err=err)
+
+
+def _seg(value: str) -> str:
+    """``value`` as one URL path segment (an id with a ``/`` or ``..`` never names another resource)."""
+    return urllib.parse.quote(value, safe="")
+
+
 def _client() -> AdminClient:
     url, token, token_env = click.get_current_context().obj
     if not token:
@@ -38,21 +62,22 @@ def _call(method: str, path: str, body: Any = None, params: dict[str, str | None
     try:
         return _client().call(method, path, body, params)
     except AdminClientError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(safe(exc)) from None
 
 
 def _show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2) if data is not None else "")
+        click.echo(json.dumps(data, indent=2) if data is not None else "")  # JSON escapes control characters
     else:
         human(data)
 
 
 def _rows(rows: Sequence[Sequence[Any]]) -> None:
     """Aligned columns, the first row a header."""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    cells = [[safe(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _meta(values: tuple[str, ...]) -> dict[str, str]:
@@ -108,7 +133,7 @@ def apps_list(as_json: bool) -> None:
 @_json_option
 def apps_get(app_id: str, as_json: bool) -> None:
     """One app."""
-    _show(_call("GET", f"/v1/apps/{app_id}"), as_json, _app_line)
+    _show(_call("GET", f"/v1/apps/{_seg(app_id)}"), as_json, _app_line)
 
 
 @apps.command("update")
@@ -130,15 +155,15 @@ def apps_update(app_id: str, name: str | None, llms: tuple[str, ...], meta: tupl
         body["metadata"] = _meta(meta)
     if enabled is not None:
         body["enabled"] = enabled
-    _show(_call("PATCH", f"/v1/apps/{app_id}", body), as_json, _app_line)
+    _show(_call("PATCH", f"/v1/apps/{_seg(app_id)}", body), as_json, _app_line)
 
 
 @apps.command("delete")
 @click.argument("app_id")
 def apps_delete(app_id: str) -> None:
     """Delete an app with its keys and budgets."""
-    _call("DELETE", f"/v1/apps/{app_id}")
-    click.echo(f"deleted app {app_id}")
+    _call("DELETE", f"/v1/apps/{_seg(app_id)}")
+    _say(f"deleted app {_seg(app_id)}")
 
 
 # -- keys --------------------------------------------------------------------------------------------------------
@@ -150,9 +175,9 @@ def keys() -> None:
 
 
 def _issued(key: dict[str, Any]) -> None:
-    click.echo(f"key:    {key['key']}")
-    click.echo(f"id:     {key['id']}  (prefix {key['prefix']}, app {key['app_id']})")
-    click.echo("This is the only time the key is shown: store it now.", err=True)
+    _say(f"key:    {key['key']}")
+    _say(f"id:     {key['id']}  (prefix {key['prefix']}, app {key['app_id']})")
+    _say("This is the only time the key is shown: store it now.", err=True)
 
 
 @keys.command("issue")
@@ -160,7 +185,7 @@ def _issued(key: dict[str, Any]) -> None:
 @_json_option
 def keys_issue(app_id: str, as_json: bool) -> None:
     """Issue a key (shown once)."""
-    _show(_call("POST", f"/v1/apps/{app_id}/keys"), as_json, _issued)
+    _show(_call("POST", f"/v1/apps/{_seg(app_id)}/keys"), as_json, _issued)
 
 
 @keys.command("list")
@@ -168,7 +193,7 @@ def keys_issue(app_id: str, as_json: bool) -> None:
 @_json_option
 def keys_list(app_id: str, as_json: bool) -> None:
     """The app's keys (prefixes, states, times)."""
-    data = _call("GET", f"/v1/apps/{app_id}/keys")
+    data = _call("GET", f"/v1/apps/{_seg(app_id)}/keys")
     _show(data, as_json, lambda d: _rows([("id", "prefix", "state", "created", "expires", "last used")] + [
         (k["id"], k["prefix"], k["state"], k["created_at"], k["expires_at"] or "-", k["last_used_at"] or "-")
         for k in d["data"]]))
@@ -180,8 +205,8 @@ def keys_list(app_id: str, as_json: bool) -> None:
 @_json_option
 def keys_revoke(app_id: str, key_id: str, as_json: bool) -> None:
     """Revoke a key at once."""
-    _show(_call("DELETE", f"/v1/apps/{app_id}/keys/{key_id}"), as_json,
-          lambda k: click.echo(f"revoked {k['id']} ({k['prefix']})"))
+    _show(_call("DELETE", f"/v1/apps/{_seg(app_id)}/keys/{_seg(key_id)}"), as_json,
+          lambda k: _say(f"revoked {k['id']} ({k['prefix']})"))
 
 
 @keys.command("rotate")
@@ -192,11 +217,11 @@ def keys_revoke(app_id: str, key_id: str, as_json: bool) -> None:
 @_json_option
 def keys_rotate(app_id: str, key_id: str, overlap_s: float, as_json: bool) -> None:
     """Issue a successor; the old key expires after the overlap."""
-    data = _call("POST", f"/v1/apps/{app_id}/keys/{key_id}/rotate", {"overlap_s": overlap_s})
+    data = _call("POST", f"/v1/apps/{_seg(app_id)}/keys/{_seg(key_id)}/rotate", {"overlap_s": overlap_s})
 
     def human(d: dict[str, Any]) -> None:
         _issued(d["issued"])
-        click.echo(f"old key {d['previous']['id']} valid until {d['previous']['expires_at']}")
+        _say(f"old key {d['previous']['id']} valid until {d['previous']['expires_at']}")
 
     _show(data, as_json, human)
 
@@ -221,8 +246,8 @@ def budgets_set(app_id: str, llm_id: str | None, limit_usd: float | None, limit_
                 mode: str, as_json: bool) -> None:
     """Create or replace the app's budget for (LLM, period)."""
     body = {"llm_id": llm_id, "limit_usd": limit_usd, "limit_tokens": limit_tokens, "period": period, "mode": mode}
-    _show(_call("PUT", f"/v1/apps/{app_id}/budgets", body), as_json,
-          lambda b: click.echo(f"budget set: {b['settings']}"))
+    _show(_call("PUT", f"/v1/apps/{_seg(app_id)}/budgets", body), as_json,
+          lambda b: _say(f"budget set: {b['settings']}"))
 
 
 @budgets.command("get")
@@ -230,7 +255,7 @@ def budgets_set(app_id: str, llm_id: str | None, limit_usd: float | None, limit_
 @_json_option
 def budgets_get(app_id: str, as_json: bool) -> None:
     """The app's budgets and its current spend."""
-    data = _call("GET", f"/v1/apps/{app_id}/budgets")
+    data = _call("GET", f"/v1/apps/{_seg(app_id)}/budgets")
 
     def human(d: dict[str, Any]) -> None:
         rows: list[tuple[Any, ...]] = [("llm", "period", "mode", "limit usd", "limit tokens", "source")]
@@ -240,7 +265,7 @@ def budgets_get(app_id: str, as_json: bool) -> None:
                  for b in d["data"]]
         _rows(rows)
         for s in (d.get("spend") or {}).get("budgets", []):
-            click.echo(f"spend {s.get('llm_id') or '*'} {s.get('period')}: ${s.get('spent_usd', 0):.6f}, "
+            _say(f"spend {s.get('llm_id') or '*'} {s.get('period')}: ${s.get('spent_usd', 0):.6f}, "
                        f"{s.get('spent_tokens', 0)} tokens, {s.get('percent_used', 0)}% used, "
                        f"resets {s.get('resets_at')}")
 
@@ -253,8 +278,8 @@ def budgets_get(app_id: str, as_json: bool) -> None:
 @click.option("--period", type=click.Choice(["monthly", "daily"]), default="monthly", show_default=True)
 def budgets_delete(app_id: str, llm_id: str | None, period: str) -> None:
     """Delete one of the app's budgets."""
-    _call("DELETE", f"/v1/apps/{app_id}/budgets", params={"period": period, "llm_id": llm_id})
-    click.echo(f"deleted the {period} budget of {app_id}{' x ' + llm_id if llm_id else ''}")
+    _call("DELETE", f"/v1/apps/{_seg(app_id)}/budgets", params={"period": period, "llm_id": llm_id})
+    _say(f"deleted the {period} budget of {_seg(app_id)}{' x ' + llm_id if llm_id else ''}")
 
 
 # -- plugins, LLMs, status ---------------------------------------------------------------------------------------
@@ -262,49 +287,112 @@ def budgets_delete(app_id: str, llm_id: str | None, period: str) -> None:
 
 @admin.group("plugins")
 def plugins() -> None:
-    """Plugins' effective configs: get, set, reset."""
+    """Plugins: list, create (of an allowed class), update (enable, LLMs, order), delete; configs: set, reset."""
+
+
+def _plugin_rows(items: list[dict[str, Any]]) -> None:
+    _rows([("name", "use", "enabled", "llms", "order", "source", "config")] + [
+        (p["name"], p["use"], p["enabled"], ",".join(p["llms"]), p["order"],
+         p["source"] if p["config_source"] == p["source"] else f"{p['source']} (config: {p['config_source']})",
+         json.dumps(p["config"])) for p in items])
+
+
+def _config_arg(config_json: str | None, path: Any, required: bool) -> dict[str, Any] | None:
+    text = path.read() if path is not None else config_json
+    if text is None:
+        if required:
+            raise click.UsageError("give CONFIG or --file")
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="CONFIG") from None
+    if not isinstance(config, dict):
+        raise click.BadParameter("a JSON object is needed", param_hint="CONFIG")
+    return config
+
+
+_config_file = click.option("--file", "path", type=click.File(), help="Read the JSON config from this file ('-': "
+                            "stdin).")
 
 
 @plugins.command("get")
 @click.argument("name", required=False)
 @_json_option
 def plugins_get(name: str | None, as_json: bool) -> None:
-    """Every plugin's config (or one plugin's, with its schema)."""
-    data = _call("GET", f"/v1/plugins/{name}" if name else "/v1/plugins")
-    items = [data] if name else data["data"]
+    """Every plugin (the file's and the API's) with its effective config, or one plugin with its schema."""
+    data = _call("GET", f"/v1/plugins/{_seg(name)}" if name else "/v1/plugins")
+    _show(data, as_json, lambda d: _plugin_rows([d] if name else d["data"]))
 
-    def human(_: Any) -> None:
-        for p in items:
-            click.echo(f"{p['name']} ({p['config_source']}): {json.dumps(p['config'])}")
 
-    _show(data, as_json, human)
+@plugins.command("create")
+@click.argument("name")
+@click.option("--use", required=True, help="The class: an installed entry point name (group gateway_tap.plugins), "
+              "a class the file's plugins use, or one listed in tap.admin.allowed_plugins.")
+@click.option("--llm", "llms", multiple=True, help="An LLM id it attaches to (repeatable; default: all).")
+@click.option("--order", type=int, default=0, show_default=True, help="Lower runs first.")
+@click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), help="Per hook call (default 1000).")
+@click.option("--on-error", type=click.Choice(["fail_closed", "fail_open"]), help="Default fail_closed.")
+@click.option("--disabled", is_flag=True, help="Create it disabled (not loaded until enabled).")
+@click.argument("config_json", metavar="[CONFIG]", required=False)
+@_config_file
+@_json_option
+def plugins_create(name: str, use: str, llms: tuple[str, ...], order: int, timeout_ms: float | None,
+                   on_error: str | None, disabled: bool, config_json: str | None, path: Any, as_json: bool) -> None:
+    """Add plugin NAME (CONFIG: its JSON config), validated as the file's plugins are, by its own checks too."""
+    body: dict[str, Any] = {"name": name, "use": use, "llms": list(llms) or ["*"], "order": order,
+                            "enabled": not disabled, "config": _config_arg(config_json, path, False) or {}}
+    if timeout_ms is not None:
+        body["timeout_ms"] = timeout_ms
+    if on_error is not None:
+        body["on_error"] = on_error
+    _show(_call("POST", "/v1/plugins", body), as_json, lambda p: _plugin_rows([p]))
+
+
+@plugins.command("update")
+@click.argument("name")
+@click.option("--enable/--disable", "enabled", default=None, help="Load it, or not.")
+@click.option("--llm", "llms", multiple=True, help="Replace the LLMs it attaches to (repeatable; '*': all).")
+@click.option("--order", type=int, help="Lower runs first.")
+@click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), help="Per hook call.")
+@click.option("--on-error", type=click.Choice(["fail_closed", "fail_open"]))
+@_json_option
+def plugins_update(name: str, enabled: bool | None, llms: tuple[str, ...], order: int | None,
+                   timeout_ms: float | None, on_error: str | None, as_json: bool) -> None:
+    """Enable or disable a plugin created through the API, attach it to LLMs, set its order."""
+    body = {"enabled": enabled, "llms": list(llms) or None, "order": order, "timeout_ms": timeout_ms,
+            "on_error": on_error}
+    _show(_call("PATCH", f"/v1/plugins/{_seg(name)}", {k: v for k, v in body.items() if v is not None}), as_json,
+          lambda p: _plugin_rows([p]))
+
+
+@plugins.command("delete")
+@click.argument("name")
+def plugins_delete(name: str) -> None:
+    """Remove a plugin created through the API."""
+    _call("DELETE", f"/v1/plugins/{_seg(name)}")
+    _say(f"deleted plugin {name}")
 
 
 @plugins.command("set")
 @click.argument("name")
 @click.argument("config_json", metavar="CONFIG", required=False)
-@click.option("--file", "path", type=click.File(), help="Read the JSON config from this file ('-': stdin).")
+@_config_file
 @_json_option
 def plugins_set(name: str, config_json: str | None, path: Any, as_json: bool) -> None:
-    """Replace a plugin's whole config (CONFIG: a JSON object)."""
-    text = path.read() if path is not None else config_json
-    if text is None:
-        raise click.UsageError("give CONFIG or --file")
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="CONFIG") from None
-    _show(_call("PUT", f"/v1/plugins/{name}/config", {"config": config}), as_json,
-          lambda p: click.echo(f"{p['name']}: config replaced"))
+    """Replace a plugin's whole config (CONFIG: a JSON object), validated as the tap will apply it."""
+    config = _config_arg(config_json, path, True)
+    _show(_call("PUT", f"/v1/plugins/{_seg(name)}/config", {"config": config}), as_json,
+          lambda p: _say(f"{p['name']}: config replaced"))
 
 
 @plugins.command("reset")
 @click.argument("name")
 @_json_option
 def plugins_reset(name: str, as_json: bool) -> None:
-    """Back to the config in the file."""
-    _show(_call("DELETE", f"/v1/plugins/{name}/config"), as_json,
-          lambda p: click.echo(f"{p['name']}: back to the file's config"))
+    """A file plugin back to the config in the file."""
+    _show(_call("DELETE", f"/v1/plugins/{_seg(name)}/config"), as_json,
+          lambda p: _say(f"{p['name']}: back to the file's config"))
 
 
 @admin.group("llms")
@@ -325,13 +413,17 @@ def llms_list(as_json: bool) -> None:
 @admin.command("status")
 @_json_option
 def status(as_json: bool) -> None:
-    """The state's version and the version each tap worker runs."""
+    """The state's version, the version each tap worker runs and the entries it could not apply."""
     data = _call("GET", "/v1/status")
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"state version {d['version']}")
-        _rows([("gateway", "worker", "pid", "version", "seen")]
-              + [(t["gateway_id"], t["worker"], t["pid"], t["version"], t["seen_at"]) for t in d["taps"]])
+        _say(f"state version {d['version']}")
+        _rows([("gateway", "worker", "pid", "version", "seen", "not applied")]
+              + [(t["gateway_id"], t["worker"], t["pid"], t["version"], t["seen_at"], len(t["rejected"]) or "-")
+                 for t in d["taps"]])
+        for t in d["taps"]:
+            for r in t["rejected"]:
+                _say(f"{t['gateway_id']} worker {t['worker']} left out {r['entry']}: {r['error']}")
 
     _show(data, as_json, human)
 

@@ -1,8 +1,10 @@
 """The admin API's request and response bodies; the OpenAPI document is generated from these.
 
 Request bodies take their constraints and descriptions from the YAML's models, and what they
-carry is validated by those models again (:class:`BudgetSettings` for a budget, the plugin's
-``config_schema`` for a plugin config), so the API and the file accept exactly the same values.
+carry is validated by those models again (:class:`AppConfig` for an app, :class:`BudgetSettings` for a
+budget, :class:`PluginConfig` and the plugin's own checks for a plugin), with the same functions each
+worker applies the state with (:mod:`gateway_tap.admin.state`), so the API, the file and the workers accept
+exactly the same values.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway_tap.settings import AppConfig, BudgetSettings, LLMTimeouts, ModelPrice, PluginConfig
+from gateway_tap.settings.base import DisplayText, Id, Metadata
 
 Source = Literal["api", "yaml"]
 """Where an entry is declared: the API's (changeable through it) or the YAML file's (read-only through it)."""
 
 _APP = AppConfig.model_fields
 _BUDGET = BudgetSettings.model_fields
+_PLUGIN = PluginConfig.model_fields
 
 
 class Request(BaseModel):
@@ -30,19 +34,19 @@ class Request(BaseModel):
 class AppCreate(Request):
     """``POST /v1/apps``."""
 
-    id: str = Field(pattern=_APP["id"].metadata[0].pattern, description=_APP["id"].description)
-    name: str = Field(default="", description=_APP["name"].description)
+    id: Id = Field(description=_APP["id"].description)
+    name: DisplayText = Field(default="", description=_APP["name"].description)
     allowed_llms: list[str] = Field(default_factory=lambda: ["*"], description=_APP["allowed_llms"].description)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels (team, owner, ...).")
+    metadata: Metadata = Field(default_factory=dict, description=_APP["metadata"].description)
     enabled: bool = Field(default=True, description="false: its keys are refused (401) until enabled again.")
 
 
 class AppUpdate(Request):
     """``PATCH /v1/apps/{app_id}``: only the fields given change."""
 
-    name: str | None = None
+    name: DisplayText | None = None
     allowed_llms: list[str] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     enabled: bool | None = None
 
 
@@ -100,7 +104,7 @@ class BudgetSet(Request):
     """``PUT /v1/apps/{app_id}/budgets``: a budget of the app (or app x LLM); replaces the one with the same
     ``llm_id`` and ``period``."""
 
-    llm_id: str | None = Field(default=None, description=_BUDGET["llm_id"].description)
+    llm_id: Id | None = Field(default=None, description=_BUDGET["llm_id"].description)
     limit_usd: float | None = Field(default=None, ge=0, description=_BUDGET["limit_usd"].description)
     limit_tokens: int | None = Field(default=None, ge=0, description=_BUDGET["limit_tokens"].description)
     period: Literal["monthly", "daily"] = Field(default="monthly", description=_BUDGET["period"].description)
@@ -121,6 +125,17 @@ class BudgetList(BaseModel):
     spend: dict[str, Any] | None = None
 
 
+class PluginUpdate(Request):
+    """``PATCH /v1/plugins/{name}`` (plugins created through the API): only the fields given change."""
+
+    enabled: bool | None = Field(default=None, description=_PLUGIN["enabled"].description)
+    llms: list[str] | None = Field(default=None, description=_PLUGIN["llms"].description)
+    order: int | None = Field(default=None, description=_PLUGIN["order"].description)
+    timeout_ms: float | None = Field(default=None, gt=0, description=_PLUGIN["timeout_ms"].description)
+    on_error: Literal["fail_closed", "fail_open"] | None = Field(default=None,
+                                                                 description=_PLUGIN["on_error"].description)
+
+
 class PluginConfigSet(Request):
     """``PUT /v1/plugins/{name}/config``: replaces the plugin's whole ``config``."""
 
@@ -128,12 +143,18 @@ class PluginConfigSet(Request):
 
 
 class Plugin(BaseModel):
+    """A plugin as the API shows it: ``source`` says where the entry is declared, ``config_source`` where its
+    config comes from (a file plugin's config may be replaced through the API)."""
+
     name: str
     use: str
     enabled: bool
     llms: list[str]
     order: int
+    timeout_ms: float
+    on_error: str
     config: dict[str, Any]
+    source: Source
     config_source: Source
     config_schema: dict[str, Any] | None = None
 
@@ -156,12 +177,21 @@ class LLMList(BaseModel):
     data: list[LLM]
 
 
+class RejectedEntry(BaseModel):
+    """An entry of the state a worker could not apply (it applies every other one)."""
+
+    entry: str
+    error: str
+
+
 class TapState(BaseModel):
     gateway_id: str
     worker: int
     pid: int
     version: int
     seen_at: datetime
+    rejected: list[RejectedEntry] = Field(default_factory=list,
+                                          description="Entries of the state this worker left out, and why.")
 
 
 class Status(BaseModel):

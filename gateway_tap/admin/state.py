@@ -1,20 +1,33 @@
-"""The API-managed state as the taps apply it: apps, keys, budgets and plugin configs on top of the YAML file."""
+"""The API-managed state as the taps apply it: apps, keys, budgets and plugins on top of the YAML file.
+
+Each kind of entry is checked by one function (:func:`app_entry`, :func:`budget_entry`, :func:`plugin_entry`,
+:func:`plugin_config_entry`) with the models and cross-checks the YAML file goes through: the API calls it
+before it stores a change (422 naming the field), and every worker calls it again when it applies the state
+(:meth:`AdminState.overlay`). An entry that fails when applied is left out and reported as :class:`Rejected`
+(``GET /v1/status``, a metric, a log line): one bad entry never blocks the others.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
 
-from gateway_tap.settings import AppConfig, BudgetSettings, GatewayConfig
+from pydantic import BaseModel, ValidationError
 
-log = logging.getLogger("gateway_tap.admin")
+from gateway_tap.plugins.loader import ENTRY_POINT_GROUP
+from gateway_tap.settings import AppConfig, BudgetSettings, GatewayConfig, PluginConfig
+from gateway_tap.settings.apps import KEY_HASH
+from gateway_tap.settings.base import key_path
+from gateway_tap.settings.llms import unknown_llm_refs
 
 KEY_PREFIX_CHARS = 10
 """Characters of an issued key shown for identification (``gt-`` and 7 random ones)."""
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def new_key() -> tuple[str, str, str]:
@@ -61,15 +74,106 @@ class ManagedKey:
         return self.state(now_s) in ("active", "expiring")
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An entry of the state a worker does not apply, and why. ``entry`` is its path in the API
+    (``apps/team-a``, ``apps/team-a/keys/key_...``, ``apps/team-a/budgets/team-a/openai:daily``,
+    ``plugins/guard`` for a plugin created through the API, ``plugins/guard/config`` for a file plugin's config)."""
+
+    entry: str
+    error: str
+
+
+class EntryError(ValueError):
+    """An entry the tap would not apply: ``message`` names the field, ``param`` is its key path (the API's 422
+    ``param``), ``code`` the error code the API answers with."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "validation_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def validated(model: type[M], data: Mapping[str, Any]) -> M:
+    """``model`` from ``data``, or :class:`EntryError` listing every field that fails (``param``: the first)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [(key_path(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))),
+                     e["msg"]) for e in exc.errors()]
+        raise EntryError("; ".join(f"{path}: {msg}" for path, msg in problems), problems[0][0]) from None
+
+
+def _known_llms(ids: Sequence[str], llm_ids: Collection[str], param: str) -> None:
+    for i, llm_id in unknown_llm_refs(ids, llm_ids):
+        raise EntryError(f"{param}[{i}]: unknown LLM {llm_id!r}", f"{param}[{i}]", "unknown_llm")
+
+
+def app_entry(app: ManagedApp, key_hashes: Sequence[str], llm_ids: Collection[str]) -> AppConfig:
+    """The app as the tap applies it (its model and its LLM references, as the file's apps are checked)."""
+    _known_llms(app.allowed_llms, llm_ids, "allowed_llms")
+    return validated(AppConfig, {"id": app.id, "name": app.name, "allowed_llms": list(app.allowed_llms),
+                                 "metadata": dict(app.metadata), "key_hashes": list(key_hashes)})
+
+
+def budget_entry(budget: BudgetSettings, app_ids: Collection[str], llm_ids: Collection[str]) -> None:
+    """A budget's references: an app that exists here, an LLM the file declares."""
+    if budget.app_id not in app_ids:
+        raise EntryError(f"app_id: unknown app {budget.app_id!r}", "app_id", "not_found")
+    if budget.llm_id is not None:
+        _known_llms([budget.llm_id], llm_ids, "llm_id")
+
+
+def plugin_allowed(use: str, file: GatewayConfig) -> bool:
+    """May the API name ``use``? Only what the operator allowed: ``tap.admin.allowed_plugins``, a class the file's
+    plugins already use, or an installed entry point of group ``gateway_tap.plugins`` (its metadata is read;
+    nothing is imported to answer)."""
+    if use in file.tap.admin.allowed_plugins or any(p.use == use for p in file.plugins):
+        return True
+    return ":" not in use and bool(entry_points(group=ENTRY_POINT_GROUP, name=use))
+
+
+def plugin_entry(plugin: PluginConfig, file: GatewayConfig) -> None:
+    """A plugin created through the API: its name is free, its class allowed, its LLMs declared. (The plugin's
+    own checks, schema and ``initialize``, run when it is loaded: :func:`gateway_tap.plugins.loader.trial_plugin`.)"""
+    if any(p.name == plugin.name for p in file.plugins):
+        raise EntryError(f"name: plugin {plugin.name!r} is declared in the configuration file", "name",
+                         "declared_in_file")
+    if not plugin_allowed(plugin.use, file):
+        raise EntryError(f"use: {plugin.use!r} is not a plugin the operator allowed: an installed entry point of group "
+                         f"{ENTRY_POINT_GROUP}, a class the file's plugins use, or one listed in "
+                         "tap.admin.allowed_plugins", "use", "plugin_not_allowed")
+    _known_llms(plugin.llms, {llm.id for llm in file.llms}, "llms")
+
+
+def plugin_config_entry(name: str, config: Mapping[str, Any], file: GatewayConfig) -> PluginConfig:
+    """The file's plugin ``name`` with ``config`` instead of its own."""
+    for plugin in file.plugins:
+        if plugin.name == name:
+            return validated(PluginConfig, {**plugin.model_dump(), "config": dict(config)})
+    raise EntryError(f"no plugin {name!r} in the configuration file", None, "not_found")
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The file's configuration with the state on top, and the entries left out."""
+
+    config: GatewayConfig
+    rejected: tuple[Rejected, ...] = ()
+
+
 @dataclass(frozen=True)
 class AdminState:
-    """One consistent read of the admin tables at ``version``."""
+    """One consistent read of the admin tables at ``version``. ``unreadable`` lists rows that do not even parse
+    (written by another version, or by hand); they are reported like any entry that cannot be applied."""
 
     version: int = 0
     apps: Mapping[str, ManagedApp] = field(default_factory=dict)
     keys: tuple[ManagedKey, ...] = ()
     budgets: tuple[BudgetSettings, ...] = ()
     plugin_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    plugins: Mapping[str, PluginConfig] = field(default_factory=dict)
+    """Plugins created through the API, by name, in creation order."""
+    unreadable: tuple[Rejected, ...] = ()
 
     def next_expiry_s(self, now_s: float) -> float | None:
         """When the next rotated key stops being valid (the state must be applied again then)."""
@@ -77,25 +181,71 @@ class AdminState:
                    if k.revoked_s is None and k.expires_s is not None and k.expires_s > now_s]
         return min(pending, default=None)
 
-    def overlay(self, config: GatewayConfig, now_s: float) -> GatewayConfig:
+    def overlay(self, config: GatewayConfig, now_s: float,
+                pinned: Mapping[str, PluginConfig | None] | None = None) -> Overlay:
         """``config`` (the YAML file) plus this state: API apps with their valid keys (none when disabled), API
-        budgets, API plugin configs. What the file declares wins a clash (the API refuses to create one, but
-        the file may gain an id later); a clash is logged."""
-        yaml_apps = {a.id for a in config.apps}
+        budgets, API plugins and API plugin configs, each checked as the API checks it; what fails is left out
+        and listed in :attr:`Overlay.rejected`. The file wins a clash (the API refuses to create one, but the
+        file may gain an id later).
+
+        :param pinned: plugins that failed to load with their state entry (:mod:`gateway_tap.proxy.admin_link`):
+            the settings to run instead (what runs now), or None for the file's entry (none for an API plugin).
+        """
+        pinned = pinned or {}
+        rejected = list(self.unreadable)
+        llm_ids = {llm.id for llm in config.llms}
         hashes: dict[str, list[str]] = {}
         for key in self.keys:
-            if key.valid(now_s):
-                hashes.setdefault(key.app_id, []).append(key.key_hash)
-        apps = list(config.apps)
-        for app in self.apps.values():
-            if app.id in yaml_apps:
-                log.warning("API app %r is shadowed by the app of the same id in the file", app.id)
+            if not key.valid(now_s):
                 continue
-            apps.append(AppConfig(id=app.id, name=app.name, allowed_llms=list(app.allowed_llms),
-                                  metadata=dict(app.metadata),
-                                  key_hashes=hashes.get(app.id, []) if app.enabled else []))
+            if KEY_HASH.fullmatch(key.key_hash) is None:
+                rejected.append(Rejected(f"apps/{key.app_id}/keys/{key.id}", "key_hash is not a sha256 hash"))
+                continue
+            hashes.setdefault(key.app_id, []).append(key.key_hash)
+        apps = list(config.apps)
+        app_ids = {a.id for a in config.apps}
+        for app in self.apps.values():
+            entry = f"apps/{app.id}"
+            if app.id in app_ids:
+                rejected.append(Rejected(entry, "shadowed by the app of the same id in the configuration file"))
+                continue
+            try:
+                apps.append(app_entry(app, hashes.get(app.id, []) if app.enabled else [], llm_ids))
+            except EntryError as exc:
+                rejected.append(Rejected(entry, str(exc)))
+                continue
+            app_ids.add(app.id)
         yaml_budgets = {b.key for b in config.budgets}
-        budgets = list(config.budgets) + [b for b in self.budgets if b.key not in yaml_budgets]
-        plugins = [p.model_copy(update={"config": dict(self.plugin_configs[p.name])})
-                   if p.name in self.plugin_configs else p for p in config.plugins]
-        return config.model_copy(update={"apps": apps, "budgets": budgets, "plugins": plugins})
+        budgets = list(config.budgets)
+        for budget in self.budgets:
+            entry = f"apps/{budget.app_id}/budgets/{budget.key}"
+            try:
+                if budget.key in yaml_budgets:
+                    raise EntryError("shadowed by the budget of the configuration file")
+                budget_entry(budget, app_ids, llm_ids)
+            except EntryError as exc:
+                rejected.append(Rejected(entry, str(exc)))
+                continue
+            budgets.append(budget)
+        plugins: list[PluginConfig] = []
+        for plugin in config.plugins:
+            if plugin.name in self.plugin_configs and plugin.name not in pinned:
+                try:
+                    plugin = plugin_config_entry(plugin.name, self.plugin_configs[plugin.name], config)
+                except EntryError as exc:
+                    rejected.append(Rejected(f"plugins/{plugin.name}/config", str(exc)))
+            plugins.append(pinned.get(plugin.name) or plugin)
+        for plugin in self.plugins.values():
+            if plugin.name in pinned:
+                kept = pinned[plugin.name]
+                if kept is not None and all(p.name != plugin.name for p in config.plugins):
+                    plugins.append(kept)
+                continue
+            try:
+                plugin_entry(plugin, config)
+            except EntryError as exc:
+                rejected.append(Rejected(f"plugins/{plugin.name}", str(exc)))
+                continue
+            plugins.append(plugin)
+        merged = config.model_copy(update={"apps": apps, "budgets": budgets, "plugins": plugins})
+        return Overlay(merged, tuple(sorted(rejected, key=lambda r: r.entry)))

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import orjson
 
 from gateway_tap.admin.db import Database, Tx, is_unique_violation
-from gateway_tap.admin.state import AdminState, ManagedApp, ManagedKey, new_key
+from gateway_tap.admin.state import AdminState, ManagedApp, ManagedKey, Rejected, new_key
 from gateway_tap.budgets.store import BudgetStoreError
-from gateway_tap.settings import BudgetSettings
+from gateway_tap.settings import BudgetSettings, PluginConfig
 
 T = TypeVar("T")
 
@@ -31,13 +31,14 @@ class Conflict(ValueError):
 
 @dataclass(frozen=True)
 class TapVersion:
-    """What one tap worker last reported: the state version it runs."""
+    """What one tap worker last reported: the state version it runs and the entries it could not apply."""
 
     gateway_id: str
     worker: int
     pid: int
     version: int
     seen_s: float
+    rejected: tuple[Rejected, ...] = ()
 
 
 def _app(row: tuple[Any, ...]) -> ManagedApp:
@@ -47,6 +48,18 @@ def _app(row: tuple[Any, ...]) -> ManagedApp:
 
 def _key(row: tuple[Any, ...]) -> ManagedKey:
     return ManagedKey(*row)
+
+
+def _parsed(rows: list[tuple[Any, ...]], parse: Callable[[tuple[Any, ...]], T], entry: Callable[[tuple[Any, ...]], str],
+            unreadable: list[Rejected]) -> list[T]:
+    """Each row parsed; a row that does not parse (another version wrote it, or a person) is reported, not fatal."""
+    out = []
+    for row in rows:
+        try:
+            out.append(parse(row))
+        except (ValueError, TypeError, KeyError) as exc:  # orjson's and pydantic's errors are ValueErrors
+            unreadable.append(Rejected(entry(row), f"unreadable row: {str(exc).splitlines()[0][:200]}"))
+    return out
 
 
 def app_view(app: ManagedApp) -> dict[str, Any]:
@@ -62,6 +75,13 @@ def key_view(key: ManagedKey) -> dict[str, Any]:
     data = asdict(key)
     del data["key_hash"]
     return data
+
+
+def _rejected(text: str) -> tuple[Rejected, ...]:
+    try:
+        return tuple(Rejected(str(r["entry"]), str(r["error"])) for r in orjson.loads(text))
+    except (ValueError, TypeError, KeyError):
+        return (Rejected("(report)", "unreadable"),)
 
 
 class AdminStore:
@@ -88,22 +108,30 @@ class AdminStore:
 
     async def state(self) -> AdminState:
         """Everything, read in one transaction."""
+        unreadable: list[Rejected] = []
         async with self.db.transaction(write=False) as tx:
             row = await tx.fetchone("SELECT version FROM admin_state WHERE id = 1")
-            apps = [_app(r) for r in await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id")]
+            apps = _parsed(await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id"), _app,
+                           lambda r: f"apps/{r[0]}", unreadable)
             keys = [_key(r) for r in await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys ORDER BY created_s, id")]
-            budgets = [BudgetSettings.model_validate_json(r[0]) for r in await tx.fetch(
-                "SELECT settings FROM admin_budgets ORDER BY app_id, llm_id, period")]
-            plugins = {r[0]: orjson.loads(r[1]) for r in await tx.fetch(
-                "SELECT name, config FROM admin_plugin_configs ORDER BY name")}
-        return AdminState(int(row[0]) if row else 0, {a.id: a for a in apps}, tuple(keys), tuple(budgets), plugins)
+            budgets = _parsed(await tx.fetch("SELECT settings, app_id, llm_id, period FROM admin_budgets "
+                                             "ORDER BY app_id, llm_id, period"),
+                              lambda r: BudgetSettings.model_validate_json(r[0]),
+                              lambda r: f"apps/{r[1]}/budgets/{r[1]}{'/' + r[2] if r[2] else ''}:{r[3]}", unreadable)
+            configs = _parsed(await tx.fetch("SELECT name, config FROM admin_plugin_configs ORDER BY name"),
+                              lambda r: (r[0], _object(r[1])), lambda r: f"plugins/{r[0]}/config", unreadable)
+            plugins = _parsed(await tx.fetch("SELECT settings, name FROM admin_plugins ORDER BY created_s, name"),
+                              lambda r: PluginConfig.model_validate_json(r[0]), lambda r: f"plugins/{r[1]}",
+                              unreadable)
+        return AdminState(int(row[0]) if row else 0, {a.id: a for a in apps}, tuple(keys), tuple(budgets),
+                          dict(configs), {p.name: p for p in plugins}, tuple(unreadable))
 
     async def taps(self) -> list[TapVersion]:
         """The version each tap worker last reported, newest report first."""
         async with self.db.transaction(write=False) as tx:
-            rows = await tx.fetch("SELECT gateway_id, worker, pid, version, seen_s FROM admin_taps "
+            rows = await tx.fetch("SELECT gateway_id, worker, pid, version, seen_s, rejected FROM admin_taps "
                                   "ORDER BY seen_s DESC")
-        return [TapVersion(*r) for r in rows]
+        return [TapVersion(r[0], r[1], r[2], r[3], r[4], _rejected(r[5])) for r in rows]
 
     # -- changes ---------------------------------------------------------------------------------------------
 
@@ -288,6 +316,47 @@ class AdminStore:
 
         return await self._change(run)
 
+    async def create_plugin(self, plugin: PluginConfig) -> tuple[PluginConfig, int]:
+        """Add a plugin (a whole ``plugins[]`` entry) created through the API."""
+
+        async def run(tx: Tx) -> PluginConfig:
+            if await tx.fetchone("SELECT 1 FROM admin_plugins WHERE name = ?", plugin.name) is not None:
+                raise Conflict(f"plugin {plugin.name!r} already exists")
+            now = self.clock()
+            await tx.execute("INSERT INTO admin_plugins (name, settings, created_s, updated_s) VALUES (?, ?, ?, ?)",
+                             plugin.name, plugin.model_dump_json(), now, now)
+            return plugin
+
+        return await self._change(run)
+
+    async def replace_plugin(self, plugin: PluginConfig, expected: PluginConfig) -> tuple[PluginConfig, int]:
+        """Replace an API plugin's entry, provided it still is ``expected`` (what the change was validated
+        against; otherwise :class:`Conflict`: another change came first). Returns the replaced entry."""
+
+        async def run(tx: Tx) -> PluginConfig:
+            row = await tx.fetchone("SELECT settings FROM admin_plugins WHERE name = ?", plugin.name)
+            if row is None:
+                raise NotFound(f"no API-managed plugin {plugin.name!r}")
+            if PluginConfig.model_validate_json(row[0]) != expected:
+                raise Conflict(f"plugin {plugin.name!r} changed meanwhile; read it again and retry")
+            await tx.execute("UPDATE admin_plugins SET settings = ?, updated_s = ? WHERE name = ?",
+                             plugin.model_dump_json(), self.clock(), plugin.name)
+            return expected
+
+        return await self._change(run)
+
+    async def delete_plugin(self, name: str) -> tuple[Mapping[str, Any], int]:
+        """Remove an API plugin; returns its entry as stored."""
+
+        async def run(tx: Tx) -> Mapping[str, Any]:
+            row = await tx.fetchone("SELECT settings FROM admin_plugins WHERE name = ?", name)
+            if row is None:
+                raise NotFound(f"no API-managed plugin {name!r}")
+            await tx.execute("DELETE FROM admin_plugins WHERE name = ?", name)
+            return _object(row[0])
+
+        return await self._change(run)
+
     # -- what taps report ------------------------------------------------------------------------------------
 
     async def mark_used(self, key_hashes: set[str], at_s: float) -> None:
@@ -297,10 +366,21 @@ class AdminStore:
                 await tx.execute("UPDATE admin_keys SET last_used_s = ? WHERE key_hash = ? "
                                  "AND (last_used_s IS NULL OR last_used_s < ?)", at_s, digest, at_s)
 
-    async def report_tap(self, gateway_id: str, worker: int, pid: int, version: int) -> None:
-        """Record the version a tap worker runs (no version bump: this is not a change of the state)."""
+    async def report_tap(self, gateway_id: str, worker: int, pid: int, version: int,
+                         rejected: Sequence[Rejected] = ()) -> None:
+        """Record the version a tap worker runs and the entries it left out (no version bump: this is not a
+        change of the state)."""
+        report = orjson.dumps([{"entry": r.entry, "error": r.error} for r in rejected]).decode()
         async with self.db.transaction() as tx:
             await tx.execute(
-                "INSERT INTO admin_taps (gateway_id, worker, pid, version, seen_s) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO admin_taps (gateway_id, worker, pid, version, seen_s, rejected) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (gateway_id, worker) DO UPDATE SET pid = excluded.pid, version = excluded.version, "
-                "seen_s = excluded.seen_s", gateway_id, worker, pid, version, self.clock())
+                "seen_s = excluded.seen_s, rejected = excluded.rejected", gateway_id, worker, pid, version,
+                self.clock(), report)
+
+
+def _object(text: str) -> Mapping[str, Any]:
+    value = orjson.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value

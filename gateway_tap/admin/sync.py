@@ -4,8 +4,9 @@ Polling, not PostgreSQL ``LISTEN/NOTIFY``: it works the same on SQLite (the embe
 default) and PostgreSQL, survives reconnects without missing a notification, and costs one
 primary-key read per interval (measured ~1.7 ms CPU per worker per second at 0.25 s; see
 ``docs/decisions.md``). When the version moved (or a rotated key's overlap ended) the whole
-state is read in one transaction and handed to ``apply``; the version this worker runs is
-reported to ``admin_taps`` (``gateway-tap status`` shows it).
+state is read in one transaction and handed to ``apply``; the version this worker runs, with the
+entries it could not apply, is reported to ``admin_taps`` (``gateway-tap status`` and ``GET /v1/status``
+show it). Nothing stops the polling: a failure to apply is logged and retried at the next poll.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
-from gateway_tap.admin.state import AdminState
+from gateway_tap.admin.state import AdminState, Rejected
 from gateway_tap.admin.store import AdminStore
 from gateway_tap.budgets.store import BudgetStoreError
 
@@ -29,6 +30,8 @@ HEARTBEAT_S = 10.0
 ApplyFn = Callable[[AdminState], Awaitable[bool]]
 UsedFn = Callable[[], set[str]]
 """Takes the hashes of the keys used since the last call (:attr:`gateway_tap.apps.AppIndex.used`)."""
+RejectedFn = Callable[[], Sequence[Rejected]]
+"""The entries of the applied state this worker left out."""
 
 
 class StateSync:
@@ -36,8 +39,9 @@ class StateSync:
 
     def __init__(self, store: AdminStore, apply: ApplyFn, *, interval_s: float, gateway_id: str, worker: int,
                  used: UsedFn | None = None, prepare: Callable[[], Awaitable[object]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 rejected: RejectedFn = lambda: (), clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self._rejected = rejected
         self._prepare = prepare
         self._apply = apply
         self._used = used
@@ -54,6 +58,7 @@ class StateSync:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._apply_failing = False
 
     async def start(self) -> None:
         """Apply the current state (a database that is down is logged and retried), then poll."""
@@ -96,22 +101,29 @@ class StateSync:
                     state = await self.store.state()
                     if await self._apply(state):
                         self.state = state
-                        self.applied_version = state.version
-                        self._applied_once = True
                         self._next_expiry_s = state.next_expiry_s(self.clock())
-                        self._reported_s = 0.0
-                    else:
-                        # Rejected (a plugin refused its config): keep what runs; try again on the next change.
-                        self.applied_version = state.version
+                    # Not applied at all (logged, and reported as rejected): keep what runs; try again on the next
+                    # change.
+                    self._applied_once = True
+                    self.applied_version = state.version
+                    self._reported_s = 0.0
                 if now - self._reported_s >= HEARTBEAT_S:
-                    await self.store.report_tap(self.gateway_id, self.worker, os.getpid(), self.applied_version)
+                    await self.store.report_tap(self.gateway_id, self.worker, os.getpid(), self.applied_version,
+                                                self._rejected())
                     self._reported_s = now
                     await self.record_use(now)
                 if self._failing:
                     log.info("admin state database reachable again", extra={"worker": self.worker})
                     self._failing = False
+                self._apply_failing = False
             except BudgetStoreError as exc:
                 if not self._failing:
                     log.warning("admin state not refreshed: %s; the state in force stays", exc,
                                 extra={"worker": self.worker})
                     self._failing = True
+            except Exception:
+                # A bug must not end the polling: every later change would be ignored (retried next poll).
+                if not self._apply_failing:
+                    log.exception("admin state not applied; the state in force stays; retrying every %.2f s",
+                                  self.interval_s, extra={"worker": self.worker})
+                    self._apply_failing = True

@@ -8,6 +8,7 @@ load error naming ``plugins[i]``, the method and what is expected (``check-confi
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -295,6 +296,39 @@ def validate_plugin_configs(settings: list[PluginConfig]) -> list[str]:
     tap calls them, plugins that do nothing, invalid endpoint declarations and configs failing their schema
     (:func:`effective_plugin_configs` without the configs)."""
     return _instantiate(settings)[1]
+
+
+TRIAL_TIMEOUT_S = 10.0
+"""Longest a trial's ``initialize`` may take (:func:`trial_plugin`)."""
+
+
+async def trial_plugin(plugin: PluginConfig, gateway: GatewayServices) -> list[str]:
+    """Load ``plugin`` as a reload would load it fresh, without putting it anywhere: the class and its checks,
+    its config schema, then its own ``initialize(config, services)`` on a new instance with a scratch
+    key-value store and a control channel that drops what it is sent; the instance is closed again.
+
+    This is how a config is validated exactly as the tap will apply it (the admin API, before storing a
+    change): the plugin's own checks in ``initialize`` run too. Problems are by key path (``plugins[0]`` is
+    this plugin), ``plugins[0].config: <the plugin's message>`` when ``initialize`` refused the config.
+    """
+    made, problems = _instantiate([plugin.model_copy(update={"enabled": True})])  # checked even while disabled
+    if problems or not made:
+        return problems
+    _, _, instance, _ = made[0]
+    init = getattr(instance, "initialize", None)
+    if init is None:
+        return []
+    services = PluginServices(MemoryKV({}, plugin.name), logging.getLogger(f"gateway_tap.plugin.{plugin.name}"),
+                              gateway, plugin.name, lambda plugin, kind, payload: "trial")
+    try:
+        async with asyncio.timeout(TRIAL_TIMEOUT_S):
+            await init(plugin.config, services)
+    except TimeoutError:
+        problems = [f"plugins[0]: initialize did not finish within {TRIAL_TIMEOUT_S:g} s"]
+    except Exception as exc:
+        problems = [f"plugins[0].config: {exc}"]
+    await close_plugins([LoadedPlugin(plugin, instance, services)])
+    return problems
 
 
 async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *, control: ControlSink | None = None,

@@ -38,6 +38,9 @@ LoadFn = Callable[[list[PluginConfig], Sequence[LoadedPlugin]], Awaitable[list[L
 """Load the plugins section against the plugins in force (:func:`load_plugins` with the tap's services)."""
 ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], tuple[dict[str, Upstream], EndpointRoutes]]
 """Build the per-LLM upstreams with their hook chains (built-in steps included) and the plugin endpoints."""
+RecoverFn = Callable[[GatewayConfig, Sequence[LoadedPlugin], PluginLoadError], Awaitable[GatewayConfig | None]]
+"""Given the file's configuration, the plugins in force and why the overlaid plugins failed to load: the overlaid
+configuration without what failed (to load instead), or None (nothing to leave out: the reload is rejected)."""
 
 RESTART_KEYS = restart_keys(GatewayConfig)
 """Read once at start (marked ``RESTART`` in :mod:`gateway_tap.settings`): a change is logged and takes effect
@@ -96,6 +99,9 @@ class ConfigReloader:
         """The file's configuration in force, before :attr:`overlay`."""
         self.overlay: Callable[[GatewayConfig], GatewayConfig] | None = None
         """What the file's configuration becomes before it is applied (the admin API's state on top)."""
+        self.recover: RecoverFn | None = None
+        """When the plugins of the overlaid configuration fail to load, what to load instead (:data:`RecoverFn`):
+        the admin state's entries that fail are left out and the rest applies."""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class ConfigReloader:
                           extra={"problems": exc.problems, "generation": self.generation})
                 self.metrics.rejected("invalid")
                 return False
-            ok = await self._apply_locked(config if self.overlay is None else self.overlay(config), reason)
+            ok = await self._apply_locked(config if self.overlay is None else self.overlay(config), reason, config)
             if ok:
                 self.file_config = config
             return ok
@@ -163,18 +169,28 @@ class ConfigReloader:
         """Apply the file's configuration in force through :attr:`overlay` again (its input changed)."""
         async with self._lock:
             config = self.file_config if self.overlay is None else self.overlay(self.file_config)
-            return await self._apply_locked(config, reason)
+            return await self._apply_locked(config, reason, self.file_config)
 
     async def apply(self, config: GatewayConfig, reason: str = "apply") -> bool:
         """Apply an already validated config (tests, embedding). False when a plugin rejected it."""
         async with self._lock:
             return await self._apply_locked(config, reason)
 
-    async def _apply_locked(self, config: GatewayConfig, reason: str) -> bool:
+    async def _apply_locked(self, config: GatewayConfig, reason: str, file_config: GatewayConfig | None = None,
+                            ) -> bool:
         tap = self.tap
         old = tap.snapshot
         try:
-            plugins = await self._load(config.plugins, old.plugins)
+            try:
+                plugins = await self._load(config.plugins, old.plugins)
+            except PluginLoadError as exc:
+                if self.recover is None or file_config is None:
+                    raise
+                retry = await self.recover(file_config, old.plugins, exc)
+                if retry is None:
+                    raise
+                plugins = await self._load(retry.plugins, old.plugins)
+                config = retry
         except PluginLoadError as exc:
             log.error("configuration reload rejected (%s); the configuration in force stays: %s", reason,
                       "; ".join(exc.problems), extra={"problems": exc.problems, "generation": self.generation})

@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestServer
 from gateway_tap.admin.api import AdminAPI
 from gateway_tap.admin.db import connect
 from gateway_tap.admin.store import AdminStore
-from gateway_tap.settings import AdminSettings, BudgetStoreSettings, GatewayConfig, parse_config
+from gateway_tap.plugins.loader import trial_plugin
+from gateway_tap.services import Gateway
+from gateway_tap.settings import AdminSettings, BudgetStoreSettings, GatewayConfig, PluginConfig, parse_config
 from tests.support.tap import EXAMPLE_PLUGINS, tap_config
 
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -42,6 +44,9 @@ class FakeRuntime:
 
     async def refresh(self) -> None:
         self.refreshes += 1
+
+    async def check_plugin(self, plugin: PluginConfig) -> list[str]:
+        return await trial_plugin(plugin, Gateway.from_config(self.config.apps, self.config.llms))
 
     def budget_report(self, app_id: str, llm_id: str | None) -> dict[str, Any] | None:
         return {"app_id": app_id, "llm_id": llm_id, "enforced": False, "budgets": []}

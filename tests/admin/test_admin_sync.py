@@ -44,12 +44,12 @@ async def test_version_changes_and_key_overlap_are_applied(budget_store_settings
         (_rotated_old, new, _new_secret), version = await store.rotate_key("team", old.id, overlap_s=10)
         await sync.poll()
         assert applied[-1].version == version == sync.applied_version
-        team = next(a for a in applied[-1].overlay(config, clock.now).apps if a.id == "team")
+        team = next(a for a in applied[-1].overlay(config, clock.now).config.apps if a.id == "team")
         assert set(team.key_hashes) == {old.key_hash, new.key_hash}  # the overlap: both keys work
         clock.now += 11
         await sync.poll()  # no version change, but the old key's overlap ended
         assert len(applied) == 3
-        team = next(a for a in applied[-1].overlay(config, clock.now).apps if a.id == "team")
+        team = next(a for a in applied[-1].overlay(config, clock.now).config.apps if a.id == "team")
         assert team.key_hashes == [new.key_hash]
         assert [(t.worker, t.version) for t in await store.taps()] == [(3, version)]
     finally:

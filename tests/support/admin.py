@@ -63,7 +63,9 @@ def admin_document(mock_llm: str, kafka_bootstrap: str, topic_prefix: str, tmp_p
 
 
 @asynccontextmanager
-async def admin_tap(document: dict[str, Any], tmp_path: Path, workers: int = 2) -> AsyncIterator[AdminTap]:
+async def admin_tap(document: dict[str, Any], tmp_path: Path, workers: int = 2,
+                    env: dict[str, str] | None = None) -> AsyncIterator[AdminTap]:
+    """``gateway-tap serve`` of ``document`` with the admin token in its environment (``env`` adds to it)."""
     path = tmp_path / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
     port = document["tap"]["listen"]["port"]
@@ -71,7 +73,7 @@ async def admin_tap(document: dict[str, Any], tmp_path: Path, workers: int = 2) 
     log_path = tmp_path / "tap.log"
     proc = ManagedProcess("tap", cli_argv("serve", "--config", str(path), "--workers", str(workers)),
                           ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
-                          env={"TAP_TEST_UPSTREAM_KEY": UPSTREAM_SECRET, ADMIN_TOKEN_ENV: ADMIN_TOKEN},
+                          env={"TAP_TEST_UPSTREAM_KEY": UPSTREAM_SECRET, ADMIN_TOKEN_ENV: ADMIN_TOKEN, **(env or {})},
                           log_path=log_path, start_timeout=60, stop_signal=signal.SIGTERM, stop_timeout=60)
     await asyncio.to_thread(proc.start)
     try:
