@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gateway_tap.ops.kafka_admin import KafkaInspector, KafkaUnavailable, quiet_client_logs
@@ -99,13 +100,15 @@ class BudgetLine:
 
 @dataclass
 class AdminTapLine:
-    """The admin state version one tap worker runs (from ``admin_taps``)."""
+    """The admin state version one tap worker runs and the entries it left out (from ``admin_taps``)."""
 
     gateway_id: str
     worker: int
     pid: int
     version: int
     seen_s_ago: float
+    not_applied: tuple[str, ...] = ()
+    """``entry: why`` of each entry of the state this worker could not apply."""
 
 
 @dataclass
@@ -171,7 +174,9 @@ async def _admin_part(config: GatewayConfig, report: StatusReport, now: datetime
         state = await store.state()
         report.admin_version = state.version
         report.admin_taps = [AdminTapLine(t.gateway_id, t.worker, t.pid, t.version,
-                                          round(now.timestamp() - t.seen_s, 1)) for t in await store.taps()]
+                                          round(now.timestamp() - t.seen_s, 1),
+                                          tuple(f"{r.entry}: {r.error}" for r in t.rejected))
+                             for t in await store.taps()]
         return state.budgets
     except BudgetStoreError as exc:
         report.admin_error = f"admin state unavailable: {exc}"
@@ -345,12 +350,13 @@ def render_status(report: StatusReport, console: Console) -> None:
         console.print(f"[yellow]Admin state: {report.admin_error}[/]")
     elif report.admin_version is not None:
         admin = Table(title=f"Admin state (version {report.admin_version})", title_justify="left")
-        for col in ("gateway", "worker", "pid", "runs version", "reported"):
-            admin.add_column(col, justify="left" if col == "gateway" else "right")
+        for col in ("gateway", "worker", "pid", "runs version", "reported", "not applied"):
+            admin.add_column(col, justify="left" if col in ("gateway", "not applied") else "right")
         for line in report.admin_taps:
             colour = "green" if line.version == report.admin_version else "yellow"
             admin.add_row(line.gateway_id, str(line.worker), str(line.pid), f"[{colour}]{line.version}[/]",
-                          f"{line.seen_s_ago:,.0f} s ago")
+                          f"{line.seen_s_ago:,.0f} s ago",
+                          f"[yellow]{escape(chr(10).join(line.not_applied))}[/]" if line.not_applied else "-")
         console.print(admin)
     if report.budget_error:
         console.print(f"[yellow]Budgets: {report.budget_error}[/]")

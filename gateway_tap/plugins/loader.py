@@ -314,7 +314,7 @@ async def trial_plugin(plugin: PluginConfig, gateway: GatewayServices) -> list[s
     made, problems = _instantiate([plugin.model_copy(update={"enabled": True})])  # checked even while disabled
     if problems or not made:
         return problems
-    _, _, instance, _ = made[0]
+    _, effective, instance, _ = made[0]  # the config with its schema's defaults, as initialize gets it
     init = getattr(instance, "initialize", None)
     if init is None:
         return []
@@ -322,12 +322,12 @@ async def trial_plugin(plugin: PluginConfig, gateway: GatewayServices) -> list[s
                               gateway, plugin.name, lambda plugin, kind, payload: "trial")
     try:
         async with asyncio.timeout(TRIAL_TIMEOUT_S):
-            await init(plugin.config, services)
+            await init(effective.config, services)
     except TimeoutError:
         problems = [f"plugins[0]: initialize did not finish within {TRIAL_TIMEOUT_S:g} s"]
     except Exception as exc:
         problems = [f"plugins[0].config: {exc}"]
-    await close_plugins([LoadedPlugin(plugin, instance, services)])
+    await close_plugins([LoadedPlugin(effective, instance, services)])
     return problems
 
 

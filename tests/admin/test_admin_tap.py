@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
@@ -19,8 +18,8 @@ from gateway_tap.admin.db import connect
 from gateway_tap.admin.store import AdminStore
 from gateway_tap.ops.status import gather_status, render_status
 from gateway_tap.settings import BudgetStoreSettings, parse_config
-from schemas import control_topic, topic_for
-from tests.support.admin import ADMIN_TOKEN, admin_document, admin_tap
+from schemas import topic_for
+from tests.support.admin import ADMIN_TOKEN, admin_document, admin_tap, audit_records
 
 pytestmark = pytest.mark.integration
 
@@ -53,25 +52,6 @@ async def _raw_values(bootstrap: str, topic: str, idle_s: float = 2.0) -> list[b
     finally:
         await consumer.stop()
     return values
-
-
-async def _audits(bootstrap: str, prefix: str, count: int) -> list[dict[str, object]]:
-    consumer = AIOKafkaConsumer(control_topic(prefix), bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    found: list[dict[str, object]] = []
-    try:
-        async with asyncio.timeout(60):
-            while len(found) < count:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    for record in records:
-                        assert record.value is not None
-                        message = orjson.loads(record.value)
-                        if message["kind"] == "admin.audit":
-                            found.append(message)
-    finally:
-        await consumer.stop()
-    return found
 
 
 async def test_onboard_use_revoke_and_budget_on_two_workers(
@@ -142,7 +122,7 @@ async def test_onboard_use_revoke_and_budget_on_two_workers(
         await store.close()
     assert used[issued["id"]] is not None and used[issued2["id"]] is not None
 
-    audits = await _audits(kafka_bootstrap, topic_prefix, 5)
+    audits = await audit_records(kafka_bootstrap, topic_prefix, 5)
     assert [a["payload"]["action"] for a in audits] == ["app.create", "key.issue", "key.revoke", "key.issue",
                                                         "budget.set"]
     assert {a["payload"]["actor"] for a in audits} == {"ops"} and {a["plugin"] for a in audits} == {"admin"}

@@ -174,10 +174,10 @@ async def test_a_plugin_refusing_its_config_on_one_host_only_is_left_out_there(
             await store.close()
         await tap.wait_version(1)
         assert (await tap.call("POST", "/v1/apps", {"id": "team"}))[0] == 201
-        status, issued = await tap.call("POST", "/v1/apps/team/keys")
+        _, issued = await tap.call("POST", "/v1/apps/team/keys")
         await tap.wait_version(3)
         assert await _statuses(tap.url, issued["key"], HELLO) == [200] * 8
-        status, state = await tap.call("GET", "/v1/status")
+        _, state = await tap.call("GET", "/v1/status")
         for worker in [t for t in state["taps"] if t["gateway_id"] == document["gateway_id"]]:
             (rejected,) = worker["rejected"]
             assert rejected["entry"] == "plugins/jwt/config"

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import yaml
+from aiokafka import AIOKafkaConsumer
 
 from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.settings import BudgetStoreSettings
+from schemas import control_topic
 from tests.support.tap import UPSTREAM_SECRET, tap_config
 
 ADMIN_TOKEN = "gt-admin-token-for-tests-0123456789"
@@ -80,3 +83,23 @@ async def admin_tap(document: dict[str, Any], tmp_path: Path, workers: int = 2,
         yield AdminTap(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc, document, log_path)
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+async def audit_records(bootstrap: str, prefix: str, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` admin audit records on the control topic (control message envelopes)."""
+    consumer = AIOKafkaConsumer(control_topic(prefix), bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    found: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(found) < count:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        assert record.value is not None
+                        message = orjson.loads(record.value)
+                        if message["kind"] == "admin.audit":
+                            found.append(message)
+    finally:
+        await consumer.stop()
+    return found
