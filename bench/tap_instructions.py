@@ -90,14 +90,19 @@ def instructions(out_file: Path) -> int:
 
 
 def measure(bench: Bench, variant: Variant | None, root: Path, requests: int, tmp: Path, seq: int,
-            admin: bool = False, concurrency: int = 1) -> Measure:
+            admin: bool = False, concurrency: int = 1, multiproc: bool = False) -> Measure:
     """Instructions per request of one tap worker of ``root`` running ``variant`` (None: the bare proxy);
     ``admin``: with the admin API on (listener up, :data:`MANAGED_APPS` API-managed apps with a key each, the
-    version row polled as configured)."""
+    version row polled as configured); ``multiproc``: with ``PROMETHEUS_MULTIPROC_DIR`` set, as every worker of
+    ``tap.workers > 1`` runs (metric values in mmap'd files)."""
     port = free_port()
     admin_port = free_port()
     work = tmp / f"{variant.name if variant else 'bare'}{'-admin' if admin else ''}-{seq}"
     work.mkdir(parents=True, exist_ok=True)
+    env = {}
+    if multiproc:
+        (work / "prometheus").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(work / "prometheus")
     out_file = work / "callgrind.out"
     base = f"http://127.0.0.1:{port}"
     if variant is None:
@@ -116,7 +121,7 @@ def measure(bench: Bench, variant: Variant | None, root: Path, requests: int, tm
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
             sys.executable, *server]
     tap = ManagedProcess(f"instr{seq}", argv, ready=ready, log_path=work / "server.log", start_timeout=600,
-                         stop_signal=15, stop_timeout=120).start()
+                         stop_signal=15, stop_timeout=120, env=env).start()
     try:
         assert tap.proc is not None
         if admin:
@@ -153,7 +158,8 @@ def main() -> None:
     parser.add_argument("--roots", default=".", help="Comma-separated checkouts, measured in this order.")
     parser.add_argument("--variants", default="base,plugins",
                         help=f"Tap variants: {', '.join(VARIANTS)}; 'bare' is the bare aiohttp proxy (measured once); "
-                             "'<variant>+admin' runs the variant with the admin API on.")
+                             "'<variant>+admin' runs the variant with the admin API on, '<variant>+multiproc' with "
+                             "multiprocess metrics (as each worker of tap.workers > 1).")
     parser.add_argument("--requests", type=int, default=300, help="Requests counted per checkout and variant.")
     parser.add_argument("--concurrency", type=int, default=1, help="Keep-alive connections sending at once.")
     parser.add_argument("--keep", type=Path, help="Keep the callgrind files here (for callgrind_annotate).")
@@ -165,11 +171,12 @@ def main() -> None:
         tmp = args.keep.resolve() if args.keep else Path(scratch)
         seq = 0
         for name in names:
-            variant = None if name == "bare" else VARIANTS[name.removesuffix("+admin")]
+            base_name, *options = name.split("+")
+            variant = None if base_name == "bare" else VARIANTS[base_name]
             for root in roots[:1] if variant is None else roots:
                 seq += 1
-                m = measure(bench, variant, root, args.requests, tmp, seq, name.endswith("+admin"),
-                            args.concurrency)
+                m = measure(bench, variant, root, args.requests, tmp, seq, "admin" in options, args.concurrency,
+                            "multiproc" in options)
                 rows.setdefault(name, []).append(m)
                 print(f"{name} {root}: {m.per_request:,.0f} instructions/request, idle {m.idle_per_s:,.0f}/s",
                       flush=True)
