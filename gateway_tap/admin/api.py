@@ -37,6 +37,7 @@ from gateway_tap.admin.state import (
     ManagedKey,
     app_entry,
     budget_entry,
+    plugin_allowed,
     plugin_config_entry,
     plugin_entry,
     validated,
@@ -561,12 +562,13 @@ class AdminAPI:
     def _file_plugin(self, name: str) -> PluginConfig | None:
         return next((p for p in self.runtime.file_config().plugins if p.name == name), None)
 
-    @staticmethod
-    def _plugin_out(plugin: PluginConfig, source: m.Source, config_source: m.Source) -> m.Plugin:
+    def _plugin_out(self, plugin: PluginConfig, source: m.Source, config_source: m.Source) -> m.Plugin:
+        # A stored entry naming a class nobody allowed (written by hand) is listed, never imported for its schema.
+        allowed = plugin_allowed(plugin.use, self.runtime.file_config())
         return m.Plugin(name=plugin.name, use=plugin.use, enabled=plugin.enabled, llms=plugin.llms,
                         order=plugin.order, timeout_ms=plugin.timeout_ms, on_error=plugin.on_error,
                         config=plugin.config, source=source, config_source=config_source,
-                        config_schema=_config_schema(plugin.use))
+                        config_schema=_config_schema(plugin.use) if allowed else None)
 
     async def _plugins(self) -> list[m.Plugin]:
         state = await self.store.state()

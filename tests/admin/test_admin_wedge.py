@@ -122,7 +122,9 @@ async def test_an_entry_a_worker_cannot_apply_is_reported_and_the_rest_applies(
         statuses = await _statuses(tap.url, issued["key"], HELLO, n=16)
         assert statuses[0] == 200 and 429 in statuses, statuses  # the key works and its budget is enforced
         assert await _statuses(tap.url, APP_KEY, INJECTION) == [403] * 8  # the firewall keeps what ran
-        assert not marker.exists()  # the class nobody allowed was never imported
+        status, listed = await tap.call("GET", "/v1/plugins/sneaky")
+        assert status == 200 and listed["use"] == "not_allowed_plugin:Plugin" and listed["config_schema"] is None
+        assert not marker.exists()  # the class nobody allowed was never imported, not even to show its schema
 
         # Each worker names what it left out: status, CLI, metric, log.
         status, state = await tap.call("GET", "/v1/status")
