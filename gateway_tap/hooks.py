@@ -21,10 +21,11 @@ the capabilities below (checked structurally, no base class needed):
 
 Optional lifecycle: ``async def initialize(self, config, services)`` after the
 config validated, ``async def close(self)`` at shutdown (or, after a configuration
-reload removed or replaced it, once no request uses it any more), and
+reload removed or replaced it, once no request uses it any more),
 ``async def on_config_change(self, config)``: when present, a reload that changes
 the plugin's ``config`` calls it (after validating the new config) instead of
-replacing the instance with a freshly initialised one.
+replacing the instance with a freshly initialised one, and ``async def health(self)``
+(:class:`HealthCheck`), which feeds the tap's ``/readyz``.
 
 A hook returns ``None`` (or :meth:`HookResult.proceed`) to continue, may mutate
 the request/response it is given or return :meth:`HookResult.modify`, and stops
@@ -453,6 +454,18 @@ class Endpoint:
 @runtime_checkable
 class EndpointProvider(Protocol):
     def endpoints(self) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class HealthCheck(Protocol):
+    async def health(self) -> bool | None:
+        """Whether this plugin can serve (its store reachable, its model loaded): feeds the tap's ``/readyz``.
+
+        ``True`` or ``None``: ready. ``False``, an exception (its message is the reason) or running past the
+        plugin's ``timeout_ms``: not ready, and ``/readyz`` answers 503 naming the plugin. Called on every
+        ``/readyz`` request, so keep it cheap (report a state kept up to date elsewhere, or cache).
+        """
+        ...
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -86,7 +87,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
 }
 """Each hook method (``async def``) and the arguments the tap calls it with."""
 LIFECYCLE: dict[str, tuple[str, ...]] = {"initialize": ("config", "services"), "close": (),
-                                         "on_config_change": ("config",)}
+                                         "on_config_change": ("config",), "health": ()}
 """Optional ``async def`` lifecycle methods and their arguments."""
 DECLARATIONS = ("endpoints", "config_schema")
 """Plain ``def`` methods without arguments, read at load (``config_schema`` may also be a dict, as on a
@@ -140,6 +141,22 @@ def _arity_problem(fn: Any, args: tuple[str, ...]) -> str | None:
     return None
 
 
+def _takes_arguments(fn: Any) -> bool:
+    """True when ``fn`` has a required argument (it cannot be called as ``fn()``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in params)
+
+
+def health_check(instance: Any) -> Any:
+    """The plugin's ``async def health(self)``, or None (none, or a ``health(request, ctx)`` endpoint handler)."""
+    fn = getattr(instance, "health", None)
+    return fn if fn is not None and inspect.iscoroutinefunction(fn) and not _takes_arguments(fn) else None
+
+
 def _signature(name: str, args: tuple[str, ...], is_async: bool) -> str:
     return f"{'async def' if is_async else 'def'} {name}(self{''.join(', ' + a for a in args)})"
 
@@ -152,6 +169,8 @@ def _method_problems(where: str, instance: Any) -> list[str]:
                                  *((n, (), False) for n in DECLARATIONS)]:
         fn = getattr(instance, name, None)
         if fn is None or (name == "config_schema" and isinstance(fn, Mapping)):  # a collector's dict: also fine
+            continue
+        if name == "health" and _takes_arguments(fn):  # an endpoint handler named health, not the health check
             continue
         expected = _signature(name, args, is_async)
         if not callable(fn):
@@ -404,6 +423,30 @@ async def _notify_config_change(notify: list[tuple[int, LoadedPlugin, LoadedPlug
                     logging.getLogger(__name__).exception("plugin %s failed to take its config back", back.name)
             raise PluginLoadError([f"plugins[{i}].config: on_config_change failed: {exc!r}"]) from exc
         told.append(old)
+
+
+async def plugins_health(plugins: Sequence[LoadedPlugin]) -> dict[str, str | None]:
+    """Each plugin with ``health()``: None when it is ready, else why not (it answered False, raised, or took
+    longer than its ``timeout_ms``, also without yielding). Called concurrently; what ``/readyz`` reports."""
+    checked = [p for p in plugins if health_check(p.instance) is not None]
+    return dict(zip([p.name for p in checked], await asyncio.gather(*map(_health, checked)), strict=True))
+
+
+async def _health(plugin: LoadedPlugin) -> str | None:
+    timeout_s = plugin.settings.timeout_ms / 1000
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            ready = await health_check(plugin.instance)()
+    except TimeoutError:
+        return f"health() timed out after {plugin.settings.timeout_ms:.0f} ms"
+    except Exception as exc:
+        return f"health() raised {exc!r}"
+    elapsed = time.perf_counter() - start
+    if elapsed > timeout_s:
+        return f"health() ran {elapsed * 1000:.0f} ms without giving the event loop back (timeout_ms " \
+               f"{plugin.settings.timeout_ms:.0f})"
+    return "health() answered False" if ready is False else None
 
 
 async def close_plugins(plugins: list[LoadedPlugin]) -> None:

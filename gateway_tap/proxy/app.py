@@ -21,7 +21,7 @@ from gateway_tap.apps import AppIndex, presented_key
 from gateway_tap.budgets.periods import Clock
 from gateway_tap.plugins.chain import build_chains
 from gateway_tap.plugins.endpoints import EndpointRoutes
-from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
+from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins, plugins_health
 from gateway_tap.plugins.services import ControlChannel
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
@@ -132,8 +132,14 @@ class TapApp:
         return _json({"status": "ok"}, 200)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.started and self.publisher.ready
-        return _json({"ready": ready, "publisher": self.publisher.stats()}, 200 if ready else 503)
+        """Ready when started, the publisher is, and every plugin with ``health()`` says so (``plugins``: each
+        of those, ``"ok"`` or why not)."""
+        health = await plugins_health(self.plugins)
+        ready = self.started and self.publisher.ready and all(why is None for why in health.values())
+        body: dict[str, Any] = {"ready": ready, "publisher": self.publisher.stats()}
+        if health:
+            body["plugins"] = {name: why or "ok" for name, why in health.items()}
+        return _json(body, 200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
