@@ -45,7 +45,8 @@ class RequestEnricher:
         return {"type": "object", "additionalProperties": False,
                 "properties": {"client_headers": {
                                    **_STRING_MAP, "description": "Request header -> tag, copied in pre-auth.",
-                                   "propertyNames": {"allOf": [HEADER_NAME_SCHEMA, {"not": {"pattern": _CREDENTIALS}}]}},
+                                   "propertyNames": {"allOf": [HEADER_NAME_SCHEMA,
+                                                               {"not": {"pattern": _CREDENTIALS}}]}},
                                "headers": HEADERS_SCHEMA, "metadata": _STRING_MAP, "app_header": HEADER_NAME_SCHEMA,
                                "report_every_s": {"type": "number", "minimum": 0},
                                "report_every_requests": {"type": "integer", "minimum": 0}}}
