@@ -7,6 +7,8 @@ from collectors.sdk import (
     CollectorServices,
     ConfigError,
     DataCollector,
+    Partition,
+    Positions,
     RetryLater,
 )
 
@@ -17,5 +19,7 @@ __all__ = [
     "CollectorServices",
     "ConfigError",
     "DataCollector",
+    "Partition",
+    "Positions",
     "RetryLater",
 ]

@@ -78,6 +78,10 @@ class Batch:
     started: bool = False  # handed to the sink (handlers called)
     abandoned: bool = False  # revoked before it reached the sink: never delivered, never committed
     retrying: bool = False
+    tick: bool = False  # no records: only the sink's precommit (collectors that hold records)
+    force: bool = False  # a tick that asks the sink to write everything it holds
+    durable: dict[tuple[str, int], int] = field(default_factory=dict)  # what the sink's precommit reported
+    need: dict[TopicPartition, int] = field(default_factory=dict)  # held: per partition, durable offset to reach
 
 
 def decode_batch(seq: int, records: list[Record], topic_types: Mapping[str, EventType], control_topic: str | None,

@@ -12,6 +12,7 @@ BUILTINS: dict[str, str] = {
     "file": "collectors.sinks.file:FileCollector",
     "elasticsearch": "collectors.sinks.elasticsearch:ElasticsearchCollector",
     "budget": "collectors.sinks.budget:BudgetCollector",
+    "lake": "collectors.sinks.lake.collector:LakeCollector",
 }
 
 

@@ -14,6 +14,12 @@ handled and flushed or its dead letter acknowledged by the broker (contiguous of
 :mod:`collectors.offsets`), so a crash re-delivers at most what was in flight; retriable
 failures are retried forever (:mod:`collectors.delivery`) and never skipped; a revoke
 waits for the in-flight batches of the revoked partitions (or abandons them uncommitted).
+
+A collector that ``holds_records`` (writes on its own schedule) gets ``precommit`` instead of
+``flush``: a delivered batch stays held (its bytes count towards ``max_in_flight_bytes``, it
+no longer counts as a batch in flight) until the sink reports its partitions durable; ticks
+call ``precommit`` while records are held and no batch arrives, and force it when the bytes
+bound is reached with everything held, on a stop and before a reload.
 """
 
 from __future__ import annotations
@@ -41,7 +47,15 @@ from collectors.metrics import CollectorMetrics, serve_metrics
 from collectors.offsets import OffsetTracker
 from collectors.registry import resolve_collector
 from collectors.reload import CollectorReloader
-from collectors.sdk import CollectorError, CollectorServices, DataCollector, RetryLater, hand_over, hand_over_control
+from collectors.sdk import (
+    CollectorError,
+    CollectorServices,
+    DataCollector,
+    Positions,
+    RetryLater,
+    hand_over,
+    hand_over_control,
+)
 from gateway_tap.eventloop import LoopHealth, tune_gc
 from gateway_tap.services import Gateway
 from gateway_tap.settings import CollectorDefaults, CollectorSettings, GatewayConfig, LoopMonitorSettings, group_id_for
@@ -141,6 +155,11 @@ class CollectorRuntime:
         self._ordered = collector_cls.ordered_delivery and collector_cls.concurrent_batches > 1
         self._last_done: dict[TopicPartition, asyncio.Event] = {}  # ordered delivery: per partition, the last batch
         self._crashed: BaseException | None = None
+        self._holds = collector_cls.holds_records
+        self._held: dict[int, Batch] = {}  # delivered, waiting for the sink to report them durable
+        self._durable: dict[TopicPartition, int] = {}  # what the sink reported durable, per partition
+        self._ticking = 0  # precommit-only batches in flight (0 or 1)
+        self._last_precommit = time.monotonic()
         self._commit_timeout_s = max(5.0, settings.session_timeout_ms / 1000)
         self._healthy = False
         self.ranges = dict(ranges) if ranges is not None else None
@@ -282,12 +301,15 @@ class CollectorRuntime:
             records = await self._fetch_batch()
             if records:
                 self._launch(records)
-            elif self.ranges is not None:
-                await self._close_passed_ranges()
+            else:
+                self._maybe_tick(force=False)
+                if self.ranges is not None:
+                    await self._close_passed_ranges()
             if self._crashed is not None:
                 raise self._crashed
             if self.reloader is not None and self.reloader.requested:
                 await self._drain(float("inf"))  # between batches: every one in flight flushed and committed
+                await self._write_held(float("inf"))
                 await self.reloader.apply()
         if self._stopping.is_set():
             # Batches not yet handed to the sink are dropped (uncommitted: the next owner gets them): a stop
@@ -297,13 +319,29 @@ class CollectorRuntime:
                     batch.abandoned = True
         deadline = self._stop_deadline if self._stopping.is_set() else float("inf")
         await self._drain(deadline)
+        await self._write_held(deadline)
         if self._crashed is not None:
             raise self._crashed
 
+    async def _write_held(self, deadline: float) -> None:
+        """A collector that holds records writes all of them (a forced precommit), and what it wrote is committed."""
+        if self._holds and self._held and self._crashed is None:
+            self._maybe_tick(force=True)
+            await self._drain(deadline)
+
+    def _maybe_tick(self, force: bool) -> None:
+        """Start a precommit-only batch: forced (write everything held), or when records are held and
+        ``precommit_interval_s`` passed since the last precommit. At most one at a time."""
+        if not self._holds or self._ticking or not self._held:
+            return
+        if not force and time.monotonic() - self._last_precommit < self.collector_cls.precommit_interval_s:
+            return
+        self._launch([], tick=True, force=force)
+
     def _has_room(self) -> bool:
         s = self.settings
-        return (len(self._in_flight) < s.max_in_flight_batches and self._in_flight_bytes < s.max_in_flight_bytes
-                and not self._retrying)
+        active = len(self._in_flight) - len(self._held) - self._ticking  # held batches count by their bytes only
+        return active < s.max_in_flight_batches and self._in_flight_bytes < s.max_in_flight_bytes and not self._retrying
 
     async def _wait_for_room(self) -> None:
         """Past a bound (or while a batch is retrying), pause the partitions and poll only for group liveness.
@@ -320,6 +358,10 @@ class CollectorRuntime:
             return
         poll_s = min(PAUSED_POLL_MAX_S, self.settings.max_poll_interval_ms / 4000)
         while not self._has_room() and not self._stopping.is_set() and self._crashed is None:
+            if self._holds:
+                # Past the bound with every batch held by the sink: only a write frees room.
+                everything_held = len(self._in_flight) == len(self._held) + self._ticking
+                self._maybe_tick(force=everything_held and not self._retrying)
             self._pause_all()
             self._room.clear()
             with contextlib.suppress(TimeoutError):
@@ -393,10 +435,13 @@ class CollectorRuntime:
                 break  # do not hold more than the bound, whatever the broker's fetch returned
         return records
 
-    def _launch(self, records: list[Record]) -> None:
-        """Decode ``records`` into a batch, track its offsets and start delivering it."""
+    def _launch(self, records: list[Record], tick: bool = False, force: bool = False) -> None:
+        """Decode ``records`` into a batch, track its offsets and start delivering it (``tick``: no records, only
+        the sink's precommit)."""
         self._batches += 1
         batch = decode_batch(self._batches, records, self.topic_types, self.control_topic, time.monotonic())
+        batch.tick, batch.force = tick, force
+        self._ticking += tick
         for tp, end in batch.ends.items():
             self._offsets.add(batch.seq, tp, end)
         self._in_flight[batch.seq] = batch
@@ -416,6 +461,7 @@ class CollectorRuntime:
             self._crashed = exc  # the pipeline loop re-raises it: a bug must not leave a batch silently behind
 
     async def _run_batch(self, batch: Batch, after: list[asyncio.Event]) -> None:
+        held = False
         try:
             for event in after:  # ordered delivery: earlier batches of the same partitions first
                 await event.wait()
@@ -427,17 +473,68 @@ class CollectorRuntime:
                 self.logger.extra["batch"] = batch.seq  # type: ignore[index]
                 started = time.monotonic()
                 await self._deliver_with_retry(batch)
-            self._offsets.ack(batch.seq, batch.ends)
-            batch.acked.set()
+            if not batch.tick:
+                self._observe(batch, started)
+                if self.on_batch_done is not None:
+                    self.on_batch_done(len(batch.records))
+            held = self._holds and self._hold(batch)
+            if not held:
+                self._offsets.ack(batch.seq, batch.ends)
+                batch.acked.set()
+            if self._holds:
+                self._apply_durable(batch.durable)
             await self._commit_ready()
-            self._observe(batch, started)
-            if self.on_batch_done is not None:
-                self.on_batch_done(len(batch.records))
         finally:
             batch.done.set()
-            self._in_flight.pop(batch.seq, None)
-            self._in_flight_bytes -= batch.size_bytes
-            self._room.set()
+            self._ticking -= batch.tick
+            if not held:
+                self._leave(batch)
+
+    def _leave(self, batch: Batch) -> None:
+        self._in_flight.pop(batch.seq, None)
+        self._in_flight_bytes -= batch.size_bytes
+        self._room.set()
+
+    # -- collectors that hold records -------------------------------------------------------------------
+
+    def _hold(self, batch: Batch) -> bool:
+        """Keep a delivered batch until the sink reports its records durable; False when nothing is to wait for.
+
+        Per partition the batch waits for one past its last record the sink was handed; partitions whose records
+        were all dead-lettered (or control messages) are acknowledged at once. Only the offsets are kept."""
+        need: dict[TopicPartition, int] = {}
+        for bucket in batch.buckets.values():
+            for rec in bucket.records:
+                tp = TopicPartition(rec.topic, rec.partition)
+                need[tp] = max(need.get(tp, 0), rec.offset + 1)
+        free = [tp for tp in batch.ends if tp not in need]
+        if free:
+            self._offsets.ack(batch.seq, free)
+        batch.records, batch.buckets, batch.dead = [], {}, []
+        batch.control.messages, batch.control.records = [], []
+        if not need:
+            return False
+        batch.need = need
+        self._held[batch.seq] = batch
+        return True
+
+    def _apply_durable(self, durable: dict[tuple[str, int], int]) -> None:
+        """Record what the sink reported durable; held batches it covers are acknowledged and leave the pipeline."""
+        for (topic, partition), offset in durable.items():
+            tp = TopicPartition(topic, partition)
+            if offset > self._durable.get(tp, -1):
+                self._durable[tp] = offset
+        for seq in sorted(self._held):
+            batch = self._held[seq]
+            done = [tp for tp, need in batch.need.items() if self._durable.get(tp, -1) >= need]
+            if done:
+                self._offsets.ack(seq, done)
+                for tp in done:
+                    del batch.need[tp]
+            if not batch.need:
+                del self._held[seq]
+                batch.acked.set()
+                self._leave(batch)
 
     async def _drain(self, deadline: float) -> None:
         """Wait for every batch in flight to be delivered and committed, until ``deadline`` (monotonic).
@@ -485,15 +582,17 @@ class CollectorRuntime:
             self._room.set()
 
     async def _deliver(self, batch: Batch) -> None:
-        """Hand every bucket over, flush, then publish the dead letters and wait for their acks."""
+        """Hand every bucket over, flush (or precommit), then publish the dead letters and wait for their acks."""
         collector = self.collector
         assert collector is not None
         buckets, dead, control = batch.buckets, batch.dead, batch.control
         for event_type, bucket in buckets.items():
             if not bucket.events:
                 continue
+            positions = Positions(bucket.records[0].topic, [r.partition for r in bucket.records],
+                                  [r.offset for r in bucket.records])
             try:
-                rejected = await hand_over(collector, event_type, bucket.events, bucket.values)
+                rejected = await hand_over(collector, event_type, bucket.events, bucket.values, positions)
             except RetryLater as exc:
                 if exc.pending is not None:  # per event: keep only what is still to retry
                     self._narrow(bucket, exc.pending, exc.rejected, dead)
@@ -510,6 +609,21 @@ class CollectorRuntime:
             rejected = await hand_over_control(collector, control.messages)
             for rec, message_id in control.drop(set(rejected)):
                 dead.append(DeadLetter(rec, rejected[message_id], "BadEvent"))
+        if self._holds:
+            # Errors here are retried whatever their class: what is held came from earlier batches too.
+            batch.durable = dict(await collector.precommit(batch.force))
+            self._last_precommit = time.monotonic()
+        else:
+            await self._flush(batch)
+        await self.control.drain()  # control messages sent for this batch are acknowledged before it commits
+        if dead:
+            assert self.dlq is not None
+            await self.dlq.publish(dead)
+
+    async def _flush(self, batch: Batch) -> None:
+        collector = self.collector
+        assert collector is not None
+        buckets, dead, control = batch.buckets, batch.dead, batch.control
         try:
             await collector.flush()
         except CollectorError as exc:
@@ -521,10 +635,6 @@ class CollectorRuntime:
                              type(exc).__name__)
             for rec, _ in control.drop({m.id for m in control.messages}):
                 dead.append(DeadLetter(rec, str(exc), type(exc).__name__))
-        await self.control.drain()  # control messages sent for this batch are acknowledged before it commits
-        if dead:
-            assert self.dlq is not None
-            await self.dlq.publish(dead)
 
     def _reject(self, bucket: Bucket, rejected: dict[str, str], dead: list[DeadLetter],
                 error_class: str = "BadEvent") -> None:
@@ -653,7 +763,7 @@ class CollectorRuntime:
             return
         budget_s = min(self.settings.shutdown_grace_s, self.settings.session_timeout_ms / 2000)
         deadline = time.monotonic() + budget_s
-        touched = [b for b in self._in_flight.values() if revoked & b.ends.keys()]
+        touched = [b for b in self._in_flight.values() if revoked & b.ends.keys() and b.seq not in self._held]
         for b in touched:
             if not b.started and b.ends.keys() <= revoked:
                 b.abandoned = True
@@ -671,11 +781,33 @@ class CollectorRuntime:
             await asyncio.wait_for(self._commit_ready(revoked), timeout=max(1.0, deadline - time.monotonic()))
         except TimeoutError:
             self.logger.warning("revoke: the final commit did not finish in time; the new owner may redeliver")
+        if self._holds:
+            await self._release_held(revoked)
         self._offsets.forget(revoked)
         for tp in revoked:
             self._last_done.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(self.name, tp.topic, str(tp.partition))
+
+
+    async def _release_held(self, revoked: set[TopicPartition]) -> None:
+        """Revoked partitions of a collector that holds records: the sink drops what it holds of them (it was not
+        committed: the new owner redelivers it) and held batches stop waiting for them."""
+        collector = self.collector
+        assert collector is not None
+        try:
+            await collector.release([(tp.topic, tp.partition) for tp in revoked])
+        except Exception:
+            self.logger.exception("release of revoked partitions failed")
+        for tp in revoked:
+            self._durable.pop(tp, None)
+        for seq in sorted(self._held):
+            batch = self._held[seq]
+            for tp in revoked & batch.need.keys():
+                del batch.need[tp]
+            if not batch.need:
+                del self._held[seq]
+                self._leave(batch)
 
 
 def build_runtime(name: str, config_path: str | None, group_id: str | None = None,

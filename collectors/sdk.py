@@ -33,14 +33,19 @@ Errors a handler raises decide what the runtime does:
 
 Sinks only classify failures; the runtime alone decides backoff and dead letters
 (:mod:`collectors.delivery`): a sink never sleeps and retries on its own.
+
+Where each event came from (topic, partition, offset) reaches :meth:`DataCollector.handle_records`.
+A sink that writes on its own schedule rather than per batch (objects rolled by size or time,
+like Kafka Connect's S3 sink) sets :attr:`DataCollector.holds_records`: the runtime then commits
+only what :meth:`DataCollector.precommit` reports durable (Kafka Connect's ``preCommit``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel
 
@@ -96,6 +101,28 @@ class BadEvents(CollectorError):
     def __init__(self, rejected: Mapping[str, str]) -> None:
         super().__init__(f"{len(rejected)} bad event(s)")
         self.rejected = dict(rejected)
+
+
+Partition: TypeAlias = tuple[str, int]
+"""A Kafka topic partition, ``(topic, partition)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """Where the events of one hand-over came from: their topic, and per event (parallel to the events) the
+    partition and the offset. Offsets only grow within a partition of one hand-over."""
+
+    topic: str
+    partitions: Sequence[int]
+    offsets: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def take(self, indexes: Iterable[int]) -> Positions:
+        """The positions of the events at ``indexes``."""
+        picked = list(indexes)
+        return Positions(self.topic, [self.partitions[i] for i in picked], [self.offsets[i] for i in picked])
 
 
 class ConfigError(ValueError):
@@ -167,6 +194,13 @@ class DataCollector:
     ordered_delivery: ClassVar[bool] = True
     """With ``concurrent_batches`` above 1: batches sharing a partition are still delivered one after the
     other, in offset order. False when order does not matter (idempotent upserts by id)."""
+    holds_records: ClassVar[bool] = False
+    """True: the collector keeps what it was handed after the batch (it writes on its own schedule, e.g. objects
+    rolled by size or time) and the runtime commits only what :meth:`precommit` reports durable, instead of
+    everything once :meth:`flush` returns. Such a collector keeps ``concurrent_batches = 1``."""
+    precommit_interval_s: ClassVar[float] = 1.0
+    """With :attr:`holds_records`: while records are held, :meth:`precommit` is called at least this often, also
+    when no batch arrives (time-based rolling)."""
     Config: ClassVar[type[BaseModel] | None] = None
     """This collector's config as a pydantic model (preferred). When set, ``collectors.<NAME>.config`` is
     validated with it (defaults filled in) and :attr:`config_schema` is derived from it."""
@@ -216,7 +250,26 @@ class DataCollector:
         await _loop(self.handle_control, messages)
 
     async def flush(self) -> None:
-        """Make everything handed over so far durable. Offsets are committed after this returns."""
+        """Make everything handed over so far durable. Offsets are committed after this returns.
+
+        Not called on a collector that :attr:`holds_records` (its :meth:`precommit` is)."""
+
+    async def precommit(self, force: bool) -> Mapping[Partition, int]:
+        """(:attr:`holds_records` collectors) Write what is due and say what is durable.
+
+        Return, per partition, the offset below which every record handed over is stored for good (records a
+        handler rejected count as handled); partitions left out keep their previous answer. The runtime commits
+        up to there. Called after every batch's handlers, every :attr:`precommit_interval_s` while records are
+        held, and with ``force=True`` when everything held must be written: the runtime reached
+        ``max_in_flight_bytes`` (held records count towards it), a stop, or a config reload. Raise
+        :class:`RetryLater` when the store fails: the runtime retries with its backoff (handing the current batch
+        over again: ignore offsets already held) and pauses fetching meanwhile.
+        """
+        return {}
+
+    async def release(self, partitions: Collection[Partition]) -> None:
+        """(:attr:`holds_records` collectors) These partitions were revoked: drop what is held of them (it is
+        not committed; their new owner is handed it again). May be called while :meth:`precommit` runs."""
 
     async def close(self) -> None:
         """Release resources. Called once at shutdown, after the last flush."""
@@ -244,8 +297,18 @@ class DataCollector:
         handler = getattr(self, f"handle_{event_type}_batch")
         await handler(events)
 
+    async def handle_records(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes],
+                             positions: Positions) -> None:
+        """What the runtime calls: ``values[i]`` is the Kafka message value ``events[i]`` was decoded from, and
+        ``positions`` says where each came from (topic, partition, offset).
+
+        The default hands over to :meth:`handle_raw_batch`. A sink whose writes must be named or deduplicated by
+        position (exactly-once objects, offsets stored with the data) overrides this one.
+        """
+        await self.handle_raw_batch(event_type, events, values)
+
     async def handle_raw_batch(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes]) -> None:
-        """What the runtime calls: ``values[i]`` is the Kafka message value ``events[i]`` was decoded from.
+        """``values[i]`` is the Kafka message value ``events[i]`` was decoded from.
 
         The default hands the typed events to :meth:`handle_batch`. A sink that stores the
         JSON as it is (the file sink) overrides this to write the already validated bytes
@@ -266,7 +329,7 @@ async def _loop(handler: Any, events: Sequence[Event] | Sequence[ControlMessage]
 
 
 async def hand_over(collector: DataCollector, event_type: EventType, events: Sequence[Event],
-                    values: Sequence[bytes]) -> dict[str, str]:
+                    values: Sequence[bytes], positions: Positions) -> dict[str, str]:
     """Hand one batch to ``collector`` the way the runtime does; returns the rejected events (id -> reason).
 
     A bare :class:`BadEvent` from a batch handler does not say which event was bad, so
@@ -274,7 +337,7 @@ async def hand_over(collector: DataCollector, event_type: EventType, events: Seq
     :class:`RetryLater` and any other error propagate.
     """
     try:
-        await collector.handle_raw_batch(event_type, events, values)
+        await collector.handle_records(event_type, events, values, positions)
         return {}
     except BadEvents as exc:
         return exc.rejected
@@ -282,8 +345,8 @@ async def hand_over(collector: DataCollector, event_type: EventType, events: Seq
         if len(events) == 1:
             return {events[0].id: exc.reason}
     rejected: dict[str, str] = {}
-    for event, value in zip(events, values, strict=True):
-        rejected.update(await hand_over(collector, event_type, [event], [value]))
+    for i, (event, value) in enumerate(zip(events, values, strict=True)):
+        rejected.update(await hand_over(collector, event_type, [event], [value], positions.take([i])))
     return rejected
 
 
