@@ -13,6 +13,8 @@ import click
 from gateway_tap import __version__
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from gateway_tap.settings import GatewayConfig
 
 
@@ -208,6 +210,44 @@ def replay(config_path: str, name: str, start: str, stop: str | None, types: tup
 
     raise SystemExit(run_replay(_load(config_path), name, start, stop, list(types),  # type: ignore[arg-type]
                                 refresh_interval))
+
+
+@main.group("lake")
+def lake() -> None:
+    """The lake collector's Parquet output: compaction, and external-table definitions for query engines."""
+
+
+@lake.command("compact")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
+@click.option("--collector", "name", default="lake", show_default=True, help="The lake collector's NAME.")
+@click.option("--before", required=True, type=click.DateTime(formats=["%Y-%m-%d"]),
+              help="Compact the days before this date (UTC, YYYY-MM-DD).")
+def lake_compact(config_path: str, name: str, before: datetime) -> None:
+    """Merge each hour's small objects (per Kafka partition) into one; never loses or doubles a row."""
+    from collectors.sdk import ConfigError
+    from gateway_tap.ops.lake import run_compact
+
+    try:
+        raise SystemExit(run_compact(_load(config_path), name, before.date()))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@lake.command("ddl")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
+@click.option("--collector", "name", default="lake", show_default=True, help="The lake collector's NAME.")
+@click.option("--engine", required=True, type=click.Choice(["duckdb", "clickhouse", "trino", "athena", "bigquery"]))
+@click.option("--table-prefix", default="gateway_", show_default=True, help="Tables are <prefix><event type>.")
+@click.option("--since", default="2026-01-01", show_default=True, help="Athena: first day of the date projection.")
+def lake_ddl(config_path: str, name: str, engine: str, table_prefix: str, since: str) -> None:
+    """Print the external-table definitions of the lake for a query engine (one table per event type)."""
+    from collectors.sdk import ConfigError
+    from gateway_tap.ops.lake import run_ddl
+
+    try:
+        click.echo(run_ddl(_load(config_path), name, engine, table_prefix, since), nl=False)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.group("dlq")

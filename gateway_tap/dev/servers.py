@@ -378,7 +378,7 @@ class SeaweedServer:
         return f"http://{self.host}:{self.s3_port}"
 
     def _ready(self) -> bool:
-        return http_ok(f"{self.endpoint}/healthz") or tcp_open(self.host, self.s3_port) and _s3_answers(self.endpoint)
+        return tcp_open(self.host, self.s3_port) and _s3_answers(self.endpoint)
 
     def start(self) -> Self:
         self.data_dir.mkdir(parents=True, exist_ok=True)

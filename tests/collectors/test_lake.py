@@ -17,9 +17,9 @@ from collectors import RetryLater
 from collectors.config import validate_collector_config
 from collectors.sdk import ConfigError
 from collectors.sinks.lake.collector import LakeCollector
+from collectors.sinks.lake.config import S3Settings
 from collectors.sinks.lake.layout import Layout, object_name, parse_name
 from collectors.sinks.lake.store import LocalStore, S3Store, Store, StoreError
-from collectors.sinks.lake.config import S3Settings
 from collectors.testing import CollectorHarness
 from gateway_tap.dev.servers import SeaweedServer
 from schemas import Analytics
