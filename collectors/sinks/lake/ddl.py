@@ -154,7 +154,8 @@ def ddl(config: LakeConfig, engine: str, table_prefix: str = "gateway_", since: 
             raise ValueError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
     header = {
         "duckdb": "-- DuckDB: on S3, first: INSTALL httpfs; LOAD httpfs; CREATE SECRET (TYPE s3, KEY_ID '...', "
-                  "SECRET '...', ENDPOINT '...', URL_STYLE 'path');",
+                  "SECRET '...', ENDPOINT '...', URL_STYLE 'path');\n-- A view is checked when created: create "
+                  "it once the event type has objects.",
         "clickhouse": "-- ClickHouse: the layout's directories are columns too (use_hive_partitioning = 1, the "
                       "default since 25.x): WHERE dt = '2026-12-07' reads only that day. S3 credentials: the "
                       "server's <s3> section or a named collection.",
