@@ -25,7 +25,7 @@ KINDS: tuple[Kind, ...] = ("collector", "plugin")
 SUFFIX = ".tmpl"
 # Names that would shadow what the scaffolded package imports at run time.
 RESERVED = frozenset({"gateway_tap", "collectors", "schemas", "tests", "test"})
-BUILTIN_COLLECTORS = frozenset({"file", "elasticsearch", "budget"})
+BUILTIN_COLLECTORS = frozenset({"file", "elasticsearch", "budget", "lake"})
 _VALID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

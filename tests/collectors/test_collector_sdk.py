@@ -205,7 +205,7 @@ def test_a_config_model_is_the_one_declaration_and_the_schema_derives_from_it() 
     with pytest.raises(ConfigError, match=r"^collectors\.m\.config\.retries: Input should be greater than or "
                                           r"equal to 0$"):
         validate_collector_config("m", WithModel, {"url": "u", "retries": -1})
-    for builtin in ("file", "elasticsearch", "budget"):
+    for builtin in ("file", "elasticsearch", "budget", "lake"):
         cls = resolve_collector(builtin)
         assert cls.Config is not None and cls.config_schema == cls.Config.model_json_schema(), builtin
 
