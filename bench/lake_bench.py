@@ -42,9 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.kafka_fill import fill_topic
-from collectors.runtime import CollectorRuntime, tune_gc
+from collectors.runtime import CollectorRuntime
 from collectors.sinks.lake.collector import LakeCollector, _Partition
 from gateway_tap.dev.servers import NoidaServer, SeaweedServer
+from gateway_tap.eventloop import tune_gc
 from gateway_tap.settings import CollectorSettings
 from schemas import encode_event, topic_for
 from schemas.arrow import table_from_values

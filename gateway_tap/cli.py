@@ -101,9 +101,11 @@ def check_config(config_path: str) -> None:
 @click.option("--file-metrics-port", default=9465, show_default=True, type=int)
 @click.option("--es-metrics-port", default=9466, show_default=True, type=int)
 @click.option("--budget-metrics-port", default=9467, show_default=True, type=int)
+@click.option("--lake-metrics-port", default=9468, show_default=True, type=int)
 @click.option("--plain", is_flag=True, help="Periodic summary lines instead of the live panel (default off a TTY).")
 def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: int, kafka_port: int, es_port: int,
-       mock_port: int, file_metrics_port: int, es_metrics_port: int, budget_metrics_port: int, plain: bool) -> None:
+       mock_port: int, file_metrics_port: int, es_metrics_port: int, budget_metrics_port: int, lake_metrics_port: int,
+       plain: bool) -> None:
     """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap, collectors.
 
     Ctrl-C stops everything; a run after a crash first stops what the crashed one left behind.
@@ -114,7 +116,8 @@ def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: in
     from gateway_tap.dev.up import run_stack
     from gateway_tap.examples import DEMO_CONFIG
 
-    ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port)
+    ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port,
+                  lake_metrics_port)
     stack = LocalStack(Path(config_path) if config_path else DEMO_CONFIG, Path(state_dir), ports)
     raise SystemExit(run_stack(stack, demo_traffic, interactive=False if plain else None))
 

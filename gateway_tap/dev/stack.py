@@ -2,13 +2,13 @@
 
 Starts, as child processes through :mod:`gateway_tap.dev.servers` (the same code the
 tests and benchmarks use): noida-db (Kafka + Elasticsearch), the mock LLM, the
-``file``, ``elasticsearch`` and ``budget`` collectors and the tap, in that order,
+``file``, ``elasticsearch``, ``budget`` and ``lake`` collectors and the tap, in that order,
 and stops them in reverse order on Ctrl-C / SIGTERM (the tap first, so its events
 reach Kafka and then the collectors before the broker goes).
 
 Everything lives under the state dir (default ``.gateway-tap/``): the config
 actually run (``gateway-tap.yaml``, the source config with this run's ports and
-paths), noida's data, the tap's spool, the exported files, the SQLite budget
+paths), noida's data, the tap's spool, the exported files, the Parquet lake (``lake/``), the SQLite budget
 store, ``logs/*.log``, and ``up.pids``: every child's pid, start time and command
 line, so the next ``up`` after a crash (``up`` SIGKILLed, children orphaned) stops
 the leftovers that are still ours before it starts.
@@ -44,7 +44,7 @@ from gateway_tap.dev.servers import (
     mock_llm_process,
 )
 
-COLLECTORS = ("file", "elasticsearch", "budget")
+COLLECTORS = ("file", "elasticsearch", "budget", "lake")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -63,13 +63,15 @@ class Ports:
     file_metrics: int = 9465
     es_metrics: int = 9466
     budget_metrics: int = 9467
+    lake_metrics: int = 9468
 
     OPTIONS = {"tap": "--tap-port", "kafka": "--kafka-port", "es": "--es-port", "mock": "--mock-port",
                "file_metrics": "--file-metrics-port", "es_metrics": "--es-metrics-port",
-               "budget_metrics": "--budget-metrics-port"}
+               "budget_metrics": "--budget-metrics-port", "lake_metrics": "--lake-metrics-port"}
 
     def collector_metrics(self, name: str) -> int:
-        return {"file": self.file_metrics, "elasticsearch": self.es_metrics, "budget": self.budget_metrics}[name]
+        return {"file": self.file_metrics, "elasticsearch": self.es_metrics, "budget": self.budget_metrics,
+                "lake": self.lake_metrics}[name]
 
     def items(self) -> list[tuple[str, int]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -107,8 +109,9 @@ def write_stack_config(source: Path, state_dir: Path, ports: Ports) -> Path:
     """``source`` with this run's ports and state paths, validated, written to ``<state_dir>/gateway-tap.yaml``.
 
     Rewritten: the Kafka bootstrap, the tap's port and spool, LLM upstreams on loopback (the mock),
-    the budget store (SQLite under the state dir), and the three collectors (added when missing),
-    each with its metrics port; the file collector writes to ``<state_dir>/events``.
+    the budget store (SQLite under the state dir), and the four collectors (added when missing),
+    each with its metrics port; the file collector writes to ``<state_dir>/events``, the lake collector to
+    ``<state_dir>/lake`` (unless the source gives it an ``s3`` destination; objects every 10 s by default).
 
     :raises StackError: the source is unreadable or the result is invalid (key paths named).
     """
@@ -140,6 +143,10 @@ def write_stack_config(source: Path, state_dir: Path, ports: Ports) -> Path:
             config["directory"] = str(state / "events")
         elif name == "elasticsearch":
             config["hosts"] = [f"http://127.0.0.1:{ports.es}"]
+        elif name == "lake":
+            if "s3" not in config:
+                config["directory"] = str(state / "lake")
+            config.setdefault("rotate_interval_ms", 10_000)  # a local stack shows its data within ~15 s
     target = state / "gateway-tap.yaml"
     try:
         parse_config(doc, source)
@@ -441,6 +448,7 @@ class LocalStack:
             "mock LLM": f"http://127.0.0.1:{p.mock}/v1",
             "collector metrics": ", ".join(f"{n} :{p.collector_metrics(n)}" for n in COLLECTORS),
             "files": str((self.state_dir / "events").resolve()),
+            "lake (Parquet)": str((self.state_dir / "lake").resolve()),
             "budget store": str((self.state_dir / "budgets.sqlite3").resolve()),
             "logs": str(self.logs.resolve()),
             "config": str(self.config_path) if self.config_path else "",

@@ -1,6 +1,6 @@
 """``gateway-tap up`` end to end: the real stack as a subprocess on free ports, driven with the openai SDK.
 
-Each test runs its own ``up`` (its own noida-db, mock LLM, tap and three collectors)
+Each test runs its own ``up`` (its own noida-db, mock LLM, tap and four collectors)
 with a temp state dir, so nothing is shared with the session fixtures (:mod:`tests.support.up`).
 """
 
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import httpx
 import openai
 import orjson
@@ -53,13 +54,21 @@ def budget_rows(state: Path) -> dict[str, int]:
         conn.close()
 
 
+def lake_rows(state: Path, event_type: str) -> int:
+    """Rows the lake collector wrote for one event type, counted with the README's DuckDB query."""
+    if not list((state / "lake" / f"type={event_type}").glob("*/*/*.parquet")):
+        return 0
+    glob = state / "lake" / f"type={event_type}" / "*" / "*" / "*.parquet"
+    return int(duckdb.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()[0][0])
+
+
 def test_up_demo_traffic_fills_every_sink_and_ctrl_c_leaves_nothing(make_up: type[Up], tmp_path: Path) -> None:
     up = make_up(tmp_path / "state", free_ports(), demo_traffic=True).start()
     assert up.proc is not None
     children = up.record_descendants()
     names = " ".join(" ".join(c.cmdline()) for c in children)
     for part in ("noida-db", "mock-llm", "serve --config", "collect file", "collect elasticsearch",
-                 "collect budget"):
+                 "collect budget", "collect lake"):
         assert part in names, f"{part!r} not among up's children: {names}"
 
     # A client request through the tap with the demo key, as the README shows it.
@@ -80,6 +89,7 @@ def test_up_demo_traffic_fills_every_sink_and_ctrl_c_leaves_nothing(make_up: typ
     for event_type in ("proxy_log", "analytics", "budget_usage"):
         wait_for(lambda t=event_type: event_files(state, t) >= 20, FILL_TIMEOUT_S, f"{event_type} files", up)
         wait_for(lambda t=event_type: es_count(up, t) >= 20, FILL_TIMEOUT_S, f"{event_type} in Elasticsearch", up)
+        wait_for(lambda t=event_type: lake_rows(state, t) >= 20, FILL_TIMEOUT_S, f"{event_type} in the lake", up)
     wait_for(lambda: {"demo", "demo-tiny"} <= budget_rows(state).keys(), FILL_TIMEOUT_S,
              "budget rows for both demo apps", up)
     tiny = openai.OpenAI(base_url=f"{up.tap_url}/llm/openai/v1", api_key="gt-demo-tiny-key", max_retries=0)
@@ -105,7 +115,7 @@ def test_up_demo_traffic_fills_every_sink_and_ctrl_c_leaves_nothing(make_up: typ
     assert status.returncode == 0, status.stderr.decode()
     report = orjson.loads(status.stdout)
     groups = {g["collector"]: g for g in report["groups"]}
-    assert {"file", "elasticsearch", "budget"} <= groups.keys()
+    assert {"file", "elasticsearch", "budget", "lake"} <= groups.keys()
     for group in groups.values():
         assert all(t["exists"] and t["end"] > 0 and t["committed"] > 0 for t in group["topics"]), group
     assert report["taps"][0]["error"] is None and report["taps"][0]["kafka_connected"] == 1
@@ -168,7 +178,7 @@ def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> 
     from gateway_tap.settings import load_config
 
     ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,
-                  budget_metrics=19467)
+                  budget_metrics=19467, lake_metrics=19468)
     config = load_config(write_stack_config(DEMO_CONFIG, tmp_path, ports))
     state = tmp_path.resolve()
     assert config.kafka.bootstrap_servers == "127.0.0.1:19092"
@@ -176,7 +186,8 @@ def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> 
     assert {llm.upstream_url for llm in config.llms} == {"http://127.0.0.1:18090"}
     assert config.budget_store.backend == "sqlite" and config.budget_store.sqlite_path == str(state / "budgets.sqlite3")
     assert {n: c.metrics.port for n, c in config.collectors.items()} == {
-        "file": 19465, "elasticsearch": 19466, "budget": 19467}
+        "file": 19465, "elasticsearch": 19466, "budget": 19467, "lake": 19468}
+    assert config.collectors["lake"].config["directory"] == str(state / "lake")
     assert config.collectors["file"].config["directory"] == str(state / "events")
     assert config.collectors["elasticsearch"].config["hosts"] == ["http://127.0.0.1:19200"]
     assert all(c.group_instance_id for c in config.collectors.values())  # noida never evicts a dead member

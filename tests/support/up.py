@@ -22,7 +22,7 @@ from gateway_tap.dev.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
-                "--es-metrics-port", "--budget-metrics-port")
+                "--es-metrics-port", "--budget-metrics-port", "--lake-metrics-port")
 READY_LINE = "ready; press Ctrl-C"
 READY_TIMEOUT_S = 90.0
 
