@@ -10,6 +10,7 @@ Mapping (JSON Schema -> Arrow):
 - ``integer`` -> ``int64``; ``number`` -> ``float64``; ``boolean`` -> ``bool``
 - ``object`` with ``properties`` -> ``struct`` (nested fields kept, in the file's order);
   ``object`` with only ``additionalProperties: {type: string}`` -> ``map<string, string>``
+- ``array`` -> ``list`` of its ``items``' type
 - ``enum`` / ``const`` of strings -> ``string``
 
 The envelope's ``type`` is not a column: it is the ``type=`` partition of the layout (and a partition column
@@ -76,6 +77,11 @@ def arrow_type(node: dict[str, Any]) -> pa.DataType:
         return pa.float64()
     if kind == "boolean":
         return pa.bool_()
+    if kind == "array":
+        items = node.get("items")
+        if not isinstance(items, dict):
+            raise TypeError("an array field needs typed items")
+        return pa.list_(arrow_type(items))
     if kind == "object":
         props = node.get("properties")
         if props:
@@ -115,6 +121,8 @@ def _build_type(tp: pa.DataType) -> pa.DataType:
         return pa.struct([pa.field(f.name, _build_type(f.type)) for f in tp])
     if pa.types.is_map(tp):
         return pa.map_(tp.key_type, _build_type(tp.item_type))
+    if pa.types.is_list(tp):
+        return pa.list_(_build_type(tp.value_type))
     return tp
 
 

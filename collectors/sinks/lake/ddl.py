@@ -49,6 +49,8 @@ def _duckdb_type(tp: pa.DataType) -> str:
         return "STRUCT(" + ", ".join(f'"{f.name}" {_duckdb_type(f.type)}' for f in tp) + ")"
     if pa.types.is_map(tp):
         return f"MAP({_duckdb_type(tp.key_type)}, {_duckdb_type(tp.item_type)})"
+    if pa.types.is_list(tp):
+        return f"{_duckdb_type(tp.value_type)}[]"
     return _scalar(tp, {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN",
                         "timestamp": "TIMESTAMPTZ", "date32": "DATE"})
 
@@ -58,6 +60,8 @@ def _clickhouse_type(tp: pa.DataType, nullable: bool = True) -> str:
         return "Tuple(" + ", ".join(f"{f.name} {_clickhouse_type(f.type)}" for f in tp) + ")"
     if pa.types.is_map(tp):
         return f"Map({_clickhouse_type(tp.key_type, False)}, {_clickhouse_type(tp.item_type, False)})"
+    if pa.types.is_list(tp):
+        return f"Array({_clickhouse_type(tp.value_type)})"
     base = _scalar(tp, {"string": "String", "int64": "Int64", "double": "Float64", "bool": "Bool",
                         "timestamp": "DateTime64(6, 'UTC')", "date32": "Date32"})
     return f"Nullable({base})" if nullable else base
@@ -68,6 +72,8 @@ def _trino_type(tp: pa.DataType) -> str:
         return "ROW(" + ", ".join(f'"{f.name}" {_trino_type(f.type)}' for f in tp) + ")"
     if pa.types.is_map(tp):
         return f"MAP({_trino_type(tp.key_type)}, {_trino_type(tp.item_type)})"
+    if pa.types.is_list(tp):
+        return f"ARRAY({_trino_type(tp.value_type)})"
     return _scalar(tp, {"string": "varchar", "int64": "bigint", "double": "double", "bool": "boolean",
                         "timestamp": "timestamp(6)", "date32": "date"})
 
@@ -77,6 +83,8 @@ def _hive_type(tp: pa.DataType) -> str:
         return "struct<" + ",".join(f"{f.name}:{_hive_type(f.type)}" for f in tp) + ">"
     if pa.types.is_map(tp):
         return f"map<{_hive_type(tp.key_type)},{_hive_type(tp.item_type)}>"
+    if pa.types.is_list(tp):
+        return f"array<{_hive_type(tp.value_type)}>"
     return _scalar(tp, {"string": "string", "int64": "bigint", "double": "double", "bool": "boolean",
                         "timestamp": "timestamp", "date32": "date"})
 
@@ -86,6 +94,8 @@ def _bigquery_type(tp: pa.DataType) -> str:
         return "STRUCT<" + ", ".join(f"{f.name} {_bigquery_type(f.type)}" for f in tp) + ">"
     if pa.types.is_map(tp):  # BigQuery reads a Parquet MAP as its repeated key/value groups
         return f"ARRAY<STRUCT<key {_bigquery_type(tp.key_type)}, value {_bigquery_type(tp.item_type)}>>"
+    if pa.types.is_list(tp):
+        return f"ARRAY<{_bigquery_type(tp.value_type)}>"
     return _scalar(tp, {"string": "STRING", "int64": "INT64", "double": "FLOAT64", "bool": "BOOL",
                         "timestamp": "TIMESTAMP", "date32": "DATE"})
 
