@@ -373,3 +373,28 @@ class PriceBook:
         """Which of ``models`` no price applies to (check-config's warning)."""
         return [model for model in models if self.plan(model, at=at) is None]
 
+
+
+class RecordedCall(TokenCounts, Protocol):
+    """What re-pricing reads of an analytics event (:class:`schemas.Analytics`)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def response_model(self) -> str | None: ...
+    @property
+    def request_model(self) -> str | None: ...
+    @property
+    def emitted_at(self) -> datetime: ...
+    @property
+    def price_version(self) -> str | None: ...
+
+
+def reprice(book: PriceBook, event: RecordedCall) -> Cost | None:
+    """What ``book`` charges for the call an analytics event records: its token classes, its models (the
+    upstream's, then the requested one, as the tap looked them up) and its time (``emitted_at``, the instant the
+    tap priced at). With the event's own ``price_version`` this is the cost the event carries, exactly. An event
+    written before revision 1.2 (no ``price_version``, no ``response_model``) is priced by its ``model``."""
+    if event.price_version is None:
+        return book.cost(event, event.model, at=event.emitted_at)
+    return book.cost(event, event.response_model, event.request_model, at=event.emitted_at)
