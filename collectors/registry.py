@@ -13,6 +13,8 @@ BUILTINS: dict[str, str] = {
     "elasticsearch": "collectors.sinks.elasticsearch:ElasticsearchCollector",
     "budget": "collectors.sinks.budget:BudgetCollector",
     "lake": "collectors.sinks.lake.collector:LakeCollector",
+    "otlp": "collectors.sinks.otlp:OtlpCollector",
+    "otlp_content": "collectors.sinks.otlp:OtlpContentCollector",
 }
 
 
