@@ -72,8 +72,14 @@ def serve(config_path: str, workers: int | None, port: int | None) -> None:
 
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False))
-def check_config(config_path: str) -> None:
-    """Validate a config file (including plugin configs); exit 1 listing each key path and problem."""
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Also warn when no price applies to this model on an LLM (repeatable).")
+def check_config(config_path: str, models: tuple[str, ...]) -> None:
+    """Validate a config file (including plugin configs and price settings); exit 1 listing each key path and
+    problem. Warnings (on stderr) name LLMs where a model would cost 0."""
+    from datetime import UTC, datetime
+
+    from gateway_tap.ops.prices import books, warnings
     from gateway_tap.plugins.loader import validate_plugin_configs
     from gateway_tap.settings import ConfigFileError, load_config
 
@@ -82,9 +88,68 @@ def check_config(config_path: str) -> None:
     except ConfigFileError as exc:
         raise click.ClickException(str(exc)) from None
     problems = validate_plugin_configs(config.plugins) + config.tap.admin.environment_problems()
+    found, price_problems = books(config)
+    problems = [*problems, *price_problems]
     if problems:
         raise click.ClickException(str(ConfigFileError(config_path, problems)))
+    for warning in warnings(config, found, models, datetime.now(UTC)):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config_path}: ok ({len(config.llms)} LLMs, {len(config.apps)} apps, {len(config.plugins)} plugins)")
+
+
+@main.command("prices")
+@click.argument("model")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="gateway-tap.yaml: what each of its LLMs charges (default: the catalog alone).")
+@click.option("--llm", "llm_id", help="Only this LLM of the config.")
+@click.option("--provider", default="openai", show_default=True, help="Catalog provider, without --config.")
+@click.option("--at", "at", metavar="TIME", help="Prices in force at this RFC 3339 time (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def prices(model: str, config_path: str | None, llm_id: str | None, provider: str, at: str | None,
+           as_json: bool) -> None:
+    """What MODEL costs per token class, and where the price comes from (config override, catalog, '*')."""
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from gateway_tap.ops.prices import explain, format_explained
+
+    when = datetime.fromisoformat(at) if at else datetime.now(UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        rows = explain(_load(config_path) if config_path else None, model, when, llm_id, provider)
+    except (ValueError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not rows:
+        raise click.ClickException(f"no LLM {llm_id!r} in {config_path}")
+    click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() if as_json else format_explained(rows))
+
+
+@main.command("reprice")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="gateway-tap.yaml whose prices apply.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Write one JSON line per event (stored and re-priced cost) here.")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, allow_dash=True))
+def reprice_command(config_path: str, out_path: str | None, files: tuple[str, ...]) -> None:
+    """Re-price analytics events (JSON Lines, .gz too; '-' or none: stdin) with the config's prices.
+
+    Per LLM and stored price version: events, stored and re-priced totals. Events priced with the price
+    version the config gives reproduce their cost exactly; exit 1 if one does not.
+    """
+    from gateway_tap.ops.prices import books, dump_rows, format_report, read_events, reprice_lines
+
+    found, problems = books(_load(config_path))
+    if problems:
+        raise click.ClickException("\n".join(problems))
+    report = reprice_lines(found, read_events(files), keep_rows=out_path is not None)
+    if out_path:
+        with open(out_path, "wb") as out:
+            out.write(dump_rows(report.rows))
+    click.echo(format_report(report))
+    if not report.reproduced:
+        raise SystemExit(1)
 
 
 @main.command("up")
