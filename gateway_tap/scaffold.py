@@ -18,6 +18,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
+from collectors.registry import BUILTINS
 from gateway_tap import __version__
 
 Kind = Literal["collector", "plugin"]
@@ -25,7 +26,7 @@ KINDS: tuple[Kind, ...] = ("collector", "plugin")
 SUFFIX = ".tmpl"
 # Names that would shadow what the scaffolded package imports at run time.
 RESERVED = frozenset({"gateway_tap", "collectors", "schemas", "tests", "test"})
-BUILTIN_COLLECTORS = frozenset({"file", "elasticsearch", "budget", "lake"})
+BUILTIN_COLLECTORS = frozenset(BUILTINS)
 _VALID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

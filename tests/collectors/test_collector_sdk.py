@@ -13,7 +13,7 @@ from pydantic import Field
 
 from collectors import BadEvent, BadEvents, ConfigError, DataCollector, RetryLater
 from collectors.config import validate_collector_config
-from collectors.registry import resolve_collector
+from collectors.registry import BUILTINS, resolve_collector
 from collectors.sinks.file import FileCollector, repair_torn_tail
 from collectors.testing import CollectorHarness
 from gateway_tap.settings import ConfigFileError, Section, parse_config
@@ -205,7 +205,7 @@ def test_a_config_model_is_the_one_declaration_and_the_schema_derives_from_it() 
     with pytest.raises(ConfigError, match=r"^collectors\.m\.config\.retries: Input should be greater than or "
                                           r"equal to 0$"):
         validate_collector_config("m", WithModel, {"url": "u", "retries": -1})
-    for builtin in ("file", "elasticsearch", "budget", "lake"):
+    for builtin in BUILTINS:
         cls = resolve_collector(builtin)
         assert cls.Config is not None and cls.config_schema == cls.Config.model_json_schema(), builtin
 
