@@ -38,6 +38,11 @@ class EventReader:
         self._buffer = data[start:]
         return out
 
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of an event not complete yet, held until its end."""
+        return len(self._buffer)
+
     def flush(self) -> list[StreamEvent | bytes]:
         """What is left when the body ends: an unterminated last event, if any."""
         rest, self._buffer = self._buffer, b""
@@ -103,6 +108,11 @@ class EventRelay:
     async def feed(self, chunk: bytes) -> bytes:
         """The bytes to send for this chunk of the upstream's body (maybe none yet)."""
         return await self._relay(self._reader.feed(chunk))
+
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of an event not complete yet (the reader holds them until its end)."""
+        return self._reader.pending_bytes
 
     async def flush(self) -> bytes:
         """The bytes to send once the upstream's body ended."""

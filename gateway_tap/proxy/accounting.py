@@ -278,6 +278,11 @@ class StreamAccounting:
             return complete
         return b"".join(kept)
 
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of an event not complete yet, held until its end."""
+        return len(self._buffer)
+
     def flush(self) -> bytes:
         """Whatever is left when the upstream ends (an unterminated last event)."""
         rest, self._buffer = self._buffer, b""

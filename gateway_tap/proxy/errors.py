@@ -92,6 +92,13 @@ def upstream_unreachable(llm_id: str, detail: str) -> TapError:
     return TapError(502, "upstream_error", "upstream_unreachable", f"LLM {llm_id!r} is unreachable: {detail}")
 
 
+def upstream_response_too_large(llm_id: str, limit_bytes: int, key: str) -> TapError:
+    """The upstream's answer (decompressed) is larger than ``llms[].limits.<key>``."""
+    what = "a server-sent event" if key == "max_event_bytes" else "an answer"
+    return TapError(502, "upstream_error", "upstream_response_too_large",
+                    f"LLM {llm_id!r} sent {what} larger than {limit_bytes} bytes (llms[{llm_id}].limits.{key})")
+
+
 def upstream_timeout(llm_id: str, which: str) -> TapError:
     return TapError(504, "upstream_error", "upstream_timeout", f"LLM {llm_id!r} timed out ({which})")
 

@@ -84,6 +84,7 @@ class Exchange(RequestScope):
         "budget",
         "budget_period",
         "cache_hit",
+        "capture_bytes",
         "charge",
         "client_address",
         "currency",
@@ -152,6 +153,7 @@ class Exchange(RequestScope):
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
         self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
         self.cache_hit = False
+        self.capture_bytes = 0  # how much of a streamed answer to keep for the proxy_log capture (0: none)
         self.charge = True  # False: a plugin's answer that costs nothing (no cost, no budget usage)
 
     def settle_cost(self, now: datetime) -> None:

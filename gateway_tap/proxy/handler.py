@@ -131,6 +131,8 @@ class ProxyHandler:
         ex.client_address = request.remote
         ex.user_agent = request.headers.get("user-agent")
         ex.request_headers = request.headers
+        if snap.capture_bodies:  # one byte more than is captured: the capture says when it was truncated
+            ex.capture_bytes = snap.body_limit + 1
         resp: web.StreamResponse
         try:
             resp = await self._proxy(request, ex, snap)
@@ -318,13 +320,33 @@ class ProxyHandler:
     async def _respond_whole(self, request: web.Request, up: Upstream, upstream: aiohttp.ClientResponse,
                              tap_resp: TapResponse, ex: Exchange, parsed: Any) -> web.StreamResponse:
         try:
-            body = await upstream.read()
+            body = await self._read_whole(up, upstream, ex)
         except TimeoutError:
             raise errors.upstream_timeout(up.id, "response body not complete in time") from None
         except aiohttp.ClientError as exc:
             raise errors.upstream_unreachable(up.id, f"response body broke off: {type(exc).__name__}") from None
         ex.upstream_end = ex.first_chunk = time.perf_counter()
         return await self._send_whole(request, up, tap_resp, ex, parsed, body)
+
+    @staticmethod
+    async def _read_whole(up: Upstream, upstream: aiohttp.ClientResponse, ex: Exchange) -> bytes:
+        """The upstream's whole body, decompressed, read chunk by chunk up to ``limits.max_response_bytes``:
+        more is refused without reading (or inflating) the rest, and the connection is dropped."""
+        limit = up.config.limits.max_response_bytes
+        declared = upstream.content_length
+        if declared is not None and declared > limit and ex.method != "HEAD":
+            upstream.close()
+            raise errors.upstream_response_too_large(up.id, limit, "max_response_bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in upstream.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                chunks.clear()
+                upstream.close()
+                raise errors.upstream_response_too_large(up.id, limit, "max_response_bytes")
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _send_whole(self, request: web.Request, up: Upstream, tap_resp: TapResponse, ex: Exchange,
                           parsed: Any, body: bytes) -> web.StreamResponse:
@@ -368,19 +390,30 @@ class ProxyHandler:
             if up.chain.stream_event else None
         hooks = up.chain.response_chunk
         captured: list[bytes] = []
+        limits = up.config.limits
+        received = 0
         try:
             async for chunk in chunks:
                 if ex.first_chunk is None:
                     ex.first_chunk = time.perf_counter()
+                received += len(chunk)
+                if received > limits.max_stream_bytes:
+                    ex.error = errors.upstream_response_too_large(up.id, limits.max_stream_bytes, "max_stream_bytes")
+                    break
                 if relay is not None:
                     out = await relay.feed(chunk)
+                    pending = relay.pending_bytes
                 else:
                     out = acct.feed(chunk) if acct is not None else chunk
+                    pending = acct.pending_bytes if acct is not None else 0
                 if out:
                     await self._write_chunk(resp, out, hooks, ex, captured)
                 if relay is not None and relay.stopped is not None:
                     ex.error, ex.blocked_by = stop_error(relay.stopped), relay.stopped.plugin
                     break  # a hook ended the stream: nothing more of the upstream's answer goes out
+                if pending > limits.max_event_bytes:  # one event the tap would have to hold without end
+                    ex.error = errors.upstream_response_too_large(up.id, limits.max_event_bytes, "max_event_bytes")
+                    break
             else:
                 tail = await relay.flush() if relay is not None else acct.flush() if acct is not None else b""
                 if tail:
@@ -418,9 +451,10 @@ class ProxyHandler:
         if hooks:
             data = await run_chunk_hooks(hooks, data, ex)
         if data:
+            kept = ex.response_bytes
             ex.response_bytes += len(data)
-            if len(captured) < 64:
-                captured.append(data)
+            if kept < ex.capture_bytes:  # never more than the capture needs: a stream may be hundreds of MiB
+                captured.append(data[:ex.capture_bytes - kept])
             await resp.write(data)
 
     @staticmethod

@@ -33,7 +33,7 @@ from gateway_tap.settings.collectors import (
     group_id_for,
 )
 from gateway_tap.settings.kafka import KafkaSettings
-from gateway_tap.settings.llms import LLMConfig, LLMTimeouts, ModelPrice
+from gateway_tap.settings.llms import LLMConfig, LLMLimits, LLMTimeouts, ModelPrice
 from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig, PluginKVSettings
 from gateway_tap.settings.publisher import PublisherSettings
@@ -56,6 +56,7 @@ __all__ = [
     "GatewayConfig",
     "KafkaSettings",
     "LLMConfig",
+    "LLMLimits",
     "LLMTimeouts",
     "LimitSettings",
     "ListenSettings",

@@ -33,6 +33,25 @@ class LLMTimeouts(Section):
     total_s: float = Field(default=600.0, gt=0, description="Whole exchange, including a streamed body.")
 
 
+MIB = 1024 * 1024
+
+
+class LLMLimits(Section):
+    """Caps on what the upstream sends back, counted after decompression (a gzip bomb is cut, never inflated
+    whole). Over a cap: 502 ``upstream_response_too_large`` when nothing was sent yet, else the stream ends;
+    either way recorded."""
+
+    max_response_bytes: int = Field(default=32 * MIB, gt=0,
+                                    description="A non-streamed body (held whole to account it and run the body "
+                                                "hooks).")
+    max_stream_bytes: int = Field(default=256 * MIB, gt=0,
+                                  description="A streamed body in total (relayed as it arrives; the cap ends an "
+                                              "endless stream).")
+    max_event_bytes: int = Field(default=8 * MIB, gt=0,
+                                 description="One server-sent event of a stream (held until its end to read "
+                                             "usage and run the stream hooks).")
+
+
 class LLMConfig(Section):
     """One upstream the tap routes ``/llm/{id}/...`` to."""
 
@@ -41,6 +60,7 @@ class LLMConfig(Section):
     upstream_url: str = Field(pattern=r"^https?://", description="Base URL; the rest of the path is appended.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the upstream credential.")
     timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)  # type: ignore[arg-type]
+    limits: LLMLimits = Field(default_factory=LLMLimits)  # type: ignore[arg-type]
     currency: str = Field(default="USD", description="Currency of prices (budgets count USD only).")
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Overrides of the price catalog, per model (exact name as the upstream "

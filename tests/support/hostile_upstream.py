@@ -36,6 +36,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway_tap.dev.servers import free_port
 
 CHUNK = 64 * 1024
+_SSE_EVENT = b'data: {"id":"c","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"' + b"x" * 900 \
+    + b'"}}]}\n\n'
 CHAT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
@@ -81,9 +83,13 @@ class HostileUpstream:
 
     received: list[Received] = field(default_factory=list)
     url: str = ""
+    active: int = 0
+    """Requests being answered right now: an endless answer ends only when the tap hangs up."""
     _runner: web.AppRunner | None = None
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> HostileUpstream:
+        self._idle.set()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -101,7 +107,22 @@ class HostileUpstream:
         """What arrived for the tap's request ``request_id`` (the tap sends it as ``x-request-id``)."""
         return [r for r in self.received if r.headers.get("x-request-id") == request_id]
 
+    async def idle(self, timeout_s: float = 10.0) -> None:
+        """Return once no request is being answered (the tap hung up on every endless answer)."""
+        async with asyncio.timeout(timeout_s):
+            await self._idle.wait()
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self._idle.clear()
+        try:
+            return await self._answer(request)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.method, request.raw_path, request.rel_url.raw_path,
                                       request.rel_url.raw_query_string, request.headers, body))
@@ -111,7 +132,7 @@ class HostileUpstream:
         if kind == "usage-sse":
             return await self._usage_stream(request, arg.encode())
         if kind == "big":
-            return web.Response(body=b'{"pad":"' + b"a" * (int(arg) - 10) + b'"}', content_type="application/json")
+            return await self._big(request, int(arg))
         if kind in ("endless", "endless-sse", "endless-event"):
             return await self._endless(request, kind)
         if kind in ("gzip-bomb", "deflate-bomb"):
@@ -139,13 +160,29 @@ class HostileUpstream:
         return resp
 
     @staticmethod
+    async def _big(request: web.Request, size: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        resp.content_length = size
+        await resp.prepare(request)
+        try:
+            await resp.write(b'{"pad":"')
+            left = size - 10
+            while left > 0:
+                await resp.write(b"a" * min(CHUNK, left))
+                left -= CHUNK
+            await resp.write(b'"}')
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    @staticmethod
     async def _endless(request: web.Request, kind: str) -> web.StreamResponse:
         sse = kind != "endless"
         resp = web.StreamResponse(headers={"content-type": "text/event-stream" if sse else "application/json"})
         await resp.prepare(request)
         if kind == "endless-sse":
-            event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 + b'"}}]}\n\n'
-            piece = event * (CHUNK // len(event))
+            piece = _SSE_EVENT * (CHUNK // len(_SSE_EVENT))
         elif kind == "endless-event":
             piece = b"data: " + b"x" * (CHUNK - 6)
         else:
@@ -179,15 +216,15 @@ async def _pieces(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def _endless_gzip(sse: bool) -> AsyncIterator[bytes]:
+    # After a full flush the compressor starts afresh, so the same input compresses to the same bytes: compress
+    # one block (twice: the first carries the gzip header), then send the second for ever, at no CPU cost.
     comp = _compressor(31)
-    plain = (b'data: {"choices":[{"index":0,"delta":{"content":"' + b"0" * 900 + b'"}}]}\n\n') * 1000 if sse \
-        else bytes(1024 * 1024)
+    plain = _SSE_EVENT * (1024 * 1024 // len(_SSE_EVENT)) if sse else bytes(1024 * 1024)
+    first = comp.compress(plain) + comp.flush(zlib.Z_FULL_FLUSH)
+    again = comp.compress(plain) + comp.flush(zlib.Z_FULL_FLUSH)
+    yield first
     while True:
-        out = comp.compress(plain)
-        if out:
-            yield out
-        else:
-            await asyncio.sleep(0)
+        yield again
 
 
 @dataclass
