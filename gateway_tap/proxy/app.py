@@ -32,7 +32,7 @@ from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
-from gateway_tap.proxy.protocol import parser_limits
+from gateway_tap.proxy.protocol import LIMITS_KEY, parser_limits
 from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
@@ -61,7 +61,9 @@ class TapApp:
         self.gateway = gateway
         self.budget = budget
         snapshot = ConfigSnapshot(0, config, plugins, upstreams, endpoints, apps)
-        self.handler = ProxyHandler(snapshot, session, config.tap.limits.max_body_bytes, self.record)
+        limits = config.tap.limits
+        self.handler = ProxyHandler(snapshot, session, limits.max_body_bytes, self.record,
+                                    body_timeout_s=limits.body_timeout_s)
         self.endpoint_server = EndpointServer(lambda: self.handler.snapshot, metrics, publisher.publish_wire)
         # Without load/compose (a hand-built TapApp) the configuration is fixed for the app's lifetime.
         self.reloader = ConfigReloader(self, config_path, load=load, compose=compose) \
@@ -71,6 +73,7 @@ class TapApp:
         self.web_app = web.Application(client_max_size=tap.limits.max_body_bytes,
                                        handler_args=parser_limits(tap.limits))
         self.web_app[TAP_KEY] = self
+        self.web_app[LIMITS_KEY] = tap.limits
         self._routes()
         self.web_app.on_startup.append(self._on_startup)
         self.web_app.on_cleanup.append(self._on_cleanup)

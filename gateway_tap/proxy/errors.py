@@ -84,6 +84,12 @@ def body_too_large(limit: int) -> TapError:
                     f"request body is larger than the {limit} byte limit")
 
 
+def request_timeout(limit_s: float) -> TapError:
+    """The request body did not arrive in time (a slow or stalled client); the connection is closed after it."""
+    return TapError(408, "invalid_request_error", "request_timeout",
+                    f"the request body did not arrive within {limit_s:g} s (tap.limits.body_timeout_s)")
+
+
 def malformed_json(detail: str) -> TapError:
     return TapError(400, "invalid_request_error", "invalid_json", f"request body is not valid JSON: {detail}")
 

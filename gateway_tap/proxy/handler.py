@@ -109,10 +109,11 @@ class ProxyHandler:
     """
 
     def __init__(self, snapshot: ConfigSnapshot, session: aiohttp.ClientSession, max_body_bytes: int,
-                 finish: Callable[[Exchange, ConfigSnapshot], None]) -> None:
+                 finish: Callable[[Exchange, ConfigSnapshot], None], body_timeout_s: float = 60.0) -> None:
         self.snapshot = snapshot
         self.session = session
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.finish = finish
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -172,6 +173,8 @@ class ProxyHandler:
         """Answer with the OpenAI-style error JSON (nothing was sent yet)."""
         ex.fail(err)
         resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
+        if err.status == 408:
+            resp.force_close()  # the rest of a stalled body is not worth waiting for
         ex.response_headers = resp.headers
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.prepare(request)
@@ -209,9 +212,12 @@ class ProxyHandler:
         if length is not None and length > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise errors.body_too_large(self.max_body_bytes) from None
+        except TimeoutError:
+            raise errors.request_timeout(self.body_timeout_s) from None
         ex.request_bytes = len(body)
         req = TapRequest(request.method, rest, request.rel_url.raw_query_string, CIMultiDict(request.headers),
                          body, ex.client_address)

@@ -7,6 +7,11 @@ id: 431 for a header longer than ``tap.limits.max_header_bytes`` or more than ``
 414 for a URL longer than ``max_url_bytes``, 400 for anything else that is not valid HTTP. The limits reach
 aiohttp's parser as the app's ``handler_args`` (:func:`parser_limits`). The connection is closed after the
 answer, as aiohttp does: the parser cannot find the next request in what follows.
+
+Slow clients are closed (``tap.limits``): a connection must complete its request line and headers within
+``header_timeout_s`` of its start, or of the first byte of a request on a kept-alive connection; one idle
+between requests is closed after ``keepalive_timeout_s`` (aiohttp's keep-alive timer, which this shortens
+for the header phase). A slow body is the handler's (408 after ``body_timeout_s``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ from gateway_tap.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
+LIMITS_KEY = web.AppKey("gateway_tap_limits", LimitSettings)
+"""The app's ``tap.limits``, for :class:`TapRunner` (the header timeout is not one of aiohttp's arguments)."""
+
 TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's message (both parsers) when max_headers is exceeded
 
 
 def parser_limits(limits: LimitSettings) -> dict[str, Any]:
     """``tap.limits`` as the keyword arguments of aiohttp's request parser."""
     return {"max_field_size": limits.max_header_bytes, "max_headers": limits.max_header_count,
-            "max_line_size": limits.max_url_bytes}
+            "max_line_size": limits.max_url_bytes, "keepalive_timeout": limits.keepalive_timeout_s}
 
 
 def protocol_error(exc: HttpProcessingError, max_header_bytes: int, max_header_count: int,
@@ -51,7 +59,43 @@ def protocol_error(exc: HttpProcessingError, max_header_bytes: int, max_header_c
 
 
 class TapRequestHandler(web.RequestHandler):
-    """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error (see the module)."""
+    """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error, and a request head
+    that takes longer than ``header_timeout_s`` closes the connection (see the module)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._head_timed = False  # the head being received has its deadline
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_deadline()  # the first request's head is due from the start
+
+    def data_received(self, data: bytes) -> None:
+        # Waiting for a request (aiohttp's own future): these bytes start or continue a request head.
+        waiter = self._waiter
+        if data and not self._head_timed and waiter is not None and not waiter.done():
+            self._head_deadline()
+        super().data_received(data)
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        self._head_timed = False  # the next request's head gets its own deadline from its first byte
+        return await super().finish_response(request, resp, start_time)
+
+    def _head_deadline(self) -> None:
+        """Close the connection if no complete request head arrived ``header_timeout_s`` from now: aiohttp's
+        keep-alive timer closes a connection that waits for a request, so it is brought forward (never later)."""
+        if self._header_timeout_s is None or self._force_close:
+            return
+        self._head_timed = True
+        when = self._loop.time() + self._header_timeout_s
+        if self._keepalive_handle is not None:
+            if self._next_keepalive_close_time <= when:
+                return
+            self._keepalive_handle.cancel()
+        self._next_keepalive_close_time = when
+        self._keepalive_handle = self._loop.call_at(when, self._process_keepalive)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -82,4 +126,7 @@ class TapRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _TapServer  # the same server; only the protocol it makes per connection differs
+        limits = self._app.get(LIMITS_KEY)
+        if limits is not None:
+            server._kwargs["header_timeout_s"] = limits.header_timeout_s
         return server

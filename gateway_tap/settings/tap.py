@@ -26,6 +26,17 @@ class LimitSettings(Section):
                                   description="Longest request header (name and value); longer get 431.")
     max_header_count: int = Field(default=128, gt=0, description="Most request headers; more get 431.")
     max_url_bytes: int = Field(default=8190, gt=0, description="Longest request URL; longer get 414.")
+    header_timeout_s: float = Field(default=15.0, gt=0,
+                                    description="From a connection's start, or the first byte of a request on a "
+                                                "kept-alive one, until its request line and headers are complete; "
+                                                "then the connection is closed.")
+    body_timeout_s: float = Field(default=60.0, gt=0,
+                                  description="Receiving a request's whole body once its headers are complete; "
+                                              "longer gets 408 request_timeout and the connection is closed.")
+    keepalive_timeout_s: float = Field(default=75.0, gt=0,
+                                       description="A connection idle between requests is closed after this "
+                                                   "(longer than a load balancer's idle timeout in front, e.g. "
+                                                   "60 s).")
 
 
 class ReloadSettings(Section):
