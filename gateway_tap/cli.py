@@ -152,28 +152,47 @@ def reprice_command(config_path: str, out_path: str | None, files: tuple[str, ..
         raise SystemExit(1)
 
 
-@main.command("up")
+def _collector_port_options() -> list[click.Parameter]:
+    from gateway_tap.dev.stack import BUILTIN_COLLECTORS
+
+    return [click.Option([c.option, f"collector_port_{name}"], default=c.metrics_port, show_default=True, type=int,
+                         help=f"Metrics port of the {name} collector.") for name, c in BUILTIN_COLLECTORS.items()]
+
+
+class _UpCommand(click.Command):
+    """``up``, whose metrics-port option per built-in collector comes from the stack's table
+    (``gateway_tap.dev.stack.BUILTIN_COLLECTORS``), read only when ``up`` runs or shows its help."""
+
+    _collector_options: list[click.Parameter] | None = None
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._collector_options is None:
+            self._collector_options = _collector_port_options()
+        params = super().get_params(ctx)
+        at = next(i for i, p in enumerate(params) if p.name == "plain")
+        return [*params[:at], *self._collector_options, *params[at:]]
+
+
+@main.command("up", cls=_UpCommand)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
-              help="Apps, LLMs, plugins, budgets and collectors to run  [default: the demo config shipped in the "
-                   "package, gateway_tap/examples/gateway-tap.yaml]")
+              help="Apps, LLMs, plugins, budgets and collectors to run (reloads follow its changes)  [default: the "
+                   "demo config shipped in the package, gateway_tap/examples/gateway-tap.yaml]")
 @click.option("--state-dir", default=".gateway-tap", show_default=True, type=click.Path(file_okay=False),
-              help="Data, logs, the generated config and up.pids.")
+              help="Data, logs, the generated config, the local admin token and up.pids.")
 @click.option("--demo-traffic", is_flag=True, help="Send a steady trickle of realistic requests through the tap.")
 @click.option("--tap-port", default=8080, show_default=True, type=int)
+@click.option("--admin-port", default=8081, show_default=True, type=int, help="The tap's admin API.")
 @click.option("--kafka-port", default=9092, show_default=True, type=int)
 @click.option("--es-port", default=9200, show_default=True, type=int)
 @click.option("--mock-port", default=8090, show_default=True, type=int)
-@click.option("--file-metrics-port", default=9465, show_default=True, type=int)
-@click.option("--es-metrics-port", default=9466, show_default=True, type=int)
-@click.option("--budget-metrics-port", default=9467, show_default=True, type=int)
-@click.option("--lake-metrics-port", default=9468, show_default=True, type=int)
 @click.option("--plain", is_flag=True, help="Periodic summary lines instead of the live panel (default off a TTY).")
-def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: int, kafka_port: int, es_port: int,
-       mock_port: int, file_metrics_port: int, es_metrics_port: int, budget_metrics_port: int, lake_metrics_port: int,
-       plain: bool) -> None:
-    """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap, collectors.
+def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: int, admin_port: int, kafka_port: int,
+       es_port: int, mock_port: int, plain: bool, **collector_ports: int) -> None:
+    """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap (with its admin API),
+    the built-in collectors and those of --config.
 
-    Ctrl-C stops everything; a run after a crash first stops what the crashed one left behind.
+    Ctrl-C (also SIGTERM, SIGHUP) stops everything; a run after a crash first stops what the crashed one left
+    behind.
     """
     from pathlib import Path
 
@@ -181,8 +200,8 @@ def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: in
     from gateway_tap.dev.up import run_stack
     from gateway_tap.examples import DEMO_CONFIG
 
-    ports = Ports(tap_port, kafka_port, es_port, mock_port, file_metrics_port, es_metrics_port, budget_metrics_port,
-                  lake_metrics_port)
+    ports = Ports(tap_port, admin_port, kafka_port, es_port, mock_port,
+                  {name.removeprefix("collector_port_"): port for name, port in collector_ports.items()})
     stack = LocalStack(Path(config_path) if config_path else DEMO_CONFIG, Path(state_dir), ports)
     raise SystemExit(run_stack(stack, demo_traffic, interactive=False if plain else None))
 

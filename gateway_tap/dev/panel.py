@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from gateway_tap.dev.stack import COLLECTORS, LocalStack
+from gateway_tap.dev.stack import LocalStack
 
 if TYPE_CHECKING:
     from gateway_tap.budgets.store import BudgetStore
@@ -128,8 +128,9 @@ class Monitor:
                 while not self._stop.is_set():
                     snap = Snapshot(components=await asyncio.to_thread(self._health))
                     await self._tap(session, snap)
-                    snap.collectors = dict.fromkeys(COLLECTORS, CollectorStats(error="not scraped"))
-                    await asyncio.gather(*(self._collector(session, name, snap) for name in COLLECTORS))
+                    ports = self.stack.collectors
+                    snap.collectors = dict.fromkeys(ports, CollectorStats(error="not scraped"))
+                    await asyncio.gather(*(self._collector(session, name, port, snap) for name, port in ports.items()))
                     store = await self._budgets(config, store, snap)
                     snap.traffic = self.traffic.counts() if self.traffic is not None else None
                     self.snapshot = snap
@@ -175,8 +176,7 @@ class Monitor:
         connected = metrics.get("gateway_tap_publisher_kafka_connected")
         snap.kafka_connected = None if connected is None else connected > 0
 
-    async def _collector(self, session: aiohttp.ClientSession, name: str, snap: Snapshot) -> None:
-        port = self.stack.ports.collector_metrics(name)
+    async def _collector(self, session: aiohttp.ClientSession, name: str, port: int, snap: Snapshot) -> None:
         metrics = await self._scrape(session, f"http://127.0.0.1:{port}/metrics")
         if isinstance(metrics, str):
             snap.collectors[name] = CollectorStats(error=metrics)
@@ -249,7 +249,7 @@ def render(snap: Snapshot, endpoints: dict[str, str]) -> Group:
         parts.append(Text(f"budgets  {snap.budget_note}", style="dim"))
     if snap.traffic is not None:
         parts.append(Text("demo traffic  " + ", ".join(f"{k} {v:,}" for k, v in snap.traffic.items())))
-    where = ", ".join(f"{k} {endpoints[k]}" for k in ("files", "logs", "config") if endpoints.get(k))
+    where = ", ".join(f"{k} {endpoints[k]}" for k in ("admin API", "files", "logs", "config") if endpoints.get(k))
     parts.append(Text(f"{where}\nCtrl-C stops everything", style="dim"))
     return Group(*parts)
 

@@ -24,57 +24,91 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import click
 import orjson
 import yaml
 
+from gateway_tap.apps import hash_key
+from gateway_tap.config_reload import FileFingerprint
 from gateway_tap.dev.servers import (
     LOCAL_EXTRA_HINT,
     ManagedProcess,
     NoidaServer,
     StartupError,
     cli_argv,
+    free_port,
     http_ok,
     missing_local_extra,
     mock_llm_process,
 )
 
-COLLECTORS = ("file", "elasticsearch", "budget", "lake")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ADMIN_TOKEN_ID = "up-local"
 
 
 class StackError(click.ClickException):
     """``up`` cannot start: the message says what to change."""
 
 
+LocalConfig = Callable[[Path, "Ports", dict[str, Any]], dict[str, Any]]
+"""(state dir, ports, the collector's ``config`` as declared) -> the keys of that config ``up`` sets."""
+
+
+@dataclass(frozen=True)
+class BuiltinCollector:
+    """A collector ``up`` runs whatever ``--config`` declares: the ``up`` option of its metrics port, that
+    port's default, and the keys of its ``config`` that ``up`` points at the state dir or its own servers."""
+
+    option: str
+    metrics_port: int
+    local_config: LocalConfig = lambda state, ports, declared: {}
+
+
+def _lake_config(state: Path, ports: Ports, declared: dict[str, Any]) -> dict[str, Any]:
+    local = {} if "s3" in declared else {"directory": str(state / "lake")}
+    return local | {"rotate_interval_ms": declared.get("rotate_interval_ms", 10_000)}  # data within ~15 s
+
+
+BUILTIN_COLLECTORS: dict[str, BuiltinCollector] = {
+    "file": BuiltinCollector("--file-metrics-port", 9465, lambda state, ports, declared: {
+        "directory": str(state / "events")}),
+    "elasticsearch": BuiltinCollector("--es-metrics-port", 9466, lambda state, ports, declared: {
+        "hosts": [f"http://127.0.0.1:{ports.es}"]}),
+    "budget": BuiltinCollector("--budget-metrics-port", 9467),
+    "lake": BuiltinCollector("--lake-metrics-port", 9468, _lake_config),  # unless the source gives it s3
+}
+"""Adding a collector to every ``up`` is one entry here (its port option is generated from it)."""
+
+
+def _builtin_ports() -> dict[str, int]:
+    return {name: c.metrics_port for name, c in BUILTIN_COLLECTORS.items()}
+
+
 @dataclass(frozen=True)
 class Ports:
-    """Fixed default ports of the local stack; each is overridable by the ``up`` option named in OPTIONS."""
+    """Default ports of the local stack; each is overridable by the ``up`` option named in OPTIONS (the
+    built-in collectors' metrics ports by the option in :data:`BUILTIN_COLLECTORS`)."""
 
     tap: int = 8080
+    admin: int = 8081
     kafka: int = 9092
     es: int = 9200
     mock: int = 8090
-    file_metrics: int = 9465
-    es_metrics: int = 9466
-    budget_metrics: int = 9467
-    lake_metrics: int = 9468
+    collectors: dict[str, int] = field(default_factory=_builtin_ports)
+    """Metrics port of each built-in collector."""
 
-    OPTIONS = {"tap": "--tap-port", "kafka": "--kafka-port", "es": "--es-port", "mock": "--mock-port",
-               "file_metrics": "--file-metrics-port", "es_metrics": "--es-metrics-port",
-               "budget_metrics": "--budget-metrics-port", "lake_metrics": "--lake-metrics-port"}
+    OPTIONS: ClassVar[dict[str, str]] = {"tap": "--tap-port", "admin": "--admin-port", "kafka": "--kafka-port",
+                                         "es": "--es-port", "mock": "--mock-port"}
 
-    def collector_metrics(self, name: str) -> int:
-        return {"file": self.file_metrics, "elasticsearch": self.es_metrics, "budget": self.budget_metrics,
-                "lake": self.lake_metrics}[name]
-
-    def items(self) -> list[tuple[str, int]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+    def items(self) -> list[tuple[str, int, str]]:
+        """(what, port, the option that changes it) for every port."""
+        fixed = [(name, getattr(self, name), option) for name, option in self.OPTIONS.items()]
+        return fixed + [(f"{name} metrics", self.collectors[name], c.option) for name, c in BUILTIN_COLLECTORS.items()]
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -88,15 +122,28 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def check_ports(ports: Ports) -> None:
-    """:raises StackError: naming each busy port and the option that changes it."""
-    busy = [f"port {port} ({name.replace('_', ' ')}) is in use: stop what listens there or pass "
-            f"{Ports.OPTIONS[name]} PORT" for name, port in ports.items() if port_in_use(port)]
-    numbers = [port for _, port in ports.items()]
+def check_ports(ports: Ports, collectors: dict[str, int] | None = None, source: Path | None = None) -> None:
+    """:raises StackError: naming each busy port and the option (or, for a collector of ``--config``, the key)
+    that changes it."""
+    named = [(what, port, f"pass {option} PORT") for what, port, option in ports.items()]
+    named += [(f"{name} metrics", port, f"set collectors.{name}.metrics.port in {source}")
+              for name, port in (collectors or {}).items() if name not in BUILTIN_COLLECTORS]
+    busy = [f"port {port} ({what}) is in use: stop what listens there or {fix}"
+            for what, port, fix in named if port_in_use(port)]
+    numbers = [port for _, port, _ in named]
     if len(set(numbers)) < len(numbers):
-        busy.append(f"two components were given the same port ({', '.join(f'{n}={p}' for n, p in ports.items())})")
+        busy.append(f"two components were given the same port ({', '.join(f'{w}={p}' for w, p, _ in named)})")
     if busy:
         raise StackError("\n".join(busy))
+
+
+def _is_the_mock(url: str) -> bool:
+    """An upstream on loopback at the mock LLM's default port (as in the demo config) is ``up``'s mock."""
+    parts = urlsplit(url)
+    try:
+        return parts.hostname in LOOPBACK and parts.port == Ports.mock
+    except ValueError:  # a malformed port: parse_config names it
+        return False
 
 
 def _with_port(url: str, port: int) -> str:
@@ -105,16 +152,88 @@ def _with_port(url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
 
 
-def write_stack_config(source: Path, state_dir: Path, ports: Ports) -> Path:
+def ensure_admin_token(state_dir: Path) -> tuple[str, bool]:
+    """The local admin token in ``<state>/admin-token`` (mode 0600), created on first use; (token, created).
+
+    Only its hash goes into the generated config; the token itself stays in this file.
+    """
+    import secrets
+
+    path = state_dir / "admin-token"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # someone widened it: the token is an admin credential
+        token = path.read_text().strip()
+        if token:
+            return token, False
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    token = "gt-admin-" + secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token, True
+
+
+@dataclass
+class StackConfig:
+    """What :func:`write_stack_config` wrote."""
+
+    path: Path
+    """The generated config every component runs."""
+    collectors: dict[str, int]
+    """Every collector ``up`` runs (the built-in ones, then those of ``--config``) and its metrics port."""
+    replaced: list[str]
+    """``key: declared -> used`` for each value ``--config`` declares that ``up`` replaces."""
+
+
+class _Doc:
+    """The source document being rewritten; records what it declared that ``up`` replaces."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.replaced: list[str] = []
+
+    def put(self, dotted: str, value: Any, node: dict[str, Any] | None = None, label: str | None = None) -> None:
+        """Set ``dotted`` (below ``node``, the root by default; ``label`` names it in :attr:`replaced`)."""
+        *parents, key = dotted.split(".")
+        node = self.doc if node is None else node
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        old = node.get(key)
+        if old is not None and not _same(old, value):
+            self.replaced.append(f"{label or dotted}: {old!r} -> {value!r}")
+        node[key] = value
+
+
+def _same(declared: Any, used: Any) -> bool:
+    """Equal, with a relative path taken from the current directory as up does."""
+    if declared == used:
+        return True
+    if isinstance(declared, str) and isinstance(used, str) and used.startswith("/"):
+        return Path(declared).resolve() == Path(used)
+    return False
+
+
+def write_stack_config(source: Path, state_dir: Path, ports: Ports, admin_token_hash: str | None = None,
+                       collector_ports: dict[str, int] | None = None) -> StackConfig:
     """``source`` with this run's ports and state paths, validated, written to ``<state_dir>/gateway-tap.yaml``.
 
-    Rewritten: the Kafka bootstrap, the tap's port and spool, LLM upstreams on loopback (the mock),
-    the budget store (SQLite under the state dir), and the four collectors (added when missing),
-    each with its metrics port; the file collector writes to ``<state_dir>/events``, the lake collector to
-    ``<state_dir>/lake`` (unless the source gives it an ``s3`` destination; objects every 10 s by default).
+    Rewritten: the Kafka bootstrap, the tap's port and spool, LLM upstreams at 127.0.0.1:8090 (the mock),
+    the budget store (SQLite under the state dir), the admin API (``ports.admin``, with the local token
+    ``admin_token_hash`` besides any the source declares), the built-in collectors (added when missing)
+    with their metrics ports and local settings (files, the lake under the state dir unless the source gives
+    the lake an ``s3`` destination; lake objects every 10 s by default). Collectors of the source keep
+    their own metrics port when they set one, else get the one in ``collector_ports`` or a free one. Every
+    other key is the source's, so a reload of the generated file applies the source as written.
 
-    :raises StackError: the source is unreadable or the result is invalid (key paths named).
+    :raises StackError: the source is unreadable or the result is invalid, plugin configs included (key paths
+        named).
     """
+    from gateway_tap.plugins.loader import validate_plugin_configs
     from gateway_tap.settings import ConfigFileError, parse_config
 
     try:
@@ -124,38 +243,66 @@ def write_stack_config(source: Path, state_dir: Path, ports: Ports) -> Path:
     if not isinstance(doc, dict):
         raise StackError(f"{source}: expected a mapping at the top level")
     state = state_dir.resolve()
-    doc.setdefault("kafka", {})["bootstrap_servers"] = f"127.0.0.1:{ports.kafka}"
-    tap = doc.setdefault("tap", {})
-    tap["listen"] = {**(tap.get("listen") or {}), "host": "127.0.0.1", "port": ports.tap}
-    tap.setdefault("publisher", {})["spool_dir"] = str(state / "spool")
+    out = _Doc(doc)
+    out.put("kafka.bootstrap_servers", f"127.0.0.1:{ports.kafka}")
+    out.put("tap.listen.host", "127.0.0.1")
+    out.put("tap.listen.port", ports.tap)
+    out.put("tap.publisher.spool_dir", str(state / "spool"))
     for llm in doc.get("llms") or []:
-        if isinstance(llm, dict) and urlsplit(str(llm.get("upstream_url", ""))).hostname in LOOPBACK:
-            llm["upstream_url"] = _with_port(str(llm["upstream_url"]), ports.mock)
-    doc["budget_store"] = {**(doc.get("budget_store") or {}), "backend": "sqlite",
-                           "sqlite_path": str(state / "budgets.sqlite3")}
-    collectors = doc.setdefault("collectors", {})
-    for name in COLLECTORS:
-        entry = collectors.setdefault(name, {})
+        if isinstance(llm, dict) and _is_the_mock(str(llm.get("upstream_url", ""))):
+            out.put("upstream_url", _with_port(str(llm["upstream_url"]), ports.mock), llm,
+                    f"llms[{llm.get('id')}].upstream_url")
+    out.put("budget_store.backend", "sqlite")
+    out.put("budget_store.sqlite_path", str(state / "budgets.sqlite3"))
+    if admin_token_hash is not None:
+        out.put("tap.admin.listen.host", "127.0.0.1")
+        out.put("tap.admin.listen.port", ports.admin)
+        admin = doc["tap"]["admin"]
+        tokens = [t for t in admin.get("tokens") or [] if not (isinstance(t, dict) and t.get("id") == ADMIN_TOKEN_ID)]
+        admin["tokens"] = [*tokens, {"id": ADMIN_TOKEN_ID, "role": "admin", "token_hash": admin_token_hash}]
+    collectors = doc.get("collectors")
+    if not isinstance(collectors, dict):
+        collectors = doc["collectors"] = {}
+    for name in BUILTIN_COLLECTORS:
+        if not isinstance(collectors.get(name), dict):
+            collectors[name] = {}
+    chosen = dict(collector_ports or {})
+    metrics_ports: dict[str, int] = {}
+    for name in [*BUILTIN_COLLECTORS, *(n for n in collectors if n not in BUILTIN_COLLECTORS)]:
+        entry = collectors[name]
+        if not isinstance(entry, dict):
+            continue  # invalid: parse_config below names it
         entry.setdefault("group_instance_id", f"{name}-1")  # a restarted collector takes over at once
-        entry["metrics"] = {**(entry.get("metrics") or {}), "host": "127.0.0.1", "port": ports.collector_metrics(name)}
-        config = entry.setdefault("config", {})
-        if name == "file":
-            config["directory"] = str(state / "events")
-        elif name == "elasticsearch":
-            config["hosts"] = [f"http://127.0.0.1:{ports.es}"]
-        elif name == "lake":
-            if "s3" not in config:
-                config["directory"] = str(state / "lake")
-            config.setdefault("rotate_interval_ms", 10_000)  # a local stack shows its data within ~15 s
+        builtin = BUILTIN_COLLECTORS.get(name)
+        metrics = entry.get("metrics")
+        declared = metrics.get("port") if isinstance(metrics, dict) else None
+        if builtin is not None:
+            port = ports.collectors[name]
+        elif isinstance(declared, int) and declared > 0:
+            port = declared
+        else:  # the panel and the readiness check need one
+            port = chosen.get(name) or free_port()
+        metrics_ports[name] = port
+        out.put(f"collectors.{name}.metrics.host", "127.0.0.1")
+        out.put(f"collectors.{name}.metrics.port", port)
+        declared_config = entry.get("config")
+        if not isinstance(declared_config, dict):
+            declared_config = {}
+        for key, value in (builtin.local_config(state, ports, declared_config) if builtin else {}).items():
+            out.put(f"collectors.{name}.config.{key}", value)
     target = state / "gateway-tap.yaml"
     try:
-        parse_config(doc, source)
+        problems = validate_plugin_configs(parse_config(doc, source).plugins)  # as check-config and the tap do
     except ConfigFileError as exc:
         raise StackError(str(exc)) from None
+    if problems:
+        raise StackError(str(ConfigFileError(source, problems)))
     header = (f"# Written by `gateway-tap up` from {source.resolve()} with this run's ports and paths;\n"
-              "# rewritten at every start, edit the source instead.\n")
-    target.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    return target
+              "# rewritten whenever that file changes: edit it instead.\n")
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, target)  # whole: a tap watching the file never reads half of it
+    return StackConfig(target, metrics_ports, out.replaced)
 
 
 # --- stale state -------------------------------------------------------------------------------------
@@ -342,16 +489,29 @@ class LocalStack:
     say: Callable[[str], None] = click.echo
     stopping: threading.Event = field(default_factory=threading.Event)
     components: list[Component] = field(default_factory=list)
-    config_path: Path | None = None
+    generated: StackConfig | None = None
+    admin_token: str = ""
+    admin_token_created: bool = False
     _lock: IO[bytes] | None = None
     _pids: PidFile | None = None
+    _source: FileFingerprint | None = None
 
     @property
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
+    @property
+    def config_path(self) -> Path | None:
+        """The generated config every component runs."""
+        return self.generated.path if self.generated is not None else None
+
+    @property
+    def collectors(self) -> dict[str, int]:
+        """Every collector this stack runs, with its metrics port."""
+        return dict(self.generated.collectors) if self.generated is not None else {}
+
     def prepare(self) -> None:
-        """Lock the state dir, clean up after a crashed run, check the ports, write the config."""
+        """Lock the state dir, clean up after a crashed run, write the config, check the ports."""
         missing = missing_local_extra()
         if missing:
             raise StackError(f"gateway-tap up needs {' and '.join(missing)}: {LOCAL_EXTRA_HINT}")
@@ -363,12 +523,45 @@ class LocalStack:
         for path in remove_stale_locks(self.state_dir):
             self.say(f"removed stale {path}")
         self._pids.clear()
-        check_ports(self.ports)
-        self.config_path = write_stack_config(self.config_source, self.state_dir, self.ports)
+        self.admin_token, self.admin_token_created = ensure_admin_token(self.state_dir)
+        self._source = FileFingerprint(self.config_source)
+        self._source.remember()
+        self.generated = self._write_config()
+        if self.generated.replaced:
+            self.say(f"{self.config_source} runs as written except (up runs its own servers, under "
+                     f"{self.state_dir}):")
+            for line in self.generated.replaced:
+                self.say(f"  {line}")
+        check_ports(self.ports, self.generated.collectors, self.config_source)
+
+    def _write_config(self) -> StackConfig:
+        return write_stack_config(self.config_source, self.state_dir, self.ports, hash_key(self.admin_token),
+                                  self.collectors)
+
+    def follow_source(self) -> None:
+        """When ``--config`` changed, rewrite the generated config from it, so that a reload of the tap
+        (SIGHUP, or ``tap.reload.watch``) or of a collector (SIGHUP) applies the file as now written.
+        Says what happened; an invalid file leaves the generated config as it was."""
+        if self._source is None or self.generated is None or not self._source.changed():
+            return
+        before = self.generated
+        try:
+            self.generated = self._write_config()
+        except StackError as exc:
+            self.say(f"{self.config_source} changed but is invalid; the stack runs the previous version:\n"
+                     f"{exc.message}")
+            return
+        tap = next((c.process.pid for c in self.components if c.name == "tap" and c.process is not None), None)
+        self.say(f"{self.config_source} changed: {self.generated.path} rewritten; the tap applies it with "
+                 f"tap.reload.watch: true or on SIGHUP (kill -HUP {tap}), a collector on SIGHUP")
+        for name in self.generated.collectors.keys() - before.collectors.keys():
+            self.say(f"  collector {name} is new: restart up to run it")
+        for name in before.collectors.keys() - self.generated.collectors.keys():
+            self.say(f"  collector {name} was removed: it runs until up restarts")
 
     def start(self) -> None:
         """Start every component in order, each ready before the next; raises :class:`Interrupted` on a signal."""
-        if self.config_path is None:
+        if self.generated is None:
             self.prepare()
         assert self.config_path is not None
         p, logs, cfg = self.ports, self.logs, str(self.config_path.resolve())
@@ -381,8 +574,7 @@ class LocalStack:
                               f":{p.mock}"))
         # The collectors start together (each takes a few seconds to import and join its group).
         batch = []
-        for name in COLLECTORS:
-            port = p.collector_metrics(name)
+        for name, port in self.collectors.items():
             proc = ManagedProcess(f"collector-{name}", cli_argv("collect", name, "--config", cfg),
                                   log_path=logs / f"collector-{name}.log", start_timeout=60.0, stop_timeout=40.0)
             batch.append(Component(f"collector-{name}", proc, _health(f"http://127.0.0.1:{port}/healthz"),
@@ -390,7 +582,7 @@ class LocalStack:
         self._start(*batch)
         tap = ManagedProcess("tap", cli_argv("serve", "--config", cfg), log_path=logs / "tap.log",
                              start_timeout=60.0, stop_timeout=30.0)
-        self._start(Component("tap", tap, _health(f"http://127.0.0.1:{p.tap}/readyz"), f":{p.tap}"))
+        self._start(Component("tap", tap, _health(f"http://127.0.0.1:{p.tap}/readyz"), f":{p.tap} admin :{p.admin}"))
 
     def _start(self, *components: Component) -> None:
         for c in components:
@@ -446,7 +638,8 @@ class LocalStack:
             "kafka": f"127.0.0.1:{p.kafka}",
             "elasticsearch": f"http://127.0.0.1:{p.es}",
             "mock LLM": f"http://127.0.0.1:{p.mock}/v1",
-            "collector metrics": ", ".join(f"{n} :{p.collector_metrics(n)}" for n in COLLECTORS),
+            "admin API": f"http://127.0.0.1:{p.admin}  (token: {(self.state_dir / 'admin-token').resolve()})",
+            "collector metrics": ", ".join(f"{n} :{port}" for n, port in self.collectors.items()),
             "files": str((self.state_dir / "events").resolve()),
             "lake (Parquet)": str((self.state_dir / "lake").resolve()),
             "budget store": str((self.state_dir / "budgets.sqlite3").resolve()),

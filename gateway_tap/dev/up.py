@@ -24,6 +24,8 @@ from gateway_tap.dev.servers import StartupError
 from gateway_tap.dev.stack import Interrupted, LocalStack
 
 DEMO_KEYS = {"demo": "gt-demo-key", "demo-tiny": "gt-demo-tiny-key"}
+SOURCE_POLL_S = 0.5
+"""How often ``--config`` is checked for changes (a stat; hashed only when it moved)."""
 
 
 class Output:
@@ -42,7 +44,8 @@ class Output:
     def open_log(self, path: Path) -> None:
         self._log = open(path, "a", buffering=1)  # line-buffered: readable while up runs
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, private: bool = False) -> None:
+        """Print ``line``; ``private`` lines (a secret shown once) are not written to the log."""
         with self._lock:
             if self.stream is not None:
                 try:
@@ -52,7 +55,7 @@ class Output:
                     _discard(self.stream)
                     self.stream = None
                     self.lost.set()
-            if self._log is not None:
+            if self._log is not None and not private:
                 try:
                     self._log.write(line + "\n")
                 except OSError:
@@ -90,7 +93,8 @@ def run_stack(stack: LocalStack, demo_traffic: bool = False, interactive: bool |
         stack.prepare()
         out.open_log(stack.logs / "up.log")
         stack.start()
-        _print_ready(stack)
+        _print_ready(stack, out)
+        threading.Thread(target=_follow_source, args=(stack,), name="up-config", daemon=True).start()
         if demo_traffic:
             from gateway_tap.dev.demo_traffic import DemoTraffic
 
@@ -125,9 +129,20 @@ def _stop_when_lost(out: Output, stack: LocalStack) -> None:
             stack.stopping.set()
 
 
-def _print_ready(stack: LocalStack) -> None:
+def _follow_source(stack: LocalStack) -> None:
+    while not stack.stopping.wait(SOURCE_POLL_S):
+        stack.follow_source()
+
+
+def _print_ready(stack: LocalStack, out: Output) -> None:
     for name, url in stack.endpoints().items():
-        stack.say(f"  {name:<18} {url}")
-    stack.say("  demo keys          gt-demo-key (app demo), gt-demo-tiny-key (app demo-tiny, tiny budget)")
-    stack.say(f"  status             gateway-tap status --config {stack.config_path}")
-    stack.say("ready; press Ctrl-C to stop")
+        out.say(f"  {name:<18} {url}")
+    out.say("  demo keys          gt-demo-key (app demo), gt-demo-tiny-key (app demo-tiny, tiny budget)")
+    token_file = (stack.state_dir / "admin-token").resolve()
+    if stack.admin_token_created:  # shown this once (never logged); the file keeps it
+        out.say(f"  admin token        {stack.admin_token}  (new, shown once; kept in {token_file}, mode 0600)",
+                private=True)
+    out.say(f"  admin CLI          export GATEWAY_TAP_ADMIN_URL=http://127.0.0.1:{stack.ports.admin} "
+            f"GATEWAY_TAP_ADMIN_TOKEN=$(cat {token_file})")
+    out.say(f"  status             gateway-tap status --config {stack.config_path}")
+    out.say("ready; press Ctrl-C to stop")

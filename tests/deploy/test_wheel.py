@@ -32,14 +32,13 @@ import yaml
 
 from gateway_tap.dev.servers import free_port, http_ok
 from tests.support.collectors import create_topics
+from tests.support.up import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 # What goes into the wheel (the Dockerfile copies the same).
 SOURCES = ("pyproject.toml", "README.md", "gateway_tap", "collectors", "schemas")
 # Installed next to the wheel so the scaffolded packages build (no build isolation) and run their tests.
 TOOLS = ("setuptools>=77,<81", "pytest>=8,<9", "pytest-asyncio>=0.24,<1.2")
-PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
-                "--es-metrics-port", "--budget-metrics-port")
 DEMO_KEY = "gt-demo-key"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello from the wheel"}]}
 
@@ -176,9 +175,7 @@ def lines_with(directory: Path, needle: str) -> int:
 
 
 def test_up_from_the_wheel_comes_up_healthy_serves_and_stops_cleanly(venv: CleanVenv) -> None:
-    ports: dict[str, int] = {}
-    while len(set(ports.values())) < len(PORT_OPTIONS):
-        ports = {option: free_port() for option in PORT_OPTIONS}
+    ports = free_ports()  # every port option of up, so no default port is touched
     state, log = venv.root / "up-state", venv.root / "up.log"
     port_args = [str(x) for kv in ports.items() for x in kv]
     # No --config, and no examples/ in the working directory: the demo config shipped in the wheel.

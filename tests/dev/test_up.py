@@ -174,19 +174,24 @@ def test_up_names_the_option_for_a_busy_port(make_up: type[Up], tmp_path: Path) 
 
 
 def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> None:
-    from gateway_tap.dev.stack import Ports, write_stack_config
+    from gateway_tap.apps import hash_key
+    from gateway_tap.dev.stack import ADMIN_TOKEN_ID, Ports, write_stack_config
     from gateway_tap.settings import load_config
 
-    ports = Ports(tap=18080, kafka=19092, es=19200, mock=18090, file_metrics=19465, es_metrics=19466,
-                  budget_metrics=19467, lake_metrics=19468)
-    config = load_config(write_stack_config(DEMO_CONFIG, tmp_path, ports))
+    ports = Ports(tap=18080, admin=18081, kafka=19092, es=19200, mock=18090,
+                  collectors={"file": 19465, "elasticsearch": 19466, "budget": 19467, "lake": 19468})
+    written = write_stack_config(DEMO_CONFIG, tmp_path, ports, hash_key("gt-admin-x"))
+    config = load_config(written.path)
     state = tmp_path.resolve()
     assert config.kafka.bootstrap_servers == "127.0.0.1:19092"
     assert config.tap.listen.port == 18080 and config.tap.publisher.spool_dir == str(state / "spool")
     assert {llm.upstream_url for llm in config.llms} == {"http://127.0.0.1:18090"}
     assert config.budget_store.backend == "sqlite" and config.budget_store.sqlite_path == str(state / "budgets.sqlite3")
+    assert config.tap.admin.listen is not None and config.tap.admin.listen.port == 18081
+    assert [(t.id, t.token_hash) for t in config.tap.admin.tokens] == [(ADMIN_TOKEN_ID, hash_key("gt-admin-x"))]
+    assert "gt-admin-x" not in written.path.read_text()  # only its hash
     assert {n: c.metrics.port for n, c in config.collectors.items()} == {
-        "file": 19465, "elasticsearch": 19466, "budget": 19467, "lake": 19468}
+        "file": 19465, "elasticsearch": 19466, "budget": 19467, "lake": 19468} == written.collectors
     assert config.collectors["lake"].config["directory"] == str(state / "lake")
     assert config.collectors["file"].config["directory"] == str(state / "events")
     assert config.collectors["elasticsearch"].config["hosts"] == ["http://127.0.0.1:19200"]
@@ -194,6 +199,41 @@ def test_stack_config_rewrites_ports_and_paths_and_validates(tmp_path: Path) -> 
     tiny = next(b for b in config.budgets if b.app_id == "demo-tiny")
     assert tiny.mode == "hard" and tiny.limit_tokens
     assert {p.name for p in config.plugins} == {"prompt_firewall", "request_enricher", "response_modifier"}
+    assert "kafka.bootstrap_servers: '127.0.0.1:9092' -> '127.0.0.1:19092'" in written.replaced
+
+
+def test_stack_config_runs_the_sources_collectors_and_names_what_it_replaces(tmp_path: Path) -> None:
+    import yaml
+
+    from gateway_tap.dev.stack import Ports, write_stack_config
+
+    source = tmp_path / "mine.yaml"
+    doc = yaml.safe_load(DEMO_CONFIG.read_text())
+    doc["budget_store"] = {"backend": "postgres", "postgres_dsn_env": "MY_DSN"}
+    doc["llms"].append({"id": "local", "vendor": "openai", "upstream_url": "http://127.0.0.1:11434"})
+    doc["collectors"]["mine"] = {"plugin": "gateway_tap.examples.collectors.control_counters:ControlCounters"}
+    doc["collectors"]["pinned"] = {"plugin": "gateway_tap.examples.collectors.control_counters:ControlCounters",
+                                   "metrics": {"port": 19999}}
+    source.write_text(yaml.safe_dump(doc))
+    (tmp_path / "state").mkdir()
+    first = write_stack_config(source, tmp_path / "state", Ports())
+    assert list(first.collectors) == ["file", "elasticsearch", "budget", "lake", "mine", "pinned"]
+    assert first.collectors["pinned"] == 19999 and first.collectors["mine"] not in Ports().collectors.values()
+    assert "budget_store.backend: 'postgres' -> 'sqlite'" in first.replaced
+    assert not [line for line in first.replaced if "llms[local]" in line]  # not the mock's address: kept
+    again = write_stack_config(source, tmp_path / "state", Ports(), collector_ports=first.collectors)
+    assert again.collectors == first.collectors  # a rewrite keeps the ports it chose
+
+
+def test_the_local_admin_token_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    from gateway_tap.dev.stack import ensure_admin_token
+
+    token, created = ensure_admin_token(tmp_path)
+    assert created and token.startswith("gt-admin-") and len(token) > 40
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "admin-token").chmod(0o644)
+    assert ensure_admin_token(tmp_path) == (token, False)
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
 
 
 def test_leftover_cleanup_kills_only_processes_that_are_still_ours(tmp_path: Path) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import psutil
 
 from gateway_tap.dev.servers import free_port
+from gateway_tap.dev.stack import BUILTIN_COLLECTORS, Ports
 
 ROOT = Path(__file__).resolve().parents[2]
-PORT_OPTIONS = ("--tap-port", "--kafka-port", "--es-port", "--mock-port", "--file-metrics-port",
-                "--es-metrics-port", "--budget-metrics-port", "--lake-metrics-port")
+PORT_OPTIONS = (*Ports.OPTIONS.values(), *(c.option for c in BUILTIN_COLLECTORS.values()))
+"""Every port option of ``up``: a test passes them all, so it never touches a default port."""
 READY_LINE = "ready; press Ctrl-C"
 READY_TIMEOUT_S = 90.0
 
