@@ -51,8 +51,8 @@ MIX = (
     Kind("openai", "demo", "openai", "gpt-4o-mini", weight=30),
     Kind("openai-stream", "demo", "openai", "gpt-4o-mini", stream=True, weight=15),
     Kind("openai-4o", "demo", "openai", "gpt-4o", weight=8),
-    Kind("anthropic", "demo", "anthropic", "claude-3-5-haiku-latest", weight=10),
-    Kind("anthropic-stream", "demo", "anthropic", "claude-3-5-sonnet-latest", stream=True, weight=7),
+    Kind("anthropic", "demo", "anthropic", "claude-haiku-4-5", weight=10),
+    Kind("anthropic-stream", "demo", "anthropic", "claude-sonnet-4-5", stream=True, weight=7),
     Kind("blocked", "demo", "openai", "gpt-4o-mini", blocked=True, weight=8),
     Kind("tiny-budget", "demo-tiny", "openai", "gpt-4o-mini", weight=12),
 )

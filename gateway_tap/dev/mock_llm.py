@@ -231,7 +231,7 @@ class MockLLM:
         body, failure = await self._prelude(request, "anthropic")
         if failure is not None:
             return failure
-        model = str(body.get("model", "claude-3-5-haiku-latest"))
+        model = str(body.get("model", "claude-haiku-4-5"))
         prompt = prompt_tokens_for(body)
         completion = completion_tokens_for(body)
         mid = f"msg_mock{self.requests}"

@@ -83,10 +83,10 @@ async def test_mock_upstream_speaks_openai_and_anthropic(mock_llm: str) -> None:
     chunks = [c async for c in stream]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     ant = anthropic.AsyncAnthropic(base_url=mock_llm, api_key="x")
-    msg = await ant.messages.create(model="claude-3-5-haiku-latest", max_tokens=4,
+    msg = await ant.messages.create(model="claude-haiku-4-5", max_tokens=4,
                                     messages=[{"role": "user", "content": "hello there"}])
     assert (msg.usage.input_tokens, msg.usage.output_tokens) == (2, 4)
-    async with ant.messages.stream(model="claude-3-5-haiku-latest", max_tokens=4,
+    async with ant.messages.stream(model="claude-haiku-4-5", max_tokens=4,
                                    messages=[{"role": "user", "content": "hi"}]) as s:
         final = await s.get_final_message()
     assert final.usage.output_tokens == 4
