@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
-import pytest
 import yaml
 
 from gateway_tap.dev.panel import parse_metrics
@@ -26,43 +24,74 @@ from tests.support.up import ROOT, Up, free_ports, wait_for
 TIMEOUT_S = 60.0
 
 
-def admin_cli(up: Up, *args: str) -> subprocess.CompletedProcess[str]:
-    """``gateway-tap admin ARGS`` with the environment up's ready lines tell the user to export."""
-    token = (up.state_dir / "admin-token").read_text().strip()
-    env = {**os.environ, "GATEWAY_TAP_ADMIN_URL": f"http://127.0.0.1:{up.ports['--admin-port']}",
-           "GATEWAY_TAP_ADMIN_TOKEN": token}
-    return subprocess.run([sys.executable, "-m", "gateway_tap", "admin", *args], capture_output=True, text=True,
-                          env=env, timeout=60, cwd=ROOT)
+def quickstart_blocks() -> list[tuple[str, str]]:
+    """The fenced (language, code) blocks of the README's Quickstart section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Quickstart"):text.index("\n## ", text.index("## Quickstart") + 1)]
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
 
 
-def test_up_serves_the_admin_api_with_a_local_token(make_up: type[Up], tmp_path: Path) -> None:
+def test_the_readme_quickstart_runs_as_written(make_up: type[Up], tmp_path: Path) -> None:
+    """Every command and SDK example of the README's Quickstart, run as a user would from a second terminal
+    (gateway-tap on PATH, in the directory holding .gateway-tap/), only with this test's ports; the SDK
+    examples under ``-W error``, so a deprecated demo model fails them."""
+    from gateway_tap.dev.stack import BUILTIN_COLLECTORS, Ports
+
     up = make_up(tmp_path / "state", free_ports()).start()
+    defaults = Ports()
+    ours = {f"127.0.0.1:{getattr(defaults, name)}": up.ports[option] for name, option in Ports.OPTIONS.items()}
+    ours |= {f"127.0.0.1:{c.metrics_port}": up.ports[c.option] for c in BUILTIN_COLLECTORS.values()}
+    user = tmp_path / "user"  # the repo as the user sees it: .gateway-tap/ in the working directory
+    user.mkdir()
+    (user / ".gateway-tap").symlink_to(up.state_dir)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # activate
+
+    def run(language: str, code: str) -> str:
+        for default, port in ours.items():
+            code = code.replace(default, f"127.0.0.1:{port}")
+        if language == "bash":
+            code = "\n".join(line for line in code.splitlines() if not line.startswith("tail -f"))
+            argv = ["bash", "-euo", "pipefail", "-c", code]
+        else:
+            argv = [sys.executable, "-W", "error", "-c", code]
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=user, timeout=120)
+        assert result.returncode == 0, f"{language} block failed ({result.returncode}):\n{code}\n{result.stderr}"
+        return result.stdout
+
+    blocks = quickstart_blocks()
+    assert [lang for lang, _ in blocks].count("python") == 2, blocks  # the OpenAI and the Anthropic SDK
+    ran = []
+    for language, code in blocks:
+        if code.startswith(("make run", "source .venv/bin/activate")):
+            assert language == "bash"  # started above / PATH set in env
+            continue
+        if "GATEWAY_TAP_ADMIN_URL" in code:  # onboarding: the key is printed once; the user exports it
+            out = run(language, code)
+            env["TEAM_KEY"] = re.search(r"key:\s+(gt-\S+)", out).group(1)  # type: ignore[union-attr]
+        elif code.startswith("ls .gateway-tap/events"):  # "wait about 5 seconds" before the first search
+            wait_for(lambda: '"count":0' not in httpx.get(f"{up.es_url}/gateway-proxy_log/_count").text,
+                     TIMEOUT_S, "the first events in Elasticsearch", up)
+            out = run(language, code)
+            assert '"hits"' in out and "gateway_tap_requests_total" in out and "events_handled" in out, out
+        else:
+            out = run(language, code)
+        ran.append(out)
+    assert any('"key":"gt-' in out.replace(" ", "") for out in ran), ran  # the curl onboarding
+    assert len(ran) == len(blocks) - 2
+
+    # The local admin token: 0600, shown once (on the run that created it), never in logs or the config.
     token_file = up.state_dir / "admin-token"
     token = token_file.read_text().strip()
     assert token_file.stat().st_mode & 0o777 == 0o600
-    assert up.output().count(token) == 1  # shown once, on the run that created it
+    assert up.output().count(token) == 1
     assert token not in (up.state_dir / "logs" / "up.log").read_text()
     assert token not in (up.state_dir / "gateway-tap.yaml").read_text()
     admin = f"http://127.0.0.1:{up.ports['--admin-port']}"
-    assert f"GATEWAY_TAP_ADMIN_URL={admin}" in up.output()
-
-    created = admin_cli(up, "apps", "create", "team-search", "--name", "Search team", "--llm", "openai")
-    assert created.returncode == 0, created.stderr
-    issued = admin_cli(up, "keys", "issue", "team-search", "--json")
-    assert issued.returncode == 0, issued.stderr
-    key = yaml.safe_load(issued.stdout)["key"]
-    client = openai.OpenAI(base_url=f"{up.tap_url}/llm/openai/v1", api_key=key, max_retries=0)
-    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello!"}])
-    assert reply.choices[0].message.content and reply.usage is not None
-
-    apps = httpx.get(f"{admin}/v1/apps", headers={"authorization": f"Bearer {token}"}, timeout=10)
-    assert apps.status_code == 200 and "team-search" in {a["id"] for a in apps.json()["data"]}, apps.text
     assert httpx.get(f"{admin}/v1/apps", timeout=10).status_code == 401
     assert httpx.get(f"{admin}/v1/apps", headers={"authorization": "Bearer gt-admin-wrong"},
                      timeout=10).status_code == 401
-    # Never on the proxy's port.
     assert httpx.get(f"{up.tap_url}/v1/apps", headers={"authorization": f"Bearer {token}"},
-                     timeout=10).status_code in (401, 404)
+                     timeout=10).status_code in (401, 404)  # never on the proxy's port
     up.stop()
 
 
@@ -141,10 +170,9 @@ def test_up_runs_the_collectors_of_config_and_reloads_read_that_file(make_up: ty
     up.stop()
 
 
-@pytest.mark.parametrize("bad", ["no-such-module:Collector"])
-def test_up_names_a_collector_of_config_that_cannot_start(make_up: type[Up], tmp_path: Path, bad: str) -> None:
+def test_up_names_a_collector_of_config_that_cannot_start(tmp_path: Path) -> None:
     doc = yaml.safe_load(DEMO_CONFIG.read_text())
-    doc["collectors"]["broken"] = {"plugin": bad}
+    doc["collectors"]["broken"] = {"plugin": "no-such-module:Collector"}
     source = tmp_path / "mine.yaml"
     source.write_text(yaml.safe_dump(doc))
     result = subprocess.run([sys.executable, "-m", "gateway_tap", "up", "--plain", "--state-dir",
