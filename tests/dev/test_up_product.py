@@ -73,6 +73,11 @@ def test_the_readme_quickstart_runs_as_written(make_up: type[Up], tmp_path: Path
                      TIMEOUT_S, "the first events in Elasticsearch", up)
             out = run(language, code)
             assert '"hits"' in out and "gateway_tap_requests_total" in out and "events_handled" in out, out
+        elif "duckdb" in code:  # "a new object every 10 s"
+            wait_for(lambda: any((up.state_dir / "lake" / "type=analytics").glob("*/*/*.parquet")), TIMEOUT_S,
+                     "the first lake object", up)
+            out = run(language, code)
+            assert "team-search" in out, out
         else:
             out = run(language, code)
         ran.append(out)
