@@ -42,6 +42,11 @@ class AppIndex:
         """Hashes of the keys that authenticated since the admin state last took them (a key's "last used")."""
 
     def app_for_key(self, key: str) -> AppConfig | None:
+        found = self.identify(key)
+        return found[0] if found is not None else None
+
+    def identify(self, key: str) -> tuple[AppConfig, str] | None:
+        """The app of ``key`` and the key's ``sha256:<hex>`` (what identifies a key to rate limits), or None."""
         digest = hash_key(key)
         app = self.by_hash.get(digest)
         if app is None:
@@ -49,7 +54,7 @@ class AppIndex:
         # The dict lookup already matched; compare again in constant time so the answer never depends on timing.
         if any(hmac.compare_digest(digest, h) for h in app.key_hashes):
             self.used.add(digest)
-            return app
+            return app, digest
         return None
 
     def allowed(self, app_id: str, llm_id: str) -> bool:

@@ -1,7 +1,7 @@
 """``docs/metrics.md``, generated from the metric declarations themselves.
 
 Every component's metrics are registered on fresh registries (the tap's: proxy, hook chain,
-publisher, budget enforcer; a collector worker's: runtime plus the built-in sinks), so the
+publisher, budget enforcer, rate limits, the Redis link; a collector worker's: runtime plus the built-in sinks), so the
 document lists exactly what the code exposes. Regenerate with::
 
     python -m gateway_tap.metrics_docs > docs/metrics.md
@@ -37,12 +37,16 @@ def tap_registry() -> CollectorRegistry:
     from gateway_tap.budgets.enforcer import _Metrics as BudgetEnforcerMetrics
     from gateway_tap.config_reload import ReloadMetrics
     from gateway_tap.proxy.metrics import TapMetrics
+    from gateway_tap.proxy.ratelimit import _Metrics as RateLimitMetrics
     from gateway_tap.publisher.publisher import PublisherMetrics
+    from gateway_tap.redis_link import _Metrics as RedisMetrics
 
     registry = CollectorRegistry()
     TapMetrics(registry)
     PublisherMetrics(registry)
     BudgetEnforcerMetrics(registry)
+    RateLimitMetrics(registry)
+    RedisMetrics(registry)
     ReloadMetrics(registry, "gateway_tap_")  # as gateway_tap.proxy.reload registers them
     AdminMetrics(registry)  # as gateway_tap.proxy.admin_link registers them (with tap.admin on)
     return registry

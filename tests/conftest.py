@@ -25,7 +25,10 @@ from gateway_tap.dev.servers import (
     mock_llm_process,
 )
 
-pytest_plugins = ["tests.support.budget"]  # budget_store / budget_store_settings (SQLite and PostgreSQL)
+pytest_plugins = [
+    "tests.support.budget",  # budget_store / budget_store_settings (SQLite and PostgreSQL)
+    "tests.support.redis",  # redis_url (session), own_redis (a server the test may stop), redis_prefix
+]
 
 
 @pytest.fixture(scope="session")

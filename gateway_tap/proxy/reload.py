@@ -215,6 +215,7 @@ class ConfigReloader:
         self.generation = new.generation
         self.metrics.succeeded(new.generation)
         self._update_budgets(old.config, new.config)
+        self._update_rate_limits(old.config, new.config)
         kept = {id(p.instance) for p in new.plugins}
         retired = [p for p in old.plugins if id(p.instance) not in kept]
         # Only snapshots with requests in flight (and the one just replaced) can still reach old instances.
@@ -233,6 +234,15 @@ class ConfigReloader:
                         "is off" if gate is None else "cannot take new budgets live")
             return
         update(new.budgets, new.budget_enforcement)
+
+    def _update_rate_limits(self, old: GatewayConfig, new: GatewayConfig) -> None:
+        if changed_keys(old, new, ("rate_limits", "rate_limiting")) == []:
+            return
+        gate = getattr(self.tap, "ratelimit", None)
+        if gate is None:
+            log.warning("rate limits changed but rate limiting is off in this tap; restart it to apply them")
+            return
+        gate.reconfigure(new.rate_limits, new.rate_limiting)
 
     async def _close_when_drained(self, snapshots: list[ConfigSnapshot], retired: list[LoadedPlugin],
                                   old: GatewayConfig) -> None:

@@ -12,7 +12,8 @@ gateway-tap, so the tap, the budgets, the publisher and the collectors all build
 
 One module per section: :mod:`.kafka`, :mod:`.tap` (with :mod:`.publisher`), :mod:`.llms`,
 :mod:`.apps`, :mod:`.plugins`, :mod:`.budgets` (``budgets``, ``budget_store``,
-``budget_enforcement``), :mod:`.collectors`; :mod:`.root` holds the whole file.
+``budget_enforcement``), :mod:`.ratelimits` (``rate_limits``, ``rate_limiting``), :mod:`.redis`,
+:mod:`.collectors`; :mod:`.root` holds the whole file.
 """
 
 from gateway_tap.settings.admin import AdminListenSettings, AdminSettings, AdminTokenSettings
@@ -37,6 +38,8 @@ from gateway_tap.settings.llms import LLMConfig, LLMLimits, LLMTimeouts, ModelPr
 from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig, PluginKVSettings
 from gateway_tap.settings.publisher import PublisherSettings
+from gateway_tap.settings.ratelimits import RateLimitingSettings, RateLimitKind, RateLimitSettings
+from gateway_tap.settings.redis import RedisSettings
 from gateway_tap.settings.root import ConfigFileError, GatewayConfig, load_config, parse_config
 from gateway_tap.settings.tap import LimitSettings, ListenSettings, ReloadSettings, TapSettings
 
@@ -67,6 +70,10 @@ __all__ = [
     "PluginConfig",
     "PluginKVSettings",
     "PublisherSettings",
+    "RateLimitKind",
+    "RateLimitSettings",
+    "RateLimitingSettings",
+    "RedisSettings",
     "ReloadSettings",
     "RetrySettings",
     "Section",

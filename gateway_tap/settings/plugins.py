@@ -12,13 +12,15 @@ from gateway_tap.settings.base import Id, Section
 class PluginKVSettings(Section):
     """Which key-value store ``services.kv`` is for this plugin."""
 
-    backend: Literal["memory", "shared"] = Field(
+    backend: Literal["memory", "shared", "redis"] = Field(
         default="memory",
         description="memory: a dict per worker process (fastest, not shared, lost on restart); shared: the SQLite "
-                    "file tap.shared_kv_path, shared by the tap's worker processes.")
+                    "file tap.shared_kv_path, shared by the tap's worker processes; redis: the redis section's "
+                    "server, shared by every worker of every tap.")
     max_bytes: int = Field(default=64 * 1024 * 1024, gt=0,
-                           description="shared only: bound on this plugin's keys + values; the oldest entries "
-                                       "are evicted to make room.")
+                           description="shared: bound on this plugin's keys + values (the oldest entries are evicted "
+                                       "to make room); redis: the largest single entry (the server's maxmemory "
+                                       "policy bounds the whole).")
 
 
 class PluginConfig(Section):

@@ -22,6 +22,8 @@ from gateway_tap.settings.kafka import KafkaSettings
 from gateway_tap.settings.llms import LLMConfig, unknown_llm_refs
 from gateway_tap.settings.loop_monitor import LoopMonitorSettings
 from gateway_tap.settings.plugins import PluginConfig
+from gateway_tap.settings.ratelimits import RateLimitingSettings, RateLimitSettings, check_rate_limit_references
+from gateway_tap.settings.redis import RedisSettings
 from gateway_tap.settings.tap import TapSettings
 
 
@@ -40,6 +42,10 @@ class GatewayConfig(Section):
         default_factory=BudgetStoreSettings)  # type: ignore[arg-type]
     budget_enforcement: BudgetEnforcementSettings = Field(
         default_factory=BudgetEnforcementSettings)  # type: ignore[arg-type]
+    rate_limits: list[RateLimitSettings] = Field(
+        default_factory=list, description="Requests, tokens and concurrent requests per app, key, app x LLM / model.")
+    rate_limiting: RateLimitingSettings = Field(default_factory=RateLimitingSettings)  # type: ignore[arg-type]
+    redis: Annotated[RedisSettings, RESTART] = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
     collectors: dict[str, CollectorSettings] = Field(
         default_factory=dict, description="Collector workers by NAME (as given to `gateway-tap collect NAME`).")
     loop_monitor: Annotated[LoopMonitorSettings, RESTART] = Field(
@@ -92,8 +98,9 @@ def parse_config(data: Any, source: str | Path = "<config>") -> GatewayConfig:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigFileError(source, format_validation_error(exc)) from None
-    problems = _check_tap_references(config) + check_budget_references(
-        config.budgets, {a.id for a in config.apps}, {llm.id for llm in config.llms})
+    app_ids, llm_ids = {a.id for a in config.apps}, {llm.id for llm in config.llms}
+    problems = (_check_tap_references(config) + check_budget_references(config.budgets, app_ids, llm_ids)
+                + check_rate_limit_references(config.rate_limits, app_ids, llm_ids))
     if problems:
         raise ConfigFileError(source, problems)
     return config

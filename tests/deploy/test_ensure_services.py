@@ -69,9 +69,9 @@ def test_packages_install_with_service_starts_refused_and_nothing_killed(stubs: 
     policy = tmp_path / "policy-rc.d"
     done = run_script(stubs, policy)
     assert done.returncode == 0, done.stderr
-    assert "installing Debian packages: docker-compose prometheus wrk" in done.stdout
+    assert "installing Debian packages: docker-compose prometheus redis-server wrk" in done.stdout
     calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert calls == ["apt-get install -y -qq --no-install-recommends docker-compose prometheus wrk "
+    assert calls == ["apt-get install -y -qq --no-install-recommends docker-compose prometheus redis-server wrk "
                      "| policy: exit 101 executable"]
     assert not policy.exists()  # removed after the install
 
@@ -84,5 +84,5 @@ def test_an_existing_policy_is_left_as_it_was(stubs: Path, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert policy.read_text() == "#!/bin/sh\n# the machine's own\nexit 0\n"
     calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert calls == ["apt-get install -y -qq --no-install-recommends docker-compose prometheus wrk "
+    assert calls == ["apt-get install -y -qq --no-install-recommends docker-compose prometheus redis-server wrk "
                      "| policy: exit 0 executable"]

@@ -1,0 +1,223 @@
+"""The ``shared`` limiter: the counters live in Redis, exact across every worker and tap.
+
+Admission is one Lua script call (``EVALSHA``; one round trip, atomic: no other request runs between the
+check and the take), with Redis's own clock so taps with skewed clocks agree. Per-minute counters are hashes
+``{l: level in milli-units, t: ms}`` that expire once full again; a concurrency counter is a sorted set of
+request ids scored by when their claim lapses (``rate_limiting.concurrency_lease_s``: the claim of a request
+whose tap died without settling). Settlements (the token estimate replaced by the actual usage, the
+concurrency claim ended) are not on any request's path: queued and sent in one pipeline per flush.
+
+Keys of one request live on one server (no Redis Cluster slots across keys): run one Redis or a replicated
+primary, not a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from gateway_tap.ratelimits.limiter import CounterState, Decision, Plan
+from gateway_tap.redis_link import REDIS_ERRORS, RedisLink
+
+log = logging.getLogger("gateway_tap.ratelimits")
+
+USER = "ratelimit"
+"""The ``user`` label of this module's Redis metrics."""
+
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, lease = ARGV[1], tonumber(ARGV[2])
+local used, blocked, wait = {}, 0, 0
+for i = 1, #KEYS do
+  local j = 3 + (i - 1) * 3
+  local kind, limit, cost = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  if kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    used[i] = redis.call('ZCARD', KEYS[i])
+    if used[i] >= limit and blocked == 0 then blocked, wait = i, 1000 end
+  else
+    local s = redis.call('HMGET', KEYS[i], 'u', 't')
+    local u = 0
+    if s[1] then u = math.max(0, math.ceil(tonumber(s[1]) - (now - tonumber(s[2])) * limit / 60)) end
+    used[i] = u
+    local short = math.min(cost, limit) * 1000 - (limit * 1000 - u)
+    if short > 0 and blocked == 0 then blocked, wait = i, math.ceil(short * 60 / limit) end
+  end
+end
+local out = {blocked, wait}
+for i = 1, #KEYS do
+  local j = 3 + (i - 1) * 3
+  local kind, limit, cost = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local u = used[i]
+  if kind == 'c' then
+    if blocked == 0 then
+      redis.call('ZADD', KEYS[i], now + lease, member)
+      redis.call('PEXPIRE', KEYS[i], lease)
+      u = u + 1
+    end
+    out[#out + 1] = limit - u
+    out[#out + 1] = 0
+  else
+    if blocked == 0 then
+      u = u + cost * 1000
+      redis.call('HSET', KEYS[i], 'u', u, 't', now)
+      redis.call('PEXPIRE', KEYS[i], math.ceil(u * 60 / limit) + 1000)
+    end
+    out[#out + 1] = math.floor((limit * 1000 - u) / 1000)
+    out[#out + 1] = math.ceil(u * 60 / limit)
+  end
+end
+return out
+"""
+"""KEYS: the counters; ARGV: request id, concurrency lease (ms), then per counter kind ('r' per minute, 'c'
+concurrent), limit, cost. Per-minute counters keep ``u``, what is used in milli-units, drained since ``t``
+(ms). Returns the blocking counter's index (0: admitted), the wait (ms), then per counter remaining and reset
+(ms)."""
+
+_SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  local j = 2 + (i - 1) * 3
+  local kind, limit, delta = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  if kind == 'c' then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  elseif delta ~= 0 then
+    local s = redis.call('HMGET', KEYS[i], 'u', 't')
+    local u = 0
+    if s[1] then u = math.max(0, math.ceil(tonumber(s[1]) - (now - tonumber(s[2])) * limit / 60)) end
+    u = math.max(0, u + delta * 1000)
+    redis.call('HSET', KEYS[i], 'u', u, 't', now)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(u * 60 / limit) + 1000)
+  end
+end
+return 0
+"""
+"""KEYS: the counters; ARGV: request id, then per counter kind, limit, tokens to add (actual - estimate; 0 for
+requests)."""
+
+
+class SharedAdmission:
+    """An admission of :class:`SharedLimiter`: its settlement is queued for the next flush."""
+
+    __slots__ = ("_limiter", "done", "plan", "request_id", "tokens")
+
+    def __init__(self, limiter: SharedLimiter, plan: Plan, request_id: str, tokens: int) -> None:
+        self._limiter = limiter
+        self.plan = plan
+        self.request_id = request_id
+        self.tokens = tokens
+        self.done = False
+
+    def settle(self, actual_tokens: int | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._limiter._queue_settlement(self, (actual_tokens or 0) - self.tokens)
+
+
+class SharedLimiter:
+    """Rate limits in Redis (one :class:`RedisLink` per worker).
+
+    :param link: the worker's Redis link.
+    :param on_error: ``fail_open`` admits while Redis cannot be asked, ``fail_closed`` refuses.
+    :param lease_s: how long a concurrency claim lasts when never settled.
+    """
+
+    _MAX_QUEUED = 100_000  # settlements waiting while Redis is away: beyond it they are dropped (and counted)
+
+    def __init__(self, link: RedisLink, *, on_error: str = "fail_open", lease_s: float = 900.0) -> None:
+        self.link = link
+        self.on_error = on_error
+        self.lease_ms = int(lease_s * 1000)
+        self._admit: AsyncScript = link.client.register_script(_ADMIT)
+        self._settle: AsyncScript = link.client.register_script(_SETTLE)
+        self._queue: list[tuple[list[str], list[Any]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.dropped_settlements = 0
+
+    def _keys(self, plan: Plan) -> list[str]:
+        return [self.link.key("rl:" + c.name) for c in plan]
+
+    async def admit(self, plan: Plan, request_id: str, tokens: int) -> Decision:
+        if not self.link.available:
+            return self._unavailable()
+        args: list[Any] = [request_id, self.lease_ms]
+        for counter in plan:
+            args += ("c" if counter.kind == "concurrent" else "r", counter.limit,
+                     tokens if counter.kind == "tokens" else 1)
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.link.settings.timeout_s):
+                out = await self._admit(self._keys(plan), args)
+        except REDIS_ERRORS as exc:
+            self.link.failed(USER, exc)
+            return self._unavailable()
+        self.link.observe(USER, time.perf_counter() - start)
+        blocked, wait_ms = int(out[0]), int(out[1])
+        states = tuple(CounterState(c, int(out[2 + 2 * i]), int(out[3 + 2 * i]) / 1000)
+                       for i, c in enumerate(plan))
+        if blocked:
+            counter = plan[blocked - 1]
+            return Decision(False, "limited", states, counter, max(wait_ms, 1) / 1000,
+                            tokens if counter.kind == "tokens" else 1)
+        return Decision(True, "allowed", states, admission=SharedAdmission(self, plan, request_id, tokens))
+
+    def _unavailable(self) -> Decision:
+        if self.on_error == "fail_closed":
+            return Decision(False, "redis_error_closed", retry_after_s=self.link.settings.retry_interval_s)
+        return Decision(True, "redis_error_open")
+
+    def _queue_settlement(self, admission: SharedAdmission, delta: int) -> None:
+        if len(self._queue) >= self._MAX_QUEUED:
+            self.dropped_settlements += 1
+            return
+        args: list[Any] = [admission.request_id]
+        for counter in admission.plan:
+            args += ("c" if counter.kind == "concurrent" else "r", counter.limit,
+                     delta if counter.kind == "tokens" else 0)
+        self._queue.append((self._keys(admission.plan), args))
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="ratelimit-settle")
+
+    async def _flush(self) -> None:
+        """Send what is queued, one pipeline per round, until the queue is empty (a settlement queued during a
+        round goes in the next). While Redis is down, settlements wait for it (bounded)."""
+        try:
+            while self._queue:
+                if not self.link.available:
+                    await asyncio.sleep(self.link.settings.retry_interval_s)
+                    continue
+                batch, self._queue = self._queue, []
+                start = time.perf_counter()
+                try:
+                    async with asyncio.timeout(self.link.settings.timeout_s * 4):
+                        pipe = self.link.client.pipeline(transaction=False)
+                        for keys, args in batch:
+                            await self._settle(keys, args, client=pipe)
+                        await pipe.execute()
+                except REDIS_ERRORS as exc:
+                    self.link.failed(USER, exc)
+                    self._queue[:0] = batch[: self._MAX_QUEUED - len(self._queue)]
+                    continue
+                self.link.observe(USER, time.perf_counter() - start)
+        finally:
+            self._flushing = None
+
+    async def close(self) -> None:
+        """Send the queued settlements (bounded by the link's timeout), then stop."""
+        task = self._flushing
+        if task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(self.link.settings.timeout_s * 8):
+                    await asyncio.shield(task)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
