@@ -64,7 +64,7 @@ async def measure(n: int) -> dict[str, float]:
         ex.model = ex.requested_model = "gpt-4o-mini"
         req = TapRequest("POST", "v1/chat/completions", "", CIMultiDict(headers), BODY, "127.0.0.1")
         c0 = time.process_time()
-        tap.budget.admit(req, ex)
+        await tap.budget.admit(req, ex)
         c1 = time.process_time()
         ex.status, ex.response_headers = 200, {"content-type": "application/json", "x-request-id": ex.request_id}
         ex.upstream_start = ex.ttfb = ex.first_chunk = ex.upstream_end = ex.finished = time.perf_counter()

@@ -17,8 +17,16 @@ Overspend bound (one tap): the final spend exceeds ``L`` by at most the sum of
 ``max(0, actual_i - estimate_i)`` over the requests in flight when the last
 request was admitted (that one included). With ``e = 0`` that is the cost of
 the requests in flight at once; with estimates that never undershoot it is 0.
-With several taps, add the spend other taps admitted but the store has not
-recorded yet (bounded by pipeline lag).
+
+Across taps (``budget_enforcement.leases``, the default): a hard budget's requests are also admitted
+only against a *lease*, a slice of the budget's room granted by the store's database
+(:meth:`BudgetStore.claim`, one claimer per app at a time). Each worker keeps its claims there (per app x
+LLM x day: unused lease + estimates in flight + usage not yet recorded) and a lease is granted only while
+the ledger's totals plus every worker's claims stay within every budget. Settling moves an estimate's error
+into the lease (an overshoot is taken from it), so a worker's claim only outgrows what was granted by the
+overshoot of its requests. Bound with leases: the sum of ``max(0, actual - estimate)`` over the requests on
+any tap that were in flight, or finished less than ``staleness_s`` earlier, when the last request was
+admitted: it does not grow with pipeline lag or the number of taps.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ import functools
 import itertools
 import logging
 import math
+import os
+import socket
 import time
+import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +59,7 @@ from gateway_tap.budgets.periods import (
     usd_to_micros,
     utc_clock,
 )
-from gateway_tap.budgets.store import BudgetStore, BudgetStoreError
+from gateway_tap.budgets.store import BudgetStore, BudgetStoreError, Claim, ClaimKey, DailyTotal
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, Period
 
 log = logging.getLogger("gateway_tap.budgets")
@@ -152,14 +163,15 @@ class Decision:
 class Reservation:
     """An admitted request's claim on its budgets. Call :meth:`settle` exactly once when it ends."""
 
-    __slots__ = ("_enforcer", "_id", "app_id", "cost_micros", "day", "done", "llm_id", "tokens")
+    __slots__ = ("_enforcer", "_id", "app_id", "cost_micros", "day", "done", "leased", "llm_id", "tokens")
 
     def __init__(self, enforcer: BudgetEnforcer | None, rid: int, app_id: str, llm_id: str, day: date,
-                 cost_micros: int, tokens: int) -> None:
+                 cost_micros: int, tokens: int, leased: bool = False) -> None:
         self._enforcer = enforcer
         self._id = rid
         self.app_id, self.llm_id, self.day = app_id, llm_id, day
         self.cost_micros, self.tokens = cost_micros, tokens
+        self.leased = leased  # drawn from this worker's lease: its settlement corrects the lease
         self.done = enforcer is None
 
     def settle(self, usage: SettledUsage | None) -> None:
@@ -195,6 +207,10 @@ class _Sums:
         entry[1] += tokens
         if not entry[0] and not entry[1]:
             del self.by_key[key]
+
+    def get(self, key: _Key) -> tuple[int, int]:
+        entry = self.by_key.get(key)
+        return (entry[0], entry[1]) if entry is not None else (0, 0)
 
     def total(self, llm_id: str | None, start: date, end: date) -> tuple[int, int]:
         cost = tokens = 0
@@ -251,6 +267,9 @@ class _Metrics:
                                   "Unix time of the last successful budget cache refresh.", registry=registry)
         self.inflight = Gauge("gateway_tap_budget_inflight_reservations",
                               "Admitted requests still in flight.", registry=registry)
+        self.claims = Counter("gateway_tap_budget_leases_total",
+                              "Lease requests to the store (hard budgets across taps) by result: granted, refused "
+                              "(no room left), error (the store failed).", ["result"], registry=registry)
         self.pending = Gauge("gateway_tap_budget_pending_usages",
                              "Finished requests whose usage the store has not recorded yet.", registry=registry)
         # livemax: with several workers the highest live view wins (each sees the store plus its own spend).
@@ -267,6 +286,10 @@ class _Metrics:
         return metrics
 
 
+_NEEDS_LEASE = Decision(False)
+"""Internal answer of ``_decide``: admitted if this worker's lease covered the estimate, which it does not."""
+
+
 class BudgetEnforcer:
     """Admission decisions against the configured budgets. Create one per tap process.
 
@@ -275,6 +298,7 @@ class BudgetEnforcer:
     :param settings: the ``budget_enforcement`` config section (staleness, on_store_error, ...).
     :param clock: current UTC time; inject a fixed clock in tests to cross period boundaries.
     :param registry: prometheus registry for the ``gateway_tap_budget_*`` metrics.
+    :param holder: this worker's name in the store's claims (with ``settings.leases``; default host/pid/random).
 
     Use ``await start()`` (first refresh, then a background refresh every
     ``staleness_s``) and ``await stop()``, or ``async with``. :meth:`admit`,
@@ -283,7 +307,7 @@ class BudgetEnforcer:
 
     def __init__(self, budgets: Sequence[BudgetSettings], store: BudgetStore,
                  settings: BudgetEnforcementSettings | None = None, *, clock: Clock = utc_clock,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY, holder: str | None = None) -> None:
         self.store = store
         self.settings = settings or BudgetEnforcementSettings()
         self._clock = clock
@@ -297,6 +321,11 @@ class BudgetEnforcer:
         self._local: dict[str, _Sums] = {}  # pending (settled, not yet in the store)
         self._reserved: dict[str, _Sums] = {}  # in flight
         self._pending: dict[str, _Pending] = {}
+        self._lease: dict[str, _Sums] = {}  # granted and not drawn yet (negative: overshoot beyond it)
+        self._drawn: set[tuple[str, _Key]] = set()  # leases drawn from since the last refresh
+        self._claim_locks: dict[str, asyncio.Lock] = {}  # one lease request per app at a time
+        self._claims_written = asyncio.Lock()  # this worker's claim rows are rewritten by one call at a time
+        self.holder = holder or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._inflight = 0
         self._ids = itertools.count(1)
         self._migrated = False
@@ -308,6 +337,7 @@ class BudgetEnforcer:
         self._metrics.pending.set_function(lambda: len(self._pending))
         self._count = {result: self._metrics.decisions.labels(result)
                        for result in ("allowed", "blocked", "store_error_open", "store_error_closed")}
+        self._leases = {result: self._metrics.claims.labels(result) for result in ("granted", "refused", "error")}
 
     def reconfigure(self, budgets: Sequence[BudgetSettings], settings: BudgetEnforcementSettings | None = None) -> None:
         """Take new budgets (and enforcement settings) live, e.g. on a config reload.
@@ -340,12 +370,22 @@ class BudgetEnforcer:
         self._task = asyncio.create_task(self._refresh_loop(), name="budget-cache-refresh")
 
     async def stop(self) -> None:
-        """Stop the background refresh. Safe to call twice; does not close the store."""
+        """Stop the background refresh and give unused leases back (the claims of requests in flight and of usage
+        not recorded yet stay until they expire). Safe to call twice; does not close the store."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self.leasing and self._ever_refreshed:
+                self._lease.clear()
+                with contextlib.suppress(BudgetStoreError):
+                    await self._put_claims()
+
+    @property
+    def leasing(self) -> bool:
+        """Whether hard budgets are admitted against leases (``budget_enforcement.leases``)."""
+        return self.settings.leases
 
     async def __aenter__(self) -> BudgetEnforcer:
         await self.start()
@@ -379,6 +419,13 @@ class BudgetEnforcer:
         expiry = time.monotonic() - self.settings.pending_ttl_s
         for event_id in [e for e, p in self._pending.items() if p.settled_at < expiry]:
             self._forget_pending(event_id)
+        if self.leasing:
+            self._return_unused_leases()
+            try:
+                await self._put_claims()
+            except BudgetStoreError as exc:
+                self._store_failed(str(exc))
+                raise
         self._ever_refreshed = True
         self._failing_since = None
         self.last_error = None
@@ -456,11 +503,61 @@ class BudgetEnforcer:
         cost = usd_to_micros(estimated_cost_usd) if estimated_cost_micros is None else estimated_cost_micros
         return self._decide(app_id, llm_id, cost, estimated_tokens, now or self._clock(), reserve=True)
 
+    async def admit_leased(self, app_id: str, llm_id: str, *, estimated_cost_micros: int, estimated_tokens: int,
+                           now: datetime | None = None) -> Decision:
+        """:meth:`admit` for a tap among others: a hard budget's request is admitted only against this worker's
+        lease, asking the store for more when it does not cover the estimate (the only case that waits for the
+        database; concurrent requests of one app share one such call). Without leases the same as :meth:`admit`.
+
+        When the store cannot grant (unreachable), the request is decided like without leases
+        (``on_store_error``, this worker's own view); a lease already granted keeps admitting during an outage.
+        """
+        now = now or self._clock()
+        decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
+                                lease=self.leasing)
+        if decision is not _NEEDS_LEASE:
+            return decision
+        lock = self._claim_locks.get(app_id)
+        if lock is None:
+            lock = self._claim_locks[app_id] = asyncio.Lock()
+        async with lock:
+            decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
+                                    lease=True)  # a request that held the lock before may have leased enough
+            if decision is not _NEEDS_LEASE:
+                return decision
+            try:
+                room = await self._grant(app_id, llm_id, now, estimated_cost_micros, estimated_tokens)
+            except BudgetStoreError as exc:
+                self._leases["error"].inc()
+                self._store_failed(str(exc))
+                return self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True, lease=False)
+            if room is None:  # granted: decided at once, still under the lock, so nobody drew the new lease first
+                decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
+                                        lease=True)
+                if decision is not _NEEDS_LEASE:
+                    return decision
+                room = (next(b for b in self.applicable(app_id, llm_id) if b.mode == "hard"), False)
+        # No room: the budget is spent, or other workers hold the rest (they return what they do not use).
+        self._count["blocked"].inc()
+        budgets = self.applicable(app_id, llm_id)
+        statuses = tuple(self._status(b, now) for b in budgets)
+        blocking, reset = room
+        index = next(i for i, b in enumerate(budgets) if b is blocking)
+        retry = (max(1, math.ceil((statuses[index].resets_at - now).total_seconds())) if reset
+                 else max(1, math.ceil(self.settings.staleness_s)))
+        return Decision(False, "budget_exceeded", retry, statuses[index], statuses)
+
     def _decide(self, app_id: str, llm_id: str, est_cost: int, est_tokens: int, now: datetime,
-                reserve: bool) -> Decision:
+                reserve: bool, *, lease: bool = False) -> Decision:
         budgets = self.applicable(app_id, llm_id)
         stale = bool(budgets) and not self.store_available
-        if stale and self.settings.on_store_error == "fail_closed" and any(b.mode == "hard" for b in budgets):
+        hard = any(b.mode == "hard" for b in budgets)
+        key = (llm_id, now.date())
+        leased = lease and hard and reserve
+        if leased and stale:
+            # A lease granted before is good during an outage too; without one, the on_store_error rule decides.
+            leased = self._lease_covers(app_id, key, budgets, est_cost, est_tokens)
+        if stale and not leased and self.settings.on_store_error == "fail_closed" and hard:
             self._count["store_error_closed"].inc()
             every = tuple(self._status(b, now) for b in budgets)
             return Decision(False, "budget_store_unavailable", max(1, math.ceil(self.settings.staleness_s)),
@@ -473,11 +570,138 @@ class BudgetEnforcer:
                 self._count["blocked"].inc()
                 statuses = tuple(self._status(b, now) for b in budgets)
                 return Decision(False, "budget_exceeded", retry, statuses[i], statuses, store_stale=stale)
-        self._count["store_error_open" if stale else "allowed"].inc()
+        if leased and not self._lease_covers(app_id, key, budgets, est_cost, est_tokens):
+            return _NEEDS_LEASE
+        self._count["store_error_open" if stale and not leased else "allowed"].inc()
         if reserve:
-            reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens)
+            reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens,
+                                        leased=leased)
             return Decision(True, reservation=reservation, store_stale=stale)
         return Decision(True, budgets=tuple(self._status(b, now) for b in budgets), store_stale=stale)
+
+    @staticmethod
+    def _limited(budgets: Sequence[BudgetSettings]) -> tuple[bool, bool]:
+        """Whether any hard budget of ``budgets`` limits (USD, tokens)."""
+        return (any(b.mode == "hard" and b.limit_usd is not None for b in budgets),
+                any(b.mode == "hard" and b.limit_tokens is not None for b in budgets))
+
+    def _lease_covers(self, app_id: str, key: _Key, budgets: Sequence[BudgetSettings], cost: int,
+                      tokens: int) -> bool:
+        sums = self._lease.get(app_id)
+        lease_cost, lease_tokens = sums.get(key) if sums is not None else (0, 0)
+        usd, toks = self._limited(budgets)
+        return (not usd or lease_cost >= cost) and (not toks or lease_tokens >= tokens)
+
+    # -- leases across taps --------------------------------------------------------------------------------
+    def _claims(self, app_id: str | None = None) -> dict[ClaimKey, tuple[int, int]]:
+        """This worker's claims (per app x LLM x day): unused lease (never below 0) + in flight + not recorded."""
+        out: dict[ClaimKey, list[int]] = {}
+        apps = [app_id] if app_id is not None else list({*self._lease, *self._reserved, *self._local})
+        for app in apps:
+            if not any(b.mode == "hard" for b in self._by_app.get(app, ())):
+                continue
+            for views, clamp in ((self._lease, True), (self._reserved, False), (self._local, False)):
+                sums = views.get(app)
+                if sums is None:
+                    continue
+                for (llm, day), (cost, tokens) in sums.by_key.items():
+                    entry = out.setdefault((app, llm, day), [0, 0])
+                    entry[0] += max(0, cost) if clamp else cost
+                    entry[1] += max(0, tokens) if clamp else tokens
+        return {k: (v[0], v[1]) for k, v in out.items() if v[0] > 0 or v[1] > 0}
+
+    async def _put_claims(self) -> None:
+        async with self._claims_written:
+            now_s = time.time()
+            await self.store.put_claims(self.holder, self._claims(), now_s=now_s,
+                                        expires_s=now_s + self.settings.claim_ttl_s)
+
+    def _return_unused_leases(self) -> None:
+        """A lease not drawn from since the last refresh goes back (another worker may need the room)."""
+        for app, sums in self._lease.items():
+            for key in [k for k, (c, t) in sums.by_key.items() if (app, k) not in self._drawn and (c > 0 or t > 0)]:
+                cost, tokens = sums.get(key)
+                sums.add(key, -max(0, cost), -max(0, tokens))
+        self._drawn.clear()
+
+    async def _grant(self, app_id: str, llm_id: str, now: datetime, need_cost: int,
+                     need_tokens: int) -> tuple[BudgetSettings, bool] | None:
+        """Ask the store for a lease covering (``need_cost``, ``need_tokens``) on today's ``llm_id``.
+
+        :returns: None when granted (the lease is updated), else the budget without room and whether only
+            its period's reset can help (the ledger alone fills it).
+        :raises BudgetStoreError: the store failed.
+        """
+        day = now.date()
+        key = (llm_id, day)
+        budgets = [b for b in self.applicable(app_id, llm_id) if b.mode == "hard"]
+        since = period_start("monthly", now)  # every daily period lies inside its month
+        fraction = self.settings.lease_fraction
+        outcome: list[Any] = []
+
+        def decide(totals: list[DailyTotal], others: list[Claim]) -> dict[ClaimKey, tuple[int, int]]:
+            mine = self._claims(app_id)
+            lease_cost, lease_tokens = self._lease[app_id].get(key) if app_id in self._lease else (0, 0)
+            short_cost, short_tokens = need_cost - max(0, lease_cost), need_tokens - max(0, lease_tokens)
+            grant = [0, 0]
+            blocked: tuple[BudgetSettings, bool] | None = None
+            rooms: list[int | None] = [None, None]
+            for budget in budgets:
+                start, end, _ = _bounds(budget.period, day)
+
+                def inside(llm: str, d: date, budget: BudgetSettings = budget, start: date = start,
+                           end: date = end) -> bool:
+                    return (budget.llm_id is None or llm == budget.llm_id) and start <= d < end
+
+                ledger = [0, 0]
+                for row in totals:
+                    if inside(row.llm_id, row.day):
+                        ledger[0] += row.cost_micros
+                        ledger[1] += row.total_tokens
+                claimed = [ledger[0], ledger[1]]
+                for c in others:
+                    if inside(c.llm_id, c.day):
+                        claimed[0] += c.cost_micros
+                        claimed[1] += c.tokens
+                for (_, llm, d), (cost, tokens) in mine.items():
+                    if inside(llm, d):
+                        claimed[0] += cost
+                        claimed[1] += tokens
+                limits: tuple[int | None, int | None] = (self._limit_micros.get(id(budget)), budget.limit_tokens)
+                for dim, short in ((0, short_cost), (1, short_tokens)):
+                    limit = limits[dim]
+                    if limit is None:
+                        continue
+                    room = limit - claimed[dim]
+                    current = rooms[dim]
+                    rooms[dim] = room if current is None else min(current, room)
+                    if room < short and blocked is None:
+                        blocked = (budget, ledger[dim] >= limit or ledger[dim] + max(short, 0) > limit)
+            if blocked is None:
+                for dim, short in ((0, short_cost), (1, short_tokens)):
+                    left = rooms[dim]
+                    if left is not None and left > 0:
+                        grant[dim] = min(left, max(short, math.ceil(left * fraction)))
+                if grant != [0, 0]:
+                    entry = list(mine.get((app_id, llm_id, day), (0, 0)))
+                    mine[(app_id, llm_id, day)] = (entry[0] + grant[0], entry[1] + grant[1])
+            outcome[:] = [blocked, grant]
+            return mine
+
+        async with self._claims_written:
+            now_s = time.time()
+            await self.store.claim(self.holder, app_id, since, decide, now_s=now_s,
+                                   expires_s=now_s + self.settings.claim_ttl_s)
+        blocked, grant = outcome
+        if blocked is not None:
+            self._leases["refused"].inc()
+            return blocked  # type: ignore[no-any-return]
+        sums = self._lease.setdefault(app_id, _Sums())
+        cost, tokens = sums.get(key)
+        # An overshoot beyond the lease was already claimed as usage: the new lease starts from zero.
+        sums.add(key, grant[0] - min(0, cost), grant[1] - min(0, tokens))
+        self._leases["granted"].inc()
+        return None
 
     def _blocks(self, budget: BudgetSettings, m: _Measure, est_cost: int, est_tokens: int,
                 now: datetime) -> float | None:
@@ -514,11 +738,15 @@ class BudgetEnforcer:
             reserved_usd=micros_to_usd(m.reserved_cost), reserved_tokens=m.reserved_tokens, exceeded=exceeded)
 
     # -- reservations ------------------------------------------------------------------------------------
-    def _reserve(self, app_id: str, llm_id: str, day: date | None, cost: int, tokens: int) -> Reservation:
+    def _reserve(self, app_id: str, llm_id: str, day: date | None, cost: int, tokens: int, *,
+                 leased: bool = False) -> Reservation:
         if day is None:  # no budget applies: nothing to track
             return Reservation(None, 0, app_id, llm_id, date.min, 0, 0)
-        reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens)
+        reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens, leased)
         self._reserved.setdefault(app_id, _Sums()).add((llm_id, day), cost, tokens)
+        if leased:
+            self._lease.setdefault(app_id, _Sums()).add((llm_id, day), -cost, -tokens)
+            self._drawn.add((app_id, (llm_id, day)))
         self._inflight += 1
         return reservation
 
@@ -528,10 +756,16 @@ class BudgetEnforcer:
                                 -reservation.tokens)
         self._inflight -= 1
         if usage is None or usage.id in self._pending:
+            if reservation.leased:  # nothing consumed: the estimate goes back to the lease
+                self._lease[app].add((reservation.llm_id, reservation.day), reservation.cost_micros,
+                                     reservation.tokens)
             return
         key = (usage.llm_id, usage_day(usage.period, usage.period_start, usage.emitted_at))
         cost = usage.cost_micros if usage.cost_micros is not None else usd_to_micros(usage.cost)
         tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        if reservation.leased:  # the estimate's error goes to the lease: an overshoot is taken from it
+            self._lease[app].add((reservation.llm_id, reservation.day), reservation.cost_micros - cost,
+                                 reservation.tokens - tokens)
         self._pending[usage.id] = _Pending(usage.app_id, key, cost, tokens, time.monotonic())
         self._local.setdefault(usage.app_id, _Sums()).add(key, cost, tokens)
 

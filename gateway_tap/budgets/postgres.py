@@ -11,7 +11,7 @@ retried.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
@@ -22,6 +22,9 @@ from gateway_tap.budgets import migrations
 from gateway_tap.budgets.store import (
     BudgetStore,
     BudgetStoreError,
+    Claim,
+    ClaimDecision,
+    ClaimKey,
     DailyTotal,
     RecordResult,
     Spend,
@@ -64,6 +67,12 @@ _TOTALS = ("SELECT app_id, llm_id, day, cost_micros, prompt_tokens, completion_t
            "FROM budget_totals WHERE day >= $1 AND ($2::date IS NULL OR day < $2) "
            "AND ($3::text[] IS NULL OR app_id = ANY($3))")
 _MIGRATION_LOCK = 0x6761746577  # advisory lock id: one migrator at a time
+_CLAIM_LOCK = 0x676174  # advisory lock class of the claims: (class, hashtext(app_id)), one claimer per app
+_OTHER_CLAIMS = ("SELECT holder, app_id, llm_id, day, cost_micros, tokens FROM budget_claims "
+                 "WHERE app_id = $1 AND day >= $2 AND holder <> $3 AND expires_s > $4")
+_INSERT_CLAIMS = ("INSERT INTO budget_claims (holder, app_id, llm_id, day, cost_micros, tokens, expires_s) "
+                  "SELECT $1::text, * FROM unnest($2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[]) "
+                  "AS c(app_id, llm_id, day, cost_micros, tokens), (SELECT $7::double precision) AS e(expires_s)")
 _RETRIES = 5
 
 
@@ -167,6 +176,32 @@ class PostgresBudgetStore(BudgetStore):
                                         list(event_ids))
                 recorded = {r[0] for r in rows}
         return SpendSnapshot(totals, recorded)
+
+    @staticmethod
+    async def _write_claims(conn: asyncpg.Connection, holder: str, claims: Mapping[ClaimKey, tuple[int, int]],
+                            expires_s: float) -> None:
+        rows = sorted((k, v) for k, v in claims.items() if v != (0, 0))
+        if rows:
+            await conn.execute(_INSERT_CLAIMS, holder, [k[0] for k, _ in rows], [k[1] for k, _ in rows],
+                               [k[2] for k, _ in rows], [v[0] for _, v in rows], [v[1] for _, v in rows], expires_s)
+
+    async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
+                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, app_id)
+            totals = await self._totals(conn, since, None, [app_id])
+            others = [Claim(*r) for r in await conn.fetch(_OTHER_CLAIMS, app_id, since, holder, now_s)]
+            mine = decide(totals, others)
+            await conn.execute("DELETE FROM budget_claims WHERE app_id = $1 AND holder = $2", app_id, holder)
+            await self._write_claims(conn, holder, {k: v for k, v in mine.items() if k[0] == app_id}, expires_s)
+        return mine
+
+    async def put_claims(self, holder: str, claims: Mapping[ClaimKey, tuple[int, int]], *, now_s: float,
+                         expires_s: float) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM budget_claims WHERE holder = $1 OR expires_s < $2", holder,
+                               now_s - 3600.0)
+            await self._write_claims(conn, holder, claims, expires_s)
 
     async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
         async with self._connection() as conn:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
 from pathlib import Path
@@ -24,6 +24,9 @@ from gateway_tap.budgets import migrations
 from gateway_tap.budgets.store import (
     BudgetStore,
     BudgetStoreError,
+    Claim,
+    ClaimDecision,
+    ClaimKey,
     DailyTotal,
     RecordResult,
     Spend,
@@ -197,6 +200,36 @@ class SqliteBudgetStore(BudgetStore):
                         (orjson.dumps(list(event_ids)).decode(),)) as cur:
                     recorded = {r[0] for r in await cur.fetchall()}
         return SpendSnapshot(totals, recorded)
+
+    @staticmethod
+    async def _write_claims(conn: aiosqlite.Connection, holder: str, claims: Mapping[ClaimKey, tuple[int, int]],
+                            expires_s: float) -> None:
+        await conn.executemany(
+            "INSERT INTO budget_claims (holder, app_id, llm_id, day, cost_micros, tokens, expires_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(holder, k[0], k[1], k[2].isoformat(), v[0], v[1], expires_s) for k, v in sorted(claims.items())
+             if v != (0, 0)])
+
+    async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
+                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
+        # BEGIN IMMEDIATE takes the file's write lock first: every claimer, of any process, runs alone.
+        async with self._transaction("IMMEDIATE") as conn:
+            totals = await self._totals(conn, since, None, [app_id])
+            async with conn.execute(
+                    "SELECT holder, app_id, llm_id, day, cost_micros, tokens FROM budget_claims "
+                    "WHERE app_id = ? AND day >= ? AND holder <> ? AND expires_s > ?",
+                    (app_id, since.isoformat(), holder, now_s)) as cur:
+                others = [Claim(r[0], r[1], r[2], date.fromisoformat(r[3]), r[4], r[5]) for r in await cur.fetchall()]
+            mine = decide(totals, others)
+            await conn.execute("DELETE FROM budget_claims WHERE app_id = ? AND holder = ?", (app_id, holder))
+            await self._write_claims(conn, holder, {k: v for k, v in mine.items() if k[0] == app_id}, expires_s)
+        return mine
+
+    async def put_claims(self, holder: str, claims: Mapping[ClaimKey, tuple[int, int]], *, now_s: float,
+                         expires_s: float) -> None:
+        async with self._transaction("IMMEDIATE") as conn:
+            await conn.execute("DELETE FROM budget_claims WHERE holder = ? OR expires_s < ?", (holder, now_s - 3600.0))
+            await self._write_claims(conn, holder, claims, expires_s)
 
     async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:
         async with self._transaction("IMMEDIATE") as conn:

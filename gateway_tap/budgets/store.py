@@ -10,7 +10,7 @@ of its days. Money is integer micro-USD (exact sums).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -109,6 +109,26 @@ class SpendSnapshot:
     recorded_ids: set[str]
 
 
+ClaimKey = tuple[str, str, date]
+"""(app_id, llm_id, UTC day): what a claim is kept per."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One holder's claim on one app x LLM x day: spend the ledger does not show yet (see :meth:`BudgetStore.claim`)."""
+
+    holder: str
+    app_id: str
+    llm_id: str
+    day: date
+    cost_micros: int
+    tokens: int
+
+
+ClaimDecision = Callable[[list[DailyTotal], list[Claim]], Mapping[ClaimKey, tuple[int, int]]]
+"""Given the app's totals and the other holders' live claims, this holder's new claims on the app."""
+
+
 class BudgetStore(ABC):
     """One interface, two backends (:mod:`.sqlite`, :mod:`.postgres`).
 
@@ -132,6 +152,19 @@ class BudgetStore(ABC):
     @abstractmethod
     async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
         """Daily totals since ``since`` for ``app_ids`` plus which ``event_ids`` are recorded, read atomically."""
+
+    @abstractmethod
+    async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
+                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
+        """Replace ``holder``'s claims on ``app_id`` by what ``decide`` returns, in one transaction that no other
+        :meth:`claim` of the same app interleaves with: ``decide`` gets the app's daily totals since ``since`` and
+        the other holders' claims on it since then that expire after ``now_s``. Rows of (0, 0) are not kept."""
+
+    @abstractmethod
+    async def put_claims(self, holder: str, claims: Mapping[ClaimKey, tuple[int, int]], *, now_s: float,
+                         expires_s: float) -> None:
+        """Replace every claim of ``holder`` by ``claims`` (renewed until ``expires_s``); also drops claims of any
+        holder that expired more than an hour before ``now_s``."""
 
     @abstractmethod
     async def claim_alert(self, budget_key: str, period_start: date, threshold: float, spend: Spend) -> bool:

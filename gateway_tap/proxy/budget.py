@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -87,7 +89,8 @@ class BudgetGate:
         self.settings = config.budget_enforcement
         self.store = store
         self.clock = clock
-        self.enforcer = BudgetEnforcer(config.budgets, store, self.settings, clock=clock, registry=registry)
+        self.enforcer = BudgetEnforcer(config.budgets, store, self.settings, clock=clock, registry=registry,
+                                       holder=f"{config.gateway_id}/{os.getpid()}/{uuid.uuid4().hex[:8]}")
 
     @classmethod
     async def open(cls, config: GatewayConfig, *, registry: CollectorRegistry,
@@ -126,7 +129,7 @@ class BudgetGate:
         """The post-auth step to put into every LLM's chain."""
         return BudgetStep(self, metrics)
 
-    def admit(self, req: TapRequest, ex: Exchange) -> None:
+    async def admit(self, req: TapRequest, ex: Exchange) -> None:
         """Admit the request (reservation on ``ex.budget``) or raise the 429/503 :class:`TapError`."""
         app_id = ex.app_id
         if app_id is None:
@@ -140,8 +143,8 @@ class BudgetGate:
         except orjson.JSONDecodeError:
             parsed = None
         cost_micros, tokens = estimate(parsed, ex.prices, now)
-        decision = self.enforcer.admit(app_id, ex.llm_id, estimated_cost_micros=cost_micros,
-                                       estimated_tokens=tokens, now=now)
+        decision = await self.enforcer.admit_leased(app_id, ex.llm_id, estimated_cost_micros=cost_micros,
+                                                    estimated_tokens=tokens, now=now)
         if not decision.allowed:
             raise _refusal(decision, now)
         ex.budget = decision.reservation
@@ -212,6 +215,6 @@ class BudgetStep:
         assert isinstance(scope, Exchange) and isinstance(arg, TapRequest)
         start = time.perf_counter()
         try:
-            self.gate.admit(arg, scope)
+            await self.gate.admit(arg, scope)
         finally:
             self._latency.observe(time.perf_counter() - start)

@@ -75,6 +75,19 @@ class BudgetEnforcementSettings(Section):
     store_error_grace_s: float = Field(default=5.0, ge=0, description="Failed refreshes tolerated for this long.")
     pending_ttl_s: float = Field(default=3600.0, gt=0,
                                  description="Forget this tap's settled spend not seen in the store after this long.")
+    leases: bool = Field(
+        default=True,
+        description="Hard budgets hold across taps and workers: each worker admits against a lease granted by the "
+                    "store's database, where every worker's claims (unused lease, requests in flight, spend not yet "
+                    "recorded) are kept, so the overspend does not grow with the pipeline's lag or the number of "
+                    "taps (docs/budgets.md). false: each worker counts only its own spend until the store has it.")
+    lease_fraction: float = Field(default=0.1, gt=0, le=1,
+                                  description="A lease takes this fraction of the budget's room left (at least what "
+                                              "the request needs); what a worker does not use is returned at its next "
+                                              "refresh.")
+    claim_ttl_s: float = Field(default=300.0, gt=0,
+                               description="A worker's claims expire when it stops renewing them (every staleness_s) "
+                                           "for this long: what a dead worker held is freed.")
 
 
 def check_budget_references(budgets: list[BudgetSettings], app_ids: set[str], llm_ids: set[str]) -> list[str]:

@@ -278,16 +278,23 @@ async def test_a_new_period_starts_at_the_boundary(budget_store_settings: Budget
         assert isinstance(usage, BudgetUsage) and (usage.period, usage.period_start) == ("daily", start)
 
 
-@pytest.mark.parametrize("on_store_error", ["fail_open", "fail_closed"])
-async def test_store_unreachable_follows_on_store_error(on_store_error: str, pg_dsn: str, mock_llm: str,
-                                                        kafka_bootstrap: str, topic_prefix: str,
+@pytest.mark.parametrize(("on_store_error", "lease_fraction"),
+                         [("fail_open", 1e-9), ("fail_closed", 1e-9), ("fail_closed", 0.5)])
+async def test_store_unreachable_follows_on_store_error(on_store_error: str, lease_fraction: float, pg_dsn: str,
+                                                        mock_llm: str, kafka_bootstrap: str, topic_prefix: str,
                                                         tmp_path: Path) -> None:
+    """A tiny lease_fraction leases each request just its estimate: once the store is away there is no lease left
+    and on_store_error decides. With a larger one, what was leased before the outage is still admitted (it was
+    granted against every tap's claims, so it cannot overspend), also with fail_closed."""
     relay = await TcpRelay("127.0.0.1", 5432).start()
-    store = BudgetStoreSettings(backend="postgres", timeout_s=1, postgres_schema=f"tap_{on_store_error}",
+    store = BudgetStoreSettings(backend="postgres", timeout_s=1,
+                                postgres_schema=f"tap_{on_store_error}_{int(lease_fraction * 10)}",
                                 postgres_dsn=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
     doc = document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path, store,
                    [{"app_id": "test", "limit_usd": 1.0}],
-                   enforcement={"on_store_error": on_store_error, "store_error_grace_s": 0, "staleness_s": 0.05})
+                   enforcement={"on_store_error": on_store_error, "store_error_grace_s": 0, "staleness_s": 0.05,
+                                "lease_fraction": lease_fraction})
+    leased = lease_fraction > 0.1
     async with budget_tap(doc, Clock(datetime(2026, 3, 15, tzinfo=UTC))) as tap, aiohttp.ClientSession() as http:
         assert tap.tap.budget is not None and tap.tap.budget.enforcer.store_available
         assert (await post(http, tap, chat(100, 10))).status == 200
@@ -298,7 +305,7 @@ async def test_store_unreachable_follows_on_store_error(on_store_error: str, pg_
             return not enforcer.store_available
         await wait_until(store_down, "the enforcer noticed the outage")
         answer = await post(http, tap, chat(100, 10))
-        if on_store_error == "fail_open":
+        if on_store_error == "fail_open" or leased:
             assert answer.status == 200
         else:
             assert answer.status == 503 and answer.headers["Retry-After"] == "1"
@@ -312,7 +319,7 @@ async def test_store_unreachable_follows_on_store_error(on_store_error: str, pg_
         assert report["store_available"] is False
         text = await metrics_text(http, tap)
         result = "store_error_open" if on_store_error == "fail_open" else "store_error_closed"
-        assert sample(text, f'gateway_tap_budget_decisions_total{{result="{result}"}}') == 1
+        assert sample(text, f'gateway_tap_budget_decisions_total{{result="{result}"}}') == (0 if leased else 1)
         assert (sample(text, "gateway_tap_budget_store_errors_total") or 0) >= 1
 
 
