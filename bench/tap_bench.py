@@ -20,6 +20,10 @@ In one run, wrk (1 thread, POST of a small chat completion) against:
     the ``bare`` row is repeated with the same streamed request;
   - ``cache``: the full tap + the response cache plugin (shared store, every request a hit), and hits
     vs misses of that cache with 20 ms of injected upstream latency;
+  - ``ratelimit`` / ``ratelimit-shared``: ``base`` + requests, tokens and in-flight limits on the bench app (high
+    enough that nothing is refused, so every request is counted and settled), counted in the worker
+    (``mode: local``) or in a ``redis-server`` the bench starts (``mode: shared``: one Redis round trip per
+    request, settlements pipelined); compare with ``base``. Only for checkouts that have rate limits;
 
 * LiteLLM proxy 1.110.x in front of the same mock (``--skip-litellm`` to leave it out).
 
@@ -55,7 +59,7 @@ from typing import Any
 import psutil
 import yaml
 
-from gateway_tap.dev.servers import ManagedProcess, NoidaServer, free_port, http_ok, mock_llm_process
+from gateway_tap.dev.servers import ManagedProcess, NoidaServer, RedisServer, free_port, http_ok, mock_llm_process
 from gateway_tap.examples import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +112,7 @@ class Variant:
     plugins: bool = True
     stream: bool = False
     cache: bool = False
+    ratelimit: str | None = None  # rate_limiting.mode of the ratelimit variants
 
 
 VARIANTS = {v.name: v for v in (
@@ -117,7 +122,13 @@ VARIANTS = {v.name: v for v in (
     Variant("plugins", "+ 3 example plugins (full tap)"),
     Variant("stream", "full tap, streamed (SSE, 20 chunks)", stream=True),
     Variant("cache", "full tap + response cache (100% hits)", cache=True),
+    Variant("ratelimit", "base + rate limits, local (requests, tokens, in flight)", events=False, budgets=False,
+            plugins=False, ratelimit="local"),
+    Variant("ratelimit-shared", "base + rate limits, shared (Redis)", events=False, budgets=False, plugins=False,
+            ratelimit="shared"),
 )}
+# Limits no request of the bench reaches: every request is checked, counted and settled, none refused.
+BENCH_RATE_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "max_concurrent": 10**6}
 LAYERS = ("base", "events", "budgets", "plugins")  # each adds one layer to the one before
 
 
@@ -276,7 +287,7 @@ def cache_plugin_of(root: Path) -> dict[str, Any]:
 
 
 def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int, variant: Variant,
-               prefix: str, root: Path = ROOT) -> Path:
+               prefix: str, root: Path = ROOT, redis_url: str | None = None) -> Path:
     """The demo ``gateway-tap.yaml`` of checkout ``root`` pointed at the bench's mock and broker, with
     ``variant``'s layers."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -297,6 +308,11 @@ def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int
         document["plugins"] = []
     if variant.cache:
         document["plugins"].append(cache_plugin_of(root))
+    if variant.ratelimit is not None:
+        document["rate_limits"] = [{"app_id": document["apps"][0]["id"], **BENCH_RATE_LIMITS}]
+        document["rate_limiting"] = {"mode": variant.ratelimit}
+        if variant.ratelimit == "shared":
+            document["redis"] = {"url": redis_url, "key_prefix": f"{prefix}:"}
     path = tmp / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -347,12 +363,14 @@ class Bench:
         self.stream = self.tmp / "stream.lua"
         self.stream.write_text(lua({"x-mock-chunk-delay-ms": str(chunk_delay_ms)}, STREAM_BODY))
         self.noida = NoidaServer(self.tmp / "noida", services=("kafka",), log_path=self.tmp / "noida.log")
+        self.redis = RedisServer(self.tmp / "redis", log_path=self.tmp / "redis.log")  # the shared rate limits'
         self.mock = mock_llm_process(log_path=self.tmp / "mock.log")
         self.mock_url = ""
         self._seq = 0
 
     def __enter__(self) -> Bench:
         self.noida.start()
+        self.redis.start()
         self.mock.start()
         self.mock_url = f"http://127.0.0.1:{self.mock.env['GATEWAY_TAP_MOCK_PORT']}"
         self.data.load_start = psutil.getloadavg()
@@ -360,6 +378,7 @@ class Bench:
 
     def __exit__(self, *exc: object) -> None:
         self.mock.stop()
+        self.redis.stop()
         self.noida.stop()
         self.data.load = psutil.getloadavg()
 
@@ -422,7 +441,8 @@ class Bench:
         port = free_port()
         prefix = f"bench{self._seq}"
         tmp = self.tmp / f"{variant.name}-{workers}w-{version}"
-        config = tap_config(tmp, self.mock_url, self.noida.bootstrap, port, workers, variant, prefix, root)
+        config = tap_config(tmp, self.mock_url, self.noida.bootstrap, port, workers, variant, prefix, root,
+                            self.redis.url)
         argv = [sys.executable, str(ROOT / "bench" / "tap_worker.py"), "--root", str(root), "--config", str(config),
                 "--workers", str(workers), *(() if variant.events else ("--no-events",))]
         tap = ManagedProcess(f"tap-{prefix}", argv, ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),

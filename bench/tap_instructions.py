@@ -109,7 +109,8 @@ def measure(bench: Bench, variant: Variant | None, root: Path, requests: int, tm
         server = [str(ROOT / "bench" / "bare_proxy.py"), "--upstream", bench.mock_url, "--port", str(port)]
         url, ready = f"{base}/v1/chat/completions", lambda: _listening(port)
     else:
-        config = tap_config(work, bench.mock_url, bench.noida.bootstrap, port, 1, variant, f"instr{seq}", root)
+        config = tap_config(work, bench.mock_url, bench.noida.bootstrap, port, 1, variant, f"instr{seq}", root,
+                            bench.redis.url)
         if admin:
             document = yaml.safe_load(config.read_text())
             document["tap"]["admin"] = {"listen": {"host": "127.0.0.1", "port": admin_port}, "tokens": [

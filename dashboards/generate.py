@@ -151,6 +151,20 @@ def tap() -> Board:
     b.add(series("Hook latency p99 by plugin and hook", "s",
                   [prom("histogram_quantile(0.99, sum by (le, plugin, hook) "
                         "(rate(gateway_tap_hook_duration_seconds_bucket[$__rate_interval])))", "{{plugin}} {{hook}}")]))
+    b.row("Rate limits")
+    b.add(series("Rate-limit decisions/s by result", "ops",
+                 [prom("sum by (result) (rate(gateway_tap_ratelimit_decisions_total[$__rate_interval]))",
+                       "{{result}}")],
+                 "allowed, limited (429 rate_limit_exceeded), and what Redis being away decided (shared mode)."))
+    b.add(series("Refused by rate limits/s by scope and counter", "reqps",
+                  [prom("sum by (scope, kind) (rate(gateway_tap_ratelimit_limited_total[$__rate_interval]))",
+                        "{{scope}} {{kind}}")],
+                 "Which limits bind: app, app x LLM, app x model or key; requests, tokens or in flight."))
+    b.add(series("Redis round trips (shared rate limits, plugin KV)", "s",
+                 quantile_queries("gateway_tap_redis_command_seconds", by=("user",)),
+                 "One per rate-limited request in shared mode; settlements are pipelined."))
+    b.add(series("Redis reachable", "short", [prom("min by (instance) (gateway_tap_redis_up)", "{{instance}}")],
+                 "0 while a tap's last Redis command failed (it tries again every redis.retry_interval_s)."))
     b.row("Publishing")
     b.add(series("Events published/s by type", "ops",
                  [prom("sum by (type) (rate(gateway_tap_publisher_events_published_total[$__rate_interval]))",

@@ -31,6 +31,8 @@ TAP_METRICS = {
     "gateway_tap_publisher_spool_bytes": "spool_bytes",
     "gateway_tap_publisher_queue_depth_events": "queue_depth_events",
     "gateway_tap_publisher_kafka_connected": "kafka_connected",
+    "gateway_tap_ratelimit_limited_total": "rate_limited",
+    "gateway_tap_redis_up": "redis_up",
 }
 """Tap metric name -> :class:`TapStatus` field."""
 
@@ -82,6 +84,8 @@ class TapStatus:
     spool_bytes: float | None = None
     queue_depth_events: float | None = None
     kafka_connected: float | None = None
+    rate_limited: float | None = None  # requests refused by rate limits since the tap started
+    redis_up: float | None = None  # summed over workers: how many reach Redis (None: no Redis in use)
 
 
 @dataclass
@@ -96,6 +100,17 @@ class BudgetLine:
     spent_usd: float
     spent_tokens: int
     used_pct: float
+
+
+@dataclass
+class RateLimitLine:
+    """One ``rate_limits`` entry in force (the file's, or the admin API's)."""
+
+    scope: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent: int | None
+    source: str = "yaml"
 
 
 @dataclass
@@ -120,6 +135,8 @@ class StatusReport:
     taps: list[TapStatus] = field(default_factory=list)
     budgets: list[BudgetLine] = field(default_factory=list)
     budget_error: str | None = None
+    rate_limiting: str = "off"  # off, local or shared
+    rate_limits: list[RateLimitLine] = field(default_factory=list)
     admin_version: int | None = None
     admin_taps: list[AdminTapLine] = field(default_factory=list)
     admin_error: str | None = None
@@ -141,6 +158,10 @@ async def gather_status(config: GatewayConfig, tap_urls: list[str] | None = None
                         now: datetime | None = None) -> StatusReport:
     """Every part of the report, gathered concurrently; failures are recorded in the report."""
     report = StatusReport(bootstrap=config.kafka.bootstrap_servers)
+    if config.rate_limiting.enabled:
+        report.rate_limiting = config.rate_limiting.mode
+        report.rate_limits = [RateLimitLine(r.scope, r.requests_per_minute, r.tokens_per_minute, r.max_concurrent)
+                              for r in config.rate_limits]
     urls = [u if u.rstrip("/").endswith("/metrics") else u.rstrip("/") + "/metrics"
             for u in (tap_urls or default_tap_urls(config))]
     _, _, report.taps = await asyncio.gather(_kafka_part(config, report),
@@ -336,16 +357,27 @@ def render_status(report: StatusReport, console: Console) -> None:
             dlq.add_row(d.topic, str(d.partitions) if d.exists else "-", records)
         console.print(dlq)
     taps = Table(title="Taps", title_justify="left")
-    for col in ("metrics", "kafka", "queue", "spool events", "spool bytes"):
+    for col in ("metrics", "kafka", "queue", "spool events", "spool bytes", "rate-limited", "redis"):
         taps.add_column(col, justify="left" if col == "metrics" else "right")
     for tap in report.taps:
         if tap.error:
-            taps.add_row(tap.url, f"[red]{tap.error}[/]", "", "", "")
+            taps.add_row(tap.url, f"[red]{tap.error}[/]", "", "", "", "", "")
         else:
             connected = "[green]connected[/]" if tap.kafka_connected else "[red]disconnected[/]"
+            redis = "-" if tap.redis_up is None else "[green]up[/]" if tap.redis_up else "[red]down[/]"
             taps.add_row(tap.url, connected, _num(tap.queue_depth_events), _num(tap.spool_pending_events),
-                         _num(tap.spool_bytes))
+                         _num(tap.spool_bytes), _num(tap.rate_limited or 0), redis)
     console.print(taps)
+    if report.rate_limits:
+        limits = Table(title=f"Rate limits ({report.rate_limiting})", title_justify="left")
+        for col in ("scope", "requests/min", "tokens/min", "in flight", "source"):
+            limits.add_column(col, justify="left" if col in ("scope", "source") else "right")
+        for r in report.rate_limits:
+            limits.add_row(r.scope, _num(r.requests_per_minute), _num(r.tokens_per_minute), _num(r.max_concurrent),
+                           r.source)
+        console.print(limits)
+    else:
+        console.print(f"[dim]Rate limits: none configured (rate limiting {report.rate_limiting})[/]")
     if report.admin_error:
         console.print(f"[yellow]Admin state: {report.admin_error}[/]")
     elif report.admin_version is not None:

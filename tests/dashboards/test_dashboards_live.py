@@ -66,8 +66,13 @@ def all_queries() -> list[tuple[str, str, str]]:
 
 
 def stack_config(tmp_path: Path, mock_llm: str, kafka: str, es_url: str, prefix: str, tap_port: int,
-                 metrics_ports: dict[str, int]) -> dict[str, Any]:
+                 metrics_ports: dict[str, int], redis_url: str) -> dict[str, Any]:
     document = tap_config(mock_llm, kafka, prefix, tmp_path / "spool", plugins=EXAMPLE_PLUGINS, port=tap_port)
+    # Shared rate limits on the test Redis: "limited" may send one request per minute (later rounds get 429).
+    document["rate_limits"] = [{"app_id": "limited", "requests_per_minute": 1},
+                               {"app_id": "test", "requests_per_minute": 100_000}]
+    document["rate_limiting"] = {"mode": "shared"}
+    document["redis"] = {"url": redis_url, "key_prefix": f"{prefix}:"}
     # Tiny limits: one call passes 80% of each. "limited" is hard (then blocked), "test" soft (only alerts).
     document["budgets"] = [{"app_id": "test", "limit_usd": 0.000001, "mode": "soft"},
                            {"app_id": "limited", "limit_usd": 0.000001, "mode": "hard"}]
@@ -98,14 +103,14 @@ def scrape_config(tap_port: int, metrics_ports: dict[str, int]) -> dict[str, Any
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, kafka_bootstrap: str, es_url: str, topic_prefix: str,
-                mock_llm: str) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, kafka_bootstrap: str, es_url: str, topic_prefix: str, mock_llm: str,
+                redis_url: str) -> AsyncIterator[Stack]:
     await create_topics(kafka_bootstrap, topic_prefix)
     tap_port = free_port()
     metrics_ports = {name: free_port() for name in COLLECTORS}
     config_path = tmp_path / "gateway-tap.yaml"
     config_path.write_text(yaml.safe_dump(stack_config(tmp_path, mock_llm, kafka_bootstrap, es_url, topic_prefix,
-                                                       tap_port, metrics_ports)))
+                                                       tap_port, metrics_ports, redis_url)))
     prom_port = free_port()
     scrape_path = tmp_path / "prometheus.yml"
     scrape_path.write_text(yaml.safe_dump(scrape_config(tap_port, metrics_ports)))
