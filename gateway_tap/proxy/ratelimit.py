@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway_tap.fast_metrics import FastCounter, FastHistogram
 from gateway_tap.hooks import TapRequest
 from gateway_tap.plugins.chain import HookMetrics, RequestScope
 from gateway_tap.proxy import errors
@@ -91,7 +92,7 @@ class RateLimitGate:
         else:
             self.limiter = LocalLimiter()
         self._metrics = _Metrics.get(registry)
-        self._decisions = {result: self._metrics.decisions.labels(result)
+        self._decisions = {result: FastCounter(self._metrics.decisions.labels(result))
                            for result in ("allowed", "limited", "redis_error_open", "redis_error_closed")}
 
     @staticmethod
@@ -186,7 +187,7 @@ class RateLimitStep:
 
     def __init__(self, gate: RateLimitGate, metrics: HookMetrics) -> None:
         self.gate = gate
-        self._latency = metrics.seconds.labels(self.name, "post_auth")
+        self._latency = FastHistogram(metrics.seconds.labels(self.name, "post_auth"))
 
     async def run(self, arg: Any, scope: RequestScope) -> None:
         """:raises gateway_tap.proxy.errors.TapError: a limit refuses the request."""

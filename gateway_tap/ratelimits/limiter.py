@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from gateway_tap.settings import RateLimitKind, RateLimitSettings
 
@@ -102,9 +102,9 @@ class Limits:
         return plan
 
 
-@dataclass(frozen=True, slots=True)
-class CounterState:
-    """A counter as a request saw it: what is left after the request took its share, and when it is full again."""
+class CounterState(NamedTuple):
+    """A counter as a request saw it: what is left after the request took its share, and when it is unused again.
+    (A named tuple: one is made per counter and request, and a tuple is the cheapest record to make.)"""
 
     counter: Counter
     remaining: int
@@ -239,13 +239,14 @@ class LocalLimiter:
                 return self._refused(plan, counter, (need - left) * 60.0 / counter.limit, cost, now)
         states = []
         for counter in plan:
+            limit = counter.limit
             if counter.kind == "concurrent":
                 used = self._inflight[counter.name] = self._inflight.get(counter.name, 0) + 1
-                states.append(CounterState(counter, counter.limit - used, 0.0))
+                states.append(CounterState(counter, limit - used, 0.0))
                 continue
             bucket = self._buckets[counter.name]
-            bucket[0] += 1 if counter.kind == "requests" else tokens
-            states.append(self._state(counter, bucket[0]))
+            used_now = bucket[0] = bucket[0] + (1 if counter.kind == "requests" else tokens)
+            states.append(CounterState(counter, math.floor(limit - used_now), used_now * 60.0 / limit))
         return Decision(True, "allowed", tuple(states), admission=LocalAdmission(self, plan, tokens))
 
     @staticmethod

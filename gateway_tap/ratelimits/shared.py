@@ -131,6 +131,9 @@ class SharedLimiter:
     """
 
     _MAX_QUEUED = 100_000  # settlements waiting while Redis is away: beyond it they are dropped (and counted)
+    FLUSH_DELAY_S = 0.005
+    """A settlement waits this long for others to share its pipeline (one round trip for every request that ended
+    meanwhile); a concurrency claim ends that much later, which only errs on the safe side."""
 
     def __init__(self, link: RedisLink, *, on_error: str = "fail_open", lease_s: float = 900.0) -> None:
         self.link = link
@@ -153,9 +156,8 @@ class SharedLimiter:
             args += ("c" if counter.kind == "concurrent" else "r", counter.limit,
                      tokens if counter.kind == "tokens" else 1)
         start = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.link.settings.timeout_s):
-                out = await self._admit(self._keys(plan), args)
+        try:  # bounded by the connection's socket timeouts and the pool's wait (redis.timeout_s each)
+            out = await self._admit(self._keys(plan), args)
         except REDIS_ERRORS as exc:
             self.link.failed(USER, exc)
             return self._unavailable()
@@ -190,6 +192,7 @@ class SharedLimiter:
         """Send what is queued, one pipeline per round, until the queue is empty (a settlement queued during a
         round goes in the next). While Redis is down, settlements wait for it (bounded)."""
         try:
+            await asyncio.sleep(self.FLUSH_DELAY_S)
             while self._queue:
                 if not self.link.available:
                     await asyncio.sleep(self.link.settings.retry_interval_s)

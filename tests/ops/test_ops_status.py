@@ -37,8 +37,7 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
         tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, mock_llm: str) -> None:
     document = {**tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path / "spool"),
                 **ops_config(tmp_path, kafka_bootstrap, topic_prefix),
-                "budgets": [{"app_id": "test", "limit_usd": 2.0}, {"app_id": "limited", "limit_tokens": 1000}],
-                "rate_limits": [{"app_id": "limited", "requests_per_minute": 1, "max_concurrent": 2}]}
+                "budgets": [{"app_id": "test", "limit_usd": 2.0}, {"app_id": "limited", "limit_tokens": 1000}]}
     config_path = write_config(tmp_path, document)
     await create_topics(kafka_bootstrap, topic_prefix)
     topic = topic_for("analytics", topic_prefix)
@@ -54,13 +53,6 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
 
     config = parse_config(document)
     async with running_tap(document) as tap:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(2):  # the second one is over the limit
-                async with http.post(f"{tap.url}/llm/anthropic/v1/messages", headers={"x-api-key": LIMITED_KEY},
-                                     json={"model": "m", "max_tokens": 5,
-                                           "messages": [{"role": "user", "content": "hi"}]}) as resp:
-                    await resp.read()
-            assert resp.status == 429
         report = await gather_status(config, [tap.url])
 
     assert report.kafka_error is None and report.exit_code == 0
@@ -80,10 +72,6 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
     assert tap_status.error is None
     assert tap_status.spool_pending_events == 0 and tap_status.spool_bytes is not None
     assert tap_status.queue_depth_events == 0 and tap_status.kafka_connected == 1
-    assert tap_status.rate_limited == 1 and tap_status.redis_up is None  # local mode: no Redis
-    assert report.rate_limiting == "local"
-    assert [(r.scope, r.requests_per_minute, r.tokens_per_minute, r.max_concurrent) for r in report.rate_limits] == [
-        ("app=limited", 1, None, 2)]
     budgets = {b.app_id: b for b in report.budgets}
     assert report.budget_error is None
     assert budgets["test"].spent_usd == 0.5 and budgets["test"].used_pct == 25.0
@@ -137,3 +125,29 @@ def test_kafka_down_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert f"Kafka unreachable at {bootstrap}" in result.output and "Traceback" not in result.output
     result = RUNNER.invoke(main, ["status", "--config", config_path, "--json"])
     assert result.exit_code == 2 and orjson.loads(result.output)["kafka_error"].startswith("Kafka unreachable")
+
+
+async def test_status_reports_rate_limits_and_refusals_per_tap(tmp_path: Path, kafka_bootstrap: str,
+                                                               topic_prefix: str, mock_llm: str) -> None:
+    document = {**tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path / "spool"),
+                **ops_config(tmp_path, kafka_bootstrap, topic_prefix),
+                "rate_limits": [{"app_id": "limited", "requests_per_minute": 1, "max_concurrent": 2}]}
+    config = parse_config(document)
+    path = write_config(tmp_path, document)
+    async with running_tap(document) as tap:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):  # the second one is over the limit
+                async with http.post(f"{tap.url}/llm/anthropic/v1/messages", headers={"x-api-key": LIMITED_KEY},
+                                     json={"model": "m", "max_tokens": 5,
+                                           "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                    await resp.read()
+            assert resp.status == 429
+        report = await gather_status(config, [tap.url])
+        # In a thread: the command runs its own event loop.
+        result = await asyncio.to_thread(RUNNER.invoke, main, ["status", "--config", path, "--tap-url", tap.url])
+    [tap_status] = report.taps
+    assert tap_status.rate_limited == 1 and tap_status.redis_up is None  # local mode: no Redis
+    assert report.rate_limiting == "local"
+    assert [(r.scope, r.requests_per_minute, r.tokens_per_minute, r.max_concurrent) for r in report.rate_limits] == [
+        ("app=limited", 1, None, 2)]
+    assert "Rate limits (local)" in result.output and "app=limited" in result.output

@@ -132,6 +132,13 @@ async def test_redis_stopped_and_restarted_under_load(on_redis_error: str, own_r
             await asyncio.sleep(1.0)  # the workers' retry_interval_s (0.3 s) passes
             phase = "after"
             await asyncio.sleep(1.5)
+            # Counting again: the fresh server holds the counter the requests since the restart wrote (it expires
+            # about a second after the last request, so this is read while the load runs).
+            keys = aioredis.from_url(own_redis.url)
+            try:
+                assert await keys.exists(f"{topic_prefix}:rl:app=test:requests") == 1
+            finally:
+                await keys.aclose()
         finally:
             stop.set()
             await asyncio.gather(*workers)
@@ -149,12 +156,6 @@ async def test_redis_stopped_and_restarted_under_load(on_redis_error: str, own_r
         result = "redis_error_open" if on_redis_error == "fail_open" else "redis_error_closed"
         assert any(line.startswith(f'gateway_tap_ratelimit_decisions_total{{result="{result}"}}') for line in
                    text.splitlines())
-    # Counting again after the restart: the fresh server holds the counter the requests since then wrote.
-    keys = aioredis.from_url(own_redis.url)
-    try:
-        assert await keys.exists(f"{topic_prefix}:rl:app=test:requests") == 1
-    finally:
-        await keys.aclose()
 
 
 async def test_response_cache_on_redis_is_shared_by_two_taps_and_survives_an_outage(
