@@ -26,7 +26,9 @@ APP_CONFIG = ROOT / "deploy" / "gateway-tap.compose.yaml"
 PROMETHEUS_DIR = ROOT / "dashboards" / "prometheus"
 GRAFANA_PROVISIONING = ROOT / "dashboards" / "grafana" / "provisioning"
 CONTAINER_CONFIG = "/etc/gateway-tap/gateway-tap.yaml"
-COLLECTORS = ("file", "elasticsearch", "budget")
+COLLECTORS = ("file", "elasticsearch", "budget", "otlp")
+OTEL_PROFILE = {"otel-collector", "collector-otlp"}  # optional: docker-compose --profile otel
+NO_PROBE = {"otel-collector"}  # the image has no shell or probe binary to run a healthcheck with
 ONE_SHOT_JOBS = {"kafka-init", "elasticsearch-init"}
 
 docker_compose = shutil.which("docker-compose")
@@ -74,7 +76,7 @@ def prometheus_config() -> dict[str, Any]:
 # ---------------------------------------------------------------- compose itself
 
 @needs_compose
-@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"], ["--profile", "otel"]], ids=["default", "demo", "otel"])
 def test_compose_config_validates(profile: list[str]) -> None:
     result = run_compose(*profile, "config", "--quiet")
     assert result.returncode == 0, result.stderr
@@ -91,7 +93,8 @@ def test_demo_profile_adds_only_the_mock_llm() -> None:
 
 def test_mock_llm_only_runs_in_the_demo_profile(services: dict[str, dict[str, Any]]) -> None:
     assert services["mock-llm"].get("profiles") == ["demo"]
-    assert all(not s.get("profiles") for name, s in services.items() if name != "mock-llm")
+    assert all(services[name].get("profiles") == ["otel"] for name in OTEL_PROFILE)
+    assert all(not s.get("profiles") for name, s in services.items() if name not in {"mock-llm", *OTEL_PROFILE})
 
 
 @needs_compose
@@ -139,6 +142,10 @@ def test_long_running_services_have_healthchecks(services: dict[str, dict[str, A
     for name, service in services.items():
         if name in ONE_SHOT_JOBS:
             assert service.get("restart") == "no", f"{name}: a one-shot job must not restart"
+            continue
+        if name in NO_PROBE:
+            assert not any(name in (s.get("depends_on") or {}) for s in services.values()), f"{name} is waited for"
+            assert service.get("restart") == "unless-stopped", f"{name}: restart policy"
             continue
         check = service.get("healthcheck")
         assert check and check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
