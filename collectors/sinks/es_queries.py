@@ -22,6 +22,10 @@ from collectors.sinks.es_templates import alias_name
 from schemas.events import EventType
 
 THIS_MONTH: dict[str, Any] = {"range": {"emitted_at": {"gte": "now/M"}}}
+COST_FIELDS = ("cost_micros", "cost_input_micros", "cost_cache_read_micros", "cost_cache_write_micros",
+               "cost_output_micros", "cost_reasoning_micros")
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
+                "reasoning_tokens")
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,17 @@ COST_TOKENS_PER_APP_PER_DAY = CookbookQuery(
                 "aggs": {
                     "days": {
                         "date_histogram": {"field": "emitted_at", "calendar_interval": "day", "min_doc_count": 1},
-                        "aggs": _sums("cost", "prompt_tokens", "completion_tokens", "total_tokens"),
+                        "aggs": _sums(*COST_FIELDS, *TOKEN_FIELDS),
                     }
                 },
             }
         },
     },
-    note="One bucket per app, one sub-bucket per UTC day that has traffic. `cost` is summed as stored; "
-         "if your LLMs bill in several currencies add a `terms` on `currency` level.",
+    note="One bucket per app, one sub-bucket per UTC day that has traffic. Cost is summed in integer micro-USD "
+         "(`cost_micros`, exact), split by token class (uncached input, cache read, cache write, output, reasoning: "
+         "docs/pricing.md); `cost_tokens_rows` turns it into USD. Events written before contract revision 1.2 have "
+         "no `cost_micros`: sum `cost` over those. If your LLMs bill in several currencies add a `terms` on "
+         "`currency` level.",
 )
 
 LATENCY_PER_MODEL = CookbookQuery(
@@ -129,7 +136,7 @@ TOP_APPS_BY_SPEND = CookbookQuery(
         "aggs": {
             "apps": {
                 "terms": {"field": "app_id", "size": 10, "order": {"spend": "desc"}},
-                "aggs": {"spend": {"sum": {"field": "cost"}}, "tokens": {"sum": {"field": "total_tokens"}}},
+                "aggs": {"spend": {"sum": {"field": "cost_micros"}}, "tokens": {"sum": {"field": "total_tokens"}}},
             }
         },
     },
@@ -173,16 +180,15 @@ COOKBOOK: tuple[CookbookQuery, ...] = (
 # --- responses -> rows ----------------------------------------------------------------------------------
 
 def cost_tokens_rows(resp: dict[str, Any]) -> list[dict[str, Any]]:
-    """``[{app_id, day (YYYY-MM-DD), cost, prompt_tokens, completion_tokens, total_tokens}]``."""
+    """``[{app_id, day (YYYY-MM-DD), requests, cost (USD), cost_micros and its classes, tokens by class}]``."""
     rows = []
     for app in resp["aggregations"]["apps"]["buckets"]:
         for day in app["days"]["buckets"]:
-            rows.append({
-                "app_id": app["key"],
-                "day": day["key_as_string"][:10],
-                "requests": day["doc_count"],
-                **{f: day[f]["value"] for f in ("cost", "prompt_tokens", "completion_tokens", "total_tokens")},
-            })
+            row: dict[str, Any] = {"app_id": app["key"], "day": day["key_as_string"][:10],
+                                   "requests": day["doc_count"]}
+            row.update({f: round(day[f]["value"] or 0) for f in (*COST_FIELDS, *TOKEN_FIELDS)})
+            row["cost"] = row["cost_micros"] / 1_000_000
+            rows.append(row)
     return rows
 
 
@@ -212,7 +218,7 @@ def error_rate_rows(resp: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def top_apps_rows(resp: dict[str, Any]) -> list[dict[str, Any]]:
     """``[{app_id, spend, tokens, requests}]`` by spend, highest first (sorted here, see the query's note)."""
-    rows = [{"app_id": b["key"], "spend": b["spend"]["value"], "tokens": b["tokens"]["value"],
+    rows = [{"app_id": b["key"], "spend": (b["spend"]["value"] or 0) / 1_000_000, "tokens": b["tokens"]["value"],
              "requests": b["doc_count"]} for b in resp["aggregations"]["apps"]["buckets"]]
     return sorted(rows, key=lambda r: (-r["spend"], r["app_id"]))
 

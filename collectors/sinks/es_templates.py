@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas.events import EVENT_TYPES, EventType
 
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3
 """Bumped whenever a mapping below changes; stored as the templates' ``version``."""
 
 TEMPLATE_PRIORITY = 200
@@ -102,6 +102,27 @@ TYPE_PROPERTIES: dict[EventType, dict[str, Any]] = {
         "cache_hit": BOOLEAN,
         "blocked_by": KEYWORD,
         "tags": FLATTENED,
+        # Revision 1.2: the token classes, the cost split in integer micro-USD, the prices that produced it.
+        "reasoning_tokens": LONG,
+        "cost_micros": LONG,
+        "cost_input_micros": LONG,
+        "cost_cache_read_micros": LONG,
+        "cost_cache_write_micros": LONG,
+        "cost_output_micros": LONG,
+        "cost_reasoning_micros": LONG,
+        "price_version": KEYWORD,
+        "price_source": KEYWORD,
+        "operation": KEYWORD,
+        "request_model": KEYWORD,
+        "response_model": KEYWORD,
+        "response_id": KEYWORD,
+        "finish_reasons": KEYWORD,
+        "request_max_tokens": LONG,
+        "request_temperature": FLOAT,
+        "request_top_p": FLOAT,
+        "request_stream": BOOLEAN,
+        "server_address": KEYWORD,
+        "server_port": INTEGER,
     },
     "budget_usage": {
         "model": KEYWORD,
@@ -113,6 +134,18 @@ TYPE_PROPERTIES: dict[EventType, dict[str, Any]] = {
         "period": KEYWORD,
         "period_start": DATE,
         "requests": INTEGER,
+        "cache_read_tokens": LONG,
+        "cache_write_tokens": LONG,
+        # Revision 1.2: the token classes, the cost split in integer micro-USD, the prices that produced it.
+        "reasoning_tokens": LONG,
+        "cost_micros": LONG,
+        "cost_input_micros": LONG,
+        "cost_cache_read_micros": LONG,
+        "cost_cache_write_micros": LONG,
+        "cost_output_micros": LONG,
+        "cost_reasoning_micros": LONG,
+        "price_version": KEYWORD,
+        "price_source": KEYWORD,
     },
 }
 

@@ -42,11 +42,17 @@ def build_analytics() -> list[Analytics]:
         streamed = i % 2 == 0
         status = 500 if i % 10 == 0 else 429 if i % 10 == 5 else 200
         prompt, completion = 10 * (i % 5 + 1), 3 * (i % 4 + 1)
+        micros = 500 * (i % 7 + 1) * (APPS.index(APPS[i % 4]) + 1)
+        # A split of the cost by token class, as the tap writes it (docs/pricing.md): the parts add up.
+        split = {"cost_input_micros": micros // 2, "cost_cache_read_micros": micros // 10,
+                 "cost_cache_write_micros": micros // 5, "cost_reasoning_micros": micros // 20}
+        split["cost_output_micros"] = micros - sum(split.values())
         events.append(Analytics(
             id=f"cb-{i:04d}", emitted_at=start + timedelta(days=i % 3, hours=10, minutes=i),
             gateway_id="gw-1", request_id=f"r-{i}", app_id=APPS[i % 4], llm_id=llm, vendor=vendor, model=model,
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-            cost=round(0.0005 * (i % 7 + 1) * (APPS.index(APPS[i % 4]) + 1), 6),
+            cache_read_tokens=i % 5, cache_write_tokens=i % 3, reasoning_tokens=i % 2,
+            cost=micros / 1_000_000, cost_micros=micros, **split, price_version="genai-prices-0.2.3+0123456789ab",
             latency_ms=base_latency + k, ttft_ms=(base_latency / 2 + k) if streamed else None,
             streamed=streamed, status_code=status,
         ))
@@ -116,15 +122,16 @@ async def test_cost_and_tokens_per_app_per_day(indexed: tuple[AsyncElasticsearch
     for e in this_month(dataset[0]):
         row = expected[(str(e.app_id), e.emitted_at.date().isoformat())]
         row["requests"] += 1
-        row["cost"] += e.cost
-        for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            row[field] += getattr(e, field)
+        for field in (*q.COST_FIELDS, *q.TOKEN_FIELDS):
+            row[field] += getattr(e, field) or 0
     rows = q.cost_tokens_rows(await run(indexed, q.COST_TOKENS_PER_APP_PER_DAY))
     got = {(r["app_id"], r["day"]): r for r in rows}
     assert set(got) == set(expected) and len(rows) == 12
     for key, want in expected.items():
         for field, value in want.items():
-            assert got[key][field] == pytest.approx(value), (key, field)
+            assert got[key][field] == value, (key, field)  # integer sums: exact
+        assert got[key]["cost"] == want["cost_micros"] / 1_000_000
+        assert want["cost_micros"] == sum(want[f] for f in q.COST_FIELDS[1:]) and want["cache_read_tokens"]
 
 
 async def test_latency_and_ttft_percentiles_per_model(indexed: tuple[AsyncElasticsearch, str],
@@ -163,7 +170,7 @@ async def test_top_apps_by_spend_this_month(indexed: tuple[AsyncElasticsearch, s
                                             dataset: tuple[list[Analytics], list[ProxyLog]]) -> None:
     spend: dict[str, float] = defaultdict(float)
     for e in this_month(dataset[0]):
-        spend[str(e.app_id)] += e.cost
+        spend[str(e.app_id)] += (e.cost_micros or 0) / 1_000_000
     expected_order = sorted(spend, key=lambda app: -spend[app])
     resp = await run(indexed, q.TOP_APPS_BY_SPEND)
     rows = q.top_apps_rows(resp)
