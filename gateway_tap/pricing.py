@@ -114,7 +114,7 @@ class RatePlan:
         return rates
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cost:
     """A call's cost in integer micro-USD, split by token class, with its price's source and version."""
 
@@ -132,10 +132,6 @@ class Cost:
                 + self.reasoning_micros)
 
 
-def _micros(tokens: int, picos_per_token: int) -> int:
-    return (tokens * picos_per_token + _HALF) // PICOS_PER_MICRO
-
-
 def split_tokens(usage: TokenCounts) -> tuple[int, int, int, int, int]:
     """``(input, cache_read, cache_write, output, reasoning)`` token counts: disjoint, summing to the
     prompt plus completion tokens (class counts an upstream over-reported are capped by their total)."""
@@ -147,12 +143,23 @@ def split_tokens(usage: TokenCounts) -> tuple[int, int, int, int, int]:
 
 
 def cost_of(plan: RatePlan, usage: TokenCounts, version: str) -> Cost:
-    """What ``usage`` costs at ``plan``'s rates."""
-    uncached, cache_read, cache_write, output, reasoning = split_tokens(usage)
-    rates = plan.rates_for(usage.prompt_tokens) if plan.tiers else plan.base
-    return Cost(_micros(uncached, rates.input), _micros(cache_read, rates.cache_read),
-                _micros(cache_write, rates.cache_write), _micros(output, rates.output),
-                _micros(reasoning, rates.reasoning), plan.source, version)
+    """What ``usage`` costs at ``plan``'s rates (the classes of :func:`split_tokens`; inlined: the hot path)."""
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    cache_read = usage.cache_read_tokens or 0
+    if cache_read > prompt:
+        cache_read = prompt
+    cache_write = usage.cache_write_tokens or 0
+    if cache_write > prompt - cache_read:
+        cache_write = prompt - cache_read
+    reasoning = usage.reasoning_tokens or 0
+    if reasoning > completion:
+        reasoning = completion
+    r = plan.rates_for(prompt) if plan.tiers else plan.base
+    half, per = _HALF, PICOS_PER_MICRO
+    return Cost(((prompt - cache_read - cache_write) * r.input + half) // per,
+                (cache_read * r.cache_read + half) // per, (cache_write * r.cache_write + half) // per,
+                ((completion - reasoning) * r.output + half) // per, (reasoning * r.reasoning + half) // per,
+                plan.source, version)
 
 
 def _picos(price: Decimal) -> int:
@@ -322,28 +329,29 @@ class PriceBook:
         self._wildcard = config_plan("*", prices["*"]) if "*" in prices else None
         catalog_part = self._catalog.version if self._catalog is not None else NO_CATALOG
         self.version = f"{catalog_part}+{settings_digest(price_catalog, prices)}"
-        self._cache: dict[str, tuple[RatePlan | None, datetime, datetime]] = {}
+        # model -> (plan, window): window None when the price never changes, else [from, until)
+        self._cache: dict[str, tuple[RatePlan | None, tuple[datetime, datetime] | None]] = {}
 
     @classmethod
     def for_llm(cls, llm: LLMConfig) -> PriceBook:
         """The book of a configured LLM."""
         return cls(llm.id, llm.vendor, llm.prices, llm.price_catalog, currency=llm.currency)
 
-    def _resolve(self, model: str, at: datetime) -> tuple[RatePlan | None, datetime, datetime]:
+    def _resolve(self, model: str, at: datetime) -> tuple[RatePlan | None, tuple[datetime, datetime] | None]:
         plan = self._config.get(model)
         if plan is not None:
-            return plan, _NEVER, _FOREVER
+            return plan, None
         if self._catalog is not None and self.provider is not None and model:
             info = self._catalog.model(self.provider, model)
             if info is not None:
-                start, end = _price_window(info, at)
-                return catalog_plan(self.provider, info, at), start, end
-        return None, _NEVER, _FOREVER
+                window = _price_window(info, at)
+                return catalog_plan(self.provider, info, at), None if window == (_NEVER, _FOREVER) else window
+        return None, None
 
     def _own(self, model: str, at: datetime) -> RatePlan | None:
         """The model's own plan (config, else catalog), cached per model and window."""
         entry = self._cache.get(model)
-        if entry is None or not entry[1] <= at < entry[2]:
+        if entry is None or (entry[1] is not None and not entry[1][0] <= at < entry[1][1]):
             entry = self._resolve(model, at)
             if len(self._cache) < _MAX_CACHED_MODELS or model in self._cache:
                 self._cache[model] = entry
