@@ -118,7 +118,8 @@ Conventions: names start with `gateway_tap_`, carry their base unit (`_seconds`,
 `_usd`) and counters end in `_total`. Latency histograms share buckets from 100 µs (the tap's
 own overhead, plugin hooks) to 120 s (long streamed LLM calls). Labels are bounded: configured
 app and LLM ids (`app="other"` for ids an auth plugin made up, `none` before authentication),
-the model when it has a configured price (else `other`), status class (`2xx`...), plugin and
+the model as the price entry it resolves to (its key in the LLM's `prices`, or the price catalog's
+model id, so dated variants share one label; else `other`: docs/pricing.md), status class (`2xx`...), plugin and
 hook names, plugin endpoints as declared (`GET mcp/{session}`, never the concrete path; `none`
 when no endpoint matched), collector name, event type, topic and partition. Request, user and
 event ids are never labels: look them up in the events (Elasticsearch or the JSONL files).

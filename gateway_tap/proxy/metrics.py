@@ -1,7 +1,7 @@
 """Prometheus metrics of the tap (``gateway_tap_`` prefix, units in names, bounded labels only).
 
-Labels are the configured app and LLM ids, the model (only models with a configured
-price, else ``other``) and the status class (``2xx``...). Never request or user ids.
+Labels are the configured app and LLM ids, the model (the price entry it resolves to: its config key or
+the catalog's model id, else ``other``) and the status class (``2xx``...). Never request or user ids.
 With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before any worker starts
 and ``/metrics`` aggregates every worker's files.
 """
