@@ -33,10 +33,14 @@ class AppIndex:
     def __init__(self, apps: Iterable[AppConfig]) -> None:
         self.by_id: dict[str, AppConfig] = {}
         self.by_hash: dict[str, AppConfig] = {}
+        self.expired: frozenset[str] = frozenset()
+        expired: set[str] = set()
         for app in apps:
             self.by_id[app.id] = app
             for key_hash in app.key_hashes:
                 self.by_hash[key_hash] = app
+            expired.update(app.expired_key_hashes)
+        self.expired = frozenset(expired - self.by_hash.keys())
         self._allowed = {app.id: frozenset(app.allowed_llms) for app in self.by_id.values()}
         self.used: set[str] = set()
         """Hashes of the keys that authenticated since the admin state last took them (a key's "last used")."""
@@ -56,6 +60,10 @@ class AppIndex:
             self.used.add(digest)
             return app, digest
         return None
+
+    def expired_key(self, key: str) -> bool:
+        """Whether ``key`` (that did not authenticate) is one that expired (401 ``expired_api_key``)."""
+        return bool(self.expired) and hash_key(key) in self.expired
 
     def allowed(self, app_id: str, llm_id: str) -> bool:
         allowed = self._allowed.get(app_id)

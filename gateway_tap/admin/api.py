@@ -37,15 +37,24 @@ from gateway_tap.admin.state import (
     ManagedKey,
     app_entry,
     budget_entry,
+    key_rate_limit_entry,
     plugin_allowed,
     plugin_config_entry,
     plugin_entry,
+    rate_limit_entry,
     validated,
 )
 from gateway_tap.admin.store import AdminStore, Conflict, NotFound, app_view, key_view
 from gateway_tap.budgets.store import BudgetStoreError, StoreUnavailable
 from gateway_tap.plugins.loader import resolve_class
-from gateway_tap.settings import AdminSettings, AdminTokenSettings, BudgetSettings, GatewayConfig, PluginConfig
+from gateway_tap.settings import (
+    AdminSettings,
+    AdminTokenSettings,
+    BudgetSettings,
+    GatewayConfig,
+    PluginConfig,
+    RateLimitSettings,
+)
 from gateway_tap.settings.base import ID_PATTERN, is_id
 
 log = logging.getLogger("gateway_tap.admin")
@@ -364,8 +373,10 @@ class AdminAPI:
         r("DELETE", "/v1/apps/{app_id}", self._delete_app, "Delete an app with its keys and budgets.", status=204)
         r("GET", "/v1/apps/{app_id}/keys", self._list_keys, "The app's keys (prefixes, never secrets).",
           response=m.KeyList)
-        r("POST", "/v1/apps/{app_id}/keys", self._issue_key, "Issue a key; the secret is in this answer only.",
-          response=m.IssuedKey, status=201)
+        r("POST", "/v1/apps/{app_id}/keys", self._issue_key, "Issue a key (optionally named, expiring, with its own "
+          "rate limits); the secret is in this answer only.", body=m.KeyIssue, response=m.IssuedKey, status=201)
+        r("PATCH", "/v1/apps/{app_id}/keys/{key_id}", self._update_key, "Change a key's name, expiry or rate "
+          "limits.", body=m.KeyUpdate, response=m.Key)
         r("DELETE", "/v1/apps/{app_id}/keys/{key_id}", self._revoke_key, "Revoke a key at once.", response=m.Key)
         r("POST", "/v1/apps/{app_id}/keys/{key_id}/rotate", self._rotate_key, "Issue a successor; the old key "
           "stays valid for overlap_s.", body=m.KeyRotate, response=m.RotatedKey, status=201)
@@ -377,6 +388,13 @@ class AdminAPI:
           status=204, query=(("period", "monthly (default) or daily."),
                              ("llm_id", "The LLM of an app x LLM budget (default: the app-wide one).")))
         r("GET", "/v1/budgets", self._all_budgets, "Every budget.", response=m.BudgetList)
+        r("GET", "/v1/apps/{app_id}/rate-limits", self._list_rate_limits, "The app's rate limits (the file's and the "
+          "API's).", response=m.RateLimitList)
+        r("PUT", "/v1/apps/{app_id}/rate-limits", self._set_rate_limit, "Create or replace the app's rate limits for "
+          "(llm_id, model).", body=m.RateLimitSet, response=m.RateLimit)
+        r("DELETE", "/v1/apps/{app_id}/rate-limits", self._delete_rate_limit, "Delete one of the app's rate limits.",
+          status=204, query=(("llm_id", "The LLM of app x LLM limits (default: the app-wide ones)."),
+                             ("model", "The model of app x LLM x model limits.")))
         r("GET", "/v1/plugins", self._list_plugins, "Every plugin (the file's and the API's) with its effective "
           "config.", response=m.PluginList)
         r("POST", "/v1/plugins", self._create_plugin, "Add a plugin instance of an allowed class (an installed entry "
@@ -471,7 +489,8 @@ class AdminAPI:
         assert created is not None
         return m.Key(id=key.id, app_id=key.app_id, prefix=key.prefix, state=key.state(now_s),  # type: ignore[arg-type]
                      created_at=created, expires_at=m.at(key.expires_s), revoked_at=m.at(key.revoked_s),
-                     last_used_at=m.at(key.last_used_s))
+                     last_used_at=m.at(key.last_used_s), name=key.name,
+                     rate_limits=dict(key.rate_limits) if key.rate_limits else None)
 
     def _issued(self, key: ManagedKey, secret: str) -> m.IssuedKey:
         return m.IssuedKey(**self._key_out(key, self.store.clock()).model_dump(), key=secret)
@@ -484,11 +503,44 @@ class AdminAPI:
 
     async def _issue_key(self, request: web.Request, caller: Caller) -> BaseModel:
         app_id = request.match_info["app_id"]
-        await self._body(request, m.Request)  # no fields: only an empty object (or nothing) is accepted
+        body = await self._body(request, m.KeyIssue)
         await self._api_app(app_id)
-        (key, secret), version = await self.store.issue_key(app_id)
+        now = self.store.clock()
+        if body.expires_at is not None and body.expires_in_s is not None:
+            raise ApiError(422, "invalid_request_error", "validation_error",
+                           "expires_in_s: give expires_at or expires_in_s, not both", "expires_in_s")
+        expires_s = (body.expires_at.timestamp() if body.expires_at is not None
+                     else now + body.expires_in_s if body.expires_in_s is not None else None)
+        if expires_s is not None and expires_s <= now:
+            raise ApiError(422, "invalid_request_error", "validation_error", "expires_at: not in the future",
+                           "expires_at")
+        limits = body.rate_limits.model_dump(exclude_none=True) if body.rate_limits is not None else None
+        if limits:
+            key_rate_limit_entry("sha256:" + "0" * 64, limits)  # the checks the tap applies to it (422 naming it)
+        (key, secret), version = await self.store.issue_key(app_id, name=body.name, expires_s=expires_s,
+                                                            rate_limits=limits or None)
         await self._changed(caller, "key.issue", f"apps/{app_id}/keys/{key.id}", version, None, key_view(key))
         return self._issued(key, secret)
+
+    async def _update_key(self, request: web.Request, caller: Caller) -> BaseModel:
+        app_id, key_id = request.match_info["app_id"], request.match_info["key_id"]
+        body = await self._body(request, m.KeyUpdate)
+        await self._api_app(app_id)
+        changes: dict[str, Any] = {}
+        given = body.model_fields_set
+        if "name" in given and body.name is not None:
+            changes["name"] = body.name
+        if "expires_at" in given:
+            changes["expires_s"] = body.expires_at.timestamp() if body.expires_at is not None else None
+        if "rate_limits" in given:
+            limits = body.rate_limits.model_dump(exclude_none=True) if body.rate_limits is not None else {}
+            if limits:
+                key_rate_limit_entry("sha256:" + "0" * 64, limits)
+            changes["rate_limits"] = limits or None
+        (before, after), version = await self.store.update_key(app_id, key_id, changes)
+        await self._changed(caller, "key.update", f"apps/{app_id}/keys/{key_id}", version, key_view(before),
+                            key_view(after))
+        return self._key_out(after, self.store.clock())
 
     async def _revoke_key(self, request: web.Request, caller: Caller) -> BaseModel:
         app_id, key_id = request.match_info["app_id"], request.match_info["key_id"]
@@ -539,6 +591,45 @@ class AdminAPI:
         await self._changed(caller, "budget.set", f"apps/{app_id}/budgets/{budget.key}", version,
                             before.model_dump() if before else None, budget.model_dump())
         return m.Budget(settings=budget, source="api")
+
+    # rate limits
+
+    async def _list_rate_limits(self, request: web.Request, caller: Caller) -> BaseModel:
+        app_id = request.match_info["app_id"]
+        state = await self.store.state()
+        if app_id not in state.apps and not self._yaml_app(app_id):
+            raise _not_found(f"no app {app_id!r}")
+        out = [m.RateLimit(settings=r, source="yaml") for r in self.runtime.file_config().rate_limits
+               if r.app_id == app_id]
+        out += [m.RateLimit(settings=r, source="api") for r in state.rate_limits if r.app_id == app_id]
+        return m.RateLimitList(data=out)
+
+    async def _set_rate_limit(self, request: web.Request, caller: Caller) -> BaseModel:
+        app_id = request.match_info["app_id"]
+        body = await self._body(request, m.RateLimitSet)
+        limit = validated(RateLimitSettings, {"app_id": app_id, **body.model_dump(exclude_none=True)})
+        if any(r.scope == limit.scope for r in self.runtime.file_config().rate_limits):
+            raise _read_only(f"the rate limits of {limit.scope}")
+        await self._api_app(app_id)
+        rate_limit_entry(limit, {app_id}, self._llm_ids())
+        _, version = await self.store.set_rate_limit(limit)
+        await self._changed(caller, "rate_limit.set", f"apps/{app_id}/rate_limits/{limit.scope}", version, None,
+                            limit.model_dump(exclude_none=True))
+        return m.RateLimit(settings=limit, source="api")
+
+    async def _delete_rate_limit(self, request: web.Request, caller: Caller) -> None:
+        app_id = request.match_info["app_id"]
+        llm_id, model = request.query.get("llm_id") or None, request.query.get("model") or None
+        if llm_id is not None and not is_id(llm_id):
+            raise ApiError(422, "invalid_request_error", "invalid_id", f"llm_id: {shown(llm_id, 80)!r} is not an id",
+                           "llm_id")
+        if model is not None and llm_id is None:
+            raise ApiError(422, "invalid_request_error", "validation_error", "model: needs llm_id", "model")
+        scope = f"app={app_id}" + (f",llm={llm_id}" if llm_id else "") + (f",model={model}" if model else "")
+        if any(r.scope == scope for r in self.runtime.file_config().rate_limits):
+            raise _read_only(f"the rate limits of {scope}")
+        _, version = await self.store.delete_rate_limit(app_id, scope)
+        await self._changed(caller, "rate_limit.delete", f"apps/{app_id}/rate_limits/{scope}", version, scope, None)
 
     async def _delete_budget(self, request: web.Request, caller: Caller) -> None:
         app_id = request.match_info["app_id"]

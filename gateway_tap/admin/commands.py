@@ -180,12 +180,37 @@ def _issued(key: dict[str, Any]) -> None:
     _say("This is the only time the key is shown: store it now.", err=True)
 
 
+def _limit_options(fn: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed((
+            click.option("--rpm", "requests_per_minute", type=int, help="Requests per minute."),
+            click.option("--tpm", "tokens_per_minute", type=int, help="Tokens per minute."),
+            click.option("--concurrent", "max_concurrent", type=int, help="Requests in flight."))):
+        fn = option(fn)
+    return fn
+
+
+def _limits(requests_per_minute: int | None, tokens_per_minute: int | None,
+            max_concurrent: int | None) -> dict[str, int]:
+    return {k: v for k, v in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute),
+                              ("max_concurrent", max_concurrent)) if v is not None}
+
+
 @keys.command("issue")
 @click.argument("app_id")
+@click.option("--name", default="", help="Names the key to people.")
+@click.option("--expires-in-s", type=click.FloatRange(0, min_open=True), help="Valid for this many seconds.")
+@_limit_options
 @_json_option
-def keys_issue(app_id: str, as_json: bool) -> None:
-    """Issue a key (shown once)."""
-    _show(_call("POST", f"/v1/apps/{_seg(app_id)}/keys"), as_json, _issued)
+def keys_issue(app_id: str, name: str, expires_in_s: float | None, requests_per_minute: int | None,
+               tokens_per_minute: int | None, max_concurrent: int | None, as_json: bool) -> None:
+    """Issue a key (shown once), optionally named, expiring and with its own rate limits."""
+    body: dict[str, Any] = {"name": name}
+    if expires_in_s is not None:
+        body["expires_in_s"] = expires_in_s
+    limits = _limits(requests_per_minute, tokens_per_minute, max_concurrent)
+    if limits:
+        body["rate_limits"] = limits
+    _show(_call("POST", f"/v1/apps/{_seg(app_id)}/keys", body), as_json, _issued)
 
 
 @keys.command("list")
@@ -224,6 +249,54 @@ def keys_rotate(app_id: str, key_id: str, overlap_s: float, as_json: bool) -> No
         _say(f"old key {d['previous']['id']} valid until {d['previous']['expires_at']}")
 
     _show(data, as_json, human)
+
+
+# -- rate limits -------------------------------------------------------------------------------------------------
+
+
+@admin.group("rate-limits")
+def rate_limits() -> None:
+    """An app's rate limits: set, list, delete (a key's own: keys issue --rpm/--tpm/--concurrent)."""
+
+
+@rate_limits.command("set")
+@click.argument("app_id")
+@click.option("--llm", "llm_id", help="Only the app's requests to this LLM.")
+@click.option("--model", help="With --llm: only the requests for this model.")
+@_limit_options
+@_json_option
+def rate_limits_set(app_id: str, llm_id: str | None, model: str | None, requests_per_minute: int | None,
+                    tokens_per_minute: int | None, max_concurrent: int | None, as_json: bool) -> None:
+    """Create or replace the app's rate limits for (LLM, model)."""
+    body = {"llm_id": llm_id, "model": model, **_limits(requests_per_minute, tokens_per_minute, max_concurrent)}
+    _show(_call("PUT", f"/v1/apps/{_seg(app_id)}/rate-limits", body), as_json,
+          lambda r: _say(f"rate limits set: {r['settings']}"))
+
+
+@rate_limits.command("list")
+@click.argument("app_id")
+@_json_option
+def rate_limits_list(app_id: str, as_json: bool) -> None:
+    """The app's rate limits, the file's and the API's."""
+    data = _call("GET", f"/v1/apps/{_seg(app_id)}/rate-limits")
+
+    def cell(value: Any) -> Any:
+        return "-" if value is None else value
+
+    _show(data, as_json, lambda d: _rows([("llm", "model", "requests/min", "tokens/min", "in flight", "source")] + [
+        (r["settings"]["llm_id"] or "*", r["settings"]["model"] or "*", cell(r["settings"]["requests_per_minute"]),
+         cell(r["settings"]["tokens_per_minute"]), cell(r["settings"]["max_concurrent"]), r["source"])
+        for r in d["data"]]))
+
+
+@rate_limits.command("delete")
+@click.argument("app_id")
+@click.option("--llm", "llm_id", help="The LLM of app x LLM limits.")
+@click.option("--model", help="The model of app x LLM x model limits.")
+def rate_limits_delete(app_id: str, llm_id: str | None, model: str | None) -> None:
+    """Delete one of the app's rate limits."""
+    _call("DELETE", f"/v1/apps/{_seg(app_id)}/rate-limits", params={"llm_id": llm_id, "model": model})
+    _say("deleted")
 
 
 # -- budgets -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway_tap.settings import AppConfig, BudgetSettings, LLMTimeouts, ModelPrice, PluginConfig
+from gateway_tap.settings import (
+    AppConfig,
+    BudgetSettings,
+    LLMTimeouts,
+    ModelPrice,
+    PluginConfig,
+    RateLimitSettings,
+)
 from gateway_tap.settings.base import DisplayText, Id, Metadata
 
 Source = Literal["api", "yaml"]
@@ -65,6 +72,56 @@ class AppList(BaseModel):
     data: list[App]
 
 
+_LIMIT = RateLimitSettings.model_fields
+
+
+class KeyRateLimits(Request):
+    """A key's own rate limits (every request made with the key counts, whatever LLM)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, description=_LIMIT["requests_per_minute"].description)
+    tokens_per_minute: int | None = Field(default=None, ge=1, description=_LIMIT["tokens_per_minute"].description)
+    max_concurrent: int | None = Field(default=None, ge=1, description=_LIMIT["max_concurrent"].description)
+
+
+class KeyIssue(Request):
+    """``POST /v1/apps/{app_id}/keys`` (every field optional; an empty body or none issues a plain key)."""
+
+    name: DisplayText = Field(default="", description="Names the key to people (at most 200 characters).")
+    expires_at: datetime | None = Field(default=None, description="When the key stops being valid (then 401 "
+                                                                   "expired_api_key); in the future.")
+    expires_in_s: float | None = Field(default=None, gt=0, description="Or: valid for this many seconds.")
+    rate_limits: KeyRateLimits | None = Field(default=None, description="The key's own rate limits.")
+
+
+class KeyUpdate(Request):
+    """``PATCH /v1/apps/{app_id}/keys/{key_id}``: only the fields given change (``rate_limits: {}`` drops the
+    key's limits)."""
+
+    name: DisplayText | None = None
+    expires_at: datetime | None = None
+    rate_limits: KeyRateLimits | None = None
+
+
+class RateLimitSet(Request):
+    """``PUT /v1/apps/{app_id}/rate-limits``: the app's limits (or app x LLM, app x LLM x model); replaces those of
+    the same scope. Validated as the file's ``rate_limits`` entries."""
+
+    llm_id: Id | None = Field(default=None, description=_LIMIT["llm_id"].description)
+    model: str | None = Field(default=None, min_length=1, description=_LIMIT["model"].description)
+    requests_per_minute: int | None = Field(default=None, description=_LIMIT["requests_per_minute"].description)
+    tokens_per_minute: int | None = Field(default=None, description=_LIMIT["tokens_per_minute"].description)
+    max_concurrent: int | None = Field(default=None, description=_LIMIT["max_concurrent"].description)
+
+
+class RateLimit(BaseModel):
+    settings: RateLimitSettings
+    source: Source
+
+
+class RateLimitList(BaseModel):
+    data: list[RateLimit]
+
+
 class KeyRotate(Request):
     """``POST /v1/apps/{app_id}/keys/{key_id}/rotate``."""
 
@@ -83,6 +140,8 @@ class Key(BaseModel):
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+    name: str = ""
+    rate_limits: dict[str, int] | None = None
 
 
 class IssuedKey(Key):

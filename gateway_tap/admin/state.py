@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway_tap.plugins.loader import ENTRY_POINT_GROUP
-from gateway_tap.settings import AppConfig, BudgetSettings, GatewayConfig, PluginConfig
+from gateway_tap.settings import AppConfig, BudgetSettings, GatewayConfig, PluginConfig, RateLimitSettings
 from gateway_tap.settings.apps import KEY_HASH
 from gateway_tap.settings.base import key_path
 from gateway_tap.settings.llms import unknown_llm_refs
@@ -61,9 +61,13 @@ class ManagedKey:
     expires_s: float | None = None
     revoked_s: float | None = None
     last_used_s: float | None = None
+    name: str = ""
+    rate_limits: Mapping[str, int] | None = None
+    """The key's own limits (``requests_per_minute``, ``tokens_per_minute``, ``max_concurrent``)."""
 
     def state(self, now_s: float) -> str:
-        """``active``, ``expiring`` (rotated, still valid until ``expires_s``), ``expired`` or ``revoked``."""
+        """``active``, ``expiring`` (issued with an expiry, or rotated: valid until ``expires_s``), ``expired`` or
+        ``revoked``."""
         if self.revoked_s is not None:
             return "revoked"
         if self.expires_s is not None:
@@ -108,11 +112,36 @@ def _known_llms(ids: Sequence[str], llm_ids: Collection[str], param: str) -> Non
         raise EntryError(f"{param}[{i}]: unknown LLM {llm_id!r}", f"{param}[{i}]", "unknown_llm")
 
 
-def app_entry(app: ManagedApp, key_hashes: Sequence[str], llm_ids: Collection[str]) -> AppConfig:
+def app_entry(app: ManagedApp, key_hashes: Sequence[str], llm_ids: Collection[str],
+              expired_key_hashes: Sequence[str] = ()) -> AppConfig:
     """The app as the tap applies it (its model and its LLM references, as the file's apps are checked)."""
     _known_llms(app.allowed_llms, llm_ids, "allowed_llms")
     return validated(AppConfig, {"id": app.id, "name": app.name, "allowed_llms": list(app.allowed_llms),
-                                 "metadata": dict(app.metadata), "key_hashes": list(key_hashes)})
+                                 "metadata": dict(app.metadata), "key_hashes": list(key_hashes),
+                                 "expired_key_hashes": list(expired_key_hashes)})
+
+
+def rate_limit_entry(limit: RateLimitSettings, app_ids: Collection[str], llm_ids: Collection[str]) -> None:
+    """An app's rate limits' references, as the file's are checked (``check_rate_limit_references``)."""
+    if limit.app_id not in app_ids:
+        raise EntryError(f"app_id: unknown app {limit.app_id!r}", "app_id", "not_found")
+    if limit.llm_id is not None:
+        _known_llms([limit.llm_id], llm_ids, "llm_id")
+
+
+KEY_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent")
+
+
+def key_rate_limit_entry(key_hash: str, limits: Mapping[str, Any]) -> RateLimitSettings:
+    """A key's own limits as the tap applies them: the ``rate_limits`` entry of scope ``key=<its hash>``."""
+    unknown = sorted(set(limits) - set(KEY_LIMIT_FIELDS))
+    if unknown:
+        raise EntryError(f"rate_limits.{unknown[0]}: not a key limit ({', '.join(KEY_LIMIT_FIELDS)})",
+                         f"rate_limits.{unknown[0]}")
+    try:
+        return validated(RateLimitSettings, {"key_id": key_hash, **limits})
+    except EntryError as exc:
+        raise EntryError(f"rate_limits: {exc.message}", f"rate_limits.{exc.param}") from None
 
 
 def budget_entry(budget: BudgetSettings, app_ids: Collection[str], llm_ids: Collection[str]) -> None:
@@ -174,6 +203,8 @@ class AdminState:
     plugins: Mapping[str, PluginConfig] = field(default_factory=dict)
     """Plugins created through the API, by name, in creation order."""
     unreadable: tuple[Rejected, ...] = ()
+    rate_limits: tuple[RateLimitSettings, ...] = ()
+    """API apps' rate limits (a key's own are on the key)."""
 
     def next_expiry_s(self, now_s: float) -> float | None:
         """When the next rotated key stops being valid (the state must be applied again then)."""
@@ -195,12 +226,22 @@ class AdminState:
         rejected = list(self.unreadable)
         llm_ids = {llm.id for llm in config.llms}
         hashes: dict[str, list[str]] = {}
+        expired: dict[str, list[str]] = {}
+        key_limits: list[RateLimitSettings] = []
         for key in self.keys:
-            if not key.valid(now_s):
-                continue
             if KEY_HASH.fullmatch(key.key_hash) is None:
                 rejected.append(Rejected(f"apps/{key.app_id}/keys/{key.id}", "key_hash is not a sha256 hash"))
                 continue
+            if key.state(now_s) == "expired":
+                expired.setdefault(key.app_id, []).append(key.key_hash)
+            if not key.valid(now_s):
+                continue
+            if key.rate_limits:
+                try:
+                    key_limits.append(key_rate_limit_entry(key.key_hash, key.rate_limits))
+                except EntryError as exc:
+                    rejected.append(Rejected(f"apps/{key.app_id}/keys/{key.id}/rate_limits", str(exc)))
+                    continue
             hashes.setdefault(key.app_id, []).append(key.key_hash)
         apps = list(config.apps)
         app_ids = {a.id for a in config.apps}
@@ -210,7 +251,8 @@ class AdminState:
                 rejected.append(Rejected(entry, "shadowed by the app of the same id in the configuration file"))
                 continue
             try:
-                apps.append(app_entry(app, hashes.get(app.id, []) if app.enabled else [], llm_ids))
+                apps.append(app_entry(app, hashes.get(app.id, []) if app.enabled else [], llm_ids,
+                                      expired.get(app.id, [])))
             except EntryError as exc:
                 rejected.append(Rejected(entry, str(exc)))
                 continue
@@ -247,5 +289,19 @@ class AdminState:
                 rejected.append(Rejected(f"plugins/{plugin.name}", str(exc)))
                 continue
             plugins.append(plugin)
-        merged = config.model_copy(update={"apps": apps, "budgets": budgets, "plugins": plugins})
+        yaml_limits = {r.scope for r in config.rate_limits}
+        rate_limits = list(config.rate_limits)
+        for limit in self.rate_limits:
+            entry = f"apps/{limit.app_id}/rate_limits/{limit.scope}"
+            try:
+                if limit.scope in yaml_limits:
+                    raise EntryError("shadowed by the rate limits of the configuration file")
+                rate_limit_entry(limit, app_ids, llm_ids)
+            except EntryError as exc:
+                rejected.append(Rejected(entry, str(exc)))
+                continue
+            rate_limits.append(limit)
+        rate_limits += [k for k in key_limits if k.scope not in yaml_limits]
+        merged = config.model_copy(update={"apps": apps, "budgets": budgets, "plugins": plugins,
+                                           "rate_limits": rate_limits})
         return Overlay(merged, tuple(sorted(rejected, key=lambda r: r.entry)))

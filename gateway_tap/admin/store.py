@@ -13,12 +13,12 @@ import orjson
 from gateway_tap.admin.db import Database, Tx, is_unique_violation
 from gateway_tap.admin.state import AdminState, ManagedApp, ManagedKey, Rejected, new_key
 from gateway_tap.budgets.store import BudgetStoreError
-from gateway_tap.settings import BudgetSettings, PluginConfig
+from gateway_tap.settings import BudgetSettings, PluginConfig, RateLimitSettings
 
 T = TypeVar("T")
 
 _APP_COLUMNS = "id, name, allowed_llms, metadata, enabled, created_s, updated_s"
-_KEY_COLUMNS = "id, app_id, key_hash, prefix, created_s, expires_s, revoked_s, last_used_s"
+_KEY_COLUMNS = "id, app_id, key_hash, prefix, created_s, expires_s, revoked_s, last_used_s, name, rate_limits"
 
 
 class NotFound(LookupError):
@@ -47,7 +47,8 @@ def _app(row: tuple[Any, ...]) -> ManagedApp:
 
 
 def _key(row: tuple[Any, ...]) -> ManagedKey:
-    return ManagedKey(*row)
+    return ManagedKey(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8] or "",
+                      orjson.loads(row[9]) if row[9] else None)
 
 
 def _parsed(rows: list[tuple[Any, ...]], parse: Callable[[tuple[Any, ...]], T], entry: Callable[[tuple[Any, ...]], str],
@@ -123,8 +124,11 @@ class AdminStore:
             plugins = _parsed(await tx.fetch("SELECT settings, name FROM admin_plugins ORDER BY created_s, name"),
                               lambda r: PluginConfig.model_validate_json(r[0]), lambda r: f"plugins/{r[1]}",
                               unreadable)
+            limits = _parsed(await tx.fetch("SELECT settings, app_id, scope FROM admin_rate_limits ORDER BY scope"),
+                             lambda r: RateLimitSettings.model_validate_json(r[0]),
+                             lambda r: f"apps/{r[1]}/rate_limits/{r[2]}", unreadable)
         return AdminState(int(row[0]) if row else 0, {a.id: a for a in apps}, tuple(keys), tuple(budgets),
-                          dict(configs), {p.name: p for p in plugins}, tuple(unreadable))
+                          dict(configs), {p.name: p for p in plugins}, tuple(unreadable), tuple(limits))
 
     async def taps(self) -> list[TapVersion]:
         """The version each tap worker last reported, newest report first."""
@@ -199,21 +203,65 @@ class AdminStore:
 
         return await self._change(run)
 
-    async def issue_key(self, app_id: str) -> tuple[tuple[ManagedKey, str], int]:
-        """A new key for the app: (the stored key, the secret to return once)."""
+    async def issue_key(self, app_id: str, *, name: str = "", expires_s: float | None = None,
+                        rate_limits: Mapping[str, int] | None = None) -> tuple[tuple[ManagedKey, str], int]:
+        """A new key for the app (with an optional name, expiry and own rate limits): (the stored key, the secret
+        to return once)."""
 
         async def run(tx: Tx) -> tuple[ManagedKey, str]:
             await self._get_app(tx, app_id)
-            return await self._insert_key(tx, app_id)
+            return await self._insert_key(tx, app_id, name, expires_s, rate_limits)
 
         return await self._change(run)
 
-    async def _insert_key(self, tx: Tx, app_id: str) -> tuple[ManagedKey, str]:
+    async def _insert_key(self, tx: Tx, app_id: str, name: str = "", expires_s: float | None = None,
+                          rate_limits: Mapping[str, int] | None = None) -> tuple[ManagedKey, str]:
         secret, digest, prefix = new_key()
-        key = ManagedKey("key_" + secrets.token_hex(8), app_id, digest, prefix, self.clock())
-        await tx.execute(f"INSERT INTO admin_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         key.id, key.app_id, key.key_hash, key.prefix, key.created_s, None, None, None)
+        key = ManagedKey("key_" + secrets.token_hex(8), app_id, digest, prefix, self.clock(), expires_s,
+                         name=name, rate_limits=dict(rate_limits) if rate_limits else None)
+        await tx.execute(f"INSERT INTO admin_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         key.id, key.app_id, key.key_hash, key.prefix, key.created_s, expires_s, None, None, name,
+                         orjson.dumps(key.rate_limits).decode() if key.rate_limits else None)
         return key, secret
+
+    async def update_key(self, app_id: str, key_id: str, changes: Mapping[str, Any]) -> tuple[
+            tuple[ManagedKey, ManagedKey], int]:
+        """Change a key's ``name``, ``expires_s`` or ``rate_limits`` (None: none); returns (before, after)."""
+
+        async def run(tx: Tx) -> tuple[ManagedKey, ManagedKey]:
+            before = await self._get_key(tx, app_id, key_id)
+            after = ManagedKey(**{**asdict(before), **changes})
+            await tx.execute("UPDATE admin_keys SET name = ?, expires_s = ?, rate_limits = ? WHERE id = ?",
+                             after.name, after.expires_s,
+                             orjson.dumps(after.rate_limits).decode() if after.rate_limits else None, key_id)
+            return before, after
+
+        return await self._change(run)
+
+    async def set_rate_limit(self, limit: RateLimitSettings) -> tuple[RateLimitSettings, int]:
+        """Create or replace an API app's rate limits of ``limit.scope``."""
+
+        async def run(tx: Tx) -> RateLimitSettings:
+            assert limit.app_id is not None
+            await self._get_app(tx, limit.app_id)
+            await tx.execute("DELETE FROM admin_rate_limits WHERE scope = ?", limit.scope)
+            await tx.execute("INSERT INTO admin_rate_limits (scope, app_id, settings, updated_s) VALUES (?, ?, ?, ?)",
+                             limit.scope, limit.app_id, limit.model_dump_json(exclude_none=True), self.clock())
+            return limit
+
+        return await self._change(run)
+
+    async def delete_rate_limit(self, app_id: str, scope: str) -> tuple[None, int]:
+        """Delete an API app's rate limits of ``scope``."""
+
+        async def run(tx: Tx) -> None:
+            row = await tx.fetchone("SELECT scope FROM admin_rate_limits WHERE scope = ? AND app_id = ?", scope,
+                                    app_id)
+            if row is None:
+                raise NotFound(f"app {app_id!r} has no rate limits for {scope}")
+            await tx.execute("DELETE FROM admin_rate_limits WHERE scope = ?", scope)
+
+        return await self._change(run)
 
     @staticmethod
     async def _get_key(tx: Tx, app_id: str, key_id: str) -> ManagedKey:
@@ -247,7 +295,7 @@ class AdminStore:
             if old.expires_s is not None:
                 expires = min(expires, old.expires_s)
             await tx.execute("UPDATE admin_keys SET expires_s = ? WHERE id = ?", expires, key_id)
-            new, secret = await self._insert_key(tx, app_id)
+            new, secret = await self._insert_key(tx, app_id, old.name, None, old.rate_limits)  # its successor
             return ManagedKey(**{**asdict(old), "expires_s": expires}), new, secret
 
         return await self._change(run)

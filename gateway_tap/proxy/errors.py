@@ -75,6 +75,10 @@ def unknown_key() -> TapError:
     return TapError(401, "authentication_error", "invalid_api_key", "the API key is not valid")
 
 
+def expired_key() -> TapError:
+    return TapError(401, "authentication_error", "expired_api_key", "the API key has expired")
+
+
 def llm_not_allowed(app_id: str, llm_id: str) -> TapError:
     return TapError(403, "permission_error", "llm_not_allowed", f"app {app_id!r} may not use LLM {llm_id!r}")
 

@@ -177,6 +177,8 @@ class SharedLimiter:
         return Decision(True, "redis_error_open")
 
     def _queue_settlement(self, admission: SharedAdmission, delta: int) -> None:
+        if not delta and all(c.kind != "concurrent" for c in admission.plan):
+            return  # the estimate was exact and no claim is held: nothing to tell Redis
         if len(self._queue) >= self._MAX_QUEUED:
             self.dropped_settlements += 1
             return

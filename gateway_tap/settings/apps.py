@@ -20,6 +20,10 @@ class AppConfig(Section):
                                                               "characters).")
     key_hashes: list[str] = Field(default_factory=list,
                                   description="'sha256:<hex>' of each valid key (gateway-tap hash-key).")
+    expired_key_hashes: list[str] = Field(
+        default_factory=list,
+        description="'sha256:<hex>' of keys that were valid and have expired: refused with 401 expired_api_key "
+                    "(instead of invalid_api_key). The admin API fills it with its keys past their expiry.")
     allowed_llms: list[str] = Field(default_factory=lambda: ["*"], description="LLM ids, or '*' for all.")
     metadata: Metadata = Field(
         default_factory=dict,
@@ -27,7 +31,7 @@ class AppConfig(Section):
                     "services.gateway.get_app(app_id).metadata and a hook's ctx.app.metadata. Not for secrets. "
                     "JSON values, at most 8 levels deep and 8 KiB, no control characters.")
 
-    @field_validator("key_hashes")
+    @field_validator("key_hashes", "expired_key_hashes")
     @classmethod
     def _check_hashes(cls, value: list[str]) -> list[str]:
         for item in value:

@@ -17,6 +17,10 @@ same entries, and bound its size there (the oldest entries are evicted first)::
       kv: {backend: shared, max_bytes: 67108864}
       config: {ttl_s: 300}
 
+With several taps, ``kv: {backend: redis}`` shares the entries across every tap (the ``redis`` section;
+bound the server with ``maxmemory`` and ``allkeys-lru``). Redis unreachable costs misses, never a request:
+a lookup that fails is a miss and the answer is not stored, until Redis is back.
+
 Key: LLM id, path, model and the SHA-256 of the request body as JSON with sorted keys
 (so key order and whitespace do not matter), after the hooks that ran before this one; a
 streamed request (``"stream": true``) is another entry than the same request whole.
