@@ -4,6 +4,7 @@ with an injected clock, the Redis one against a real ``redis-server`` (atomic ac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -131,6 +132,7 @@ async def test_shared_limits_are_exact_across_limiters_under_concurrency(links: 
     lim = limits(requests_per_minute=50, max_concurrent=30)
     plan = lim.plan("a", None, "llm", None)
     taps = [SharedLimiter(link) for link in links]
+    started = time.monotonic()
     decisions = await asyncio.gather(*(taps[i % 2].admit(plan, f"req-{i}", 0) for i in range(80)))
     admitted = [d for d in decisions if d.allowed]
     assert len(admitted) == 30  # the concurrency limit binds first, exactly, across both limiters
@@ -141,7 +143,8 @@ async def test_shared_limits_are_exact_across_limiters_under_concurrency(links: 
     for tap in taps:
         await tap.close()  # the settlements are sent
     decisions = await asyncio.gather(*(taps[i % 2].admit(plan, f"again-{i}", 0) for i in range(40)))
-    assert sum(d.allowed for d in decisions) == 20  # 50 per minute: 30 taken before, 20 left
+    refilled = int((time.monotonic() - started) * 50 / 60)  # on a loaded machine the minute moves on meanwhile
+    assert 20 <= sum(d.allowed for d in decisions) <= 20 + refilled  # 50 per minute: 30 taken before, 20 left
     refused = next(d for d in decisions if not d.allowed)
     assert refused.blocked is not None and refused.blocked.kind == "requests"
     assert 0.5 < refused.retry_after_s <= 1.3  # one request refills every 1.2 s
