@@ -132,6 +132,7 @@ class Analytics(Event):
     cache_read_tokens: NonNegInt | None = None
     cache_write_tokens: NonNegInt | None = None
     tokens_estimated: bool = False
+    usage_invalid: bool = False
     cost: NonNegFloat = 0.0
     currency: str = "USD"
     latency_ms: NonNegFloat

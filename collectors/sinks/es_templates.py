@@ -87,6 +87,7 @@ TYPE_PROPERTIES: dict[EventType, dict[str, Any]] = {
         "cache_read_tokens": LONG,
         "cache_write_tokens": LONG,
         "tokens_estimated": BOOLEAN,
+        "usage_invalid": BOOLEAN,
         "cost": DOUBLE,
         "currency": KEYWORD,
         "latency_ms": FLOAT,

@@ -16,6 +16,7 @@ parts of those totals, never added on top.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class Usage:
     reasoning_tokens: int | None = None
     estimated: bool = False
     found: bool = False
+    invalid: bool = False
+    """The upstream's report was broken (a count negative, not an integer, not a number or absurd): estimated."""
     model: str | None = None
     choices: int | None = None
     tool_calls: int | None = None
@@ -63,16 +66,29 @@ class Usage:
                 self.finish_reasons.append(reason)
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+MAX_REPORTED_TOKENS = 100_000_000
+"""More tokens than any one call has: a count above it is a broken report, not a bill."""
 
 
-def _detail(data: Mapping[str, Any], section: str, key: str) -> int | None:
+def _count(usage: Usage, value: Any) -> int:
+    """A reported token count (absent: 0). A broken one (negative, not an integer, not a number, absurd) marks
+    the whole report invalid (``usage.invalid``): it is then estimated, never taken as 0 (a free call)."""
+    if value is None:
+        return 0
+    if type(value) is int and 0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_REPORTED_TOKENS:
+        return int(value)
+    usage.invalid = True
+    return 0
+
+
+def _detail(usage: Usage, data: Mapping[str, Any], section: str, key: str) -> int | None:
     details = data.get(section)
     if isinstance(details, dict):
         value = details.get(key)
-        if isinstance(value, int) and value >= 0:
-            return value
+        if value is not None:
+            return _count(usage, value)
     return None
 
 
@@ -80,21 +96,21 @@ def apply_openai_usage(usage: Usage, data: Mapping[str, Any]) -> None:
     """OpenAI's ``usage``: Chat Completions and embeddings (``prompt_tokens``...) or Responses (``input_tokens``...)."""
     usage.found = True
     if "prompt_tokens" in data or "input_tokens" not in data:
-        usage.prompt_tokens = _int(data.get("prompt_tokens"))
-        usage.completion_tokens = _int(data.get("completion_tokens"))
+        usage.prompt_tokens = _count(usage, data.get("prompt_tokens"))
+        usage.completion_tokens = _count(usage, data.get("completion_tokens"))
         input_details, output_details = "prompt_tokens_details", "completion_tokens_details"
     else:  # the Responses API
-        usage.prompt_tokens = _int(data.get("input_tokens"))
-        usage.completion_tokens = _int(data.get("output_tokens"))
+        usage.prompt_tokens = _count(usage, data.get("input_tokens"))
+        usage.completion_tokens = _count(usage, data.get("output_tokens"))
         input_details, output_details = "input_tokens_details", "output_tokens_details"
-    usage.total_tokens = _int(data.get("total_tokens"))
-    cached = _detail(data, input_details, "cached_tokens")
+    usage.total_tokens = _count(usage, data.get("total_tokens"))
+    cached = _detail(usage, data, input_details, "cached_tokens")
     if cached is not None:
         usage.cache_read_tokens = cached
-    written = _detail(data, input_details, "cache_write_tokens")
+    written = _detail(usage, data, input_details, "cache_write_tokens")
     if written is not None:
         usage.cache_write_tokens = written
-    reasoning = _detail(data, output_details, "reasoning_tokens")
+    reasoning = _detail(usage, data, output_details, "reasoning_tokens")
     if reasoning is not None:
         usage.reasoning_tokens = reasoning
 
@@ -104,14 +120,14 @@ def apply_anthropic_usage(usage: Usage, data: Mapping[str, Any]) -> None:
     only the counts present are updated; ``prompt_tokens`` = input + cache read + cache write tokens."""
     usage.found = True
     if "input_tokens" in data:
-        usage.uncached_input_tokens = _int(data.get("input_tokens"))
+        usage.uncached_input_tokens = _count(usage, data.get("input_tokens"))
     if "output_tokens" in data:
-        usage.completion_tokens = _int(data.get("output_tokens"))
-    if isinstance(data.get("cache_read_input_tokens"), int):
-        usage.cache_read_tokens = _int(data["cache_read_input_tokens"])
-    if isinstance(data.get("cache_creation_input_tokens"), int):
-        usage.cache_write_tokens = _int(data["cache_creation_input_tokens"])
-    thinking = _detail(data, "output_tokens_details", "thinking_tokens")
+        usage.completion_tokens = _count(usage, data.get("output_tokens"))
+    if data.get("cache_read_input_tokens") is not None:
+        usage.cache_read_tokens = _count(usage, data["cache_read_input_tokens"])
+    if data.get("cache_creation_input_tokens") is not None:
+        usage.cache_write_tokens = _count(usage, data["cache_creation_input_tokens"])
+    thinking = _detail(usage, data, "output_tokens_details", "thinking_tokens")
     if thinking is not None:
         usage.reasoning_tokens = thinking
     usage.prompt_tokens = usage.uncached_input_tokens + (usage.cache_read_tokens or 0) + (usage.cache_write_tokens or 0)
@@ -191,7 +207,13 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
     try:
         data = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
-        return usage
+        if b'"usage"' not in body:
+            return usage
+        try:  # a broken usage report (a NaN count) is invalid JSON, which the upstream's clients may still read
+            data = json.loads(body)
+        except ValueError:
+            usage.invalid = True
+            return usage
     if not isinstance(data, dict):
         return usage
     if isinstance(data.get("model"), str):
@@ -224,7 +246,7 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
                     calls += len(message.get("tool_calls") or ())
                     completion_chars += _text_chars(message.get("content"))
             usage.tool_calls = calls
-    if not usage.found:
+    if not usage.found or usage.invalid:
         usage.completion_tokens = completion_chars // CHARS_PER_TOKEN
     return usage
 
@@ -295,6 +317,8 @@ class StreamAccounting:
         self.events += 1
         payload = event.json()
         if not isinstance(payload, dict):
+            if payload is None and not event.done and '"usage"' in event.data:
+                self.usage.invalid = True  # a usage report that is not JSON (a NaN count...)
             return True
         if self._vendor == "anthropic":
             self._anthropic(event.event or payload.get("type"), payload)
@@ -312,6 +336,8 @@ class StreamAccounting:
                 payload = _data_of(event)
                 if isinstance(payload, dict):
                     self._anthropic(payload.get("type"), payload)
+                elif b'"usage"' in event:
+                    self.usage.invalid = True  # a usage report that is not JSON (a NaN count...)
             elif b"tool_use" in event and b"content_block_start" in event:
                 self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
             return True
@@ -321,6 +347,8 @@ class StreamAccounting:
             payload = _data_of(event)
             if isinstance(payload, dict):
                 return self._openai(payload)
+            if b'"usage"' in event and b"[DONE]" not in event:
+                self.usage.invalid = True  # a usage report that is not JSON (a NaN count...)
         return True
 
     def _anthropic(self, kind: Any, payload: dict[str, Any]) -> None:

@@ -484,12 +484,14 @@ class ProxyHandler:
     @staticmethod
     def _price(up: Upstream, ex: Exchange, parsed: Any, estimated_completion: int | None) -> None:
         usage = ex.usage or Usage()
-        if not usage.found:
+        if not usage.found or usage.invalid:  # no report, or a broken one: never free, estimated
             usage.estimated = True
             usage.prompt_tokens = estimate_prompt_tokens(parsed)
             if estimated_completion is not None:
                 usage.completion_tokens = estimated_completion
             usage.total_tokens = 0
+            if usage.invalid:  # none of the broken report's parts are trusted
+                usage.cache_read_tokens = usage.cache_write_tokens = usage.reasoning_tokens = None
         usage.finish()
         ex.usage = usage
         if usage.model:
