@@ -35,6 +35,7 @@ from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.handler import new_request_id, stop_error
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
+from gateway_tap.proxy.paths import plain_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.tracing import TRACEPARENT, continue_trace
 from schemas import status_class
@@ -78,6 +79,8 @@ class EndpointServer:
         bound: BoundEndpoint | None = None
         try:
             try:
+                # Path parameters reach handlers decoded: refuse what would decode to "/", "..", a backslash...
+                plain_path(request.rel_url.raw_path[1:])
                 bound, params = await snap.endpoints.resolve(request)
                 if not bound.public:
                     await self._authenticate(request, ex, snap)

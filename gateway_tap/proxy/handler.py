@@ -57,7 +57,7 @@ from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.paths import confined_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
-from gateway_tap.proxy.upstream import REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
+from gateway_tap.proxy.upstream import FORWARDED_METHODS, REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
 from gateway_tap.tracing import TRACEPARENT, continue_trace
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ class ProxyHandler:
             raise errors.llm_not_allowed(ex.app_id, up.id)
 
     async def _proxy(self, request: web.Request, ex: Exchange, snap: ConfigSnapshot) -> web.StreamResponse:
+        if ex.method not in FORWARDED_METHODS:
+            raise errors.method_not_allowed(ex.method, FORWARDED_METHODS)
         up = snap.upstreams.get(ex.llm_id)
         if up is None:
             raise errors.unknown_llm(ex.llm_id)

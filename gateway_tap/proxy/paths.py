@@ -46,6 +46,35 @@ def confined_path(raw: str) -> str:
     """
     if _SUSPECT.search(raw) is None:
         return raw
+    segments = _segments(raw)
+    out: list[str] = []
+    for segment in segments:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if not out:
+                raise path_outside_upstream(raw[:200])
+            out.pop()
+            continue
+        out.append(segment)
+    if segments[-1] in (".", "..") and out:
+        out.append("")  # "a/b/.." is the directory "a/": RFC 3986 keeps the trailing slash
+    return "/".join(out)
+
+
+def plain_path(raw: str) -> None:
+    """Refuse ``raw`` (a percent-encoded path) unless each segment is a plain name: no dot-segment in any spelling
+    and nothing :func:`confined_path` refuses. For routes whose path parameters a handler may take for names
+    (plugin endpoints): a parameter then never holds a decoded ``/``, ``..`` or ``\\``.
+
+    :raises TapError: 400 ``invalid_path``.
+    """
+    if _SUSPECT.search(raw) is not None and any(s in (".", "..") for s in _segments(raw)):
+        raise invalid_path(raw[:200], "a dot-segment")
+
+
+def _segments(raw: str) -> list[str]:
+    """The segments of ``raw`` with percent-encodings normalised; raises for what the module says is refused."""
     if _BAD_ESCAPE.search(raw):
         raise invalid_path(raw[:200], "a '%' that is not a percent-encoding")
     text = _ESCAPE.sub(_normal_escape, raw)
@@ -56,21 +85,10 @@ def confined_path(raw: str) -> str:
     if _CONTROL.search(text):
         raise invalid_path(raw[:200], "a control character")
     segments = text.split("/")
-    out: list[str] = []
-    last = len(segments) - 1
-    for i, segment in enumerate(segments):
-        if segment == ".":
-            continue
-        if segment == "..":
-            if not out:
-                raise path_outside_upstream(raw[:200])
-            out.pop()
-            continue
-        if segment == "" and i != last:
+    for segment in segments[:-1]:
+        if segment == "":
             raise invalid_path(raw[:200], "an empty segment ('//')")
+    for segment in segments:
         if segment.startswith((".;", "..;")):
             raise invalid_path(raw[:200], "a dot-segment with a ';' parameter")
-        out.append(segment)
-    if segments[-1] in (".", "..") and out:
-        out.append("")  # "a/b/.." is the directory "a/": RFC 3986 keeps the trailing slash
-    return "/".join(out)
+    return segments

@@ -13,11 +13,18 @@ from gateway_tap.plugins.chain import Chain
 from gateway_tap.pricing import PriceBook
 from gateway_tap.settings import LLMConfig
 
-# Never forwarded upstream: hop-by-hop headers, the client's credentials, and what aiohttp sets itself.
+# Never forwarded upstream: hop-by-hop headers, the client's credentials, what aiohttp sets itself, and what a
+# client claims about where it connected from (forwarding headers are only true when a trusted proxy set them;
+# the tap records the peer address it saw, and the upstream has no need of the client's).
 REQUEST_HEADERS_DROPPED = (
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key", "accept-encoding",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip",
+    "x-client-ip", "true-client-ip",
 )
+# Methods an LLM API is called with; anything else (TRACE, CONNECT, WebDAV's...) is refused with 405, not sent
+# upstream with the tap's credential.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The tap decodes compressed upstream bodies (to account them) and re-frames the response.
 RESPONSE_HEADERS_DROPPED = (
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",

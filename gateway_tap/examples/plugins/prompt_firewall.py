@@ -8,7 +8,10 @@ config::
     message: "request blocked by the prompt firewall"
 
 Looks at chat ``messages`` (OpenAI and Anthropic), ``system``, ``prompt`` and
-``input``. Serves ``GET /plugins/<name>/stats`` with the number of blocked requests.
+``input``. Fails closed: a body it cannot read as JSON (whatever its content type says, e.g. ``text/plain``
+with a lone surrogate escape that an upstream's parser may well accept) is refused with 400
+``prompt_unreadable`` rather than forwarded unchecked. Serves ``GET /plugins/<name>/stats`` with the number of
+blocked requests.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ class PromptFirewall:
             return None
         try:
             body = request.json()
-        except orjson.JSONDecodeError:
-            return None
+        except orjson.JSONDecodeError:  # unreadable to us is not harmless: the upstream may read it otherwise
+            await self.services.kv.incr("blocked")
+            ctx.log.info("prompt unreadable")
+            return HookResult.stop(400, f"{self.message}: the request body is not JSON the firewall can read",
+                                   code="prompt_unreadable")
         for text in prompt_texts(body):
             if self.regex.search(text):
                 await self.services.kv.incr("blocked")
