@@ -16,6 +16,9 @@ BUILTINS: dict[str, str] = {
     "otlp": "collectors.sinks.otlp:OtlpCollector",
     "otlp_content": "collectors.sinks.otlp:OtlpContentCollector",
 }
+DEFAULT_COLLECTORS = ("file", "elasticsearch", "budget")
+"""The built-ins every deployment we ship runs (docker-compose's default profile, ``gateway-tap up``); the others
+are opt-in (the lake needs a destination, otlp a receiver)."""
 
 
 def _load(spec: str) -> object:

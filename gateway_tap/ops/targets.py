@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collectors.registry import BUILTINS, resolve_collector
+from collectors.registry import DEFAULT_COLLECTORS, resolve_collector
 from collectors.sdk import ConfigError
 from gateway_tap.settings import CollectorSettings, GatewayConfig, group_id_for
 from schemas import EVENT_TYPES, EventType, topic_for
@@ -39,6 +39,8 @@ def collector_target(config: GatewayConfig, name: str) -> CollectorTarget:
 
 
 def collector_targets(config: GatewayConfig) -> list[CollectorTarget]:
-    """The built-in collectors followed by every other NAME under ``collectors:``."""
-    names = list(BUILTINS) + [n for n in config.collectors if n not in BUILTINS]
+    """The default built-ins (configured or not: one that never ran shows every event behind), then every
+    other NAME under ``collectors:``. An opt-in built-in (lake, otlp) is listed only when configured, so a
+    deployment without it does not see its group as forever behind."""
+    names = list(DEFAULT_COLLECTORS) + [n for n in config.collectors if n not in DEFAULT_COLLECTORS]
     return [collector_target(config, name) for name in names]

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from collectors.registry import BUILTINS
+from collectors.registry import DEFAULT_COLLECTORS
 from collectors.runtime import build_runtime
 from gateway_tap.budgets.store import UsageRecord, open_store
 from gateway_tap.cli import main
@@ -58,7 +58,10 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
 
     assert report.kafka_error is None and report.exit_code == 0
     groups = {g.collector: g for g in report.groups}
-    assert set(groups) == set(BUILTINS)  # every built-in, configured or not
+    # the default built-ins, configured or not (elasticsearch is not: it shows everything behind); the opt-in
+    # ones (lake, otlp) only when configured
+    assert set(groups) == set(DEFAULT_COLLECTORS) | set(document.get("collectors", {}))
+    assert "otlp" not in groups and "lake" not in groups
     assert groups["file"].group_id == f"{topic_prefix}-file"
     assert groups["elasticsearch"].group_id == f"{topic_prefix}.collector.elasticsearch"
     file_lag = {t.topic: t for t in groups["file"].topics}
@@ -113,7 +116,7 @@ def test_cli_tables_and_json(tmp_path: Path, kafka_bootstrap: str, topic_prefix:
     assert result.exit_code == 0, result.output
     doc = orjson.loads(result.output)
     assert doc["kafka_error"] is None and doc["exit_code"] == 0
-    assert [g["collector"] for g in doc["groups"]] == list(BUILTINS)
+    assert [g["collector"] for g in doc["groups"]] == list(DEFAULT_COLLECTORS)
     assert all(len(t["partitions"]) == 3 for g in doc["groups"] for t in g["topics"])
     assert doc["taps"][0]["url"] == tap_url + "/metrics"
 
