@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
-
-from multidict import CIMultiDictProxy, MultiMapping
+from collections.abc import Iterable, Mapping
 
 from gateway_tap.settings import AppConfig
 
 
 def hash_key(key: str) -> str:
-    """``sha256:<hex>``, the form stored in an app's ``key_hashes``."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    """``sha256:<hex>``, the form stored in an app's ``key_hashes``. A presented key is hashed as the bytes the
+    client sent (aiohttp keeps a byte that is not UTF-8 as a lone surrogate): never an encoding error."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def presented_key(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> str | None:
+def presented_key(headers: Mapping[str, str]) -> str | None:
     """The app key from ``Authorization: Bearer`` or ``x-api-key``, or ``None``."""
     value = headers.get("authorization")
     if value:

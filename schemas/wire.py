@@ -135,9 +135,81 @@ def wire_type(event: msgspec.Struct) -> EventType:
     return tag
 
 
-def encode_wire(event: msgspec.Struct) -> bytes:
-    """The Kafka message value of a struct from :data:`WIRE_EVENTS` (UTF-8 JSON, times in UTC with ``Z``)."""
-    return _ENCODER.encode(event)
+def encode_wire(event: msgspec.Struct, max_bytes: int = MAX_EVENT_BYTES) -> bytes:
+    """The Kafka message value of a struct from :data:`WIRE_EVENTS` (UTF-8 JSON, times in UTC with ``Z``).
+
+    Never fails on what its strings hold, and never exceeds ``max_bytes`` (at most :data:`MAX_EVENT_BYTES`, what
+    the collectors accept): text that is not valid Unicode (the lone surrogates Python keeps for undecodable bytes,
+    as aiohttp does for a header byte like ``\\xff``) is escaped (``\\xff``), and an event still too large has its
+    longest strings clipped with ``...[truncated]``. Both are rare (the tap bounds what it puts in), so the common
+    case costs one encode.
+
+    :raises ValueError: the event does not fit in ``max_bytes`` even with every string clipped and every mapping
+        emptied (only with an absurdly small ``max_bytes``).
+    """
+    max_bytes = min(max_bytes, MAX_EVENT_BYTES)
+    try:
+        value = _ENCODER.encode(event)
+    except UnicodeEncodeError:
+        pass
+    else:
+        if len(value) <= max_bytes:
+            return value
+    data: dict[str, Any] = msgspec.to_builtins(event)
+    for cap in _CLIP_STEPS:
+        value = _ENCODER.encode(_repaired(data, cap))
+        if len(value) <= max_bytes:
+            return value
+    value = _ENCODER.encode(_repaired(data, 64, drop=_DROPPABLE))
+    if len(value) <= max_bytes:
+        return value
+    raise ValueError(f"event does not fit in {max_bytes} bytes even with every string clipped")
+
+
+TRUNCATED = "...[truncated]"
+_CLIP_STEPS = (1 << 20, 16384, 4096, 1024, 256, 64)
+"""Longest string kept on each try of :func:`encode_wire`'s repair."""
+_UNCLIPPED = frozenset({"type", "id", "emitted_at", "gateway_id", "request_id", "trace_id", "span_id",
+                        "parent_span_id", "period_start"})
+"""Envelope fields a repair never shortens (ids and times: the tap's own, short and needed whole)."""
+_DROPPABLE = frozenset({"request_headers", "response_headers", "request_body", "response_body", "metadata",
+                        "tags"})
+"""Optional fields the last repair leaves empty."""
+
+
+def valid_text(value: str) -> str:
+    """``value`` as valid Unicode: lone surrogates escaped (``\\xff`` for a byte surrogateescape kept, else
+    ``\\ud800``); ``value`` itself when it has none."""
+    try:
+        value.encode()
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no undecodable byte produced
+        return value.encode("utf-8", "backslashreplace").decode()
+
+
+def _repaired(event: dict[str, Any], cap: int, drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``event`` (builtins) with every string valid Unicode and at most ``cap`` characters, but the envelope's."""
+    out: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in drop:
+            continue
+        out[key] = valid_text(value) if key in _UNCLIPPED and isinstance(value, str) else _clipped(value, cap)
+    return out
+
+
+def _clipped(data: Any, cap: int) -> Any:
+    if isinstance(data, str):
+        data = valid_text(data)
+        return data if len(data) <= cap else data[:cap] + TRUNCATED
+    if isinstance(data, dict):
+        return {_clipped(k, max(cap, 64)): _clipped(v, cap) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_clipped(v, cap) for v in data]
+    return data
 
 
 def to_wire(event: Event) -> msgspec.Struct:

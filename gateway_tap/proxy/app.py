@@ -25,6 +25,7 @@ from gateway_tap.plugins.loader import LoadedPlugin, close_plugins, load_plugins
 from gateway_tap.plugins.services import ControlChannel
 from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
+from gateway_tap.proxy.bounds import MODEL_CHARS, clip
 from gateway_tap.proxy.budget import BudgetGate, unenforced_report
 from gateway_tap.proxy.endpoints import EndpointServer, endpoints_app
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER
@@ -204,15 +205,12 @@ class TapApp:
         if ex.error is not None and ex.upstream_start is None:
             m.rejected_child(llm, ex.error.code).inc()
         if snap.access_log:
-            access_log.info("request", extra={
-                "request_id": ex.request_id, "trace_id": ex.trace.trace_id, "app": ex.app_id, "llm": ex.llm_id,
-                "model": ex.model,
-                "method": ex.method, "path": ex.path, "status": ex.status, "streamed": ex.streamed,
-                "latency_ms": round(ex.total_ms, 3),
-                "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
-                "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
-            })
-        events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit, now=now)
+            fields = ex.access_fields(snap.redactor)
+            fields["model"] = clip(ex.model, MODEL_CHARS)
+            fields["upstream_ms"] = None if upstream_ms is None else round(upstream_ms, 3)
+            access_log.info("request", extra=fields)
+        events = ex.events(snap.gateway_id, capture_bodies=snap.capture_bodies, body_limit=snap.body_limit,
+                           redactor=snap.redactor, now=now)
         if ex.budget is not None:
             BudgetGate.settle(ex, events)
         if ex.ratelimit is not None:

@@ -39,7 +39,6 @@ from gateway_tap.proxy.paths import plain_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.tracing import TRACEPARENT, continue_trace
 from schemas import status_class
-from schemas.wire import wire_type
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +159,10 @@ class EndpointServer:
             self._metrics.endpoint_requests.labels(plugin, label, status_class(ex.status)).inc()
             self._metrics.endpoint_seconds.labels(plugin, label).observe(ex.total_ms / 1000)
             if snap.access_log:
-                access_log.info("request", extra={
-                    "request_id": ex.request_id, "app": ex.app_id, "llm": None, "plugin": plugin,
-                    "endpoint": label, "method": ex.method, "path": ex.path, "status": ex.status,
-                    "streamed": ex.streamed, "latency_ms": round(ex.total_ms, 3),
-                    "error": ex.error.code if ex.error else None, "blocked_by": ex.blocked_by,
-                })
-            for event in ex.events(snap.gateway_id, capture_bodies=False, body_limit=0):
-                if wire_type(event) == "proxy_log":
-                    self._publish(msgspec.structs.replace(event, llm_id=None))
+                fields = ex.access_fields(snap.redactor)
+                fields["plugin"], fields["endpoint"] = plugin, label
+                access_log.info("request", extra=fields)
+            self._publish(ex.proxy_log(snap.gateway_id, redactor=snap.redactor))
         except Exception:
             log.exception("recording endpoint call %s failed", ex.request_id)
 

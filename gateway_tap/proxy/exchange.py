@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from gateway_tap.apps import presented_key
 from gateway_tap.plugins.chain import RequestScope
 from gateway_tap.pricing import Cost, PriceBook
 from gateway_tap.proxy.accounting import Usage
+from gateway_tap.proxy.bounds import (
+    ERROR_CODE_CHARS,
+    ERROR_MESSAGE_CHARS,
+    ID_CHARS,
+    METHOD_CHARS,
+    MODEL_CHARS,
+    PATH_CHARS,
+    USER_AGENT_CHARS,
+    clip,
+    clip_metadata,
+)
+from gateway_tap.proxy.redaction import MIN_SECRET_CHARS, PATTERNS_ONLY, Redactor
 from gateway_tap.tracing import TraceContext
 from schemas import SCHEMA_VERSION, new_event_id, utc_now
 from schemas.wire import WireAnalytics, WireBudgetUsage, WireErrorInfo, WireLatency, WireProxyLog
@@ -23,54 +35,6 @@ if TYPE_CHECKING:
     from gateway_tap.proxy.errors import TapError
     from gateway_tap.ratelimits import Admission
     from gateway_tap.settings import Period
-
-SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie",
-                               "set-cookie", "x-goog-api-key", "openai-organization", "openai-project"})
-_SENSITIVE_WORDS = ("token", "secret", "key", "password", "auth", "session")
-REDACTED = "[REDACTED]"
-# A secret JSON string value ends at its closing quote (escaped quotes included) or, when the capture limit
-# cut it, at the end of the captured bytes: a clipped value must not leak its beginning.
-_BODY_SECRETS = re.compile(
-    rb'(?i)("(?:api[_-]?key|password|secret|token|access_token|authorization)"\s*:\s*)'
-    rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
-    rb"|\bsk-[A-Za-z0-9_-]{8,}|\bgt-[A-Za-z0-9_-]{8,}|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}")
-
-
-_sensitive_cache: dict[str, bool] = {}
-
-
-def _is_sensitive(key: str) -> bool:
-    known = _sensitive_cache.get(key)
-    if known is None:
-        known = key in SENSITIVE_HEADERS or any(word in key for word in _SENSITIVE_WORDS)
-        if len(_sensitive_cache) < 4096:  # header names repeat; a hostile client cannot grow this forever
-            _sensitive_cache[key] = known
-    return known
-
-
-def redact_headers(headers: Mapping[str, str], limit: int = 64) -> dict[str, str]:
-    """Header name (lower case) to value, secrets replaced by ``[REDACTED]``."""
-    out: dict[str, str] = {}
-    for name, value in headers.items():
-        key = name.lower()
-        if _is_sensitive(key):
-            out[key] = REDACTED
-        else:
-            out[key] = value[:512]
-        if len(out) >= limit:
-            break
-    return out
-
-
-def capture_body(body: bytes, limit: int) -> str | None:
-    """The first ``limit`` bytes of ``body`` with secrets redacted, as text."""
-    if not body or limit <= 0:
-        return None
-    clipped = body[:limit]
-    clipped = _BODY_SECRETS.sub(lambda m: m.group(1) + b'"' + REDACTED.encode() + b'"' if m.group(1)
-                                else REDACTED.encode(), clipped)
-    text = clipped.decode("utf-8", errors="replace")
-    return text + "...[truncated]" if len(body) > limit else text
 
 
 def month_start(now: datetime) -> date:
@@ -100,6 +64,7 @@ class Exchange(RequestScope):
         "prices",
         "ratelimit",
         "ratelimit_headers",
+        "recorded",
         "request_body",
         "request_bytes",
         "request_headers",
@@ -162,6 +127,7 @@ class Exchange(RequestScope):
         self.cache_hit = False
         self.capture_bytes = 0  # how much of a streamed answer to keep for the proxy_log capture (0: none)
         self.charge = True  # False: a plugin's answer that costs nothing (no cost, no budget usage)
+        self.recorded = False  # its events are out: nothing records it again (proxy.guard)
 
     def settle_cost(self, now: datetime) -> None:
         """Price the usage at the LLM's prices in force at ``now`` (the events' ``emitted_at``, so a re-price of
@@ -199,24 +165,45 @@ class Exchange(RequestScope):
     def ttfb_ms(self) -> float | None:
         return None if self.ttfb is None else max(0.0, (self.ttfb - self.started) * 1000)
 
+    def proxy_log(self, gateway_id: str, *, capture_bodies: bool = False, body_limit: int = 0,
+                  redactor: Redactor = PATTERNS_ONLY, now: datetime | None = None) -> msgspec.Struct:
+        """The proxy_log of this exchange: client-controlled strings clipped to :mod:`.bounds`, secrets redacted
+        (:class:`Redactor`), bodies only with ``capture_bodies``. ``llm_id`` is null when no LLM route matched."""
+        return self._events(gateway_id, capture_bodies, body_limit, redactor, now, analytics=False)[0]
+
     def events(self, gateway_id: str, *, capture_bodies: bool, body_limit: int,
-               now: datetime | None = None) -> list[msgspec.Struct]:
+               redactor: Redactor = PATTERNS_ONLY, now: datetime | None = None) -> list[msgspec.Struct]:
         """proxy_log and analytics always; budget_usage when tokens or cost were consumed.
 
         ``now`` is their ``emitted_at`` (the time :meth:`settle_cost` priced at). Built as the writing structs
         of :mod:`schemas.wire` (no pydantic on the hot path); publish them with
         :meth:`gateway_tap.publisher.EventPublisher.publish_wire`.
         """
+        return self._events(gateway_id, capture_bodies, body_limit, redactor, now, analytics=True)
+
+    def _events(self, gateway_id: str, capture_bodies: bool, body_limit: int, redactor: Redactor,
+                now: datetime | None, analytics: bool) -> list[msgspec.Struct]:
         now = now or utc_now()
         usage = self.usage or _NO_USAGE
         upstream_ms = 0.0 if self.served_by is not None else self.upstream_ms
         total_ms = self.total_ms
         overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
+        presented = presented_key(self.request_headers)
+        if presented is not None and len(presented) < MIN_SECRET_CHARS:
+            presented = None
+        text = redactor.text
         err = self.error
-        error = WireErrorInfo(type=err.type, code=err.code, message=err.message) if err is not None else None
-        model = usage.model or self.requested_model or "unknown"
-        metadata = _str_values(self.metadata)
-        request_id, app_id, llm_id, user_id = self.request_id, self.app_id, self.llm_id, self.user_id
+        error = None if err is None else WireErrorInfo(
+            type=clip(err.type, ERROR_CODE_CHARS), code=clip(err.code, ERROR_CODE_CHARS),
+            message=clip(text(err.message, presented), ERROR_MESSAGE_CHARS))
+        model = clip(usage.model or self.requested_model or "unknown", MODEL_CHARS)
+        metadata = clip_metadata(self.metadata)
+        if metadata:
+            metadata = {k: text(v, presented) for k, v in metadata.items()}
+        request_id = self.request_id
+        app_id, user_id = clip(self.app_id, ID_CHARS), clip(self.user_id, ID_CHARS)
+        llm_id = clip(self.llm_id, ID_CHARS) or None
+        blocked_by = clip(self.blocked_by, ID_CHARS)
         trace = self.trace
         trace_id, span_id, parent_span_id = trace.trace_id, trace.span_id, trace.parent_span_id
         price = self.price
@@ -229,37 +216,42 @@ class Exchange(RequestScope):
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
                 trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
-                method=self.method, path=self.path, vendor=self.vendor if self.vendor != "unknown" else None,
+                method=clip(self.method, METHOD_CHARS), path=clip(text(self.path, presented), PATH_CHARS),
+                vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
                 streamed=self.streamed,
                 latency=WireLatency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
                                     tap_overhead_ms=overhead),
-                request_headers=redact_headers(self.request_headers),
-                response_headers=redact_headers(self.response_headers),
-                request_body=capture_body(self.request_body, body_limit) if capture_bodies else None,
-                response_body=capture_body(self.response_body, body_limit) if capture_bodies else None,
-                client_address=self.client_address, user_agent=self.user_agent, error=error,
-                blocked_by=self.blocked_by, metadata=metadata,
-            ),
-            WireAnalytics(
-                id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
-                request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
-                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
-                vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
-                cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
-                tokens_estimated=usage.estimated, usage_invalid=usage.invalid, cost=cost, currency=self.currency,
-                latency_ms=total_ms,
-                ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
-                upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
-                tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=self.blocked_by, tags=metadata,
-                reasoning_tokens=usage.reasoning_tokens, **priced, operation=self.operation,
-                request_model=self.requested_model, response_model=usage.model, response_id=usage.response_id,
-                finish_reasons=usage.finish_reasons, request_max_tokens=max_tokens, request_temperature=temperature,
-                request_top_p=top_p, request_stream=stream, server_address=server_address, server_port=server_port,
+                request_headers=redactor.headers(self.request_headers, presented),
+                response_headers=redactor.headers(self.response_headers, presented),
+                request_body=redactor.body(self.request_body, body_limit, presented) if capture_bodies else None,
+                response_body=redactor.body(self.response_body, body_limit, presented) if capture_bodies else None,
+                client_address=self.client_address,
+                user_agent=redactor.optional(self.user_agent, presented, USER_AGENT_CHARS),
+                error=error, blocked_by=blocked_by, metadata=metadata,
             ),
         ]
-        if (usage.total_tokens > 0 or cost > 0) and app_id is not None and self.charge:
+        if not analytics:
+            return events
+        events.append(WireAnalytics(
+            id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
+            request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
+            trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
+            vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
+            cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+            tokens_estimated=usage.estimated, usage_invalid=usage.invalid, cost=cost, currency=self.currency,
+            latency_ms=total_ms,
+            ttft_ms=None if self.first_chunk is None else max(0.0, (self.first_chunk - self.started) * 1000),
+            upstream_ms=upstream_ms, status_code=self.status, streamed=self.streamed, choices=usage.choices,
+            tool_calls=usage.tool_calls, cache_hit=self.cache_hit, blocked_by=blocked_by, tags=metadata,
+            reasoning_tokens=usage.reasoning_tokens, **priced, operation=self.operation,
+            request_model=clip(self.requested_model, MODEL_CHARS), response_model=clip(usage.model, MODEL_CHARS),
+            response_id=clip(usage.response_id, ID_CHARS), finish_reasons=usage.finish_reasons,
+            request_max_tokens=max_tokens, request_temperature=temperature, request_top_p=top_p,
+            request_stream=stream, server_address=server_address, server_port=server_port,
+        ))
+        if (usage.total_tokens > 0 or cost > 0) and app_id is not None and llm_id is not None and self.charge:
             period, start = self.budget_period or ("monthly", month_start(now))
             events.append(WireBudgetUsage(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
@@ -271,6 +263,18 @@ class Exchange(RequestScope):
                 cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens, **priced,
             ))
         return events
+
+    def access_fields(self, redactor: Redactor = PATTERNS_ONLY) -> dict[str, object]:
+        """The fields every access log line of an exchange has, clipped and redacted like the events."""
+        error = self.error
+        return {
+            "request_id": self.request_id, "trace_id": self.trace.trace_id, "app": clip(self.app_id, ID_CHARS),
+            "llm": clip(self.llm_id, ID_CHARS) or None, "method": clip(self.method, METHOD_CHARS),
+            "path": clip(redactor.text(self.path), PATH_CHARS), "status": self.status, "streamed": self.streamed,
+            "latency_ms": round(self.total_ms, 3),
+            "error": None if error is None else clip(error.code, ERROR_CODE_CHARS),
+            "blocked_by": clip(self.blocked_by, ID_CHARS),
+        }
 
 
 _NO_USAGE = Usage()
@@ -285,10 +289,3 @@ def _price_fields(price: Cost) -> dict[str, int | str]:
             "cost_output_micros": price.output_micros, "cost_reasoning_micros": price.reasoning_micros,
             "price_version": price.version, "price_source": price.source}
 
-
-def _str_values(metadata: dict[str, str]) -> dict[str, str]:
-    """The metadata as the contract types it (a plugin may have put a non-string value in)."""
-    for value in metadata.values():
-        if type(value) is not str:
-            return {str(k): str(v) for k, v in metadata.items()}
-    return metadata

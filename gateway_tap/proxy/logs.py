@@ -9,6 +9,11 @@ from typing import Any
 
 import orjson
 
+from schemas.wire import TRUNCATED, valid_text
+
+LOG_VALUE_CHARS = 2048
+"""A string field of a log line longer than this is clipped (the tap's own fields are bounded before; this is the
+net for any other)."""
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -24,10 +29,15 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                data[key] = value
+                data[key] = value if type(value) is not str or len(value) <= LOG_VALUE_CHARS else \
+                    value[:LOG_VALUE_CHARS] + TRUNCATED
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data, default=str).decode()
+        try:
+            return orjson.dumps(data, default=str).decode()
+        except TypeError:  # text that is not valid Unicode (an undecodable byte a client sent): escaped, not lost
+            return orjson.dumps({k: valid_text(v) if type(v) is str else v for k, v in data.items()},
+                                default=lambda v: valid_text(str(v))).decode()
 
 
 def configure_logging(level: str = "info") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway_tap.apps import AppIndex
 from gateway_tap.plugins.endpoints import EndpointRoutes
 from gateway_tap.plugins.loader import LoadedPlugin
+from gateway_tap.proxy.redaction import Redactor
 from gateway_tap.proxy.upstream import Upstream
 from gateway_tap.settings import GatewayConfig
 
@@ -22,7 +23,7 @@ class ConfigSnapshot:
     """
 
     __slots__ = ("access_log", "apps", "body_limit", "capture_bodies", "config", "endpoints", "gateway_id",
-                 "generation", "inflight", "plugins", "upstreams")
+                 "generation", "inflight", "plugins", "redactor", "upstreams")
 
     def __init__(self, generation: int, config: GatewayConfig, plugins: list[LoadedPlugin],
                  upstreams: dict[str, Upstream], endpoints: EndpointRoutes, apps: AppIndex | None = None) -> None:
@@ -37,4 +38,7 @@ class ConfigSnapshot:
         self.capture_bodies = tap.capture_bodies
         self.body_limit = tap.body_capture_bytes
         self.access_log = tap.access_log
+        # The upstream keys are scrubbed verbatim from every record (an upstream may echo its key in an error).
+        self.redactor = Redactor(up.credential[1].removeprefix("Bearer ") for up in upstreams.values()
+                                 if up.credential is not None)
         self.inflight = 0

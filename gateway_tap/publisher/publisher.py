@@ -36,7 +36,7 @@ import schemas
 from gateway_tap.publisher.kafka import GroupProducer
 from gateway_tap.publisher.spool import AppendResult, Message, ReadBatch, Spool
 from gateway_tap.settings import KafkaSettings, PublisherSettings
-from schemas.wire import encode_wire, wire_type
+from schemas.wire import encode_wire, valid_text, wire_type
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +165,16 @@ class EventPublisher:
     def publish_wire(self, event: msgspec.Struct) -> None:
         """Queue a struct from :data:`schemas.wire.WIRE_EVENTS` (the tap's hot path). Never blocks, never raises."""
         kind = wire_type(event)
-        try:
-            value = encode_wire(event)
+        app_id: str | None = event.app_id  # type: ignore[attr-defined]
+        key = valid_text(app_id).encode() if app_id else None
+        try:  # escapes undecodable text and clips what would not fit (only an absurd max_batch_bytes fails)
+            value = encode_wire(event, self._settings.max_batch_bytes - (len(key) if key else 0))
         except Exception:  # an unencodable event must not fail the request that produced it
             log.exception("cannot encode %s event %s", kind, getattr(event, "id", "?"))
             self._drop(kind, "unencodable")
             return
         topic, headers = self._routes[kind]
-        app_id = event.app_id  # type: ignore[attr-defined]
-        self.publish_message(topic, value, app_id.encode() if app_id else None, headers)
+        self.publish_message(topic, value, key, headers)
 
     def publish_message(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         """Queue one raw message. Never blocks, never raises."""

@@ -1,10 +1,19 @@
-"""Unit tests of what gateway_tap/proxy/exchange.py lets into events: redacted headers, captured bodies."""
+"""Unit tests of what gateway_tap/proxy/redaction.py lets into events: redacted headers, captured bodies."""
 
 from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from gateway_tap.proxy.exchange import REDACTED, capture_body, redact_headers
+from gateway_tap.admin.state import new_key
+from gateway_tap.proxy.redaction import PATTERNS_ONLY, REDACTED, Redactor
+
+
+def redact_headers(headers: dict[str, str] | CIMultiDict[str]) -> dict[str, str]:
+    return PATTERNS_ONLY.headers(headers, None)
+
+
+def capture_body(body: bytes, limit: int) -> str | None:
+    return PATTERNS_ONLY.body(body, limit, None)
 
 
 def test_redact_headers_hides_credentials_and_lowercases_names() -> None:
@@ -42,10 +51,9 @@ def test_redact_headers_hides_credentials_and_lowercases_names() -> None:
 
 
 def test_redact_headers_bounds_values_and_count() -> None:
-    assert redact_headers({"x-long": "v" * 600}) == {"x-long": "v" * 512}
+    assert redact_headers({"x-long": "v" * 600}) == {"x-long": "v" * 512 + "...[truncated]"}
     many = {f"x-h{i}": str(i) for i in range(100)}
     assert redact_headers(many) == {f"x-h{i}": str(i) for i in range(64)}
-    assert redact_headers(many, limit=3) == {"x-h0": "0", "x-h1": "1", "x-h2": "2"}
 
 
 def test_capture_body_redacts_json_secrets_and_key_patterns() -> None:
@@ -78,3 +86,31 @@ def test_capture_body_redacts_a_secret_value_with_escaped_quotes() -> None:
     body = b'{"api_key": "ab\\"cd-secret-value\\\\", "model": "gpt-4o"}'
     assert capture_body(body, 4096) == '{"api_key": "[REDACTED]", "model": "gpt-4o"}'
     assert capture_body(body, 16) == '{"api_key": "[REDACTED]"...[truncated]'  # cut right after the backslash
+
+
+ISSUED_KEY = new_key()[0]
+SECRET = "upstream-secret-value"
+
+
+def test_a_secret_cut_by_the_capture_limit_leaks_no_beginning() -> None:
+    redactor = Redactor([SECRET])
+    body = f"error: bad key {SECRET} given".encode()
+    for limit in range(len("error: bad key ") + 4, len("error: bad key ") + len(SECRET)):
+        captured = redactor.body(body, limit, None)
+        assert captured == f"error: bad key {REDACTED}...[truncated]", limit
+    presented = "zQ81mXvB0kLw3rTy"
+    assert redactor.body(f"x {presented}".encode(), 9, presented) == f"x {REDACTED}...[truncated]"
+    for shaped in (ISSUED_KEY, "sk-proj-ABCDEFGHIJKLMNOP", "Bearer abcdefghijklmnop"):
+        assert redactor.body(f"see {shaped} ok".encode(), 12, None) == "see " + (
+            "Bearer " if shaped.startswith("Bearer") else "") + REDACTED + "...[truncated]", shaped
+
+
+def test_shapes_and_names_redacted_outside_json() -> None:
+    redactor = Redactor(["short", "a-long-upstream-key"])
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    assert redactor.text(f"token {jwt} end") == f"token {REDACTED} end"
+    assert redactor.text("client_secret=abc&pwd=x1&keep=1") == f"client_secret={REDACTED}&pwd={REDACTED}&keep=1"
+    assert redactor.text("A-LONG-UPSTREAM-KEY in upper case") == f"{REDACTED} in upper case"
+    assert redactor.text("short stays: too short to be scrubbed verbatim") == \
+        "short stays: too short to be scrubbed verbatim"
+    assert redactor.text("nothing secret here, model gpt-4o-mini") == "nothing secret here, model gpt-4o-mini"
