@@ -28,9 +28,9 @@ from gateway_tap.proxy import errors
 from gateway_tap.proxy.bounds import MODEL_CHARS, clip
 from gateway_tap.proxy.budget import BudgetGate, unenforced_report
 from gateway_tap.proxy.endpoints import EndpointServer, endpoints_app
-from gateway_tap.proxy.errors import REQUEST_ID_HEADER
 from gateway_tap.proxy.exchange import Exchange
-from gateway_tap.proxy.handler import ProxyHandler, new_request_id
+from gateway_tap.proxy.guard import GUARD_KEY, RecordingGuard, exchange_of
+from gateway_tap.proxy.handler import ProxyHandler
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.protocol import LIMITS_KEY, parser_limits
@@ -80,6 +80,7 @@ class TapApp:
                                        handler_args=parser_limits(tap.limits))
         self.web_app[TAP_KEY] = self
         self.web_app[LIMITS_KEY] = tap.limits
+        self.guard = self.web_app[GUARD_KEY] = RecordingGuard(self.record_answer, tap.limits.max_body_bytes)
         self._routes()
         self.web_app.on_startup.append(self._on_startup)
         self.web_app.on_cleanup.append(self._on_cleanup)
@@ -159,25 +160,25 @@ class TapApp:
 
     async def budget_endpoint(self, request: web.Request) -> web.Response:
         """The calling app's budgets (spend, limits, % used, period, reset time); same auth as ``/llm``."""
-        rid = new_request_id()
+        ex = exchange_of(request)
         key = presented_key(request.headers)
         app = self.apps.app_for_key(key) if key is not None else None
         if app is None:
-            return errors.error_response(errors.missing_key() if key is None else errors.unknown_key(), rid)
+            raise errors.missing_key() if key is None else errors.unknown_key()
+        ex.app_id = app.id
         llm_id = request.query.get("llm_id") or None
         report = self.budget.report(app.id, llm_id) if self.budget is not None else unenforced_report(app.id, llm_id)
-        resp = _json(report, 200)
-        resp.headers[REQUEST_ID_HEADER] = rid
-        return resp
+        return _json(report, 200)
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return errors.error_response(errors.not_found(request.path), new_request_id())
+        raise errors.not_found(request.path)
 
     def record(self, ex: Exchange, snap: ConfigSnapshot) -> None:
         """Metrics, the access log line and the three events for a finished request. Never raises into serving.
 
         ``snap`` is the snapshot the request ran with (its LLMs, apps and capture settings).
         """
+        ex.recorded = True
         m = self.metrics
         now = utc_now()
         ex.settle_cost(now)
@@ -218,6 +219,17 @@ class TapApp:
         publish = self.publisher.publish_wire
         for event in events:
             publish(event)
+
+    def record_answer(self, ex: Exchange) -> None:
+        """The access log line and the proxy_log of an answer that is no LLM call nor plugin endpoint call
+        (``/budget``, an unknown route, a request the HTTP parser rejected...): see :mod:`.guard`."""
+        ex.recorded = True
+        snap = self.snapshot
+        if ex.error is not None:
+            self.metrics.rejected_child("none", ex.error.code).inc()
+        if snap.access_log:
+            access_log.info("request", extra=ex.access_fields(snap.redactor))
+        self.publisher.publish_wire(ex.proxy_log(snap.gateway_id, redactor=snap.redactor))
 
 
 def _json(data: Any, status: int) -> web.Response:

@@ -32,12 +32,13 @@ from gateway_tap.plugins.endpoints import (
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
-from gateway_tap.proxy.handler import new_request_id, stop_error
+from gateway_tap.proxy.guard import answer, exchange_of, send, sent_anything
+from gateway_tap.proxy.handler import stop_error
 from gateway_tap.proxy.logs import access_log
 from gateway_tap.proxy.metrics import TapMetrics
 from gateway_tap.proxy.paths import plain_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
-from gateway_tap.tracing import TRACEPARENT, continue_trace
+from gateway_tap.tracing import TRACEPARENT
 from schemas import status_class
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,7 @@ class EndpointServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         snap = self._snapshot()  # captured once: a reload during this call never changes what it sees
         snap.inflight += 1
-        ex = Exchange(new_request_id(), request.method, request.path, "", time.perf_counter(),
-                      continue_trace(request.headers.get(TRACEPARENT)))
-        ex.client_address = request.remote
-        ex.user_agent = request.headers.get("user-agent")
-        ex.request_headers = request.headers
+        ex = exchange_of(request)
         ex.request_bytes = request.content_length or 0
         bound: BoundEndpoint | None = None
         try:
@@ -85,20 +82,22 @@ class EndpointServer:
                     await self._authenticate(request, ex, snap)
                 resp = await self._call(request, ex, snap, bound, params)
             except NoEndpoint as missing:
-                resp = await self._send_error(request, ex, errors.method_not_allowed(request.method, missing.allowed)
-                                              if missing.allowed else errors.not_found(request.path))
+                resp = await answer(request, ex, errors.method_not_allowed(request.method, missing.allowed)
+                                    if missing.allowed else errors.not_found(request.path))
             except TapError as err:
-                resp = await self._send_error(request, ex, err)
+                resp = await answer(request, ex, err)
             except Stopped as stop:
-                resp = await self._send_error(request, ex, stop_error(stop))
+                resp = await answer(request, ex, stop_error(stop))
             except HookFailed as exc:
-                resp = await self._send_error(request, ex, errors.plugin_failed(
+                resp = await answer(request, ex, errors.plugin_failed(
                     exc.plugin, exc.hook, "timed out" if exc.timed_out else "raised an error"))
             except EndpointFailed as failed:
-                resp = await self._send_error(request, ex, _failure(failed))
+                resp = await answer(request, ex, _failure(failed))
             except Exception:  # a bug of ours: still a recorded call and a JSON 500 with the request id
                 log.exception("endpoint call %s failed unexpectedly", ex.request_id)
-                resp = await self._send_error(request, ex, errors.internal_error())
+                if sent_anything(request):
+                    raise  # the answer broke off: the guard records it and aiohttp closes the connection
+                resp = await answer(request, ex, errors.internal_error())
             ex.finished = time.perf_counter()
             self._record(ex, snap, bound)
             return resp
@@ -129,9 +128,9 @@ class EndpointServer:
         if not resp.prepared:
             resp.headers[REQUEST_ID_HEADER] = ex.request_id
             resp.headers[TRACEPARENT] = ex.trace.traceparent
-            with contextlib.suppress(ConnectionResetError):
-                await resp.prepare(request)
-                await resp.write_eof()
+            await send(request, ex, resp)  # a header aiohttp refuses: TapError, answered as JSON
+            if ex.status == 499:
+                return resp
         self._finish(ex, resp)
         return resp
 
@@ -141,19 +140,9 @@ class EndpointServer:
         ex.response_headers = resp.headers
         ex.response_bytes = resp.body_length
 
-    @staticmethod
-    async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
-        ex.fail(err)
-        resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
-        ex.response_headers = resp.headers
-        with contextlib.suppress(ConnectionResetError):
-            await resp.prepare(request)
-            await resp.write_eof()
-        ex.response_bytes = resp.body_length
-        return resp
-
     def _record(self, ex: Exchange, snap: ConfigSnapshot, bound: BoundEndpoint | None) -> None:
         """Metrics, the access log line and the proxy_log event of one call. Never raises into serving."""
+        ex.recorded = True
         try:
             plugin, label = (bound.plugin.name, bound.label) if bound is not None else ("none", "none")
             self._metrics.endpoint_requests.labels(plugin, label, status_class(ex.status)).inc()

@@ -130,6 +130,22 @@ def internal_error() -> TapError:
                     "the gateway failed to handle this request; its log has the details under this request id")
 
 
+def expectation_failed() -> TapError:
+    return TapError(417, "invalid_request_error", "expectation_failed",
+                    "the only expectation the gateway meets is 'Expect: 100-continue'")
+
+
+def client_disconnected(message: str) -> TapError:
+    """The client closed its connection before it had its answer (nginx's 499): not a failure of the gateway."""
+    return TapError(499, "client_error", "client_disconnected", message)
+
+
+def invalid_response_header() -> TapError:
+    """aiohttp refused to send a response (a header set by a plugin holds CR, LF or another control character)."""
+    return TapError(500, "internal_error", "invalid_response_header",
+                    "the response could not be sent: a header holds a control character (CR, LF, ...)")
+
+
 def budget_exceeded(message: str, retry_after: int) -> TapError:
     """Over a hard budget: what OpenAI clients know as running out of quota."""
     return TapError(429, "insufficient_quota", "budget_exceeded", message, headers={"Retry-After": str(retry_after)})

@@ -21,7 +21,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import uuid_utils
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -55,19 +54,13 @@ from gateway_tap.proxy.accounting import (
 )
 from gateway_tap.proxy.errors import REQUEST_ID_HEADER, TapError
 from gateway_tap.proxy.exchange import Exchange
+from gateway_tap.proxy.guard import CLIENT_GONE, answer, exchange_of, refused, send, sent_anything
 from gateway_tap.proxy.paths import confined_path
 from gateway_tap.proxy.snapshot import ConfigSnapshot
 from gateway_tap.proxy.upstream import FORWARDED_METHODS, REQUEST_HEADERS_DROPPED, RESPONSE_HEADERS_DROPPED, Upstream
-from gateway_tap.tracing import TRACEPARENT, continue_trace
+from gateway_tap.tracing import TRACEPARENT
 
 log = logging.getLogger(__name__)
-
-_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
-
-
-def new_request_id() -> str:
-    return "req_" + uuid_utils.uuid7().hex
-
 
 def stop_error(stop: Stopped) -> TapError:
     """The error answer of a hook's stop (``blocked_by`` the plugin)."""
@@ -125,35 +118,31 @@ class ProxyHandler:
             snap.inflight -= 1
 
     async def _handle(self, request: web.Request, snap: ConfigSnapshot) -> web.StreamResponse:
-        llm_id = request.match_info["llm_id"]
-        # The path as the client sent it, until the upstream path is known (then the one forwarded).
-        ex = Exchange(new_request_id(), request.method, request.rel_url.raw_path, llm_id, time.perf_counter(),
-                      continue_trace(request.headers.get(TRACEPARENT)))
-        ex.client_address = request.remote
-        ex.user_agent = request.headers.get("user-agent")
-        ex.request_headers = request.headers
+        # The guard opened it with the path as the client sent it; the forwarded one replaces it once known.
+        ex = exchange_of(request)
+        ex.llm_id = request.match_info["llm_id"]
         if snap.capture_bodies:  # one byte more than is captured: the capture says when it was truncated
             ex.capture_bytes = snap.body_limit + 1
         resp: web.StreamResponse
         try:
             resp = await self._proxy(request, ex, snap)
         except TapError as err:
-            resp = await self._send_error(request, ex, err)
+            resp = await answer(request, ex, err)
         except Stopped as stop:
-            resp = await self._send_error(request, ex, stop_error(stop))
+            resp = await answer(request, ex, stop_error(stop))
         except HookFailed as exc:
-            resp = await self._send_error(request, ex, _hook_error(exc))
+            resp = await answer(request, ex, _hook_error(exc))
         except Exception:
             # A bug of ours, or a failure nobody anticipated: still one recorded exchange, and a JSON 500 with the
-            # request id unless the status line is already out (then the stream just ends).
+            # request id unless bytes of the answer already went out (then the stream just ends).
             log.exception("request %s failed unexpectedly", ex.request_id)
-            if ex.response is not None and ex.response.prepared:
+            if sent_anything(request) and ex.response is not None:
                 ex.error = errors.internal_error()
                 resp = ex.response
                 with contextlib.suppress(Exception):
                     await resp.write_eof()
             else:
-                resp = await self._send_error(request, ex, errors.internal_error())
+                resp = await answer(request, ex, errors.internal_error())
         except BaseException:
             if ex.budget is not None:  # a cancelled handler must not leak the budget reservation
                 ex.budget.release()
@@ -170,22 +159,6 @@ class ProxyHandler:
                 ex.budget.release()
             if ex.ratelimit is not None:  # the same for the rate-limit admission
                 ex.ratelimit.settle(None)
-        return resp
-
-    @staticmethod
-    async def _send_error(request: web.Request, ex: Exchange, err: TapError) -> web.StreamResponse:
-        """Answer with the OpenAI-style error JSON (nothing was sent yet)."""
-        ex.fail(err)
-        resp = errors.error_response(err, ex.request_id, ex.trace.traceparent)
-        if err.status == 408:
-            resp.force_close()  # the rest of a stalled body is not worth waiting for
-        if ex.ratelimit_headers and err.code != "rate_limit_exceeded":  # a refusal carries its own
-            resp.headers.update(ex.ratelimit_headers)
-        ex.response_headers = resp.headers
-        with contextlib.suppress(*_CLIENT_GONE):
-            await resp.prepare(request)
-            await resp.write_eof()
-        ex.response_bytes = len(resp.body) if isinstance(resp.body, bytes) else 0
         return resp
 
     async def _authenticate(self, up: Upstream, req: TapRequest, ex: Exchange, apps: AppIndex) -> None:
@@ -226,6 +199,9 @@ class ProxyHandler:
             raise errors.body_too_large(self.max_body_bytes) from None
         except TimeoutError:
             raise errors.request_timeout(self.body_timeout_s) from None
+        except CLIENT_GONE:  # the client aborted its upload: its doing, not a failure of the gateway
+            log.debug("request %s: the client went away while sending its body", ex.request_id)
+            raise errors.client_disconnected("client went away while sending the request body") from None
         ex.request_bytes = len(body)
         req = TapRequest(request.method, rest, request.rel_url.raw_query_string, CIMultiDict(request.headers),
                          body, ex.client_address)
@@ -384,9 +360,7 @@ class ProxyHandler:
         ex.response_body = body
         ex.response_bytes = len(body)
         resp = ex.response = web.Response(status=tap_resp.status, body=body, headers=tap_resp.headers)
-        with contextlib.suppress(*_CLIENT_GONE):
-            await resp.prepare(request)
-            await resp.write_eof()
+        await send(request, ex, resp)
         return resp
 
     async def _respond_stream(self, request: web.Request, up: Upstream, chunks: AsyncIterator[bytes], status: int,
@@ -397,9 +371,11 @@ class ProxyHandler:
         resp = ex.response = web.StreamResponse(status=tap_resp.status, headers=tap_resp.headers)
         try:
             await resp.prepare(request)
-        except _CLIENT_GONE:
-            ex.error = TapError(499, "client_error", "client_disconnected", "client went away")
+        except CLIENT_GONE:
+            ex.fail(errors.client_disconnected("client went away before the answer was sent"))
             return resp
+        except ValueError as exc:  # aiohttp refused a header (a plugin's, holding CR or LF): nothing went out
+            raise refused(request, exc) from exc
         # From here on the status line is out: a failure can only end the stream, never change the response.
         acct = StreamAccounting(up.vendor, strip_usage) if 200 <= status < 300 else None
         relay = EventRelay(up.chain.stream_event, up.vendor, ex, acct.account if acct is not None else None) \
@@ -442,8 +418,8 @@ class ProxyHandler:
             ex.error = errors.upstream_timeout(up.id, "stream not complete in time")
         except HookFailed as exc:
             ex.error = _hook_error(exc)
-        except _CLIENT_GONE:
-            ex.error = TapError(499, "client_error", "client_disconnected", "client went away mid-stream")
+        except CLIENT_GONE:
+            ex.error = errors.client_disconnected("client went away mid-stream")
         except aiohttp.ClientError as exc:
             ex.error = errors.upstream_unreachable(up.id, f"stream broke off: {type(exc).__name__}")
         ex.upstream_end = time.perf_counter()
@@ -457,7 +433,7 @@ class ProxyHandler:
                 acct.usage.completion_tokens = acct.estimate_completion_tokens(delivered)
                 acct.usage.total_tokens = 0
             self._price(up, ex, parsed, estimated_completion=acct.estimate_completion_tokens(delivered))
-        with contextlib.suppress(*_CLIENT_GONE):
+        with contextlib.suppress(*CLIENT_GONE):
             await resp.write_eof()
         return resp
 

@@ -12,6 +12,9 @@ Slow clients are closed (``tap.limits``): a connection must complete its request
 ``header_timeout_s`` of its start, or of the first byte of a request on a kept-alive connection; one idle
 between requests is closed after ``keepalive_timeout_s`` (aiohttp's keep-alive timer, which this shortens
 for the header phase). A slow body is the handler's (408 after ``body_timeout_s``).
+
+Each answer to a request the parser rejected is recorded (a proxy_log) by the app's
+:class:`gateway_tap.proxy.guard.RecordingGuard`, which :class:`TapRunner` also puts around the whole application.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.errors import TapError
-from gateway_tap.proxy.handler import new_request_id
+from gateway_tap.proxy.guard import GUARD_KEY, RecordingGuard, new_request_id
 from gateway_tap.settings import LimitSettings
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,14 @@ def protocol_error(exc: HttpProcessingError, max_header_bytes: int, max_header_c
 
 
 class TapRequestHandler(web.RequestHandler):
-    """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error, and a request head
-    that takes longer than ``header_timeout_s`` closes the connection (see the module)."""
+    """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error, recorded by
+    ``guard`` when the application has one (the proxy's; the admin API's has none), and a request head that takes
+    longer than ``header_timeout_s`` closes the connection (see the module)."""
 
-    def __init__(self, *args: Any, header_timeout_s: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, guard: RecordingGuard | None = None, header_timeout_s: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.guard = guard
         self._header_timeout_s = header_timeout_s
         self._head_timed = False  # the head being received has its deadline
 
@@ -99,33 +105,47 @@ class TapRequestHandler(web.RequestHandler):
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; cannot send the error")
-        error = protocol_error(exc, self.max_field_size, self.max_headers, self.max_line_size)
-        request_id = new_request_id()
-        # No traceback and none of the client's bytes (a too-long header may be a credential): status and code.
-        log.log(logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING,
-                "request rejected by the HTTP parser: %d %s", error.status, error.code,
-                extra={"status": error.status, "code": error.code, "request_id": request_id,
-                       "client": request.remote})
-        response = errors.error_response(error, request_id)
+        guard = self.guard
+        if not isinstance(exc, HttpProcessingError):
+            if guard is None:
+                return super().handle_error(request, status, exc, message)
+            # Only an exception that escaped the guard could come here (it answers everything else itself).
+            log.error("request failed outside the guard", exc_info=exc)
+            response = guard.rejected(request, errors.internal_error())
+        else:
+            error = protocol_error(exc, self.max_field_size, self.max_headers, self.max_line_size)
+            response = guard.rejected(request, error) if guard is not None else \
+                errors.error_response(error, new_request_id())
+            # No traceback and none of the client's bytes (a too-long header may be a credential): status, code.
+            log.log(logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING,
+                    "request rejected by the HTTP parser: %d %s", error.status, error.code,
+                    extra={"status": error.status, "code": error.code,
+                           "request_id": response.headers[errors.REQUEST_ID_HEADER], "client": request.remote})
         response.force_close()
         return response
 
 
 class _TapServer(web.Server):
+    guard: RecordingGuard | None
+
     def __call__(self) -> TapRequestHandler:
-        return TapRequestHandler(self, loop=self._loop, **self._kwargs)
+        return TapRequestHandler(self, guard=self.guard, loop=self._loop, **self._kwargs)
 
 
 class TapRunner(web.AppRunner):
-    """:class:`aiohttp.web.AppRunner` whose connections are :class:`TapRequestHandler` s."""
+    """:class:`aiohttp.web.AppRunner` on :class:`TapRequestHandler` connections, serving the application through
+    its guard when it has one (:data:`gateway_tap.proxy.guard.GUARD_KEY`: the proxy's, which records every
+    answer)."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        guard = self.app.get(GUARD_KEY)
         server.__class__ = _TapServer  # the same server; only the protocol it makes per connection differs
+        server.guard = guard  # type: ignore[attr-defined]
+        if guard is not None:
+            server.request_handler = guard.wrap(server.request_handler)
         limits = self._app.get(LIMITS_KEY)
         if limits is not None:
             server._kwargs["header_timeout_s"] = limits.header_timeout_s

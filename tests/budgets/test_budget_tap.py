@@ -24,6 +24,7 @@ from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import Spend, open_store
 from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import create_app
+from gateway_tap.proxy.protocol import TapRunner
 from gateway_tap.settings import BudgetStoreSettings, parse_config
 from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.support.budget import TcpRelay
@@ -68,7 +69,7 @@ def document(mock_llm: str, kafka: str, prefix: str, tmp_path: Path, store: Budg
 async def budget_tap(doc: dict[str, Any], clock: Clock) -> AsyncIterator[RunningTap]:
     """The tap on a free port with the injected clock; stopped (publisher drained, store closed) on exit."""
     tap = await create_app(parse_config(doc), budget_clock=clock)
-    runner = web.AppRunner(tap.web_app, access_log=None)
+    runner = TapRunner(tap.web_app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

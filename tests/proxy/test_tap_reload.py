@@ -113,12 +113,13 @@ async def test_reload_keeps_unchanged_plugins_and_swaps_the_rest(mock_llm: str, 
     path = tmp_path / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
     from gateway_tap.proxy.app import create_app
+    from gateway_tap.proxy.protocol import TapRunner
     from gateway_tap.settings import load_config
 
     tap = await create_app(load_config(path), config_path=path)
     from aiohttp import web
 
-    runner = web.AppRunner(tap.web_app, access_log=None)
+    runner = TapRunner(tap.web_app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -329,13 +330,13 @@ async def test_watch_reloads_when_the_content_changes(mock_llm: str, kafka_boots
                           tap={"reload": {"watch": True, "interval_s": 0.05}})
     path = tmp_path / "tap.yaml"
     path.write_text(yaml.safe_dump(document))
-    from aiohttp import web
 
     from gateway_tap.proxy.app import create_app
+    from gateway_tap.proxy.protocol import TapRunner
     from gateway_tap.settings import load_config
 
     tap = await create_app(load_config(path), config_path=path)
-    runner = web.AppRunner(tap.web_app, access_log=None)
+    runner = TapRunner(tap.web_app, access_log=None)
     await runner.setup()
     try:
         path.touch()  # same content: not a reload

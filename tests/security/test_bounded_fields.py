@@ -122,10 +122,17 @@ async def test_long_paths_many_headers_and_much_metadata_are_bounded(
                              headers={"authorization": f"Bearer {APP_KEY}", **many}) as resp:
             rid = resp.headers["x-request-id"]
             await resp.read()
-    events = by_request(await read_events(kafka_bootstrap, topic_prefix, count=2))
+        async with http.get(f"{tap.url}/nowhere/" + "q" * 6000) as resp:
+            assert resp.status == 404
+            missing = resp.headers["x-request-id"]
+    events = by_request(await read_events(kafka_bootstrap, topic_prefix, count=3))
     log = events[rid]["proxy_log"]
     assert isinstance(log, ProxyLog)
     assert log.path == _clipped(path, PATH_CHARS)
     assert len(log.request_headers) == HEADERS_MAX
     assert len(log.metadata) == METADATA_MAX
+    not_found = events[missing]["proxy_log"]
+    assert isinstance(not_found, ProxyLog) and not_found.status_code == 404
+    assert not_found.path == _clipped("/nowhere/" + "q" * 6000, PATH_CHARS)
+    assert not_found.error is not None and len(not_found.error.message) <= ERROR_MESSAGE_CHARS + len(MARK)
     assert all(len(line) < PREFIX_OK for line in access_lines)

@@ -50,9 +50,14 @@ async def test_undecodable_header_bytes_never_make_a_request_vanish(tap: Running
                                     "user-agent": "agent/1.0 \xfe\xff"}),
         "no key": await _post(tap, {"x-foo": "a\xffb", "user-agent": "\xc3\x28"}),
         "bad key": await _post(tap, {"authorization": "Bearer \xff\xfe", "x-e": "\xe9t\xe9"}),
+        "bad path": await _post(tap, {"authorization": f"Bearer {APP_KEY}"},
+                                target="/llm/openai/v1/chat/compl\xffetions"),
+        "unknown route": await _post(tap, {"x-foo": "\xff"}, target="/nowhere/\xff"),
     }
     assert sent["served"].status == 200
     assert sent["no key"].status == sent["bad key"].status == 401
+    # aiohttp's parser refuses a request target that is not ASCII: a 400 of the parser, recorded like the rest.
+    assert sent["bad path"].status in (400, 404) and sent["unknown route"].status in (400, 404)
     ids = {name: resp.headers["x-request-id"] for name, resp in sent.items()}
     logs = await events_for(kafka_bootstrap, PREFIX, list(ids.values()))
     missing = [name for name, rid in ids.items() if rid not in logs]

@@ -18,7 +18,7 @@ from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import TapApp, create_app
 from gateway_tap.proxy.protocol import TapRunner
 from gateway_tap.settings import parse_config
-from schemas import EVENT_TYPES, Event, decode_event, topic_for
+from schemas import EVENT_TYPES, Event, ProxyLog, decode_event, topic_for
 
 APP_KEY = "gt-test-key-0123456789"
 LIMITED_KEY = "gt-limited-key-0123456789"
@@ -158,3 +158,30 @@ async def events_for(bootstrap: str, prefix: str, request_ids: list[str], *, eve
     finally:
         await consumer.stop()
     return found
+
+
+async def all_proxy_logs(bootstrap: str, prefix: str, count: int, wait_s: float = 30.0) -> list[ProxyLog]:
+    """Every proxy_log of the topic, read until ``count`` arrived and then a little longer (to catch extras)."""
+    consumer = AIOKafkaConsumer(topic_for("proxy_log", prefix), bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    logs: list[ProxyLog] = []
+    try:
+        async with asyncio.timeout(wait_s):
+            while len(logs) < count:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    logs += [_proxy_log(r.value) for r in records]
+        for records in (await consumer.getmany(timeout_ms=1500)).values():
+            logs += [_proxy_log(r.value) for r in records]
+    except TimeoutError:
+        pass
+    finally:
+        await consumer.stop()
+    return logs
+
+
+def _proxy_log(value: bytes | None) -> ProxyLog:
+    assert value is not None
+    event = decode_event(value)
+    assert isinstance(event, ProxyLog)
+    return event

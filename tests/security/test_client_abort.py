@@ -1,0 +1,62 @@
+"""Issue 21 item 8: a client that aborts its upload is recorded as 499 ``client_disconnected``, not as a failure of
+the gateway.
+
+It used to log an ERROR traceback and count as 500 ``internal_error`` (false 5xx alerts), with or without a key.
+Against the real tap over raw sockets: the client sends part of its body and closes; the proxy_log (through the
+real publisher and Kafka) says 499 ``client_disconnected``, the request counts as 4xx, and nothing is logged
+above INFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.hostile_upstream import HostileUpstream
+from tests.support.tap import APP_KEY, UPSTREAM_SECRET, RunningTap, all_proxy_logs, running_tap, tap_config
+
+
+@pytest.fixture
+async def tap(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> AsyncIterator[RunningTap]:
+    os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
+    async with HostileUpstream() as upstream:
+        async with running_tap(tap_config(upstream.url, kafka_bootstrap, topic_prefix, tmp_path / "spool")) as tap:
+            yield tap
+
+
+async def _abort_upload(url: str, headers: list[str], part: bytes) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    head = ["POST /llm/openai/v1/chat/completions HTTP/1.1", "Host: tap", "Content-Type: application/json", *headers]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + part)
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the tap is reading the body now
+    writer.transport.abort()  # gone, mid-upload
+
+
+async def test_an_aborted_upload_is_a_recorded_499_logged_quietly(
+        tap: RunningTap, kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway_tap")
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    part = b'{"model":"gpt-4o-mini","mess'
+    await _abort_upload(tap.url, ["Content-Length: 100000"], part)  # no key: anyone can do this
+    await _abort_upload(tap.url, ["Transfer-Encoding: chunked", f"Authorization: Bearer {APP_KEY}"],
+                        b"1000\r\n" + part)
+    logs = await all_proxy_logs(kafka_bootstrap, topic_prefix, count=2)
+    assert len(logs) == 2
+    for log in logs:
+        assert log.status_code == 499 and log.error is not None, log
+        assert (log.error.type, log.error.code) == ("client_error", "client_disconnected")
+    assert [log.app_id for log in logs] == [None, None]  # the body never arrived whole: no authentication ran
+    loud = [r for r in caplog.records if r.levelno > logging.INFO]
+    assert not loud, [(r.name, r.getMessage()) for r in loud]
+    async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/metrics") as resp:
+        metrics = await resp.text()
+    assert 'status_class="5xx"' not in metrics
+    assert 'gateway_tap_requests_total{app="none",llm="openai",model="other",status_class="4xx"} 2.0' in metrics
