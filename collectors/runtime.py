@@ -502,11 +502,11 @@ class CollectorRuntime:
 
         Per partition the batch waits for one past its last record the sink was handed; partitions whose records
         were all dead-lettered (or control messages) are acknowledged at once. Only the offsets are kept."""
-        need: dict[TopicPartition, int] = {}
+        last: dict[tuple[str, int], int] = {}
         for bucket in batch.buckets.values():
-            for rec in bucket.records:
-                tp = TopicPartition(rec.topic, rec.partition)
-                need[tp] = max(need.get(tp, 0), rec.offset + 1)
+            for rec in bucket.records:  # offsets grow within a partition: the last one wins
+                last[(rec.topic, rec.partition)] = rec.offset
+        need = {TopicPartition(topic, partition): offset + 1 for (topic, partition), offset in last.items()}
         free = [tp for tp in batch.ends if tp not in need]
         if free:
             self._offsets.ack(batch.seq, free)
