@@ -478,6 +478,8 @@ class CollectorRuntime:
                 if self.on_batch_done is not None:
                     self.on_batch_done(len(batch.records))
             held = self._holds and self._hold(batch)
+            if held:
+                self._room.set()  # no longer counts as a batch in flight (only its bytes do)
             if not held:
                 self._offsets.ack(batch.seq, batch.ends)
                 batch.acked.set()

@@ -188,3 +188,60 @@ async def test_a_member_joining_with_batches_in_flight_loses_nothing(
     tps = [TopicPartition(topic_for("analytics", topic_prefix), p) for p in range(4)]
     ends = await committed(kafka_bootstrap, group, tps)
     assert sum(v or 0 for v in ends.values()) == len(events), "every offset committed once all was written"
+
+
+class Holding(DataCollector):
+    """Holds every record until forced; counts what it holds and what it was forced to write."""
+
+    event_types = ("analytics",)
+    holds_records = True
+    held: ClassVar[dict[tuple[str, int], int]] = {}
+    seen: ClassVar[int] = 0
+    written: ClassVar[int] = 0
+
+    async def handle_records(self, event_type: EventType, events: Sequence[Event], values: Sequence[bytes],
+                             positions: Any) -> None:
+        for p, o in zip(positions.partitions, positions.offsets, strict=True):
+            key = (positions.topic, p)
+            if o >= type(self).held.get(key, 0):
+                type(self).held[key] = o + 1
+                type(self).seen += 1
+
+    async def precommit(self, force: bool) -> dict[tuple[str, int], int]:
+        if not force:
+            return {}
+        type(self).written = type(self).seen
+        return dict(type(self).held)
+
+
+async def test_held_batches_free_their_slot_at_once_and_are_committed_only_once_written(
+        kafka_bootstrap: str, topic_prefix: str) -> None:
+    await create_topics(kafka_bootstrap, topic_prefix)
+    await produce_events(kafka_bootstrap, topic_prefix, analytics(600))
+    Holding.held, Holding.seen, Holding.written = {}, 0, 0
+    s = settings(group_id=f"{topic_prefix}-hold", max_in_flight_batches=1, max_in_flight_bytes=64 * 1024 * 1024)
+    rt = CollectorRuntime("hold", Holding, s, {"bootstrap_servers": kafka_bootstrap}, topic_prefix)
+    polls = 0
+    poll_paused = rt._poll_paused
+
+    async def counting() -> None:
+        nonlocal polls
+        polls += 1
+        await poll_paused()
+
+    rt._poll_paused = counting  # type: ignore[method-assign]
+    task = asyncio.create_task(rt.run())
+    await wait_for(lambda: Holding.seen >= 600, "every record handed over")
+    assert polls == 0, "a batch the sink holds no longer counts towards max_in_flight_batches: no paused polls"
+    assert Holding.written == 0 and not rt._offsets.committable(), "nothing committed before it is written"
+    rt.request_stop()  # SIGTERM: the held records are written (forced precommit) and committed
+    assert await task == 0
+    assert Holding.written == 600
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{topic_prefix}-hold")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic_for("analytics", topic_prefix), p) for p in range(3)]
+        committed = [await consumer.committed(tp) or 0 for tp in tps]
+    finally:
+        await consumer.stop()
+    assert sum(committed) == 600
