@@ -3,6 +3,7 @@ the Parquet cookbook's numbers in both, the Trino / Athena / BigQuery text, and 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 from collections import defaultdict
@@ -267,3 +268,21 @@ async def test_an_interrupted_compaction_is_finished_by_the_next_run(tmp_path: P
     result = compact(store, LakeConfig.model_validate(config), date(2026, 12, 1))
     assert result.finished_interrupted == 1
     assert sorted(ids_and_keys(store)[0]) == sorted(ids_before) and store.list("_lake/") == []
+
+
+async def test_lake_compact_command(tmp_path: Path) -> None:
+    lake_dir = tmp_path / "lk"
+    old = datetime(2026, 11, 3, 10, 5, tzinfo=UTC)
+    events = [Analytics(gateway_id="g", request_id=f"r{i}", vendor="v", model="m", latency_ms=1.0, status_code=200,
+                        emitted_at=old + timedelta(seconds=i)) for i in range(12)]
+    async with CollectorHarness(LakeCollector, {"directory": str(lake_dir), "flush_max_rows": 4}) as h:
+        await h.feed(events)
+        await h.precommit(force=True)
+    path = tmp_path / "gateway-tap.yaml"
+    path.write_text(yaml.safe_dump({"collectors": {"lake": {"config": {"directory": str(lake_dir)}}}}))
+    done = await asyncio.to_thread(subprocess.run, cli_argv("lake", "compact", "--config", str(path), "--before",
+                                                            "2026-12-01"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "merged 3 object(s) into 1 (12 rows)" in done.stdout
+    ids, keys = ids_and_keys(LocalStore(lake_dir))
+    assert sorted(ids) == sorted(e.id for e in events) and len(keys) == 1
