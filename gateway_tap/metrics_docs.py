@@ -57,6 +57,7 @@ def collector_registry() -> CollectorRegistry:
     from collectors.metrics import CollectorMetrics
     from collectors.sinks.budget import BudgetCollector
     from collectors.sinks.elasticsearch import _Metrics as ElasticsearchMetrics
+    from collectors.sinks.lake.collector import LakeCollector
     from gateway_tap.config_reload import ReloadMetrics
 
     registry = CollectorRegistry()
@@ -64,6 +65,7 @@ def collector_registry() -> CollectorRegistry:
     ReloadMetrics(registry, "gateway_tap_collector_", {"collector": "file"})  # as collectors.reload does
     ElasticsearchMetrics(registry)
     BudgetCollector.register_metrics(registry)
+    LakeCollector.register_metrics(registry)
     return registry
 
 

@@ -67,6 +67,11 @@ async def test_rolls_by_rows_with_names_from_offsets(destination: tuple[dict[str
     async with CollectorHarness(LakeCollector, {**config, "flush_max_rows": 100}) as h:
         await h.feed(events_at(250, at(14, 5)))
         assert await h.precommit() == {(TOPIC, 0): 250}
+        metric = h.registry.get_sample_value
+        assert metric("gateway_tap_lake_objects_total", {"type": "analytics"}) == 3
+        assert metric("gateway_tap_lake_rows_total", {"type": "analytics", "outcome": "written"}) == 250
+        assert metric("gateway_tap_lake_freshness_seconds_count", {"type": "analytics"}) >= 3
+        assert metric("gateway_tap_lake_write_seconds_count") == 3
     day = "type=analytics/dt=2026-12-07/hour=14/"
     assert objects(store) == [day + object_name(TOPIC, 0, 0, 99), day + object_name(TOPIC, 0, 100, 199),
                               day + object_name(TOPIC, 0, 200, 249)]
@@ -120,6 +125,8 @@ async def test_redelivery_and_replay_write_nothing_twice(destination: tuple[dict
         assert await h.precommit() == {(TOPIC, 0): 100}, "offsets 40..99 are in a complete roll: durable at once"
         await h.precommit(force=True)
         assert h.collector.rows_skipped == 60
+        assert h.registry.get_sample_value("gateway_tap_lake_rows_total",
+                                           {"type": "analytics", "outcome": "skipped"}) == 60
     after = objects(store)
     assert after[0] == before[0] and len(after) == 2
     ids = read_ids(store)

@@ -35,8 +35,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from collectors.config import parse_collector_config
+from collectors.metrics import DURATION_BUCKETS, FRESHNESS_BUCKETS
 from collectors.sdk import CollectorServices, DataCollector, Partition, Positions, RetryLater
 from collectors.sinks.lake.config import LakeConfig
 from collectors.sinks.lake.layout import (
@@ -52,6 +54,8 @@ from schemas import EVENT_TYPES, Event, EventType
 from schemas.arrow import arrow_schema, table_from_values
 
 OFFSET_COLUMN = "__offset"
+FRESHNESS_SAMPLES = 32
+"""Events per object whose freshness (emitted_at -> object complete) is observed."""
 ROLL_KEY = b"gateway_tap.lake.roll"
 """Parquet metadata key of each object: the roll it belongs to (topic, partition, first, last, directories)."""
 
@@ -96,8 +100,26 @@ class LakeCollector(DataCollector):
     holds_records = True
     Config = LakeConfig
 
+    @staticmethod
+    def register_metrics(registry: CollectorRegistry) -> tuple[Counter, Counter, Histogram, Histogram]:
+        """The collector's own metrics on ``registry``: objects, rows, write time, freshness at the object."""
+        return (
+            Counter("gateway_tap_lake_objects_total", "Parquet objects written, by event type.", ["type"],
+                    registry=registry),
+            Counter("gateway_tap_lake_rows_total", "Events by outcome: written, or skipped because a complete "
+                    "object already holds them (after a crash, a rebalance or a replay).", ["type", "outcome"],
+                    registry=registry),
+            Histogram("gateway_tap_lake_write_seconds", "Time to write one roll (all its objects).",
+                      buckets=DURATION_BUCKETS, registry=registry),
+            Histogram("gateway_tap_lake_freshness_seconds", "From an event's emitted_at to the moment the object "
+                      "holding it was complete (readable), sampled.", ["type"], buckets=FRESHNESS_BUCKETS,
+                      registry=registry),
+        )
+
     async def initialize(self, config: dict[str, Any], services: CollectorServices) -> None:
         await super().initialize(config, services)
+        registry = services.metrics if isinstance(services.metrics, CollectorRegistry) else CollectorRegistry()
+        self.objects_c, self.rows_c, self.write_h, self.freshness_h = self.register_metrics(registry)
         self.settings = parse_collector_config(services.name, LakeConfig, config)
         self.setting = f"collectors.{services.name}.config"
         self.layout = Layout.parse(self.settings.layout)
@@ -148,6 +170,7 @@ class LakeCollector(DataCollector):
                 before = rows.num_rows
                 rows = rows.filter(pc.greater(rows[OFFSET_COLUMN], stored_until))
                 self.rows_skipped += before - rows.num_rows
+                self.rows_c.labels(part.event_type, "skipped").inc(before - rows.num_rows)
         except StoreError as exc:
             part.seen = seen  # the retry hands these over again
             self.checked = False
@@ -210,6 +233,7 @@ class LakeCollector(DataCollector):
             part.rows = part.value_bytes = 0
 
     def _write_roll(self, part: _Partition, table: pa.Table) -> None:
+        started = time.monotonic()
         offsets = table[OFFSET_COLUMN]
         first, last = offsets[0].as_py(), offsets[-1].as_py()
         units = pc.divide(pc.cast(table["emitted_at"], pa.int64()), self.layout.unit_us)
@@ -233,9 +257,17 @@ class LakeCollector(DataCollector):
                                  meta)
             self.store.put(key, data, if_absent=True)
             self.objects_written += 1
+            self.objects_c.labels(part.event_type).inc()
         if marker is not None:
             self.store.delete([marker])
         self.rolls_written += 1
+        self.write_h.observe(time.monotonic() - started)
+        self.rows_c.labels(part.event_type, "written").inc(table.num_rows)
+        now = time.time()
+        emitted = table["emitted_at"]
+        step = max(1, table.num_rows // FRESHNESS_SAMPLES)
+        for value in emitted.take(pa.array(range(0, table.num_rows, step))).to_pylist():
+            self.freshness_h.labels(part.event_type).observe(max(0.0, now - value.timestamp()))
 
     async def release(self, partitions: Collection[Partition]) -> None:
         for key in partitions:
