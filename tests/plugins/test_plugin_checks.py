@@ -56,7 +56,10 @@ class BadEndpoints:
         return [Endpoint("GET", "sync", self.sync_handler),  # type: ignore[arg-type]
                 Endpoint("GET", "broken/{", self.good),
                 Endpoint("GET", "twice", self.good), Endpoint("get", "/twice", self.good),
-                Endpoint("BAD METHOD", "x", self.good)]
+                Endpoint("BAD METHOD", "x", self.good), Endpoint("GET", "seed", self.seed_order)]
+
+    async def seed_order(self, ctx: HookContext, request: web.Request) -> web.StreamResponse:
+        return web.Response()
 
 
 class SeedOrder:
@@ -123,6 +126,8 @@ EXPECTED = [
     "plugins[5] (badendpoints).endpoints()[1]: path 'broken/{' is not a valid route pattern",
     "plugins[5] (badendpoints).endpoints()[3]: GET twice is declared twice",
     "plugins[5] (badendpoints).endpoints()[4]: method 'BAD METHOD' is not an HTTP method (or '*' for any)",
+    "plugins[5] (badendpoints).endpoints()[5] (GET seed): handler 'seed_order' takes (ctx, request): 'ctx' is where "
+    "the tap passes 'request' (arguments in another order); expected async def handler(request, ctx)",
     "plugins[6] (seedorder).post_auth: takes (ctx, req): 'ctx' is where the tap passes 'request' (arguments in "
     "another order); expected async def post_auth(self, request, ctx)",
     "plugins[6] (seedorder).initialize: takes (services, config): 'services' is where the tap passes 'config' "
