@@ -125,7 +125,9 @@ class RateLimitGate:
                 tokens = estimate_tokens(req.json())
             except orjson.JSONDecodeError:
                 tokens = 0
-        decision = await self.limiter.admit(plan, ex.request_id, tokens)
+        limiter = self.limiter
+        decision = (limiter.check(plan, tokens) if isinstance(limiter, LocalLimiter)  # no coroutine to drive
+                    else await limiter.admit(plan, ex.request_id, tokens))
         self._decisions[decision.outcome].inc()
         if decision.states:
             ex.ratelimit_headers = decision.headers()

@@ -123,6 +123,9 @@ def format_duration(seconds: float) -> str:
     return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
 
 
+_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+                 for kind in ("requests", "tokens")}
+
 Outcome = Literal["allowed", "limited", "redis_error_open", "redis_error_closed"]
 
 
@@ -150,18 +153,21 @@ class Decision:
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``: of each kind, the counter with the
         least left relative to its limit."""
+        tightest: dict[str, CounterState] = {}
+        for state in self.states:  # one pass; "concurrent" has no OpenAI header
+            kind = state.counter.kind
+            if kind == "concurrent":
+                continue
+            best = tightest.get(kind)
+            if best is None or state.remaining * best.counter.limit < best.remaining * state.counter.limit:
+                tightest[kind] = state
         out: dict[str, str] = {}
-        for kind in ("requests", "tokens"):
-            tightest: CounterState | None = None
-            for state in self.states:
-                if state.counter.kind == kind and (
-                        tightest is None
-                        or state.remaining * tightest.counter.limit < tightest.remaining * state.counter.limit):
-                    tightest = state
-            if tightest is not None:
-                out[f"x-ratelimit-limit-{kind}"] = str(tightest.counter.limit)
-                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, tightest.remaining))
-                out[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_s)
+        for name, state in tightest.items():
+            remaining = state.remaining
+            names = _HEADER_NAMES[name]
+            out[names[0]] = str(state.counter.limit)
+            out[names[1]] = str(remaining if remaining > 0 else 0)
+            out[names[2]] = format_duration(state.reset_s)
         return out
 
 
@@ -227,16 +233,25 @@ class LocalLimiter:
     def check(self, plan: Plan, tokens: int) -> Decision:
         """The decision, taking the request's share when every counter passes (synchronous: one step)."""
         now = self._clock()
-        for counter in plan:
+        buckets, inflight = self._buckets, self._inflight
+        for counter in plan:  # on every request: plain comparisons, no helper calls
+            limit = counter.limit
             if counter.kind == "concurrent":
-                if self._inflight.get(counter.name, 0) >= counter.limit:
+                if inflight.get(counter.name, 0) >= limit:
                     return self._refused(plan, counter, 1.0, 1, now)
                 continue
+            bucket = buckets.get(counter.name)
+            if bucket is None:
+                bucket = buckets[counter.name] = [0.0, now]
+            else:
+                used = bucket[0] - (now - bucket[1]) * limit / 60.0
+                bucket[0] = used if used > 0.0 else 0.0
+                bucket[1] = now
             cost = 1 if counter.kind == "requests" else tokens
-            left = counter.limit - self._used(counter, now)[0]
-            need = min(cost, counter.limit)
+            need = cost if cost < limit else limit
+            left = limit - bucket[0]
             if left < need:
-                return self._refused(plan, counter, (need - left) * 60.0 / counter.limit, cost, now)
+                return self._refused(plan, counter, (need - left) * 60.0 / limit, cost, now)
         states = []
         for counter in plan:
             limit = counter.limit
