@@ -169,12 +169,14 @@ async def test_response_cache_on_redis_is_shared_by_two_taps_and_survives_an_out
         async with client() as http:
             status, headers, first = await post(http, a, body=chat("shared across taps"))
             assert status == 200 and headers["x-cache"] == "miss"
+            answered = {first}  # a miss on b before a's entry landed stores b's answer instead: either is served
             for _ in range(100):  # the entry is written in the background, just after the answer
                 status, headers, body = await post(http, b, body=chat("shared across taps"))
                 if headers["x-cache"] == "hit":
                     break
+                answered.add(body)
                 await asyncio.sleep(0.05)
-            assert headers["x-cache"] == "hit" and body == first
+            assert headers["x-cache"] == "hit" and body in answered
             await asyncio.to_thread(own_redis.stop)
             status, headers, _ = await post(http, b, body=chat("shared across taps"))
             assert status == 200 and headers["x-cache"] == "miss"  # the cache is away: a miss, not an error
