@@ -144,6 +144,8 @@ class SharedLimiter:
         self._queue: list[tuple[list[str], list[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self.dropped_settlements = 0
+        self._sending = False  # an admission call is on its way: others wait and go together after it
+        self._waiting: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
 
     def _keys(self, plan: Plan) -> list[str]:
         return [self.link.key("rl:" + c.name) for c in plan]
@@ -155,13 +157,11 @@ class SharedLimiter:
         for counter in plan:
             args += ("c" if counter.kind == "concurrent" else "r", counter.limit,
                      tokens if counter.kind == "tokens" else 1)
-        start = time.perf_counter()
         try:  # bounded by the connection's socket timeouts and the pool's wait (redis.timeout_s each)
-            out = await self._admit(self._keys(plan), args)
+            out = await self._evaluate(self._keys(plan), args)
         except REDIS_ERRORS as exc:
             self.link.failed(USER, exc)
             return self._unavailable()
-        self.link.observe(USER, time.perf_counter() - start)
         blocked, wait_ms = int(out[0]), int(out[1])
         states = tuple(CounterState(c, int(out[2 + 2 * i]), int(out[3 + 2 * i]) / 1000)
                        for i, c in enumerate(plan))
@@ -170,6 +170,51 @@ class SharedLimiter:
             return Decision(False, "limited", states, counter, max(wait_ms, 1) / 1000,
                             tokens if counter.kind == "tokens" else 1)
         return Decision(True, "allowed", states, admission=SharedAdmission(self, plan, request_id, tokens))
+
+    async def _evaluate(self, keys: list[str], args: list[Any]) -> Any:
+        """The admission script's answer. Alone, one call; while one is on its way, the requests that arrive
+        wait and go together in one pipeline when it returns (group commit): still one round trip each, but
+        one send, one read and one connection for many under concurrency."""
+        if self._sending:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._waiting.append((keys, args, future))
+            return await future
+        self._sending = True
+        try:
+            start = time.perf_counter()
+            out = await self._admit(keys, args)
+            self.link.observe(USER, time.perf_counter() - start)
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                start = time.perf_counter()
+                try:
+                    pipe = self.link.client.pipeline(transaction=False)
+                    for batch_keys, batch_args, _ in batch:
+                        await self._admit(batch_keys, batch_args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+                except BaseException as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self.link.observe(USER, time.perf_counter() - start)
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if future.done():  # its request was cancelled meanwhile
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            return out
+        finally:
+            self._sending = False
+            # A failure of the first call leaves the waiting requests to find Redis down on their own.
+            for _, _, future in self._waiting:
+                if not future.done():
+                    future.set_exception(ConnectionError("redis admission not sent"))
+            self._waiting = []
 
     def _unavailable(self) -> Decision:
         if self.on_error == "fail_closed":
