@@ -268,7 +268,8 @@ class Soak:
                 {"id": "anthropic", "vendor": "anthropic", "upstream_url": self.mock_url,
                  "api_key_env": "SOAK_UPSTREAM_KEY", "prices": {"*": {"input_per_1m": 0.80, "output_per_1m": 4.0}}},
                 {"id": "premium", "vendor": "openai", "upstream_url": self.mock_url,
-                 "api_key_env": "SOAK_UPSTREAM_KEY", "prices": {"*": CAPPED_PRICE}},
+                 # the exact model: a catalog price (genai-prices knows gpt-4o) would beat a "*" entry
+                 "api_key_env": "SOAK_UPSTREAM_KEY", "prices": {"gpt-4o": CAPPED_PRICE}},
             ],
             "apps": [{"id": app, "key_hashes": ["sha256:" + hashlib.sha256(key.encode()).hexdigest()]}
                      for app, key in APP_KEYS.items()],
