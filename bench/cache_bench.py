@@ -80,7 +80,8 @@ def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, plugin: dict
     tmp.mkdir(parents=True, exist_ok=True)
     document = yaml.safe_load(DEMO_CONFIG.read_text())
     document["kafka"].update({"bootstrap_servers": bootstrap, "topic_prefix": "cachebench"})
-    document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": 1, "access_log": False})
+    document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": 1, "access_log": False,
+                            "metrics": {"port": None}})
     document["tap"]["publisher"]["spool_dir"] = str(tmp / "spool")
     for llm in document["llms"]:
         llm["upstream_url"] = mock_url

@@ -112,6 +112,7 @@ def document(args: argparse.Namespace, mock: str, bootstrap: str, prefix: str, d
         "gateway_id": f"overspend-{index}",
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
         "tap": {"listen": {"host": "127.0.0.1", "port": port}, "workers": args.workers, "access_log": False,
+                "metrics": {"port": None},
                 "publisher": {"spool_dir": str(tmp / f"spool-{index}"), "linger_ms": 5}},
         "llms": [{"id": "openai", "vendor": "openai", "upstream_url": mock, "prices": {"gpt-4o-mini": PRICE}}],
         "apps": [{"id": "capped", "key_hashes": [hash_key(APP_KEY)]}],

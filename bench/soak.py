@@ -280,8 +280,9 @@ class Soak:
 
     def _write_configs(self) -> None:
         tap = self._base_config(self.link.bootstrap)
-        self.tap_port = free_port()
+        self.tap_port, self.tap_metrics_port = free_port(), free_port()
         tap["tap"] = {"listen": {"host": "127.0.0.1", "port": self.tap_port}, "access_log": False,
+                      "metrics": {"host": "127.0.0.1", "port": self.tap_metrics_port},
                       "publisher": {"spool_dir": str(self.dir / "spool"), "delivery_timeout_s": 5.0}}
         tap["plugins"] = [{"name": "prompt_firewall",
                            "use": "gateway_tap.examples.plugins.prompt_firewall:PromptFirewall",
@@ -561,7 +562,7 @@ class Soak:
         out: dict[str, float] = {}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s, \
-                    s.get(f"http://127.0.0.1:{self.tap_port}/metrics") as resp:
+                    s.get(f"http://127.0.0.1:{self.tap_metrics_port}/metrics") as resp:
                 text = await resp.text()
         except (aiohttp.ClientError, OSError, TimeoutError):
             return out

@@ -78,7 +78,7 @@ def tap_document(upstream_url: str, bootstrap: str, spool: Path, port: int) -> d
     return {
         "gateway_id": "rss-bench",
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": "rssbench"},
-        "tap": {"listen": {"host": "127.0.0.1", "port": port}, "access_log": False,
+        "tap": {"listen": {"host": "127.0.0.1", "port": port}, "access_log": False, "metrics": {"port": None},
                 "publisher": {"spool_dir": str(spool)}},
         "llms": [{"id": "openai", "vendor": "openai", "upstream_url": upstream_url,
                   "timeouts": {"first_byte_s": 600, "total_s": 600}}],

@@ -270,8 +270,8 @@ def _load(config_path: str) -> GatewayConfig:
 @main.command("status")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="gateway-tap.yaml")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (with per-partition detail) for scripts.")
-@click.option("--tap-url", "tap_urls", multiple=True, help="A tap's base or /metrics URL (repeatable; "
-              "default: tap.listen of the config).")
+@click.option("--tap-url", "tap_urls", multiple=True, help="A tap's metrics listener, base or /metrics URL "
+              "(repeatable; default: tap.metrics of the config).")
 def status(config_path: str, as_json: bool, tap_urls: tuple[str, ...]) -> None:
     """Collector lag per topic, dead-letter counts, the taps' spools and budget use. Exit 2: Kafka unreachable."""
     from gateway_tap.ops.status import run_status

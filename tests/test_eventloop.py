@@ -27,7 +27,7 @@ from gateway_tap.eventloop import (
     tune_gc,
 )
 from gateway_tap.hooks import HookContext, HookResult, TapRequest
-from tests.support.tap import APP_KEY, UPSTREAM_SECRET, tap_config
+from tests.support.tap import APP_KEY, UPSTREAM_SECRET, metrics_url, tap_config
 
 BLOCK_S = 0.3
 
@@ -152,7 +152,7 @@ async def test_serve_exposes_the_lag_and_names_a_blocking_plugin(mock_llm: str, 
                 if "event loop blocked for" in tap.log_tail(200):
                     break
                 await asyncio.sleep(0.1)
-            async with http.get(f"{url}/metrics") as resp:
+            async with http.get(metrics_url(document)) as resp:
                 metrics = await resp.text()
     finally:
         await asyncio.to_thread(tap.stop)
@@ -194,7 +194,7 @@ async def test_serve_freezes_start_up_objects_so_requests_trigger_no_collection(
                                          headers={"authorization": f"Bearer {APP_KEY}"}) as resp:
                         assert resp.status == 200
             await asyncio.gather(*(client() for _ in range(10)))
-            async with http.get(f"{url}/metrics") as resp:
+            async with http.get(metrics_url(document)) as resp:
                 metrics = await resp.text()
     finally:
         await asyncio.to_thread(tap.stop)

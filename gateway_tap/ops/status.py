@@ -148,10 +148,12 @@ class StatusReport:
 
 
 def default_tap_urls(config: GatewayConfig) -> list[str]:
-    """The configured tap's metrics URL (a wildcard listen address is reached on loopback)."""
-    host = config.tap.listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    return [f"http://{host}:{config.tap.listen.port}/metrics"]
+    """The configured tap's metrics URL (``tap.metrics``; a wildcard address is reached on loopback)."""
+    metrics = config.tap.metrics
+    if metrics.port is None:
+        return []
+    host = "127.0.0.1" if metrics.host in ("0.0.0.0", "", "::") else metrics.host
+    return [f"http://{host}:{metrics.port}/metrics"]
 
 
 async def gather_status(config: GatewayConfig, tap_urls: list[str] | None = None,

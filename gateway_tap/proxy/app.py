@@ -110,7 +110,6 @@ class TapApp:
         router = self.web_app.router
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
-        router.add_get("/metrics", self.metrics_endpoint)
         router.add_get("/budget", self.budget_endpoint)
         router.add_route("*", r"/llm/{llm_id}/{rest:.*}", self.handler.handle)
         # Plugin endpoints, resolved per request from the snapshot (a reload may add some), in a sub-application
@@ -154,6 +153,16 @@ class TapApp:
         if health:
             body["plugins"] = {name: why or "ok" for name, why in health.items()}
         return _json(body, 200 if ready else 503)
+
+    async def serve_metrics(self, host: str, port: int, *, reuse_port: bool = False) -> web.AppRunner:
+        """Serve ``/metrics`` on a listener of its own (``tap.metrics``; the proxy's port has none: the metrics
+        name every app and its spend). Returns its runner: ``cleanup()`` it after the tap's."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        return runner
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})

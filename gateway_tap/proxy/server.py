@@ -1,9 +1,10 @@
 """``gateway-tap serve``: one worker in-process, or N worker processes sharing the port (SO_REUSEPORT).
 
 With several workers the parent only supervises: it points ``PROMETHEUS_MULTIPROC_DIR``
-at a fresh directory before spawning, so ``/metrics`` on any worker aggregates all of
-them, restarts a worker that died, and on SIGTERM/SIGINT stops them all (each drains
-its publisher into Kafka or its own spool ``<spool_dir>/worker-<n>``).
+at a fresh directory before spawning, so ``/metrics`` on any worker (``tap.metrics``, a
+port they share like the proxy's) aggregates all of them, restarts a worker that died,
+and on SIGTERM/SIGINT stops them all (each drains its publisher into Kafka or its own
+spool ``<spool_dir>/worker-<n>``).
 
 SIGHUP reloads the configuration file (:mod:`gateway_tap.proxy.reload`): each worker
 reloads itself; the parent forwards the signal to every worker. Workers start with
@@ -69,6 +70,9 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
         await admin.start()
     site = web.TCPSite(runner, config.tap.listen.host, port, reuse_port=workers > 1)
     await site.start()
+    metrics = config.tap.metrics
+    metrics_runner = await tap.serve_metrics(metrics.host, metrics.port, reuse_port=workers > 1) \
+        if metrics.port is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Our own handlers: a second signal (the supervisor forwards the one the group already got) must not
@@ -89,6 +93,8 @@ async def _serve_worker(config: GatewayConfig, worker_index: int, workers: int, 
     if admin is not None:
         await admin.stop()
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("worker stopped", extra={"worker": worker_index, "publisher": tap.publisher.stats()})
 
 

@@ -41,7 +41,7 @@ from gateway_tap.settings.publisher import PublisherSettings
 from gateway_tap.settings.ratelimits import RateLimitingSettings, RateLimitKind, RateLimitSettings
 from gateway_tap.settings.redis import RedisSettings
 from gateway_tap.settings.root import ConfigFileError, GatewayConfig, load_config, parse_config
-from gateway_tap.settings.tap import LimitSettings, ListenSettings, ReloadSettings, TapSettings
+from gateway_tap.settings.tap import LimitSettings, ListenSettings, ReloadSettings, TapMetricsSettings, TapSettings
 
 __all__ = [
     "RESTART",
@@ -77,6 +77,7 @@ __all__ = [
     "ReloadSettings",
     "RetrySettings",
     "Section",
+    "TapMetricsSettings",
     "TapSettings",
     "group_id_for",
     "load_config",

@@ -15,7 +15,17 @@ class ListenSettings(Section):
     """Where the tap accepts client connections."""
 
     host: str = Field(default="127.0.0.1", description="Interface to bind (0.0.0.0 for all).")
-    port: int = Field(default=8080, ge=0, le=65535, description="TCP port of the proxy (and its /metrics).")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port of the proxy.")
+
+
+class TapMetricsSettings(Section):
+    """The tap's Prometheus ``/metrics``, on a listener of its own: the metrics name every app and its spend, so
+    they are never served on the proxy's port; keep the host private. ``port: null`` turns it off."""
+
+    host: str = Field(default="127.0.0.1", description="Interface the metrics listener binds (loopback, or an "
+                                                       "internal network a Prometheus scrapes from).")
+    port: int | None = Field(default=9464, ge=0, le=65535,
+                             description="TCP port of /metrics (every worker shares it); null: no metrics listener.")
 
 
 class LimitSettings(Section):
@@ -67,10 +77,17 @@ class TapSettings(Section):
                     "this tap's worker processes; default <publisher.spool_dir>/plugin-kv.sqlite.")
     reload: ReloadSettings = Field(default_factory=ReloadSettings)  # type: ignore[arg-type]
     admin: Annotated[AdminSettings, RESTART] = Field(default_factory=AdminSettings)  # type: ignore[arg-type]
+    metrics: Annotated[TapMetricsSettings, RESTART] = Field(
+        default_factory=TapMetricsSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _admin_port_is_not_the_proxy_port(self) -> TapSettings:
         admin = self.admin.listen
         if admin is not None and admin.port == self.listen.port:
             raise ValueError(f"tap.admin.listen.port {admin.port} is the proxy's port; the admin API needs its own")
+        metrics = self.metrics.port
+        if metrics and metrics == self.listen.port:
+            raise ValueError(f"tap.metrics.port {metrics} is the proxy's port; /metrics needs a listener of its own")
+        if metrics and admin is not None and metrics == admin.port:
+            raise ValueError(f"tap.metrics.port {metrics} is tap.admin.listen.port; each needs its own")
         return self

@@ -54,7 +54,7 @@ def _cli(tap: AdminTap, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def _metric(url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
         for line in (await resp.text()).splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
@@ -138,7 +138,7 @@ async def test_an_entry_a_worker_cannot_apply_is_reported_and_the_rest_applies(
             assert "not a plugin the operator allowed" in entries["plugins/sneaky"]
         result = await asyncio.to_thread(_cli, tap, "status")
         assert result.returncode == 0 and "left out plugins/prompt_firewall/config" in result.stdout, result.stdout
-        assert await _metric(tap.url, "gateway_tap_admin_rejected_entries") == 3
+        assert await _metric(tap.metrics_url, "gateway_tap_admin_rejected_entries") == 3
         log = tap.log_path.read_text()
         assert log.count("admin state entry not applied: plugins/prompt_firewall/config") == 2  # once per worker
 

@@ -36,6 +36,7 @@ from tests.support.tap import (
     UPSTREAM_SECRET,
     RunningTap,
     by_request,
+    metrics_url,
     read_events,
     tap_config,
 )
@@ -73,10 +74,12 @@ async def budget_tap(doc: dict[str, Any], clock: Clock) -> AsyncIterator[Running
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    metrics_runner = await tap.serve_metrics("127.0.0.1", doc["tap"]["metrics"]["port"])
     try:
-        yield RunningTap(f"http://127.0.0.1:{port}", tap)
+        yield RunningTap(f"http://127.0.0.1:{port}", tap, metrics_url(doc))
     finally:
         await runner.cleanup()
+        await metrics_runner.cleanup()
 
 
 def chat(chars: int, max_tokens: int | None, **extra: Any) -> dict[str, Any]:
@@ -111,7 +114,7 @@ async def get_budget(http: aiohttp.ClientSession, tap: RunningTap, headers: dict
 
 
 async def metrics_text(http: aiohttp.ClientSession, tap: RunningTap) -> str:
-    async with http.get(f"{tap.url}/metrics") as resp:
+    async with http.get(tap.metrics_url) as resp:
         return await resp.text()
 
 

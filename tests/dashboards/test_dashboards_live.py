@@ -68,6 +68,7 @@ def all_queries() -> list[tuple[str, str, str]]:
 def stack_config(tmp_path: Path, mock_llm: str, kafka: str, es_url: str, prefix: str, tap_port: int,
                  metrics_ports: dict[str, int], redis_url: str) -> dict[str, Any]:
     document = tap_config(mock_llm, kafka, prefix, tmp_path / "spool", plugins=EXAMPLE_PLUGINS, port=tap_port)
+    document["tap"]["metrics"] = {"host": "127.0.0.1", "port": metrics_ports["tap"]}
     # Shared rate limits on the test Redis: "limited" may send one request per minute (later rounds get 429).
     document["rate_limits"] = [{"app_id": "limited", "requests_per_minute": 1},
                                {"app_id": "test", "requests_per_minute": 100_000}]
@@ -89,15 +90,17 @@ def stack_config(tmp_path: Path, mock_llm: str, kafka: str, es_url: str, prefix:
     return document
 
 
-def scrape_config(tap_port: int, metrics_ports: dict[str, int]) -> dict[str, Any]:
-    """Same job names as dashboards/prometheus/prometheus.yml (the dashboards' `up{job="tap"}` relies on it)."""
+def scrape_config(metrics_ports: dict[str, int]) -> dict[str, Any]:
+    """Same job names as dashboards/prometheus/prometheus.yml (the dashboards' `up{job="tap"}` relies on it);
+    the tap is scraped on its metrics listener (``tap.metrics``), as there."""
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
         "scrape_configs": [
-            {"job_name": "tap", "static_configs": [{"targets": [f"127.0.0.1:{tap_port}"]}]},
+            {"job_name": "tap", "static_configs": [{"targets": [f"127.0.0.1:{metrics_ports['tap']}"]}]},
             {"job_name": "collector",
-             "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in metrics_ports.values()]}]},
+             "static_configs": [{"targets": [f"127.0.0.1:{port}" for name, port in metrics_ports.items()
+                                             if name != "tap"]}]},
         ],
     }
 
@@ -107,13 +110,13 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, es_url: str, topic_prefix:
                 redis_url: str) -> AsyncIterator[Stack]:
     await create_topics(kafka_bootstrap, topic_prefix)
     tap_port = free_port()
-    metrics_ports = {name: free_port() for name in COLLECTORS}
+    metrics_ports = {name: free_port() for name in (*COLLECTORS, "tap")}
     config_path = tmp_path / "gateway-tap.yaml"
     config_path.write_text(yaml.safe_dump(stack_config(tmp_path, mock_llm, kafka_bootstrap, es_url, topic_prefix,
                                                        tap_port, metrics_ports, redis_url)))
     prom_port = free_port()
     scrape_path = tmp_path / "prometheus.yml"
-    scrape_path.write_text(yaml.safe_dump(scrape_config(tap_port, metrics_ports)))
+    scrape_path.write_text(yaml.safe_dump(scrape_config(metrics_ports)))
     assert PROMETHEUS is not None
     processes = [
         ManagedProcess("tap", cli_argv("serve", "--config", str(config_path), "--workers", "1"),
@@ -123,7 +126,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, es_url: str, topic_prefix:
         *(ManagedProcess(f"collect-{name}", cli_argv("collect", name, "--config", str(config_path)),
                          ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/healthz"),  # type: ignore[misc]
                          log_path=tmp_path / f"collect-{name}.log", stop_signal=signal.SIGTERM)
-          for name, port in metrics_ports.items()),
+          for name, port in metrics_ports.items() if name != "tap"),
         ManagedProcess("prometheus", [PROMETHEUS, f"--config.file={scrape_path}",
                                       f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                       f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
@@ -220,7 +223,7 @@ async def test_every_dashboard_query_returns_data(stack: Stack, kafka_bootstrap:
 def test_promtool_accepts_the_generated_scrape_config_and_the_alert_rules(tmp_path: Path) -> None:
     assert PROMTOOL is not None
     path = tmp_path / "prometheus.yml"
-    path.write_text(yaml.safe_dump(scrape_config(free_port(), {name: free_port() for name in COLLECTORS})))
+    path.write_text(yaml.safe_dump(scrape_config({name: free_port() for name in (*COLLECTORS, "tap")})))
     for args in (["check", "config", str(path)], ["check", "rules", str(ALERTS)]):
         result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr

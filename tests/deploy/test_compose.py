@@ -293,8 +293,9 @@ def test_every_scrape_target_is_a_compose_service(prometheus_config: dict[str, A
     config = load_config(APP_CONFIG)
     for job, host, port in targets:
         assert host in services, f"job {job}: {host} is not a compose service"
-        if host == "tap":
-            assert port == config.tap.listen.port
+        if host == "tap":  # its metrics listener, never the proxy's port
+            assert port == config.tap.metrics.port != config.tap.listen.port
+            assert str(port) in services["tap"]["expose"]
         elif host.startswith("collector-"):
             assert port == config.collectors[host.removeprefix("collector-")].metrics.port
     assert {host for _, host, _ in targets} >= {f"collector-{name}" for name in COLLECTORS}

@@ -222,6 +222,7 @@ def test_serve_and_collect_from_the_wheel(venv: CleanVenv, kafka_bootstrap: str,
     tap_port, metrics_port = free_port(), free_port()
     document["kafka"] = {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix}
     document["tap"]["listen"] = {"host": "127.0.0.1", "port": tap_port}
+    document["tap"]["metrics"] = {"host": "127.0.0.1", "port": free_port()}
     document["tap"]["publisher"]["spool_dir"] = str(venv.root / "serve-spool")
     for llm in document["llms"]:
         llm["upstream_url"] = mock_llm

@@ -50,11 +50,11 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-async def wait_for_published_control(tap_url: str) -> None:
+async def wait_for_published_control(metrics_url: str) -> None:
     series = 'gateway_tap_publisher_events_published_total{type="control"}'
     async with asyncio.timeout(20), aiohttp.ClientSession() as http:  # bounds a hang; not a timing assertion
         while True:
-            async with http.get(f"{tap_url}/metrics") as resp:
+            async with http.get(metrics_url) as resp:
                 text = await resp.text()
             values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)]
             assert values, f"{series} not exported"
@@ -74,7 +74,7 @@ async def test_enricher_counters_reach_the_receiver_per_gateway(mock_llm: str, k
             for llm, n in traffic.items():
                 await send(tap.url, llm, n)
             # The publisher counts control messages under their own type, not as "other".
-            await wait_for_published_control(tap.url)
+            await wait_for_published_control(tap.metrics_url)
     topic = control_topic(topic_prefix)
     records = await read_topic(kafka_bootstrap, topic, 3)  # tap-a: 2 + 2; tap-b: 2
     messages = [decode_control(r.value) for r in records]

@@ -53,8 +53,8 @@ async def test_status_reports_lag_dead_letters_tap_spool_and_budgets(
         await store.close()
 
     config = parse_config(document)
-    async with running_tap(document) as tap:
-        report = await gather_status(config, [tap.url])
+    async with running_tap(document):
+        report = await gather_status(config)  # the tap found through tap.metrics
 
     assert report.kafka_error is None and report.exit_code == 0
     groups = {g.collector: g for g in report.groups}
@@ -146,9 +146,10 @@ async def test_status_reports_rate_limits_and_refusals_per_tap(tmp_path: Path, k
                                            "messages": [{"role": "user", "content": "hi"}]}) as resp:
                     await resp.read()
             assert resp.status == 429
-        report = await gather_status(config, [tap.url])
+        report = await gather_status(config)  # the tap found through tap.metrics
         # In a thread: the command runs its own event loop.
-        result = await asyncio.to_thread(RUNNER.invoke, main, ["status", "--config", path, "--tap-url", tap.url])
+        result = await asyncio.to_thread(RUNNER.invoke, main, ["status", "--config", path,
+                                                               "--tap-url", tap.metrics_url])
     [tap_status] = report.taps
     assert tap_status.rate_limited == 1 and tap_status.redis_up is None  # local mode: no Redis
     assert report.rate_limiting == "local"

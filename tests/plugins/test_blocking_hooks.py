@@ -80,7 +80,7 @@ async def test_a_hook_blocking_past_its_timeout_is_a_timeout(mock_llm: str, kafk
         assert isinstance(error, dict) and error["error"]["code"] == "plugin_failed"
         assert error["error"]["message"] == "plugin 'blocking_closed' failed in post_auth: timed out"
 
-        async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/metrics") as resp:
+        async with aiohttp.ClientSession() as http, http.get(tap.metrics_url) as resp:
             text = await resp.text()
     for plugin in ("blocking_open", "yields_open", "blocking_closed"):
         assert f'gateway_tap_hook_errors_total{{hook="post_auth",kind="timeout",plugin="{plugin}"}} 1.0' in text

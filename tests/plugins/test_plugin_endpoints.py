@@ -164,7 +164,7 @@ async def test_routing_auth_timeouts_and_events(mock_llm: str, kafka_bootstrap: 
             assert resp.status == 200
             broke_id = resp.headers["x-request-id"]
             assert await resp.content.readline() == b"partial\n"
-        async with http.get(f"{tap.url}/metrics") as resp:
+        async with http.get(tap.metrics_url) as resp:
             metrics = await resp.text()
     assert 'gateway_tap_endpoint_requests_total{endpoint="POST mcp/{session}",plugin="mcp",status_class="2xx"} 2.0' \
         in metrics

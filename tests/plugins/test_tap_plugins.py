@@ -127,7 +127,7 @@ async def test_example_plugins(mock_llm: str, kafka_bootstrap: str, topic_prefix
             async with http.get(f"{tap.url}/plugins/prompt_firewall/stats",
                                 headers={"authorization": f"Bearer {APP_KEY}"}) as resp:
                 assert resp.status == 200 and (await resp.json())["blocked"] == 1
-            async with http.get(f"{tap.url}/metrics") as resp:
+            async with http.get(tap.metrics_url) as resp:
                 text_metrics = await resp.text()
         assert 'gateway_tap_hook_duration_seconds_count{hook="post_auth",plugin="prompt_firewall"} 3.0' in text_metrics
 
@@ -153,7 +153,7 @@ async def test_timeouts_and_errors_follow_on_error(mock_llm: str, kafka_bootstra
         assert status == 200
         status, _, payload = await _post(f"{tap.url}/llm/anthropic/v1/messages", body)
         assert status == 500 and b"slow_closed" in payload and b"plugin_failed" in payload
-        async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/metrics") as resp:
+        async with aiohttp.ClientSession() as http, http.get(tap.metrics_url) as resp:
             text = await resp.text()
     assert 'gateway_tap_hook_errors_total{hook="post_auth",kind="timeout",plugin="slow_open"} 1.0' in text
     assert 'gateway_tap_hook_errors_total{hook="post_auth",kind="exception",plugin="failing_open"} 1.0' in text

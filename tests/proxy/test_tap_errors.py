@@ -39,7 +39,7 @@ async def test_unexpected_error_before_the_response_is_a_recorded_json_500(
             assert resp.status == 500 and resp.content_type == "application/json"
             error = (await resp.json())["error"]
             request_id = resp.headers["x-request-id"]
-        async with http.get(f"{tap.url}/metrics") as resp:
+        async with http.get(tap.metrics_url) as resp:
             metrics = await resp.text()
     assert error["type"] == "internal_error" and error["code"] == "internal_error"
     assert error["request_id"] == request_id
@@ -75,7 +75,7 @@ async def test_unexpected_error_mid_stream_ends_the_stream_and_is_recorded(
             assert resp.status == 200  # the status line was out before the bug struck
             payload = await resp.read()
             request_id = resp.headers["x-request-id"]
-        async with http.get(f"{tap.url}/metrics") as resp:
+        async with http.get(tap.metrics_url) as resp:
             metrics = await resp.text()
     assert calls == 3 and b"[DONE]" not in payload and payload.count(b"chat.completion.chunk") == 2
     assert 'gateway_tap_requests_total{app="test",llm="openai",model="gpt-4o-mini",status_class="2xx"} 1.0' in metrics

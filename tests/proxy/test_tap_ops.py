@@ -12,18 +12,11 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway_tap.dev.servers import ManagedProcess, NoidaServer, cli_argv, free_port, http_ok
-from tests.support.tap import APP_KEY, UPSTREAM_SECRET, by_request, read_events, tap_config
+from gateway_tap.dev.servers import NoidaServer, free_port
+from tests.support.tap import APP_KEY, by_request, metrics_url, read_events, serve_process, tap_config
 
 pytestmark = pytest.mark.integration
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}], "max_tokens": 2}
-
-
-def _tap_process(config: Path, port: int, log: Path, workers: int = 2) -> ManagedProcess:
-    return ManagedProcess("tap", cli_argv("serve", "--config", str(config), "--workers", str(workers)),
-                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
-                          env={"TAP_TEST_UPSTREAM_KEY": UPSTREAM_SECRET}, log_path=log, start_timeout=60,
-                          stop_signal=15, stop_timeout=60)
 
 
 async def _traffic(url: str, n: int) -> list[str]:
@@ -39,7 +32,7 @@ async def _traffic(url: str, n: int) -> list[str]:
 
 
 async def _metric_sum(url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
         text = await resp.text()
     return sum(float(m) for m in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
 
@@ -54,7 +47,7 @@ async def test_broker_outage_and_tap_restart_lose_no_event(mock_llm: str, topic_
     document["tap"]["publisher"].update({"retry_interval_s": 0.3, "delivery_timeout_s": 3.0})
     config.write_text(yaml.safe_dump(document))
     url = f"http://127.0.0.1:{port}"
-    tap = _tap_process(config, port, tmp_path / "tap.log").start()
+    tap = serve_process(config, port, tmp_path / "tap.log").start()
     try:
         # /readyz answers once one worker is up; on a loaded machine the other can take seconds more (each
         # worker opens its spool while starting). A hang guard, not a timing assertion.
@@ -65,7 +58,7 @@ async def test_broker_outage_and_tap_restart_lose_no_event(mock_llm: str, topic_
         await asyncio.sleep(0.5)  # the worker's Kafka probe, then it listens
         ids = await _traffic(url, 20)
         # Both workers share /metrics: the count covers every request whichever worker served it.
-        assert await _metric_sum(url, "gateway_tap_requests_total") == 20
+        assert await _metric_sum(metrics_url(document), "gateway_tap_requests_total") == 20
         await asyncio.to_thread(noida.stop)  # clean stop (SIGINT): noida keeps what it acknowledged
         ids += await _traffic(url, 20)
         await asyncio.to_thread(tap.stop)  # SIGTERM with the broker down: events go to the spools
@@ -73,7 +66,7 @@ async def test_broker_outage_and_tap_restart_lose_no_event(mock_llm: str, topic_
         assert spooled > 0
         assert list((tmp_path / "spool" / "worker-1").glob("*.seg")), "worker 1 spooled nothing"
         # Restarted with one worker: worker 1's spool has no owner any more and must be adopted.
-        tap = _tap_process(config, port, tmp_path / "tap-1w.log", workers=1)
+        tap = serve_process(config, port, tmp_path / "tap-1w.log", workers=1)
         await asyncio.to_thread(tap.start)
         assert not list((tmp_path / "spool" / "worker-1").glob("*.seg"))
         await asyncio.to_thread(noida.start)
@@ -97,7 +90,7 @@ async def test_a_worker_that_dies_is_replaced(mock_llm: str, kafka_bootstrap: st
     config.write_text(yaml.safe_dump(tap_config(mock_llm, kafka_bootstrap, topic_prefix, tmp_path / "spool",
                                                 port=port, tap={"access_log": False})))
     url = f"http://127.0.0.1:{port}"
-    tap = _tap_process(config, port, tmp_path / "tap.log").start()
+    tap = serve_process(config, port, tmp_path / "tap.log").start()
     try:
         assert tap.pid is not None
         def workers() -> set[int]:

@@ -196,7 +196,7 @@ async def test_health_ready_and_metrics(tap: RunningTap) -> None:
             assert resp.status == 200
         async with http.get(tap.url + "/readyz") as resp:
             assert resp.status == 200 and (await resp.json())["ready"] is True
-        async with http.get(tap.url + "/metrics") as resp:
+        async with http.get(tap.metrics_url) as resp:
             text = await resp.text()
     assert 'gateway_tap_requests_total{app="test",llm="openai",model="gpt-4o-mini",status_class="2xx"}' in text
     assert 'gateway_tap_request_duration_seconds_bucket{le="0.0001",llm="openai",status_class="2xx"}' in text

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.hooks import HookContext, HookResult, PluginServices, TapRequest, TapResponse
 from schemas import Analytics, decode_event, topic_for
-from tests.support.tap import APP_KEY, EXAMPLE_PLUGINS, UPSTREAM_SECRET, key_hash, tap_config
+from tests.support.tap import APP_KEY, EXAMPLE_PLUGINS, UPSTREAM_SECRET, key_hash, metrics_url, tap_config
 
 os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET
 NEW_KEY = "gt-new-key-after-reload-0123"
@@ -123,6 +123,7 @@ async def test_reload_keeps_unchanged_plugins_and_swaps_the_rest(mock_llm: str, 
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    metrics_runner = await tap.serve_metrics("127.0.0.1", document["tap"]["metrics"]["port"])
     url = f"http://127.0.0.1:{port}"
     assert tap.reloader is not None
     try:
@@ -191,7 +192,7 @@ async def test_reload_keeps_unchanged_plugins_and_swaps_the_rest(mock_llm: str, 
             assert tap.snapshot.generation == 1 and told.value == "t2"
             assert (await _post(http, url, key=NEW_KEY))[0] == 200
             assert (await _post(http, url, BLOCKED))[0] == 403
-            async with http.get(f"{url}/metrics") as resp:
+            async with http.get(metrics_url(document)) as resp:
                 text = await resp.text()
             assert _metric(text, "gateway_tap_config_generation") == 1
             assert _metric(text, "gateway_tap_config_last_reload_success") == 0
@@ -199,6 +200,7 @@ async def test_reload_keeps_unchanged_plugins_and_swaps_the_rest(mock_llm: str, 
             assert _metric(text, "gateway_tap_config_reloads_total", 'result="ok"') == 1
     finally:
         await runner.cleanup()
+        await metrics_runner.cleanup()
     # Shutdown closes what is in force: every instance initialised was closed exactly once ("told" as t2).
     assert sorted(Counting.closed) == ["a1", "k1", "r1", "r2", "t2"]
 
@@ -218,12 +220,13 @@ async def _hammer(url: str, stop: asyncio.Event, results: list[int]) -> None:
 
 
 async def _metrics_text(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return await resp.text()
 
 
 async def _wait_reloads(url: str, result: str, count: int) -> str:
-    """Until both workers counted ``count`` reloads with ``result`` in total (the counter sums workers)."""
+    """Until both workers counted ``count`` reloads with ``result`` in total (the counter sums workers); ``url``:
+    the tap's /metrics."""
     for _ in range(300):
         text = await _metrics_text(url)
         if _metric(text, "gateway_tap_config_reloads_total", f'result="{result}"') >= count:
@@ -275,7 +278,7 @@ async def test_sighup_reload_under_traffic_drops_nothing(mock_llm: str, kafka_bo
         document["apps"].append({"id": "newapp", "key_hashes": [key_hash(NEW_KEY)]})
         path.write_text(yaml.safe_dump(document))
         os.kill(proc.pid, signal.SIGHUP)
-        await _wait_reloads(url, "ok", 2)
+        await _wait_reloads(metrics_url(document), "ok", 2)
         async with aiohttp.ClientSession() as http:
             assert [(await _post(http, url, key=NEW_KEY))[0] for _ in range(6)] == [200] * 6
             assert (await _post(http, url, BLOCKED))[0] == 200
@@ -284,7 +287,7 @@ async def test_sighup_reload_under_traffic_drops_nothing(mock_llm: str, kafka_bo
         document["plugins"][0]["config"]["patterns"].append("forbidden-word")
         path.write_text(yaml.safe_dump(document))
         os.kill(proc.pid, signal.SIGHUP)
-        await _wait_reloads(url, "ok", 4)
+        await _wait_reloads(metrics_url(document), "ok", 4)
         async with aiohttp.ClientSession() as http:
             assert [(await _post(http, url, BLOCKED))[0] for _ in range(6)] == [403] * 6
         await asyncio.sleep(0.5)
@@ -292,7 +295,7 @@ async def test_sighup_reload_under_traffic_drops_nothing(mock_llm: str, kafka_bo
         document["llms"][0]["prices"]["gpt-4o-mini"] = {"input_per_1m": 1000.0, "output_per_1m": 2000.0}
         path.write_text(yaml.safe_dump(document))
         os.kill(proc.pid, signal.SIGHUP)
-        await _wait_reloads(url, "ok", 6)
+        await _wait_reloads(metrics_url(document), "ok", 6)
         async with aiohttp.ClientSession() as http:
             priced = [(await _post(http, url, headers={"x-probe": "price"}))[1]["x-request-id"] for _ in range(4)]
         await asyncio.sleep(0.5)
@@ -301,7 +304,7 @@ async def test_sighup_reload_under_traffic_drops_nothing(mock_llm: str, kafka_bo
         broken["llms"][0]["timeouts"] = {"total_s": -1}
         path.write_text(yaml.safe_dump(broken))
         os.kill(proc.pid, signal.SIGHUP)
-        text = await _wait_reloads(url, "invalid", 2)
+        text = await _wait_reloads(metrics_url(document), "invalid", 2)
         assert _metric(text, "gateway_tap_config_last_reload_success") == 0
         assert _metric(text, "gateway_tap_config_generation") == 3
         async with aiohttp.ClientSession() as http:

@@ -199,7 +199,7 @@ async def test_audit_request_ids_are_made_by_the_api_and_refused_calls_are_logge
         await asyncio.gather(*(_raw(tap, "GET", "/v1/apps", token=wrong) for _ in range(60)))
         await asyncio.sleep(0.5)
         assert tap.log_path.read_text().count("admin call refused: invalid_admin_token") <= 20
-        async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/metrics") as resp:
+        async with aiohttp.ClientSession() as http, http.get(tap.metrics_url) as resp:
             metrics = await resp.text()
         assert 'gateway_tap_admin_auth_failures_total{reason="invalid_admin_token"} 63.0' in metrics
         assert 'gateway_tap_admin_auth_failures_total{reason="read_only_token"} 1.0' in metrics

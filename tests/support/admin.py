@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.settings import BudgetStoreSettings
 from schemas import control_topic
-from tests.support.tap import UPSTREAM_SECRET, tap_config
+from tests.support.tap import UPSTREAM_SECRET, metrics_url, tap_config
 
 ADMIN_TOKEN = "gt-admin-token-for-tests-0123456789"
 ADMIN_TOKEN_ENV = "GATEWAY_TAP_TEST_ADMIN_TOKEN"
@@ -33,6 +33,10 @@ class AdminTap:
     proc: ManagedProcess
     document: dict[str, Any]
     log_path: Path
+
+    @property
+    def metrics_url(self) -> str:
+        return metrics_url(self.document)
 
     async def call(self, method: str, path: str, body: Any = None, **params: str) -> tuple[int, Any]:
         async with aiohttp.ClientSession() as http, http.request(

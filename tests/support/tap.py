@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
-from gateway_tap.dev.servers import free_port
+from gateway_tap.dev.servers import ManagedProcess, cli_argv, free_port, http_ok
 from gateway_tap.proxy.app import TapApp, create_app
 from gateway_tap.proxy.protocol import TapRunner
 from gateway_tap.settings import parse_config
@@ -67,6 +68,7 @@ def tap_config(mock_url: str, kafka_bootstrap: str, topic_prefix: str, spool_dir
         "gateway_id": "tap-test",
         "kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix},
         "tap": {"listen": {"host": "127.0.0.1", "port": port}, "access_log": True,
+                "metrics": {"host": "127.0.0.1", "port": free_port()},
                 "publisher": {"spool_dir": str(spool_dir), "linger_ms": 1}, **(tap or {})},
         "llms": [
             {"id": "openai", "vendor": "openai", "upstream_url": mock_url, "api_key_env": "TAP_TEST_UPSTREAM_KEY",
@@ -83,15 +85,35 @@ def tap_config(mock_url: str, kafka_bootstrap: str, topic_prefix: str, spool_dir
     }
 
 
+def serve_process(config: Path, port: int, log: Path, workers: int = 2) -> ManagedProcess:
+    """``gateway-tap serve --workers N`` of ``config`` listening on ``port`` (not started): ready once its
+    ``/readyz`` answers, stopped with SIGTERM (a drain)."""
+    return ManagedProcess("tap", cli_argv("serve", "--config", str(config), "--workers", str(workers)),
+                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/readyz"),
+                          env={"TAP_TEST_UPSTREAM_KEY": UPSTREAM_SECRET}, log_path=log, start_timeout=60,
+                          stop_signal=signal.SIGTERM, stop_timeout=60)
+
+
+def metrics_url(document: dict[str, Any]) -> str:
+    """The ``/metrics`` URL of a tap run with ``document`` (its ``tap.metrics`` listener, not the proxy's port)."""
+    metrics = document["tap"]["metrics"]
+    return f"http://{metrics.get('host', '127.0.0.1')}:{metrics['port']}/metrics"
+
+
 @dataclass
 class RunningTap:
     url: str
     tap: TapApp
+    metrics_url: str = ""
+    """``/metrics`` on the tap's own metrics listener (empty when ``tap.metrics.port`` is null)."""
 
 
 @asynccontextmanager
 async def running_tap(document: dict[str, Any]) -> AsyncIterator[RunningTap]:
-    """The tap served in this event loop on a free port; stopped (publisher drained) on exit."""
+    """The tap served in this event loop on a free port, with its metrics listener as configured; stopped
+    (publisher drained) on exit."""
+    if "metrics" not in document.get("tap", {}):  # never the default port: other taps may be running
+        document = {**document, "tap": {**document.get("tap", {}), "metrics": {"port": free_port()}}}
     config = parse_config(document)
     tap = await create_app(config)
     runner = TapRunner(tap.web_app, access_log=None)
@@ -99,10 +121,15 @@ async def running_tap(document: dict[str, Any]) -> AsyncIterator[RunningTap]:
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
+    metrics = config.tap.metrics
+    metrics_runner = await tap.serve_metrics(metrics.host, metrics.port) if metrics.port is not None else None
     try:
-        yield RunningTap(f"http://127.0.0.1:{port}", tap)
+        yield RunningTap(f"http://127.0.0.1:{port}", tap,
+                         f"http://{metrics.host}:{metrics.port}/metrics" if metrics_runner is not None else "")
     finally:
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
 
 
 async def read_events(bootstrap: str, prefix: str, *, count: int, wait_s: float = 30.0) -> list[Event]:
