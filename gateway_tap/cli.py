@@ -185,9 +185,10 @@ class _UpCommand(click.Command):
 @click.option("--kafka-port", default=9092, show_default=True, type=int)
 @click.option("--es-port", default=9200, show_default=True, type=int)
 @click.option("--mock-port", default=8090, show_default=True, type=int)
+@click.option("--tap-metrics-port", default=9464, show_default=True, type=int, help="The tap's /metrics.")
 @click.option("--plain", is_flag=True, help="Periodic summary lines instead of the live panel (default off a TTY).")
 def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: int, admin_port: int, kafka_port: int,
-       es_port: int, mock_port: int, plain: bool, **collector_ports: int) -> None:
+       es_port: int, mock_port: int, tap_metrics_port: int, plain: bool, **collector_ports: int) -> None:
     """Run the whole local stack in the foreground: broker, Elasticsearch, mock LLM, tap (with its admin API),
     the built-in collectors and those of --config.
 
@@ -201,7 +202,8 @@ def up(config_path: str | None, state_dir: str, demo_traffic: bool, tap_port: in
     from gateway_tap.examples import DEMO_CONFIG
 
     ports = Ports(tap_port, admin_port, kafka_port, es_port, mock_port,
-                  {name.removeprefix("collector_port_"): port for name, port in collector_ports.items()})
+                  {name.removeprefix("collector_port_"): port for name, port in collector_ports.items()},
+                  tap_metrics=tap_metrics_port)
     stack = LocalStack(Path(config_path) if config_path else DEMO_CONFIG, Path(state_dir), ports)
     raise SystemExit(run_stack(stack, demo_traffic, interactive=False if plain else None))
 

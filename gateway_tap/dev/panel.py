@@ -165,7 +165,7 @@ class Monitor:
             return type(exc).__name__
 
     async def _tap(self, session: aiohttp.ClientSession, snap: Snapshot) -> None:
-        metrics = await self._scrape(session, f"http://127.0.0.1:{self.stack.ports.tap}/metrics")
+        metrics = await self._scrape(session, f"http://127.0.0.1:{self.stack.ports.tap_metrics}/metrics")
         if isinstance(metrics, str):
             return
         snap.tap_requests = metrics.get("gateway_tap_requests_total", 0.0)

@@ -101,9 +101,12 @@ class Ports:
     mock: int = 8090
     collectors: dict[str, int] = field(default_factory=_builtin_ports)
     """Metrics port of each built-in collector."""
+    tap_metrics: int = 9464
+    """The tap's ``/metrics`` (``tap.metrics``: a listener of its own, not the proxy's port)."""
 
     OPTIONS: ClassVar[dict[str, str]] = {"tap": "--tap-port", "admin": "--admin-port", "kafka": "--kafka-port",
-                                         "es": "--es-port", "mock": "--mock-port"}
+                                         "es": "--es-port", "mock": "--mock-port",
+                                         "tap_metrics": "--tap-metrics-port"}
 
     def items(self) -> list[tuple[str, int, str]]:
         """(what, port, the option that changes it) for every port."""
@@ -247,6 +250,8 @@ def write_stack_config(source: Path, state_dir: Path, ports: Ports, admin_token_
     out.put("kafka.bootstrap_servers", f"127.0.0.1:{ports.kafka}")
     out.put("tap.listen.host", "127.0.0.1")
     out.put("tap.listen.port", ports.tap)
+    out.put("tap.metrics.host", "127.0.0.1")
+    out.put("tap.metrics.port", ports.tap_metrics)
     out.put("tap.publisher.spool_dir", str(state / "spool"))
     for llm in doc.get("llms") or []:
         if isinstance(llm, dict) and _is_the_mock(str(llm.get("upstream_url", ""))):
@@ -634,7 +639,7 @@ class LocalStack:
         p = self.ports
         return {
             "tap": f"http://127.0.0.1:{p.tap}/llm/openai/v1  (and /llm/anthropic)",
-            "tap metrics": f"http://127.0.0.1:{p.tap}/metrics",
+            "tap metrics": f"http://127.0.0.1:{p.tap_metrics}/metrics",
             "kafka": f"127.0.0.1:{p.kafka}",
             "elasticsearch": f"http://127.0.0.1:{p.es}",
             "mock LLM": f"http://127.0.0.1:{p.mock}/v1",
