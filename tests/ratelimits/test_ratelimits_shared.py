@@ -30,10 +30,13 @@ def chat(content: str = "x" * 40) -> dict[str, Any]:
 
 
 @contextmanager
-def tap_process(document: dict[str, Any], tmp_path: Path, name: str, redis_url: str) -> Iterator[str]:
-    """A tap (``serve``) of ``document`` on a free port; yields its base URL."""
+def tap_process(document: dict[str, Any], tmp_path: Path, name: str, redis_url: str,
+                metrics_port: int | None = None) -> Iterator[str]:
+    """A tap (``serve``) of ``document`` on a free port, its /metrics on ``metrics_port`` (else a free one);
+    yields its base URL."""
     port = free_port()
-    document = {**document, "tap": {**document["tap"], "listen": {"host": "127.0.0.1", "port": port}}}
+    document = {**document, "tap": {**document["tap"], "listen": {"host": "127.0.0.1", "port": port},
+                                    "metrics": {"host": "127.0.0.1", "port": metrics_port or free_port()}}}
     document["tap"]["publisher"] = {**document["tap"]["publisher"], "spool_dir": str(tmp_path / f"spool-{name}")}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -106,7 +109,8 @@ async def test_redis_stopped_and_restarted_under_load(on_redis_error: str, own_r
                                                      tmp_path: Path) -> None:
     doc = shared_document(mock_llm, kafka_bootstrap, topic_prefix, tmp_path,
                           [{"app_id": "test", "requests_per_minute": 100_000}], on_redis_error=on_redis_error)
-    with tap_process(doc, tmp_path, "tap", own_redis.url) as base:
+    metrics_port = free_port()
+    with tap_process(doc, tmp_path, "tap", own_redis.url, metrics_port) as base:
         phases: dict[str, list[int]] = {"before": [], "down": [], "after": []}
         phase = "before"
         bodies: list[bytes] = []
@@ -149,7 +153,7 @@ async def test_redis_stopped_and_restarted_under_load(on_redis_error: str, own_r
         else:
             assert 503 in phases["down"] and set(phases["down"]) <= {200, 503}  # 200: admitted just before
             assert all(b'"rate_limit_unavailable"' in body for body in bodies)
-        async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as resp:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
             text = await resp.text()
         assert any(line.startswith('gateway_tap_redis_errors_total{user="ratelimit"}') and float(line.split()[-1]) > 0
                    for line in text.splitlines())

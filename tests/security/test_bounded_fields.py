@@ -92,7 +92,7 @@ async def test_a_two_million_character_model_keeps_every_event_clipped(
             assert resp.status == 200
             assert (await resp.json())["model"] == model  # the client's answer is the upstream's, untouched
             rid = resp.headers["x-request-id"]
-        async with http.get(f"{tap.url}/metrics") as resp:
+        async with http.get(tap.metrics_url) as resp:
             metrics = await resp.text()
     events = by_request(await read_events(kafka_bootstrap, topic_prefix, count=3))
     assert set(events.get(rid, {})) == {"proxy_log", "analytics", "budget_usage"}, "an event was dropped"

@@ -56,7 +56,7 @@ async def test_an_aborted_upload_is_a_recorded_499_logged_quietly(
     assert [log.app_id for log in logs] == [None, None]  # the body never arrived whole: no authentication ran
     loud = [r for r in caplog.records if r.levelno > logging.INFO]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
-    async with aiohttp.ClientSession() as http, http.get(f"{tap.url}/metrics") as resp:
+    async with aiohttp.ClientSession() as http, http.get(tap.metrics_url) as resp:
         metrics = await resp.text()
     assert 'status_class="5xx"' not in metrics
     assert 'gateway_tap_requests_total{app="none",llm="openai",model="other",status_class="4xx"} 2.0' in metrics
