@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import signal
 from collections.abc import AsyncIterator
@@ -81,7 +82,7 @@ def tap_config(mock_url: str, kafka_bootstrap: str, topic_prefix: str, spool_dir
             {"id": "test", "name": "Test", "key_hashes": [key_hash(APP_KEY)]},
             {"id": "limited", "key_hashes": [key_hash(LIMITED_KEY)], "allowed_llms": ["anthropic"]},
         ],
-        "plugins": plugins if plugins is not None else [],
+        "plugins": copy.deepcopy(plugins) if plugins is not None else [],  # a test may edit its document's
     }
 
 
