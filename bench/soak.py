@@ -107,6 +107,7 @@ class Options:
     error_rate: float = 0.03
     budget_usd: float = 0.5
     drain_timeout_s: float = 300.0
+    idle_cpu_s: float = 10.0  # every process's CPU measured this long with no traffic, before the load
     max_inflight: int = 1000
     workdir: Path | None = None
     keep: bool = False
@@ -116,7 +117,8 @@ class Options:
 def short_options(**overrides: Any) -> Options:
     """~90 s of load at 100 req/s with every fault once (the PostgreSQL restart only when asked)."""
     base = Options(rps=100, duration_s=60, baseline_s=12, tail_s=6, kills_per_collector=1, collector_down_s=2,
-                   es_down_s=8, broker_cut_s=6, pg_restart=False, poison_per_topic=3, drain_timeout_s=150)
+                   es_down_s=8, broker_cut_s=6, pg_restart=False, poison_per_topic=3, drain_timeout_s=150,
+                   idle_cpu_s=3)
     for key, value in overrides.items():
         setattr(base, key, value)
     return base
@@ -182,6 +184,7 @@ class Soak:
         self.pg_db = ""
         self.notes: list[str] = []
         self.peak_rss: dict[str, int] = {}
+        self.idle_cpu_pct: dict[str, float] = {}
         self.final_scrape: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -343,6 +346,7 @@ class Soak:
         connector = aiohttp.TCPConnector(limit=o.max_inflight, force_close=False)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
         self.stop_load = asyncio.Event()
+        await self._measure_idle_cpu()
         self.load_started = time.monotonic()
         monitor = asyncio.create_task(self._monitor())
         load = asyncio.create_task(self._load())
@@ -367,6 +371,21 @@ class Soak:
             await self.session.close()
         self.final_scrape = await self._scrape_tap()
         return await self._verify()
+
+    async def _measure_idle_cpu(self) -> None:
+        """CPU of every process with no traffic yet, as % of a core: what the run pays for idling (on noida-db an
+        idle consumer once spun at ~55% of a core; every figure of the run shares the machine with this)."""
+        procs = {name: role.proc.proc.pid for name, role in self.roles.items()
+                 if role.proc is not None and role.proc.proc is not None}
+        for name, server in (("noida-kafka", self.kafka), ("noida-es", self.es)):
+            if server.process is not None:
+                procs[name] = server.process.pid
+        await asyncio.sleep(2.0)  # past start-up and the first fetches
+        before = {name: _cpu_s(pid) for name, pid in procs.items()}
+        started = time.monotonic()
+        await asyncio.sleep(self.o.idle_cpu_s)
+        elapsed = time.monotonic() - started
+        self.idle_cpu_pct = {name: 100 * (_cpu_s(pid) - before[name]) / elapsed for name, pid in procs.items()}
 
     def _payload(self, i: int) -> tuple[str, str, dict[str, Any], str]:
         """(llm, path, body, kind) for request number i."""
@@ -779,6 +798,15 @@ async def _es_ids(es: Any, alias: str) -> set[str]:
 # --------------------------------------------------------------------------------------------- report
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (0 once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -958,6 +986,8 @@ class Report:
         rows.append(("faults", "; ".join(
             f"{f.name} at {f.start - soak.load_started:.0f}s for {max(0.0, f.end - f.start):.1f}s"
             + (f" ({f.note})" if f.note else "") for f in soak.faults)))
+        rows.append((f"idle CPU before the load ({soak.o.idle_cpu_s:g} s, % of one core)",
+                     ", ".join(f"{k}: {v:.1f}" for k, v in sorted(soak.idle_cpu_pct.items()))))
         rows.append(("peak RSS (MiB)", ", ".join(f"{k}: {v / 2**20:.0f}" for k, v in sorted(soak.peak_rss.items()))))
         rows.append(("machine", f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"))
         lines = ["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
