@@ -658,11 +658,13 @@ def latency_and_targets(data: RunData, workers: list[int], levels: list[int], va
                   "| target | " + " | ".join(f"c={c} p50 | c={c} p99" for c in shown) + f" | CPU c={shown[-1]} |",
                   "|---|" + "---|" * (2 * len(shown) + 1)]
         for target, label in rows:
-            cells = [data.get(target, count, c) for c in shown]
-            if all(c is None for c in cells):
-                continue
-            lines.append(f"| {label} | " + " | ".join(f"{_ms(c, 'p50_ms')} | {_ms(c, 'p99_ms')}" for c in cells)
-                         + f" | {_us(cells[-1])} |")
+            for version in ("before", "after") if "before" in data.versions and target != "bare" else ("after",):
+                cells = [data.get(target, count, c, version) for c in shown]
+                if all(c is None for c in cells):
+                    continue
+                name = f"{label} ({version})" if "before" in data.versions and target != "bare" else label
+                lines.append(f"| {name} | " + " | ".join(f"{_ms(c, 'p50_ms')} | {_ms(c, 'p99_ms')}" for c in cells)
+                             + f" | {_us(cells[-1])} |")
     bare1, bare16 = data.get("bare", 1, 1), data.get("bare", 1, 16)
     full1, full16 = data.get("plugins", 1, 1), data.get("plugins", 1, 16)
     litellm_workers = max((c.workers for c in data.cells if c.target == "litellm"), default=None)
