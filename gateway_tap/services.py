@@ -177,6 +177,8 @@ class Gateway:
     def __init__(self, apps: AppIndex, budget_status: BudgetStatusFn | None = None,
                  llms: Sequence[LLMConfig] = ()) -> None:
         self.budget_status_fn = budget_status
+        self._config: tuple[AppIndex, dict[str, LLMConfig], list[LLMInfo], dict[str, AppInfo]] = (
+            AppIndex(()), {}, [], {})
         self.use_config(apps, llms)
 
     @classmethod
@@ -188,8 +190,11 @@ class Gateway:
     def use_config(self, apps: AppIndex, llms: Sequence[LLMConfig]) -> None:
         """Answer from ``apps`` and ``llms`` from now on (start-up, a configuration reload): one assignment,
         so a plugin sees the old or the new configuration, never a mix."""
+        # An app whose entry is the same object as before (a reload that did not touch it) keeps its view.
+        before, infos = self._config[0].by_id, self._config[3]
         self._config = (apps, {llm.id: llm for llm in llms}, [_llm_info(llm) for llm in llms],
-                        {app.id: app_info(app) for app in apps.by_id.values()})
+                        {app.id: infos[app.id] if before.get(app.id) is app else app_info(app)
+                         for app in apps.by_id.values()})
         self._books: dict[str, PriceBook] = {}  # built on first use (the catalog loads only when asked)
 
     def validate_credential(self, key: str) -> AppInfo | None:

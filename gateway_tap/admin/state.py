@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ KEY_PREFIX_CHARS = 10
 """Characters of an issued key shown for identification (``gt-`` and 7 random ones)."""
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def new_key() -> tuple[str, str, str]:
@@ -182,6 +183,28 @@ def plugin_config_entry(name: str, config: Mapping[str, Any], file: GatewayConfi
     raise EntryError(f"no plugin {name!r} in the configuration file", None, "not_found")
 
 
+class CheckedEntries:
+    """What the last overlay built from each entry, with the inputs it was built from: the next overlay rebuilds
+    only entries whose inputs changed (a key issued re-checks its one app, not ten thousand). Entries that fail
+    are not kept (they are rare and checked again). One overlay at a time uses it."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[tuple[Any, ...], Any]] = {}
+        self._next: dict[tuple[str, str], tuple[tuple[Any, ...], Any]] = {}
+
+    def get(self, kind: str, name: str, build: Callable[..., T], *inputs: Any) -> T:
+        """``build(*inputs)``, or what it returned last time for entry ``(kind, name)`` if ``inputs`` are equal."""
+        entry = (kind, name)
+        last = self._last.get(entry)
+        result: T = last[1] if last is not None and last[0] == inputs else build(*inputs)
+        self._next[entry] = (inputs, result)
+        return result
+
+    def done(self) -> None:
+        """The overlay is complete: keep what it used (entries gone from the state are forgotten)."""
+        self._last, self._next = self._next, {}
+
+
 @dataclass(frozen=True)
 class Overlay:
     """The file's configuration with the state on top, and the entries left out."""
@@ -213,7 +236,8 @@ class AdminState:
         return min(pending, default=None)
 
     def overlay(self, config: GatewayConfig, now_s: float,
-                pinned: Mapping[str, PluginConfig | None] | None = None) -> Overlay:
+                pinned: Mapping[str, PluginConfig | None] | None = None,
+                checked: CheckedEntries | None = None) -> Overlay:
         """``config`` (the YAML file) plus this state: API apps with their valid keys (none when disabled), API
         budgets, API plugins and API plugin configs, each checked as the API checks it; what fails is left out
         and listed in :attr:`Overlay.rejected`. The file wins a clash (the API refuses to create one, but the
@@ -221,8 +245,11 @@ class AdminState:
 
         :param pinned: plugins that failed to load with their state entry (:mod:`gateway_tap.proxy.admin_link`):
             the settings to run instead (what runs now), or None for the file's entry (none for an API plugin).
+        :param checked: the entries the previous overlay built: those whose inputs did not change are reused (at
+            ten thousand apps, checking every app again took most of a second).
         """
         pinned = pinned or {}
+        checked = checked or CheckedEntries()
         rejected = list(self.unreadable)
         llm_ids = {llm.id for llm in config.llms}
         hashes: dict[str, list[str]] = {}
@@ -238,7 +265,8 @@ class AdminState:
                 continue
             if key.rate_limits:
                 try:
-                    key_limits.append(key_rate_limit_entry(key.key_hash, key.rate_limits))
+                    key_limits.append(checked.get("key_limits", key.id, key_rate_limit_entry, key.key_hash,
+                                                  key.rate_limits))
                 except EntryError as exc:
                     rejected.append(Rejected(f"apps/{key.app_id}/keys/{key.id}/rate_limits", str(exc)))
                     continue
@@ -250,9 +278,9 @@ class AdminState:
             if app.id in app_ids:
                 rejected.append(Rejected(entry, "shadowed by the app of the same id in the configuration file"))
                 continue
+            key_hashes, expired_hashes = hashes.get(app.id, []) if app.enabled else [], expired.get(app.id, [])
             try:
-                apps.append(app_entry(app, hashes.get(app.id, []) if app.enabled else [], llm_ids,
-                                      expired.get(app.id, [])))
+                apps.append(checked.get("app", app.id, app_entry, app, key_hashes, llm_ids, expired_hashes))
             except EntryError as exc:
                 rejected.append(Rejected(entry, str(exc)))
                 continue
@@ -304,4 +332,5 @@ class AdminState:
         rate_limits += [k for k in key_limits if k.scope not in yaml_limits]
         merged = config.model_copy(update={"apps": apps, "budgets": budgets, "plugins": plugins,
                                            "rate_limits": rate_limits})
+        checked.done()
         return Overlay(merged, tuple(sorted(rejected, key=lambda r: r.entry)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -85,6 +86,33 @@ def _rejected(text: str) -> tuple[Rejected, ...]:
         return (Rejected("(report)", "unreadable"),)
 
 
+@dataclass(frozen=True)
+class _StateRows:
+    """The rows of one read of the state, by table."""
+
+    apps: list[tuple[Any, ...]]
+    keys: list[tuple[Any, ...]]
+    budgets: list[tuple[Any, ...]]
+    plugin_configs: list[tuple[Any, ...]]
+    plugins: list[tuple[Any, ...]]
+    rate_limits: list[tuple[Any, ...]]
+
+    def state(self, version: int) -> AdminState:
+        unreadable: list[Rejected] = []
+        apps = _parsed(self.apps, _app, lambda r: f"apps/{r[0]}", unreadable)
+        keys = [_key(r) for r in self.keys]
+        budgets = _parsed(self.budgets, lambda r: BudgetSettings.model_validate_json(r[0]),
+                          lambda r: f"apps/{r[1]}/budgets/{r[1]}{'/' + r[2] if r[2] else ''}:{r[3]}", unreadable)
+        configs = _parsed(self.plugin_configs, lambda r: (r[0], _object(r[1])), lambda r: f"plugins/{r[0]}/config",
+                          unreadable)
+        plugins = _parsed(self.plugins, lambda r: PluginConfig.model_validate_json(r[0]), lambda r: f"plugins/{r[1]}",
+                          unreadable)
+        limits = _parsed(self.rate_limits, lambda r: RateLimitSettings.model_validate_json(r[0]),
+                         lambda r: f"apps/{r[1]}/rate_limits/{r[2]}", unreadable)
+        return AdminState(version, {a.id: a for a in apps}, tuple(keys), tuple(budgets), dict(configs),
+                          {p.name: p for p in plugins}, tuple(unreadable), tuple(limits))
+
+
 class AdminStore:
     """The admin tables of the budget store's database (:mod:`gateway_tap.admin.db`).
 
@@ -108,27 +136,18 @@ class AdminStore:
         return int(row[0]) if row else 0
 
     async def state(self) -> AdminState:
-        """Everything, read in one transaction."""
-        unreadable: list[Rejected] = []
+        """Everything, read in one transaction (and parsed in a thread: tens of thousands of keys take a while)."""
         async with self.db.transaction(write=False) as tx:
             row = await tx.fetchone("SELECT version FROM admin_state WHERE id = 1")
-            apps = _parsed(await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id"), _app,
-                           lambda r: f"apps/{r[0]}", unreadable)
-            keys = [_key(r) for r in await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys ORDER BY created_s, id")]
-            budgets = _parsed(await tx.fetch("SELECT settings, app_id, llm_id, period FROM admin_budgets "
-                                             "ORDER BY app_id, llm_id, period"),
-                              lambda r: BudgetSettings.model_validate_json(r[0]),
-                              lambda r: f"apps/{r[1]}/budgets/{r[1]}{'/' + r[2] if r[2] else ''}:{r[3]}", unreadable)
-            configs = _parsed(await tx.fetch("SELECT name, config FROM admin_plugin_configs ORDER BY name"),
-                              lambda r: (r[0], _object(r[1])), lambda r: f"plugins/{r[0]}/config", unreadable)
-            plugins = _parsed(await tx.fetch("SELECT settings, name FROM admin_plugins ORDER BY created_s, name"),
-                              lambda r: PluginConfig.model_validate_json(r[0]), lambda r: f"plugins/{r[1]}",
-                              unreadable)
-            limits = _parsed(await tx.fetch("SELECT settings, app_id, scope FROM admin_rate_limits ORDER BY scope"),
-                             lambda r: RateLimitSettings.model_validate_json(r[0]),
-                             lambda r: f"apps/{r[1]}/rate_limits/{r[2]}", unreadable)
-        return AdminState(int(row[0]) if row else 0, {a.id: a for a in apps}, tuple(keys), tuple(budgets),
-                          dict(configs), {p.name: p for p in plugins}, tuple(unreadable), tuple(limits))
+            rows = _StateRows(
+                await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id"),
+                await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys ORDER BY created_s, id"),
+                await tx.fetch("SELECT settings, app_id, llm_id, period FROM admin_budgets "
+                               "ORDER BY app_id, llm_id, period"),
+                await tx.fetch("SELECT name, config FROM admin_plugin_configs ORDER BY name"),
+                await tx.fetch("SELECT settings, name FROM admin_plugins ORDER BY created_s, name"),
+                await tx.fetch("SELECT settings, app_id, scope FROM admin_rate_limits ORDER BY scope"))
+        return await asyncio.to_thread(rows.state, int(row[0]) if row else 0)
 
     async def taps(self) -> list[TapVersion]:
         """The version each tap worker last reported, newest report first."""

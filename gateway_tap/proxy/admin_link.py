@@ -16,6 +16,7 @@ and reported in ``admin_taps`` (``GET /v1/status``) until its entry changes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from aiohttp import web
 from gateway_tap.admin.api import AdminAPI
 from gateway_tap.admin.db import apply_migrations, connect
 from gateway_tap.admin.metrics import AdminMetrics
-from gateway_tap.admin.state import AdminState, Overlay, Rejected
+from gateway_tap.admin.state import AdminState, CheckedEntries, Overlay, Rejected
 from gateway_tap.admin.store import AdminStore
 from gateway_tap.admin.sync import StateSync
 from gateway_tap.plugins.loader import LoadedPlugin, PluginLoadError, trial_plugin
@@ -40,6 +41,24 @@ log = logging.getLogger("gateway_tap.admin")
 
 AUDIT_KIND = "admin.audit"
 """``kind`` of the audit records on the control topic (``plugin`` is ``admin``)."""
+
+
+def overlay_state(state: AdminState, file_config: GatewayConfig, now_s: float,
+                  failing: Mapping[str, tuple[PluginConfig, str]], running: Mapping[str, PluginConfig],
+                  checked: CheckedEntries) -> tuple[Overlay, dict[str, tuple[PluginConfig, str]]]:
+    """``state`` on ``file_config`` with the plugin entries that failed to load here (``failing``: the settings
+    that failed, and why) pinned to what runs (``running``), unless their entry changed since; and ``failing``
+    without the entries that changed (to be tried again). Reads only its arguments: safe in a thread."""
+    result = state.overlay(file_config, now_s, checked=checked)
+    candidates = {p.name: p for p in result.config.plugins}
+    failing = {name: bad for name, bad in failing.items() if candidates.get(name) == bad[0]}
+    if failing:
+        result = state.overlay(file_config, now_s, {name: running.get(name) for name in failing}, checked)
+        file_names = {p.name for p in file_config.plugins}
+        failed = [Rejected(f"plugins/{name}/config" if name in file_names else f"plugins/{name}", why)
+                  for name, (_, why) in failing.items()]
+        result = Overlay(result.config, tuple(sorted((*result.rejected, *failed), key=lambda r: r.entry)))
+    return result, failing
 
 
 class AdminLink:
@@ -61,6 +80,8 @@ class AdminLink:
         self._failing: dict[str, tuple[PluginConfig, str]] = {}
         """Plugin entries of the state that failed to load here, by name: (the settings that failed, why)."""
         self._rejected: tuple[Rejected, ...] = ()
+        self._checked = CheckedEntries()
+        """The entries the last overlay built (:class:`CheckedEntries`): a change re-checks only what it touched."""
         self.sync = StateSync(store, self._apply, interval_s=self.settings.poll_interval_s,
                               gateway_id=config.gateway_id, worker=worker_index, used=self._take_used,
                               prepare=lambda: apply_migrations(config.budget_store), rejected=self.rejected)
@@ -105,25 +126,17 @@ class AdminLink:
 
     # -- applying the state ----------------------------------------------------------------------------------
 
-    def _overlay(self, file_config: GatewayConfig) -> GatewayConfig:
-        return self._overlaid(file_config).config
+    async def _overlay(self, file_config: GatewayConfig) -> GatewayConfig:
+        return (await self._overlaid(file_config)).config
 
-    def _overlaid(self, file_config: GatewayConfig) -> Overlay:
+    async def _overlaid(self, file_config: GatewayConfig) -> Overlay:
         """The state on ``file_config``, plugin entries known to fail here replaced by what runs; records what
-        is left out."""
-        now = time.time()
-        result = self._state.overlay(file_config, now)
-        candidates = {p.name: p for p in result.config.plugins}
-        for name in [n for n, (bad, _) in self._failing.items() if candidates.get(n) != bad]:
-            del self._failing[name]  # its entry changed (or went): try it again
-        if self._failing:
-            running = {p.name: p.settings for p in self.tap.snapshot.plugins}
-            pins = {name: running.get(name) for name in self._failing}
-            result = self._state.overlay(file_config, now, pins)
-            file_names = {p.name for p in file_config.plugins}
-            failed = [Rejected(f"plugins/{name}/config" if name in file_names else f"plugins/{name}", why)
-                      for name, (_, why) in self._failing.items()]
-            result = Overlay(result.config, tuple(sorted((*result.rejected, *failed), key=lambda r: r.entry)))
+        is left out. Built in a thread (tens of thousands of entries take most of a second to check): the loop
+        keeps serving meanwhile, and what it serves changes only when the reloader swaps the result in. Runs
+        under the reloader's lock (:data:`~gateway_tap.proxy.reload.OverlayFn`), so one at a time."""
+        running = {p.name: p.settings for p in self.tap.snapshot.plugins}
+        result, self._failing = await asyncio.to_thread(
+            overlay_state, self._state, file_config, time.time(), self._failing, running, self._checked)
         self._set_rejected(result.rejected)
         return result
 
@@ -134,7 +147,7 @@ class AdminLink:
         return the overlay without them. None when no entry of the state changed a plugin (the file's fault)."""
         in_force = {p.name: p.settings for p in running}
         state_names = set(self._state.plugins) | set(self._state.plugin_configs)
-        changed = [p for p in self._overlaid(file_config).config.plugins
+        changed = [p for p in (await self._overlaid(file_config)).config.plugins
                    if p.name in state_names and p.enabled and in_force.get(p.name) != p]
         if not changed:
             return None
@@ -145,7 +158,7 @@ class AdminLink:
         if not any(p.name in self._failing for p in changed):
             why = "; ".join(exc.problems)
             self._failing.update({p.name: (p, why) for p in changed})
-        return self._overlaid(file_config).config
+        return (await self._overlaid(file_config)).config
 
     def _set_rejected(self, rejected: tuple[Rejected, ...]) -> None:
         if rejected == self._rejected:
@@ -176,8 +189,7 @@ class AdminLink:
         self._used |= self.tap.apps.used
         self.tap.apps.used = set()
         previous, self._state = self._state, state
-        ok = self._overlay(self.file_config()) == self.tap.config or \
-            await self.reloader.reapply(f"admin state version {state.version}")
+        ok = await self.reloader.reapply(f"admin state version {state.version}")
         if not ok:
             self._state = previous
             self._set_rejected((*self._rejected, Rejected(

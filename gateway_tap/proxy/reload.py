@@ -8,6 +8,11 @@ requests already running finish with the snapshot they started with. Plugins the
 new snapshot no longer uses are closed once no older snapshot has a request in
 flight. Any failure before the swap leaves the configuration in force untouched.
 
+What grows with the configuration (the admin state's overlay, the app index over every key) is built in a
+thread, so a reload at ten thousand apps never stalls the requests on the loop; the swap itself, on the loop,
+is a few reference assignments with no ``await`` between them: a request sees the old or the new
+configuration, never a mix.
+
 Settings bound to sockets, processes or connections need a restart and are only
 reported when they change: see :data:`RESTART_KEYS` (``docs/configuration.md`` lists them).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +44,9 @@ LoadFn = Callable[[list[PluginConfig], Sequence[LoadedPlugin]], Awaitable[list[L
 """Load the plugins section against the plugins in force (:func:`load_plugins` with the tap's services)."""
 ComposeFn = Callable[[GatewayConfig, Sequence[LoadedPlugin]], tuple[dict[str, Upstream], EndpointRoutes]]
 """Build the per-LLM upstreams with their hook chains (built-in steps included) and the plugin endpoints."""
+OverlayFn = Callable[[GatewayConfig], Awaitable[GatewayConfig]]
+"""What the file's configuration becomes before it is applied (e.g. the admin API's state on top); awaited under
+the reloader's lock, so one runs at a time."""
 RecoverFn = Callable[[GatewayConfig, Sequence[LoadedPlugin], PluginLoadError], Awaitable[GatewayConfig | None]]
 """Given the file's configuration, the plugins in force and why the overlaid plugins failed to load: the overlaid
 configuration without what failed (to load instead), or None (nothing to leave out: the reload is rejected)."""
@@ -97,7 +106,7 @@ class ConfigReloader:
         self._watcher: asyncio.Task[None] | None = None
         self.file_config: GatewayConfig = tap.snapshot.config
         """The file's configuration in force, before :attr:`overlay`."""
-        self.overlay: Callable[[GatewayConfig], GatewayConfig] | None = None
+        self.overlay: OverlayFn | None = None
         """What the file's configuration becomes before it is applied (the admin API's state on top)."""
         self.recover: RecoverFn | None = None
         """When the plugins of the overlaid configuration fail to load, what to load instead (:data:`RecoverFn`):
@@ -160,16 +169,24 @@ class ConfigReloader:
                           extra={"problems": exc.problems, "generation": self.generation})
                 self.metrics.rejected("invalid")
                 return False
-            ok = await self._apply_locked(config if self.overlay is None else self.overlay(config), reason, config)
+            ok = await self._apply_locked(await self._overlaid(config), reason, config)
             if ok:
                 self.file_config = config
             return ok
 
     async def reapply(self, reason: str) -> bool:
-        """Apply the file's configuration in force through :attr:`overlay` again (its input changed)."""
+        """Apply the file's configuration in force through :attr:`overlay` again (its input changed). Nothing
+        happens (and True is returned) when the result is the configuration in force."""
         async with self._lock:
-            config = self.file_config if self.overlay is None else self.overlay(self.file_config)
+            config = await self._overlaid(self.file_config)
+            # Compared off the loop: unchanged entries are the same objects (cheap), but a config of ten thousand
+            # apps that differs late is a long walk.
+            if await asyncio.to_thread(operator.eq, config, self.tap.snapshot.config):
+                return True
             return await self._apply_locked(config, reason, self.file_config)
+
+    async def _overlaid(self, config: GatewayConfig) -> GatewayConfig:
+        return config if self.overlay is None else await self.overlay(config)
 
     async def apply(self, config: GatewayConfig, reason: str = "apply") -> bool:
         """Apply an already validated config (tests, embedding). False when a plugin rejected it."""
@@ -197,8 +214,9 @@ class ConfigReloader:
             self.metrics.rejected("invalid")
             return False
         try:
+            apps = await asyncio.to_thread(AppIndex, config.apps)  # every key of every app: off the loop
             upstreams, endpoints = self._compose(config, plugins)
-            new = ConfigSnapshot(self.generation + 1, config, plugins, upstreams, endpoints)
+            new = ConfigSnapshot(self.generation + 1, config, plugins, upstreams, endpoints, apps)
         except Exception:
             log.exception("configuration reload failed (%s); the configuration in force stays", reason)
             await close_plugins([p for p in plugins if all(p.instance is not q.instance for q in old.plugins)])
