@@ -16,11 +16,13 @@ its key path under the caller's prefix (``plugins[2].config.patterns: ...``).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from gateway_tap.settings.base import format_validation_error
@@ -69,10 +71,9 @@ def check_extension_config(extension: Any, config: Mapping[str, Any], where: str
         return dict(config), [f"{where}: config_schema() raised {exc!r}"]
     if schema is None:
         return dict(config), []
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return dict(config), [f"{where}: config_schema is not a valid JSON Schema: {exc.message}"]
+    schema_problem = _schema_problem(schema)
+    if schema_problem is not None:
+        return dict(config), [f"{where}: config_schema is not a valid JSON Schema: {schema_problem}"]
     validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
     problems = []
     for err in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
@@ -81,6 +82,29 @@ def check_extension_config(extension: Any, config: Mapping[str, Any], where: str
     if problems:
         return dict(config), problems
     return fill_defaults(schema, config), []
+
+
+def _schema_problem(schema: Mapping[str, Any]) -> str | None:
+    """Why ``schema`` is not a valid JSON Schema, or None. Remembered by its canonical JSON: checking a schema
+    against the meta-schema takes milliseconds, and every reload (each admin change) checks every plugin's."""
+    try:
+        canonical = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # not JSON (e.g. a Python object inside): checked as it is, every time
+        return _checked_schema(schema)
+    return _known_schema_problem(canonical)
+
+
+@functools.lru_cache(maxsize=256)
+def _known_schema_problem(canonical: bytes) -> str | None:
+    return _checked_schema(orjson.loads(canonical))
+
+
+def _checked_schema(schema: Mapping[str, Any]) -> str | None:
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return str(exc.message)
+    return None
 
 
 def fill_defaults(schema: Mapping[str, Any], value: Mapping[str, Any]) -> dict[str, Any]:
