@@ -177,7 +177,10 @@ def main() -> None:
              f"(SQLite), the three example plugins; {args.changes} changes (a key issued, a key revoked, an app "
              "renamed, in turn), each applied by one poll. *Apply* is that poll's wall time; *loop stall* the "
              "longest the event loop was unavailable meanwhile (a probe sleeping 1 ms; what a request arriving "
-             f"then waits). {args.rounds} runs per version" + (", alternating." if "before" in roots else "."), "",
+             f"then waits). {args.rounds} runs per version" + (", alternating." if "before" in roots else ".") +
+             " The worker's garbage collector is tuned as `serve` tunes it (`tune_gc`, after the first apply). "
+             "What stalls the loop after the change is mostly young garbage collections of the new state's objects "
+             "(`loop_monitor.log_stalls_over_ms` names them); before it, checking every app on the loop, twice.", "",
              "| version | first apply s | its loop stall ms | change apply ms (median / max) | "
              "change loop stall ms (median / max) |", "|---|---|---|---|---|"]
     for version in sorted(roots, reverse=True):
