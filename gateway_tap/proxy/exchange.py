@@ -23,7 +23,7 @@ from gateway_tap.proxy.bounds import (
     clip,
     clip_metadata,
 )
-from gateway_tap.proxy.redaction import MIN_SECRET_CHARS, PATTERNS_ONLY, Redactor
+from gateway_tap.proxy.redaction import MIN_SECRET_CHARS, PATTERNS_ONLY, Redactor, finish_headers, kept
 from gateway_tap.tracing import TraceContext
 from schemas import SCHEMA_VERSION, new_event_id, utc_now
 from schemas.wire import WireAnalytics, WireBudgetUsage, WireErrorInfo, WireLatency, WireProxyLog
@@ -188,18 +188,20 @@ class Exchange(RequestScope):
         upstream_ms = 0.0 if self.served_by is not None else self.upstream_ms
         total_ms = self.total_ms
         overhead = max(0.0, total_ms - upstream_ms) if upstream_ms is not None else total_ms
-        presented = presented_key(self.request_headers)
-        if presented is not None and len(presented) < MIN_SECRET_CHARS:
-            presented = None
-        text = redactor.text
+        presented = self._presented()
         err = self.error
+        metadata = clip_metadata(self.metadata)
+        (request_headers, long_request), (response_headers, long_response) = \
+            redactor.headers(self.request_headers), redactor.headers(self.response_headers)
+        text = redactor.scrubber(presented, (
+            self.path, self.user_agent or "", "" if err is None else err.message, *metadata.values(),
+            *request_headers.values(), *response_headers.values()))
         error = None if err is None else WireErrorInfo(
             type=clip(err.type, ERROR_CODE_CHARS), code=clip(err.code, ERROR_CODE_CHARS),
-            message=clip(text(err.message, presented), ERROR_MESSAGE_CHARS))
+            message=clip(text(err.message), ERROR_MESSAGE_CHARS))
         model = clip(usage.model or self.requested_model or "unknown", MODEL_CHARS)
-        metadata = clip_metadata(self.metadata)
-        if metadata:
-            metadata = {k: text(v, presented) for k, v in metadata.items()}
+        if metadata and text is not kept:
+            metadata = {k: text(v) for k, v in metadata.items()}
         request_id = self.request_id
         app_id, user_id = clip(self.app_id, ID_CHARS), clip(self.user_id, ID_CHARS)
         llm_id = clip(self.llm_id, ID_CHARS) or None
@@ -216,18 +218,18 @@ class Exchange(RequestScope):
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
                 trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
-                method=clip(self.method, METHOD_CHARS), path=clip(text(self.path, presented), PATH_CHARS),
+                method=clip(self.method, METHOD_CHARS), path=clip(text(self.path), PATH_CHARS),
                 vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
                 streamed=self.streamed,
                 latency=WireLatency(total_ms=total_ms, upstream_ms=upstream_ms, ttfb_ms=self.ttfb_ms,
                                     tap_overhead_ms=overhead),
-                request_headers=redactor.headers(self.request_headers, presented),
-                response_headers=redactor.headers(self.response_headers, presented),
+                request_headers=finish_headers(request_headers, long_request, text),
+                response_headers=finish_headers(response_headers, long_response, text),
                 request_body=redactor.body(self.request_body, body_limit, presented) if capture_bodies else None,
                 response_body=redactor.body(self.response_body, body_limit, presented) if capture_bodies else None,
                 client_address=self.client_address,
-                user_agent=redactor.optional(self.user_agent, presented, USER_AGENT_CHARS),
+                user_agent=None if self.user_agent is None else clip(text(self.user_agent), USER_AGENT_CHARS),
                 error=error, blocked_by=blocked_by, metadata=metadata,
             ),
         ]
@@ -264,13 +266,19 @@ class Exchange(RequestScope):
             ))
         return events
 
+    def _presented(self) -> str | None:
+        """The key the request presented, when long enough to scrub verbatim from its record."""
+        presented = presented_key(self.request_headers)
+        return presented if presented is not None and len(presented) >= MIN_SECRET_CHARS else None
+
     def access_fields(self, redactor: Redactor = PATTERNS_ONLY) -> dict[str, object]:
         """The fields every access log line of an exchange has, clipped and redacted like the events."""
         error = self.error
         return {
             "request_id": self.request_id, "trace_id": self.trace.trace_id, "app": clip(self.app_id, ID_CHARS),
             "llm": clip(self.llm_id, ID_CHARS) or None, "method": clip(self.method, METHOD_CHARS),
-            "path": clip(redactor.text(self.path), PATH_CHARS), "status": self.status, "streamed": self.streamed,
+            "path": clip(redactor.scrubber(self._presented(), (self.path,))(self.path), PATH_CHARS),
+            "status": self.status, "streamed": self.streamed,
             "latency_ms": round(self.total_ms, 3),
             "error": None if error is None else clip(error.code, ERROR_CODE_CHARS),
             "blocked_by": clip(self.blocked_by, ID_CHARS),

@@ -13,7 +13,7 @@ def test_issued_keys_are_redacted_from_headers_and_bodies() -> None:
     for _ in range(200):  # URL-safe secrets: '-' and '_' anywhere, never one that escapes the pattern
         secret, digest, prefix = new_key()
         assert prefix == secret[:KEY_PREFIX_CHARS] and secret not in digest
-        headers = PATTERNS_ONLY.headers(CIMultiDict({"Authorization": f"Bearer {secret}", "x-api-key": secret}), None)
+        headers = PATTERNS_ONLY.redact_headers(CIMultiDict({"Authorization": f"Bearer {secret}", "x-api-key": secret}))
         assert headers == {"authorization": REDACTED, "x-api-key": REDACTED}
         body = f'{{"messages": [{{"role": "user", "content": "my key is {secret}, keep it"}}]}}'.encode()
         captured = PATTERNS_ONLY.body(body, 4096, None)

@@ -9,7 +9,7 @@ from gateway_tap.proxy.redaction import PATTERNS_ONLY, REDACTED, Redactor
 
 
 def redact_headers(headers: dict[str, str] | CIMultiDict[str]) -> dict[str, str]:
-    return PATTERNS_ONLY.headers(headers, None)
+    return PATTERNS_ONLY.redact_headers(headers)
 
 
 def capture_body(body: bytes, limit: int) -> str | None:
@@ -114,3 +114,18 @@ def test_shapes_and_names_redacted_outside_json() -> None:
     assert redactor.text("short stays: too short to be scrubbed verbatim") == \
         "short stays: too short to be scrubbed verbatim"
     assert redactor.text("nothing secret here, model gpt-4o-mini") == "nothing secret here, model gpt-4o-mini"
+
+
+def test_a_header_value_clipped_inside_a_secret_leaks_no_beginning() -> None:
+    value = "v" * 504 + " " + ISSUED_KEY
+    out = PATTERNS_ONLY.redact_headers({"x-note": value})["x-note"]
+    assert ISSUED_KEY[:6] not in out and out == "v" * 504 + " " + REDACTED[:7] + "...[truncated]"
+
+
+def test_a_record_is_searched_once_and_kept_as_it_is_when_nothing_could_be_a_secret() -> None:
+    redactor = Redactor([SECRET])
+    clean = ["/llm/openai/v1/chat/completions", "OpenAI/Python 1.50.0", "application/json"]
+    assert redactor.scrubber(None, clean)("anything") == "anything"  # kept: no search per string
+    for hidden in (SECRET.upper(), "sk-proj-ABCDEFGHIJKL", "x-token=1", "zQ81mXvB0kLw3rTy"):
+        scrub = redactor.scrubber("zQ81mXvB0kLw3rTy", [*clean, f"note {hidden}"])
+        assert scrub(f"note {hidden}") != f"note {hidden}", hidden
