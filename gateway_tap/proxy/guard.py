@@ -8,8 +8,8 @@ what aiohttp's router raises (a path it cannot match: ``%0d%0a``, bare ``/plugin
 answer in plain text, a handler that failed (a JSON 500 if nothing went out yet), a request cancelled before it
 was answered. Requests the HTTP parser rejects never reach an application;
 :class:`gateway_tap.proxy.protocol.TapRequestHandler` hands them to :meth:`RecordingGuard.rejected`. Only the
-probes' own answers (``GET /healthz``, ``/readyz``, ``/metrics``) are neither given an id nor recorded: an
-orchestrator and Prometheus poll them every few seconds, and they carry nothing of a client's.
+probes' own answers (``GET /healthz``, ``/readyz``) are neither given an id nor recorded: an orchestrator
+polls them every few seconds, and they carry nothing of a client's.
 
 :func:`send` and :func:`answer` send a whole response and note in the exchange what actually went out: a
 response aiohttp refuses (a header holding CR or LF) becomes a JSON 500 ``invalid_response_header`` instead
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 """What aiohttp raises when the client's connection closed under a read or a write."""
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBES = frozenset({"/healthz", "/readyz"})
 """Paths whose ``GET`` answers carry no request id and are not recorded (errors on them are)."""
 _EXCHANGE = web.RequestKey("gateway_tap_exchange", Exchange)
 _PARSER_UNKNOWN = "-"

@@ -41,7 +41,7 @@ OTHER_BASE = "/v0/other"
 PREFIX = "sec-fuzz"
 LIMITS = {"max_header_bytes": 2048, "max_header_count": 40, "max_url_bytes": 4096}
 FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"keep-alive", b"te", b"trailer"}
-PROBES = {"/healthz", "/readyz", "/metrics"}
+PROBES = {"/healthz", "/readyz"}
 SETTINGS = settings(max_examples=50, deadline=None, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
