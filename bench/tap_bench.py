@@ -295,8 +295,9 @@ def tap_config(tmp: Path, mock_url: str, bootstrap: str, port: int, workers: int
     document["kafka"]["bootstrap_servers"] = bootstrap
     document["kafka"]["topic_prefix"] = prefix
     document["tap"].update({"listen": {"host": "127.0.0.1", "port": port}, "workers": workers,
-                            "access_log": False, "shared_kv_path": str(tmp / "plugin-kv.sqlite"),
-                            "metrics": {"port": None}})
+                            "access_log": False, "shared_kv_path": str(tmp / "plugin-kv.sqlite")})
+    if "metrics" in document["tap"]:  # a checkout with the metrics listener: off (no fixed port; not measured)
+        document["tap"]["metrics"] = {"port": None}
     document["tap"]["publisher"]["spool_dir"] = str(tmp / "spool")
     for llm in document["llms"]:
         llm["upstream_url"] = mock_url
