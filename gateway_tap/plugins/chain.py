@@ -206,6 +206,19 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
                 return done.value
 
 
+def blocked_past_timeout(elapsed_s: float, timeout_s: float) -> str | None:
+    """Why a plugin's call that returned after ``elapsed_s`` is a timeout although no timer interrupted it, or None.
+
+    A timer only fires when the call gives the event loop back; a call that ran past its timeout without doing so
+    (``time.sleep``, a synchronous client) blocked every request of the worker meanwhile, and is held to its
+    ``timeout_ms`` all the same: its result is discarded. The one rule of hooks and plugin endpoints.
+    """
+    if elapsed_s <= timeout_s:
+        return None
+    return (f"ran {elapsed_s * 1000:.0f} ms, past its {timeout_s * 1000:.0f} ms timeout, without giving the event "
+            "loop back: every request of this worker waited; run blocking work with asyncio.to_thread")
+
+
 class PluginHook:
     """One plugin's hook with its policy and metric children resolved up front."""
 
@@ -263,10 +276,9 @@ class PluginHook:
         finally:
             elapsed = time.perf_counter() - start
             self._latency.observe(elapsed)
-        if elapsed > self.timeout_s:  # no timer could fire: the hook never gave the event loop back in time
-            return self._failed(scope, "timeout", f"ran {elapsed * 1000:.0f} ms, past its {self.timeout_s * 1000:.0f} "
-                                "ms timeout, without giving the event loop back: every request of this worker "
-                                "waited; run blocking work with asyncio.to_thread")
+        blocked = blocked_past_timeout(elapsed, self.timeout_s)
+        if blocked is not None:
+            return self._failed(scope, "timeout", blocked)
         if not isinstance(result, self._accepts):
             expected = " or ".join("None" if t is type(None) else t.__name__ for t in self._accepts)
             return self._failed(scope, "exception", f"returned {type(result).__name__}, expected {expected}")

@@ -10,7 +10,8 @@
   method, path and headers; the body is left unread for the handler.
 - Timeout: ``timeout_ms`` runs from calling the handler to the start of its response (the handler
   returned it, or prepared a streamed one), so a long-lived stream (server-sent events, MCP) is never
-  cut by it; what happens after the start is the handler's business.
+  cut by it; what happens after the start is the handler's business. A handler that blocked the event loop
+  past it is held to it like a hook (:func:`~gateway_tap.plugins.chain.blocked_past_timeout`).
 - A handler that raises or times out before its response started is the plugin's failure
   (:class:`EndpointFailed`; the caller answers by ``on_error``); after the start, the stream just ends
   (:class:`EndpointBrokeOff`). Raising one of aiohttp's ``web.HTTPException`` answers with it.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -30,8 +32,9 @@ from multidict import CIMultiDict
 
 from gateway_tap.apps import AppIndex, presented_key
 from gateway_tap.hooks import Endpoint, EndpointContext, TapRequest
-from gateway_tap.plugins.chain import HookMetrics, RequestScope, Step, run_auth_hooks
+from gateway_tap.plugins.chain import HookMetrics, RequestScope, Step, blocked_past_timeout, run_auth_hooks
 from gateway_tap.plugins.loader import LoadedPlugin, route_path, routed
+from gateway_tap.unsent import forget_unsent
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +160,24 @@ def endpoint_context(bound: BoundEndpoint, scope: RequestScope, params: Mapping[
 
 async def call_endpoint(routes: EndpointRoutes, bound: BoundEndpoint, request: web.Request,
                         ctx: EndpointContext) -> web.StreamResponse:
-    """The handler's response; its timeout runs until the response starts.
+    """The handler's response; its timeout runs until the response starts. A handler that got there (returned
+    its answer, or started its stream) past the timeout without giving the event loop back, so that no timer could
+    interrupt it, timed out all the same (:func:`~gateway_tap.plugins.chain.blocked_past_timeout`): its answer is
+    discarded, a stream is refused before its first byte.
 
     :raises EndpointFailed: the handler raised, timed out or returned no response before its response started.
     :raises EndpointBrokeOff: the handler raised after its response started.
     """
-    deadline = asyncio.timeout(bound.timeout_s)
-    request[_DEADLINE] = deadline
+    call = _Call(asyncio.timeout(bound.timeout_s), time.perf_counter(), bound.timeout_s)
+    request[_CALL] = call
     request[_REQUEST_ID] = ctx.request_id
     try:
-        async with deadline:
+        async with call.deadline:
             resp = await bound.endpoint.handler(request, ctx)
     except web.HTTPException as answer:  # aiohttp's way to answer from deep inside a handler: an answer, not a fault
         if request.get(_STARTED) is not None:
             raise EndpointBrokeOff(bound, repr(answer), request[_STARTED]) from answer
-        return answer
+        resp = answer
     except Exception as exc:
         started = request.get(_STARTED)
         if started is not None:
@@ -179,29 +185,62 @@ async def call_endpoint(routes: EndpointRoutes, bound: BoundEndpoint, request: w
             log.warning("endpoint broke off its response", exc_info=True, extra={
                 "plugin": bound.plugin.name, "endpoint": bound.label, "request_id": ctx.request_id})
             raise EndpointBrokeOff(bound, repr(exc), started) from exc
-        timed_out = deadline.expired()
-        routes.failed(bound, "timeout" if timed_out else "exception")
+        if call.blocked is not None:  # it started its stream too late (:func:`_on_response_prepare` refused it)
+            raise _failed(routes, bound, ctx, call.blocked, True) from exc
+        timed_out = call.deadline.expired()
         reason = f"no response within {bound.timeout_s * 1000:.0f} ms" if timed_out else repr(exc)
-        log.warning("endpoint failed", extra={"plugin": bound.plugin.name, "endpoint": bound.label,
-                                              "request_id": ctx.request_id, "reason": reason})
-        raise EndpointFailed(bound, reason, timed_out) from exc
+        raise _failed(routes, bound, ctx, reason, timed_out) from exc
     finally:
-        del request[_DEADLINE]
+        del request[_CALL]
+    if request.get(_STARTED) is None:  # a started stream was checked when it started
+        blocked = call.blocked or blocked_past_timeout(time.perf_counter() - call.started_s, call.timeout_s)
+        if blocked is not None:
+            raise _failed(routes, bound, ctx, blocked, True)
     if not isinstance(resp, web.StreamResponse):
         routes.failed(bound, "exception")
         raise EndpointFailed(bound, f"returned {type(resp).__name__}, expected a web.StreamResponse", False)
     return resp
 
 
-_DEADLINE = web.RequestKey("gateway_tap_endpoint_deadline", asyncio.Timeout)
+def _failed(routes: EndpointRoutes, bound: BoundEndpoint, ctx: EndpointContext, reason: str,
+            timed_out: bool) -> EndpointFailed:
+    """A handler's failure before its response started: counted, logged, and the exception to raise."""
+    routes.failed(bound, "timeout" if timed_out else "exception")
+    log.warning("endpoint failed", extra={"plugin": bound.plugin.name, "endpoint": bound.label,
+                                          "request_id": ctx.request_id, "reason": reason})
+    return EndpointFailed(bound, reason, timed_out)
+
+
+@dataclass(slots=True)
+class _Call:
+    """A handler call until its response starts."""
+
+    deadline: asyncio.Timeout
+    started_s: float
+    """``time.perf_counter()`` when the handler was called."""
+    timeout_s: float
+    blocked: str | None = None
+    """Why it timed out, when it started its response past the timeout without giving the loop back."""
+
+
+class _StartedTooLate(Exception):
+    """Raised into a handler's ``response.prepare()`` when it blocked past its timeout: nothing was sent."""
+
+
+_CALL = web.RequestKey("gateway_tap_endpoint_call", _Call)
 _STARTED = web.RequestKey("gateway_tap_endpoint_started", web.StreamResponse)
 _REQUEST_ID = web.RequestKey("gateway_tap_endpoint_request_id", str)
 
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    deadline = request.get(_DEADLINE)
-    if deadline is not None:
-        deadline.reschedule(None)  # the response starts: the endpoint's timeout no longer applies
+    call = request.get(_CALL)
+    if call is not None:
+        blocked = blocked_past_timeout(time.perf_counter() - call.started_s, call.timeout_s)
+        if blocked is not None:  # nothing went out yet: the call is answered as timed out instead
+            call.blocked = blocked
+            forget_unsent(request)
+            raise _StartedTooLate(blocked)
+        call.deadline.reschedule(None)  # the response starts: the endpoint's timeout no longer applies
         request[_STARTED] = response
     request_id = request.get(_REQUEST_ID)
     if request_id is not None:

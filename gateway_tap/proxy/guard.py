@@ -25,12 +25,12 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import uuid_utils
 from aiohttp import web
-from aiohttp.http import StreamWriter
 
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.errors import TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.tracing import TRACEPARENT, continue_trace
+from gateway_tap.unsent import forget_unsent
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,9 @@ async def send(request: web.BaseRequest, ex: Exchange, resp: web.StreamResponse)
 def refused(request: web.BaseRequest, exc: ValueError) -> TapError:
     """The error to answer instead of a response aiohttp refused to start (nothing of it went out).
 
-    Its headers were refused after aiohttp had set up the connection's writer for it: a streamed response
-    switched it to chunked framing, which the JSON answer (with its Content-Length) must not inherit.
+    Its headers were refused after aiohttp had set up the connection's writer for it (:func:`forget_unsent`).
     """
-    writer = request.writer
-    if isinstance(writer, StreamWriter):
-        writer.chunked = False
+    forget_unsent(request)
     log.warning("a response could not be sent: %s", exc)
     return errors.invalid_response_header()
 
