@@ -56,6 +56,7 @@ from gateway_tap.settings import (
     RateLimitSettings,
 )
 from gateway_tap.settings.base import ID_PATTERN, is_id
+from gateway_tap.settings.extension import declared_schema
 
 log = logging.getLogger("gateway_tap.admin")
 
@@ -784,9 +785,9 @@ def _resolves(value: Any, path: str) -> bool:
 
 
 def _config_schema(use: str) -> dict[str, Any] | None:
-    """The plugin class's ``config_schema()`` (None when it declares none or cannot be imported here)."""
+    """The JSON Schema the tap validates the plugin's config against (:func:`declared_schema`: its ``Config``
+    model's, else its ``config_schema`` dict or method), or None when it declares none or cannot be imported here."""
     try:
-        schema = getattr(resolve_class(use)(), "config_schema", None)
-        return dict(schema()) if callable(schema) else None
+        return declared_schema(resolve_class(use))
     except Exception:  # the plugins loaded (or were checked) already; a failure here only leaves the schema out
         return None

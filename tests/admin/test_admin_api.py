@@ -12,9 +12,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from collectors import DataCollector
 from gateway_tap.admin.api import AdminAPI
 from gateway_tap.admin.db import connect
 from gateway_tap.admin.store import AdminStore
+from gateway_tap.examples.plugins.team_usage import TeamUsageConfig
+from gateway_tap.hooks import HookContext, HookResult, TapRequest
 from gateway_tap.plugins.loader import trial_plugin
 from gateway_tap.services import Gateway
 from gateway_tap.settings import AdminSettings, BudgetStoreSettings, GatewayConfig, PluginConfig, parse_config
@@ -22,6 +25,16 @@ from tests.support.tap import EXAMPLE_PLUGINS, tap_config
 
 ADMIN_TOKEN = "admin-token-0123456789"
 READ_TOKEN = "read-token-0123456789"
+
+
+class DictSchemaBoth(DataCollector):
+    """Usable by both runtimes, its config declared as a JSON Schema dict (the collectors' style)."""
+
+    config_schema = {"type": "object", "properties": {"label": {"type": "string", "default": "x"}},
+                     "additionalProperties": False}
+
+    async def post_auth(self, request: TapRequest, ctx: HookContext) -> HookResult | None:
+        return None
 
 
 def _hash(token: str) -> str:
@@ -75,8 +88,9 @@ class Admin:
 
 @pytest.fixture
 async def admin(budget_store_settings: BudgetStoreSettings, tmp_path: Path) -> AsyncIterator[Admin]:
-    document = tap_config("http://127.0.0.1:9", "127.0.0.1:9", "t", tmp_path / "spool",
-                          plugins=[EXAMPLE_PLUGINS[0]])
+    document = tap_config("http://127.0.0.1:9", "127.0.0.1:9", "t", tmp_path / "spool", plugins=[
+        EXAMPLE_PLUGINS[0], {"name": "team_usage", "use": "gateway_tap.examples.plugins.team_usage:TeamUsage"},
+        {"name": "dict_schema", "use": f"{__name__}:DictSchemaBoth"}])
     document["budgets"] = [{"app_id": "test", "limit_usd": 5}]
     config = parse_config(document)
     runtime = FakeRuntime(config)
@@ -206,6 +220,14 @@ async def test_plugins_and_llms(admin: Admin) -> None:
     assert (await admin.store.state()).plugin_configs == {"prompt_firewall": {"patterns": ["x"]}}
     status, plugin = await admin.call("DELETE", "/v1/plugins/prompt_firewall/config")
     assert status == 200 and plugin["config_source"] == "yaml"
+    # A class usable by both runtimes shows the schema the tap validates its config against: its Config model's, or
+    # its config_schema dict.
+    status, plugin = await admin.call("GET", "/v1/plugins/team_usage")
+    assert status == 200 and plugin["config_schema"] == TeamUsageConfig.model_json_schema()
+    status, plugin = await admin.call("GET", "/v1/plugins/dict_schema")
+    assert status == 200 and plugin["config_schema"] == DictSchemaBoth.config_schema
+    status, answer = await admin.call("PUT", "/v1/plugins/dict_schema/config", {"config": {"colour": "red"}})
+    assert status == 422 and "colour" in answer["error"]["message"], answer
     status, llms = await admin.call("GET", "/v1/llms")
     assert [llm["id"] for llm in llms["data"]] == ["openai", "anthropic"]
     assert "upstream_url" not in str(llms) and "api_key_env" not in str(llms)
