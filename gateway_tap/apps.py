@@ -32,12 +32,15 @@ class AppIndex:
     def __init__(self, apps: Iterable[AppConfig]) -> None:
         self.by_id: dict[str, AppConfig] = {}
         self.by_hash: dict[str, AppConfig] = {}
+        self.key_ids: dict[str, str] = {}
+        """The id of each valid key, by hash (:meth:`AppConfig.key_id`): what events and key budgets name it by."""
         self.expired: frozenset[str] = frozenset()
         expired: set[str] = set()
         for app in apps:
             self.by_id[app.id] = app
             for key_hash in app.key_hashes:
                 self.by_hash[key_hash] = app
+                self.key_ids[key_hash] = app.key_id(key_hash)
             expired.update(app.expired_key_hashes)
         self.expired = frozenset(expired - self.by_hash.keys())
         self._allowed = {app.id: frozenset(app.allowed_llms) for app in self.by_id.values()}
@@ -48,8 +51,9 @@ class AppIndex:
         found = self.identify(key)
         return found[0] if found is not None else None
 
-    def identify(self, key: str) -> tuple[AppConfig, str] | None:
-        """The app of ``key`` and the key's ``sha256:<hex>`` (what identifies a key to rate limits), or None."""
+    def identify(self, key: str) -> tuple[AppConfig, str, str] | None:
+        """The app of ``key``, the key's ``sha256:<hex>`` (what identifies a key to rate limits) and its id (what
+        events and key budgets name it by), or None."""
         digest = hash_key(key)
         app = self.by_hash.get(digest)
         if app is None:
@@ -57,7 +61,7 @@ class AppIndex:
         # The dict lookup already matched; compare again in constant time so the answer never depends on timing.
         if any(hmac.compare_digest(digest, h) for h in app.key_hashes):
             self.used.add(digest)
-            return app, digest
+            return app, digest, self.key_ids[digest]
         return None
 
     def expired_key(self, key: str) -> bool:

@@ -23,6 +23,8 @@ EVENT_TYPES: tuple[EventType, ...] = ("proxy_log", "analytics", "budget_usage")
 
 TraceId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 SpanId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+KeyId = Annotated[str, Field(pattern=r"^(?:sha256:[0-9a-f]{12}|[A-Za-z0-9_][A-Za-z0-9._-]{0,63})$")]
+"""A key's id: never the key nor its full hash (the pattern refuses a full ``sha256:`` hash)."""
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -84,6 +86,8 @@ class Event(BaseModel):
     trace_id: TraceId | None = None
     span_id: SpanId | None = None
     parent_span_id: SpanId | None = None
+    # Since 1.4: the key that authenticated the request (an issued key's id, or a short hash prefix).
+    key_id: KeyId | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, ``type`` included."""

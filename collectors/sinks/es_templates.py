@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas.events import EVENT_TYPES, EventType
 
-TEMPLATE_VERSION = 3
+TEMPLATE_VERSION = 4
 """Bumped whenever a mapping below changes; stored as the templates' ``version``."""
 
 TEMPLATE_PRIORITY = 200
@@ -54,6 +54,7 @@ ENVELOPE_PROPERTIES: dict[str, Any] = {
     "trace_id": KEYWORD,
     "span_id": KEYWORD,
     "parent_span_id": KEYWORD,
+    "key_id": KEYWORD,  # revision 1.4
 }
 
 TYPE_PROPERTIES: dict[EventType, dict[str, Any]] = {

@@ -56,6 +56,7 @@ class Exchange(RequestScope):
         "error",
         "finished",
         "first_chunk",
+        "key_hash",
         "key_id",
         "method",
         "operation",
@@ -120,7 +121,8 @@ class Exchange(RequestScope):
         self.server: tuple[str, int] | None = None
         self.budget: Reservation | None = None  # set by the budget step when a budget admitted the request
         self.budget_period: tuple[Period, date] | None = None  # the period that request was counted against
-        self.key_id: str | None = None  # the key that authenticated (its sha256 hash); None with an auth plugin
+        self.key_hash: str | None = None  # the key that authenticated (its sha256 hash); None with an auth plugin
+        self.key_id: str | None = None  # that key's id (AppConfig.key_id): what events and key budgets name it by
         self.ratelimit: Admission | None = None  # set by the rate-limit step when a limit admitted the request
         self.ratelimit_headers: dict[str, str] | None = None  # OpenAI's x-ratelimit-* for the answer
         self.served_by: str | None = None  # the plugin that answered instead of the upstream (HookResult.respond)
@@ -203,7 +205,7 @@ class Exchange(RequestScope):
         if metadata and text is not kept:
             metadata = {k: text(v) for k, v in metadata.items()}
         request_id = self.request_id
-        app_id, user_id = clip(self.app_id, ID_CHARS), clip(self.user_id, ID_CHARS)
+        app_id, user_id, key_id = clip(self.app_id, ID_CHARS), clip(self.user_id, ID_CHARS), self.key_id
         llm_id = clip(self.llm_id, ID_CHARS) or None
         blocked_by = clip(self.blocked_by, ID_CHARS)
         trace = self.trace
@@ -217,7 +219,7 @@ class Exchange(RequestScope):
             WireProxyLog(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
-                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
+                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id, key_id=key_id,
                 method=clip(self.method, METHOD_CHARS), path=clip(text(self.path), PATH_CHARS),
                 vendor=self.vendor if self.vendor != "unknown" else None,
                 status_code=self.status, request_bytes=self.request_bytes, response_bytes=self.response_bytes,
@@ -238,7 +240,7 @@ class Exchange(RequestScope):
         events.append(WireAnalytics(
             id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
             request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
-            trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
+            trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id, key_id=key_id,
             vendor=self.vendor, model=model, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
             cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
@@ -258,7 +260,7 @@ class Exchange(RequestScope):
             events.append(WireBudgetUsage(
                 id=new_event_id(), schema_version=SCHEMA_VERSION, emitted_at=now, gateway_id=gateway_id,
                 request_id=request_id, app_id=app_id, llm_id=llm_id, user_id=user_id,
-                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
+                trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id, key_id=key_id,
                 model=model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens, cost=cost, currency=self.currency, period=period,
                 period_start=start, requests=1, cache_read_tokens=usage.cache_read_tokens,

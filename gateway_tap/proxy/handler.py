@@ -169,7 +169,7 @@ class ProxyHandler:
             found = apps.identify(key)
             if found is None:
                 raise errors.expired_key() if apps.expired_key(key) else errors.unknown_key()
-            ex.app_id, ex.key_id = found[0].id, found[1]
+            ex.app_id, ex.key_hash, ex.key_id = found[0].id, found[1], found[2]
         if ex.app_id in apps.by_id and not apps.allowed(ex.app_id, up.id):
             raise errors.llm_not_allowed(ex.app_id, up.id)
 

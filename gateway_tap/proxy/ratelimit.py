@@ -114,9 +114,9 @@ class RateLimitGate:
     async def admit(self, req: TapRequest, ex: Exchange) -> None:
         """Admit the request (its admission on ``ex.ratelimit``) or raise the 429/503 :class:`TapError`."""
         limits = self.limits
-        if not limits.applies(ex.app_id, ex.key_id):
+        if not limits.applies(ex.app_id, ex.key_hash):
             return
-        plan = limits.plan(ex.app_id, ex.key_id, ex.llm_id, ex.model)
+        plan = limits.plan(ex.app_id, ex.key_hash, ex.llm_id, ex.model)
         if not plan:
             return
         tokens = 0
@@ -144,7 +144,7 @@ class RateLimitGate:
         self._metrics.limited.labels(_scope_kind(counter.scope), counter.kind).inc()
         state = next(s for s in decision.states if s.counter is counter)
         if counter.scope.startswith("key="):
-            who = f"key {counter.scope[4:23]}..."  # sha256:<12 hex digits> names it well enough
+            who = f"key {ex.key_id or counter.scope[4:23]}"  # its id, never its whole hash
         else:
             who = counter.scope.replace("app=", "app ").replace(",llm=", " on LLM ").replace(",model=", " for model ")
         if counter.kind == "concurrent":

@@ -17,7 +17,7 @@ One module per section: :mod:`.kafka`, :mod:`.tap` (with :mod:`.publisher`), :mo
 """
 
 from gateway_tap.settings.admin import AdminListenSettings, AdminSettings, AdminTokenSettings
-from gateway_tap.settings.apps import AppConfig
+from gateway_tap.settings.apps import AppConfig, default_key_id
 from gateway_tap.settings.base import RESTART, Section
 from gateway_tap.settings.budgets import (
     BudgetEnforcementSettings,
@@ -79,6 +79,7 @@ __all__ = [
     "Section",
     "TapMetricsSettings",
     "TapSettings",
+    "default_key_id",
     "group_id_for",
     "load_config",
     "parse_config",

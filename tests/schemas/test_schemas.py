@@ -25,6 +25,7 @@ from schemas import (
     topic_for,
     type_for_topic,
 )
+from schemas.wire import validate_event_bytes
 from tests.support.events import sample_events
 
 SCHEMA_DIR = Path(schemas.__file__).parent
@@ -68,6 +69,25 @@ def test_schema_rejects_what_the_model_rejects(event_type: str) -> None:
         assert not validator.is_valid(broken), name
         with pytest.raises(EventDecodeError):
             decode_event(broken)
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_MODELS))
+def test_a_key_is_named_by_its_id_never_by_its_full_hash(event_type: str) -> None:
+    """``key_id`` (1.4) takes an id or a 12-digit hash prefix; a full key hash or a key itself is refused by the
+    schema, the model and the collectors' fast validation alike (such an event goes to the dead-letter topic)."""
+    validator = jsonschema.Draft202012Validator(schema_for(event_type))
+    good = orjson.loads(orjson.dumps(next(e for e in sample_events() if e.type == event_type).to_dict()))
+    for key_id in ("key_3f2a9c01d4e5b6a7", "sha256:9f86d081884c", "ci-runner"):
+        assert validator.is_valid({**good, "key_id": key_id}), key_id
+        decode_event({**good, "key_id": key_id})
+    for key_id in ("sha256:" + "9f86d081884c" * 5 + "abcd", "gt-secret key", "sha256:9F86D081884C", ""):
+        event = {**good, "key_id": key_id}
+        assert not validator.is_valid(event), key_id
+        with pytest.raises(EventDecodeError) as exc:
+            decode_event(event)
+        assert exc.value.field == "key_id"
+        with pytest.raises(EventDecodeError):
+            validate_event_bytes(orjson.dumps(event), event_type)  # type: ignore[arg-type]
 
 
 def test_unknown_fields_are_kept() -> None:
@@ -210,7 +230,8 @@ RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
 
 def every_field_set() -> list[schemas.Event]:
     """One event per type with every optional field given a value (the examples leave many unset)."""
-    common = {"gateway_id": "tap-1", "request_id": "req-9", "app_id": "app-a", "llm_id": "l", "user_id": "u-1"}
+    common = {"gateway_id": "tap-1", "request_id": "req-9", "app_id": "app-a", "llm_id": "l", "user_id": "u-1",
+              "key_id": "key_0123456789abcdef"}
     return [
         ProxyLog(**common, method="POST", path="/p", vendor="anthropic", status_code=502, request_bytes=1,
                  response_bytes=2, streamed=True,

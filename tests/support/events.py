@@ -48,4 +48,11 @@ def sample_events() -> list[schemas.Event]:
                     cost_reasoning_micros=3600, price_version="genai-prices-0.2.3+0123456789ab",
                     price_source="catalog:anthropic/claude-3-5-haiku-latest", period="daily",
                     period_start=date(2026, 11, 24)),
+        # Revision 1.4: the key that authenticated, by its id (an issued key's; a file key's hash prefix).
+        Analytics(**{**common, "request_id": "req-4"}, key_id="key_3f2a9c01d4e5b6a7", vendor="openai",
+                  model="gpt-4o-mini", prompt_tokens=10, completion_tokens=16, total_tokens=26, cost=0.0000111,
+                  cost_micros=11, latency_ms=9.0, status_code=200),
+        BudgetUsage(**{**common, "request_id": "req-4"}, key_id="sha256:9f86d081884c", model="gpt-4o-mini",
+                    prompt_tokens=10, completion_tokens=16, total_tokens=26, cost=0.0000111, cost_micros=11,
+                    period="monthly", period_start=date(2026, 11, 1)),
     ]
