@@ -18,7 +18,10 @@ collectors:
 ```
 
 ``store`` and ``budgets`` default to the root config's ``budget_store`` and
-``budgets`` sections (handed over as ``services.defaults``).
+``budgets`` sections (handed over as ``services.defaults``). The budgets set through the admin API
+(apps' and keys', kept in the store's database) are checked too: their version is read with each
+batch and they are read again when it moved. A key's budget counts the usage events that name
+that key (``key_id``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from pydantic import Field
 from collectors.config import parse_collector_config
 from collectors.metrics import DURATION_BUCKETS
 from collectors.sdk import BadEvents, CollectorServices, DataCollector, RetryLater
+from gateway_tap.admin.budget_rows import api_budgets
+from gateway_tap.admin.db import Database
+from gateway_tap.admin.db import connect as connect_admin_state
 from gateway_tap.budgets.periods import period_start, usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, StoreUnavailable, UsageRecord, open_store
 from gateway_tap.settings import BudgetSettings, BudgetStoreSettings, Section
@@ -65,8 +71,9 @@ class BudgetCollector(DataCollector):
         return (
             Counter("gateway_tap_budget_recorded_total", "Usage events recorded, by outcome.",
                     ["outcome"], registry=registry),
-            Counter("gateway_tap_budget_alerts_total", "Budget threshold alerts raised.",
-                    ["app", "llm", "period", "threshold"], registry=registry),
+            Counter("gateway_tap_budget_alerts_total", "Budget threshold alerts raised (scope: app for an app's "
+                    "budget, key for a key's own; the log line names the key).",
+                    ["app", "llm", "period", "threshold", "scope"], registry=registry),
             Histogram("gateway_tap_budget_batch_seconds", "Budget store transaction time.",
                       buckets=DURATION_BUCKETS, registry=registry),
         )
@@ -81,7 +88,11 @@ class BudgetCollector(DataCollector):
         self._recorded, self._alerts, self._batch_seconds = self.register_metrics(registry)
         # PostgreSQL connects lazily: a database that is still starting is a RetryLater on the first batch.
         self.store = await open_store(store_settings, migrate=False)
+        self._store_settings = store_settings
         self._migrated = False
+        self._admin: Database | None = None
+        self._admin_version = -1
+        self._api_budgets: list[BudgetSettings] = []
 
     async def handle_budget_usage_batch(self, events: Sequence[BudgetUsage]) -> None:
         assert self.store is not None
@@ -94,6 +105,7 @@ class BudgetCollector(DataCollector):
                 await self.store.migrate()
                 self._migrated = True
             result = await self.store.record_batch(records)
+            await self._follow_api_budgets()
             # Alerts are checked for every record, duplicates included: a crash between the commit
             # and the alert leaves the threshold unclaimed, and the redelivered batch raises it.
             await self._check_alerts(records)
@@ -105,25 +117,37 @@ class BudgetCollector(DataCollector):
         if rejected:
             raise BadEvents(rejected)
 
+    async def _follow_api_budgets(self) -> None:
+        """Read the admin API's budgets again when the admin state's version moved (one primary-key read)."""
+        if self._admin is None:
+            self._admin = await connect_admin_state(self._store_settings, migrate=False)
+        version, budgets = await api_budgets(self._admin, self._admin_version)
+        if budgets is not None:
+            file_keys = {b.key for b in self.budgets}
+            self._api_budgets = [b for b in budgets if b.key not in file_keys]
+            self._admin_version = version
+
     async def _check_alerts(self, records: Sequence[UsageRecord]) -> None:
         assert self.store is not None
-        touched: set[tuple[str, str, date]] = {(r.app_id, r.llm_id, r.day) for r in records}
+        touched: set[tuple[str, str, str, date]] = {(r.app_id, r.key_id, r.llm_id, r.day) for r in records}
+        budgets = [*self.budgets, *self._api_budgets]
         due: set[tuple[int, date]] = set()
-        for index, budget in enumerate(self.budgets):
+        for index, budget in enumerate(budgets):
             if not budget.alert_thresholds:
                 continue
-            for app_id, llm_id, day in touched:
-                if budget.app_id == app_id and budget.llm_id in (None, llm_id):
+            for app_id, key_id, llm_id, day in touched:
+                if (budget.app_id == app_id and budget.llm_id in (None, llm_id)
+                        and budget.key_id in (None, key_id)):
                     due.add((index, period_start(budget.period, day)))
         for index, start in sorted(due):
-            budget = self.budgets[index]
-            spend = await self.store.spend(budget.app_id, budget.llm_id, budget.period, start)
+            budget = budgets[index]
+            spend = await self.store.spend(budget.app_id, budget.llm_id, budget.period, start, budget.key_id)
             for threshold in sorted(budget.alert_thresholds):
                 if not _crossed(budget, spend.cost_micros, spend.total_tokens, threshold):
                     continue
                 if await self.store.claim_alert(budget.key, start, threshold, spend):
                     self._alerts.labels(budget.app_id, budget.llm_id or "*", budget.period,
-                                        f"{threshold:g}").inc()
+                                        f"{threshold:g}", "key" if budget.key_id else "app").inc()
                     self.services.logger.warning(
                         "budget alert: %s reached %g%% of its %s limit for the period starting %s "
                         "(spent $%.6f of %s, %d of %s tokens)", budget.key, threshold * 100, budget.mode,
@@ -135,6 +159,9 @@ class BudgetCollector(DataCollector):
         store, self.store = self.store, None
         if store is not None:
             await store.close()
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
 
 
 def _crossed(budget: BudgetSettings, cost_micros: int, tokens: int, threshold: float) -> bool:

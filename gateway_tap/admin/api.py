@@ -37,6 +37,7 @@ from gateway_tap.admin.state import (
     ManagedKey,
     app_entry,
     budget_entry,
+    budget_entry_path,
     key_rate_limit_entry,
     plugin_allowed,
     plugin_config_entry,
@@ -89,8 +90,9 @@ class AdminRuntime(Protocol):
         """The problems of loading ``plugin`` as a worker would (its checks, schema and ``initialize``, on a fresh
         instance), by key path (``plugins[0]...``); empty when it loads."""
 
-    def budget_report(self, app_id: str, llm_id: str | None) -> dict[str, Any] | None:
-        """What ``GET /budget`` shows for the app (None when this tap enforces no budget)."""
+    def budget_report(self, app_id: str, llm_id: str | None, key_id: str | None = None) -> dict[str, Any] | None:
+        """What ``GET /budget`` shows for the app, and for its key ``key_id`` (None when this tap enforces no
+        budget)."""
 
     def audit(self, record: Mapping[str, Any]) -> None:
         """Publish one audit record (control topic)."""
@@ -388,6 +390,14 @@ class AdminAPI:
         r("DELETE", "/v1/apps/{app_id}/budgets", self._delete_budget, "Delete one of the app's budgets.",
           status=204, query=(("period", "monthly (default) or daily."),
                              ("llm_id", "The LLM of an app x LLM budget (default: the app-wide one).")))
+        r("GET", "/v1/apps/{app_id}/keys/{key_id}/budgets", self._list_key_budgets, "A key's own budgets and current "
+          "spend (with the app's budgets that apply to it).", response=m.BudgetList,
+          query=(("llm_id", "Only the spend of this LLM's budgets."),))
+        r("PUT", "/v1/apps/{app_id}/keys/{key_id}/budgets", self._set_key_budget, "Create or replace a key's own "
+          "budget for (llm_id, period); a rotation's successor keeps it.", body=m.BudgetSet, response=m.Budget)
+        r("DELETE", "/v1/apps/{app_id}/keys/{key_id}/budgets", self._delete_key_budget, "Delete one of a key's "
+          "budgets.", status=204, query=(("period", "monthly (default) or daily."),
+                                         ("llm_id", "The LLM of a key x LLM budget (default: all its LLMs).")))
         r("GET", "/v1/budgets", self._all_budgets, "Every budget.", response=m.BudgetList)
         r("GET", "/v1/apps/{app_id}/rate-limits", self._list_rate_limits, "The app's rate limits (the file's and the "
           "API's).", response=m.RateLimitList)
@@ -491,7 +501,7 @@ class AdminAPI:
         return m.Key(id=key.id, app_id=key.app_id, prefix=key.prefix, state=key.state(now_s),  # type: ignore[arg-type]
                      created_at=created, expires_at=m.at(key.expires_s), revoked_at=m.at(key.revoked_s),
                      last_used_at=m.at(key.last_used_s), name=key.name,
-                     rate_limits=dict(key.rate_limits) if key.rate_limits else None)
+                     rate_limits=dict(key.rate_limits) if key.rate_limits else None, lineage_id=key.lineage)
 
     def _issued(self, key: ManagedKey, secret: str) -> m.IssuedKey:
         return m.IssuedKey(**self._key_out(key, self.store.clock()).model_dump(), key=secret)
@@ -581,17 +591,48 @@ class AdminAPI:
         return m.BudgetList(data=self._budgets(None, (await self.store.state()).budgets))
 
     async def _set_budget(self, request: web.Request, caller: Caller) -> BaseModel:
+        return await self._put_budget(request, caller, None)
+
+    async def _set_key_budget(self, request: web.Request, caller: Caller) -> BaseModel:
+        return await self._put_budget(request, caller, await self._key_lineage(request))
+
+    async def _put_budget(self, request: web.Request, caller: Caller, key: tuple[str, set[str]] | None) -> BaseModel:
+        """An app's budget (``key`` None), or a key's: ``(its lineage id, the app's lineage ids)``."""
         app_id = request.match_info["app_id"]
         body = await self._body(request, m.BudgetSet)
-        budget = validated(BudgetSettings, {"app_id": app_id, **body.model_dump()})
+        extra = {"key_id": key[0]} if key is not None else {}
+        budget = validated(BudgetSettings, {"app_id": app_id, **body.model_dump(), **extra})
         if any(b.key == budget.key for b in self.runtime.file_config().budgets):
             raise _read_only(f"the {budget.period} budget of {budget.key.rsplit(':', 1)[0]!r}")
         await self._api_app(app_id)
-        budget_entry(budget, {app_id}, self._llm_ids())
+        budget_entry(budget, {app_id}, self._llm_ids(), {app_id: key[1]} if key is not None else None)
         before, version = await self.store.set_budget(budget)
-        await self._changed(caller, "budget.set", f"apps/{app_id}/budgets/{budget.key}", version,
+        await self._changed(caller, "budget.set", budget_entry_path(budget), version,
                             before.model_dump() if before else None, budget.model_dump())
         return m.Budget(settings=budget, source="api")
+
+    async def _key_lineage(self, request: web.Request) -> tuple[str, set[str]]:
+        """The lineage id of the API app's key in the path (any key of a rotation chain names the chain), and the
+        lineage ids of every key of the app (what :func:`budget_entry` checks a key budget against)."""
+        app_id, key_id = request.match_info["app_id"], request.match_info["key_id"]
+        await self._api_app(app_id)
+        keys = await self.store.keys(app_id)
+        key = next((k for k in keys if k.id == key_id), None)
+        if key is None:
+            raise _not_found(f"app {app_id!r} has no key {key_id!r}")
+        return key.lineage, {k.lineage for k in keys}
+
+    async def _list_key_budgets(self, request: web.Request, caller: Caller) -> BaseModel:
+        app_id = request.match_info["app_id"]
+        lineage, _ = await self._key_lineage(request)
+        state = await self.store.state()
+        llm_id = request.query.get("llm_id") or None
+        return m.BudgetList(data=[m.Budget(settings=b, source="api") for b in state.budgets
+                                  if b.app_id == app_id and b.key_id == lineage],
+                            spend=self.runtime.budget_report(app_id, llm_id, lineage))
+
+    async def _delete_key_budget(self, request: web.Request, caller: Caller) -> None:
+        await self._remove_budget(request, caller, (await self._key_lineage(request))[0])
 
     # rate limits
 
@@ -633,6 +674,10 @@ class AdminAPI:
         await self._changed(caller, "rate_limit.delete", f"apps/{app_id}/rate_limits/{scope}", version, scope, None)
 
     async def _delete_budget(self, request: web.Request, caller: Caller) -> None:
+        await self._remove_budget(request, caller, None)
+
+    async def _remove_budget(self, request: web.Request, caller: Caller, key_id: str | None) -> None:
+        """Delete an app's budget (``key_id`` None) or a key's (its lineage id)."""
         app_id = request.match_info["app_id"]
         period = request.query.get("period", "monthly")
         if period not in ("monthly", "daily"):
@@ -642,12 +687,12 @@ class AdminAPI:
         if llm_id is not None and not is_id(llm_id):
             raise ApiError(422, "invalid_request_error", "invalid_id", f"llm_id: {shown(llm_id, 80)!r} is not an id",
                            "llm_id")
-        key = f"{app_id}{'/' + llm_id if llm_id else ''}:{period}"
-        if any(b.key == key for b in self.runtime.file_config().budgets):
-            raise _read_only(f"the {period} budget of {key.rsplit(':', 1)[0]!r}")
-        before, version = await self.store.delete_budget(app_id, llm_id, period)
-        await self._changed(caller, "budget.delete", f"apps/{app_id}/budgets/{key}", version, before.model_dump(),
-                            None)
+        if key_id is None:
+            key = f"{app_id}{'/' + llm_id if llm_id else ''}:{period}"
+            if any(b.key == key for b in self.runtime.file_config().budgets):
+                raise _read_only(f"the {period} budget of {key.rsplit(':', 1)[0]!r}")
+        before, version = await self.store.delete_budget(app_id, llm_id, period, key_id)
+        await self._changed(caller, "budget.delete", budget_entry_path(before), version, before.model_dump(), None)
 
     # plugins
 

@@ -304,55 +304,68 @@ def rate_limits_delete(app_id: str, llm_id: str | None, model: str | None) -> No
 
 @admin.group("budgets")
 def budgets() -> None:
-    """An app's budgets: set, get, delete."""
+    """An app's budgets, or one key's (--key): set, get, delete."""
+
+
+_key_option = click.option("--key", "key_id", help="A key of the app (its id): the key's own budget. A rotation's "
+                                                   "successor keeps it.")
+
+
+def _budgets_path(app_id: str, key_id: str | None) -> str:
+    return f"/v1/apps/{_seg(app_id)}" + (f"/keys/{_seg(key_id)}" if key_id else "") + "/budgets"
 
 
 @budgets.command("set")
 @click.argument("app_id")
+@_key_option
 @click.option("--llm", "llm_id", help="Only this LLM of the app (default: all its LLMs).")
 @click.option("--usd", "limit_usd", type=float, help="Spend limit per period in USD.")
 @click.option("--tokens", "limit_tokens", type=int, help="Total-token limit per period.")
 @click.option("--period", type=click.Choice(["monthly", "daily"]), default="monthly", show_default=True)
 @click.option("--mode", type=click.Choice(["hard", "soft"]), default="hard", show_default=True)
 @_json_option
-def budgets_set(app_id: str, llm_id: str | None, limit_usd: float | None, limit_tokens: int | None, period: str,
-                mode: str, as_json: bool) -> None:
-    """Create or replace the app's budget for (LLM, period)."""
+def budgets_set(app_id: str, key_id: str | None, llm_id: str | None, limit_usd: float | None,
+                limit_tokens: int | None, period: str, mode: str, as_json: bool) -> None:
+    """Create or replace the app's (or its key's) budget for (LLM, period)."""
     body = {"llm_id": llm_id, "limit_usd": limit_usd, "limit_tokens": limit_tokens, "period": period, "mode": mode}
-    _show(_call("PUT", f"/v1/apps/{_seg(app_id)}/budgets", body), as_json,
+    _show(_call("PUT", _budgets_path(app_id, key_id), body), as_json,
           lambda b: _say(f"budget set: {b['settings']}"))
 
 
 @budgets.command("get")
 @click.argument("app_id")
+@_key_option
 @_json_option
-def budgets_get(app_id: str, as_json: bool) -> None:
-    """The app's budgets and its current spend."""
-    data = _call("GET", f"/v1/apps/{_seg(app_id)}/budgets")
+def budgets_get(app_id: str, key_id: str | None, as_json: bool) -> None:
+    """The app's budgets and its current spend (--key: the key's own, and the spend of every budget it is under)."""
+    data = _call("GET", _budgets_path(app_id, key_id))
 
     def human(d: dict[str, Any]) -> None:
-        rows: list[tuple[Any, ...]] = [("llm", "period", "mode", "limit usd", "limit tokens", "source")]
-        rows += [(b["settings"]["llm_id"] or "*", b["settings"]["period"], b["settings"]["mode"],
+        rows: list[tuple[Any, ...]] = [("key", "llm", "period", "mode", "limit usd", "limit tokens", "source")]
+        rows += [(b["settings"].get("key_id") or "*", b["settings"]["llm_id"] or "*", b["settings"]["period"],
+                  b["settings"]["mode"],
                   b["settings"]["limit_usd"] if b["settings"]["limit_usd"] is not None else "-",
                   b["settings"]["limit_tokens"] if b["settings"]["limit_tokens"] is not None else "-", b["source"])
                  for b in d["data"]]
         _rows(rows)
         for s in (d.get("spend") or {}).get("budgets", []):
-            _say(f"spend {s.get('llm_id') or '*'} {s.get('period')}: ${s.get('spent_usd', 0):.6f}, "
-                       f"{s.get('spent_tokens', 0)} tokens, {s.get('percent_used', 0)}% used, "
-                       f"resets {s.get('resets_at')}")
+            who = f"key {s['key_id']} " if s.get("key_id") else ""
+            _say(f"spend {who}{s.get('llm_id') or '*'} {s.get('period')}: ${s.get('spent_usd', 0):.6f}, "
+                 f"{s.get('spent_tokens', 0)} tokens, {s.get('percent_used', 0)}% used, resets {s.get('resets_at')}")
 
     _show(data, as_json, human)
 
 
 @budgets.command("delete")
 @click.argument("app_id")
+@_key_option
 @click.option("--llm", "llm_id", help="The LLM of an app x LLM budget.")
 @click.option("--period", type=click.Choice(["monthly", "daily"]), default="monthly", show_default=True)
-def budgets_delete(app_id: str, llm_id: str | None, period: str) -> None:
-    """Delete one of the app's budgets."""
-    _call("DELETE", f"/v1/apps/{_seg(app_id)}/budgets", params={"period": period, "llm_id": llm_id})
-    _say(f"deleted the {period} budget of {_seg(app_id)}{' x ' + llm_id if llm_id else ''}")
+def budgets_delete(app_id: str, key_id: str | None, llm_id: str | None, period: str) -> None:
+    """Delete one of the app's (or its key's) budgets."""
+    _call("DELETE", _budgets_path(app_id, key_id), params={"period": period, "llm_id": llm_id})
+    _say(f"deleted the {period} budget of {_seg(app_id)}{' key ' + _seg(key_id) if key_id else ''}"
+         f"{' x ' + llm_id if llm_id else ''}")
 
 
 # -- plugins, LLMs, status ---------------------------------------------------------------------------------------

@@ -142,6 +142,9 @@ class Key(BaseModel):
     last_used_at: datetime | None = None
     name: str = ""
     rate_limits: dict[str, int] | None = None
+    lineage_id: str = Field(default="", description="What events (key_id) and the key's budgets name it by: its own "
+                                                    "id, or for a rotation's successor its predecessor's lineage id "
+                                                    "(the successor keeps the key's budgets and spend).")
 
 
 class IssuedKey(Key):
@@ -161,7 +164,7 @@ class KeyList(BaseModel):
 
 class BudgetSet(Request):
     """``PUT /v1/apps/{app_id}/budgets``: a budget of the app (or app x LLM); replaces the one with the same
-    ``llm_id`` and ``period``."""
+    ``llm_id`` and ``period``. ``PUT /v1/apps/{app_id}/keys/{key_id}/budgets``: the same for one key of the app."""
 
     llm_id: Id | None = Field(default=None, description=_BUDGET["llm_id"].description)
     limit_usd: float | None = Field(default=None, ge=0, description=_BUDGET["limit_usd"].description)

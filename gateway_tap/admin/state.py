@@ -1,8 +1,9 @@
 """The API-managed state as the taps apply it: apps, keys, budgets and plugins on top of the YAML file.
 
-Each kind of entry is checked by one function (:func:`app_entry`, :func:`budget_entry`, :func:`plugin_entry`,
-:func:`plugin_config_entry`) with the models and cross-checks the YAML file goes through: the API calls it
-before it stores a change (422 naming the field), and every worker calls it again when it applies the state
+Each kind of entry is checked by one function (:func:`app_entry`, :func:`budget_entry` (a key's budgets too),
+:func:`plugin_entry`, :func:`plugin_config_entry`, :func:`rate_limit_entry`, :func:`key_rate_limit_entry`) with the
+models and cross-checks the YAML file goes through: the API calls it before it stores a change (422 naming the
+field), and every worker calls it again when it applies the state
 (:meth:`AdminState.overlay`). An entry that fails when applied is left out and reported as :class:`Rejected`
 (``GET /v1/status``, a metric, a log line): one bad entry never blocks the others.
 """
@@ -65,6 +66,14 @@ class ManagedKey:
     name: str = ""
     rate_limits: Mapping[str, int] | None = None
     """The key's own limits (``requests_per_minute``, ``tokens_per_minute``, ``max_concurrent``)."""
+    lineage_id: str | None = None
+    """The id of the first key of its rotation chain (None: its own id); see :attr:`lineage`."""
+
+    @property
+    def lineage(self) -> str:
+        """What events (``key_id``) and the key's budgets name it by: the id of the first key of its rotation chain,
+        so a rotated key's successor keeps the key's budgets and spend."""
+        return self.lineage_id or self.id
 
     def state(self, now_s: float) -> str:
         """``active``, ``expiring`` (issued with an expiry, or rotated: valid until ``expires_s``), ``expired`` or
@@ -114,12 +123,13 @@ def _known_llms(ids: Sequence[str], llm_ids: Collection[str], param: str) -> Non
 
 
 def app_entry(app: ManagedApp, key_hashes: Sequence[str], llm_ids: Collection[str],
-              expired_key_hashes: Sequence[str] = ()) -> AppConfig:
-    """The app as the tap applies it (its model and its LLM references, as the file's apps are checked)."""
+              expired_key_hashes: Sequence[str] = (), key_ids: Mapping[str, str] | None = None) -> AppConfig:
+    """The app as the tap applies it (its model and its LLM references, as the file's apps are checked); ``key_ids``
+    names its keys (by hash) for events and key budgets (:attr:`ManagedKey.lineage`)."""
     _known_llms(app.allowed_llms, llm_ids, "allowed_llms")
     return validated(AppConfig, {"id": app.id, "name": app.name, "allowed_llms": list(app.allowed_llms),
                                  "metadata": dict(app.metadata), "key_hashes": list(key_hashes),
-                                 "expired_key_hashes": list(expired_key_hashes)})
+                                 "expired_key_hashes": list(expired_key_hashes), "key_ids": dict(key_ids or {})})
 
 
 def rate_limit_entry(limit: RateLimitSettings, app_ids: Collection[str], llm_ids: Collection[str]) -> None:
@@ -145,12 +155,24 @@ def key_rate_limit_entry(key_hash: str, limits: Mapping[str, Any]) -> RateLimitS
         raise EntryError(f"rate_limits: {exc.message}", f"rate_limits.{exc.param}") from None
 
 
-def budget_entry(budget: BudgetSettings, app_ids: Collection[str], llm_ids: Collection[str]) -> None:
-    """A budget's references: an app that exists here, an LLM the file declares."""
+def budget_entry(budget: BudgetSettings, app_ids: Collection[str], llm_ids: Collection[str],
+                 key_ids: Mapping[str, Collection[str]] | None = None) -> None:
+    """A budget's references: an app that exists here, an LLM the file declares, and for a key's budget a key of
+    that app (``key_ids``: the key ids of each app, :attr:`ManagedKey.lineage`)."""
     if budget.app_id not in app_ids:
         raise EntryError(f"app_id: unknown app {budget.app_id!r}", "app_id", "not_found")
     if budget.llm_id is not None:
         _known_llms([budget.llm_id], llm_ids, "llm_id")
+    if budget.key_id is not None and budget.key_id not in (key_ids or {}).get(budget.app_id, ()):
+        raise EntryError(f"key_id: app {budget.app_id!r} has no key {budget.key_id!r}", "key_id", "not_found")
+
+
+def budget_entry_path(budget: BudgetSettings) -> str:
+    """A budget's entry in the API (``Rejected.entry``, audit targets): ``apps/<app>/budgets/<key>``, a key's
+    ``apps/<app>/keys/<key id>/budgets/<key>``."""
+    if budget.key_id is not None:
+        return f"apps/{budget.app_id}/keys/{budget.key_id}/budgets/{budget.key}"
+    return f"apps/{budget.app_id}/budgets/{budget.key}"
 
 
 def plugin_allowed(use: str, file: GatewayConfig) -> bool:
@@ -222,6 +244,7 @@ class AdminState:
     apps: Mapping[str, ManagedApp] = field(default_factory=dict)
     keys: tuple[ManagedKey, ...] = ()
     budgets: tuple[BudgetSettings, ...] = ()
+    """API budgets: apps' and keys' (``key_id`` set: a key's lineage id)."""
     plugin_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     plugins: Mapping[str, PluginConfig] = field(default_factory=dict)
     """Plugins created through the API, by name, in creation order."""
@@ -254,11 +277,15 @@ class AdminState:
         llm_ids = {llm.id for llm in config.llms}
         hashes: dict[str, list[str]] = {}
         expired: dict[str, list[str]] = {}
+        key_ids: dict[str, dict[str, str]] = {}  # per app: key hash -> lineage id
+        lineages: dict[str, set[str]] = {}  # per app: every key's lineage id (a revoked key's budget is harmless)
         key_limits: list[RateLimitSettings] = []
         for key in self.keys:
             if KEY_HASH.fullmatch(key.key_hash) is None:
                 rejected.append(Rejected(f"apps/{key.app_id}/keys/{key.id}", "key_hash is not a sha256 hash"))
                 continue
+            lineages.setdefault(key.app_id, set()).add(key.lineage)
+            key_ids.setdefault(key.app_id, {})[key.key_hash] = key.lineage
             if key.state(now_s) == "expired":
                 expired.setdefault(key.app_id, []).append(key.key_hash)
             if not key.valid(now_s):
@@ -280,7 +307,9 @@ class AdminState:
                 continue
             key_hashes, expired_hashes = hashes.get(app.id, []) if app.enabled else [], expired.get(app.id, [])
             try:
-                apps.append(checked.get("app", app.id, app_entry, app, key_hashes, llm_ids, expired_hashes))
+                named = {*key_hashes, *expired_hashes}
+                ids = {h: i for h, i in key_ids.get(app.id, {}).items() if h in named}
+                apps.append(checked.get("app", app.id, app_entry, app, key_hashes, llm_ids, expired_hashes, ids))
             except EntryError as exc:
                 rejected.append(Rejected(entry, str(exc)))
                 continue
@@ -288,11 +317,11 @@ class AdminState:
         yaml_budgets = {b.key for b in config.budgets}
         budgets = list(config.budgets)
         for budget in self.budgets:
-            entry = f"apps/{budget.app_id}/budgets/{budget.key}"
+            entry = budget_entry_path(budget)
             try:
                 if budget.key in yaml_budgets:
                     raise EntryError("shadowed by the budget of the configuration file")
-                budget_entry(budget, app_ids, llm_ids)
+                budget_entry(budget, app_ids, llm_ids, lineages)
             except EntryError as exc:
                 rejected.append(Rejected(entry, str(exc)))
                 continue

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway_tap.admin import budget_rows
 from gateway_tap.admin.db import Database, Tx, is_unique_violation
 from gateway_tap.admin.state import AdminState, ManagedApp, ManagedKey, Rejected, new_key
 from gateway_tap.budgets.store import BudgetStoreError
@@ -19,7 +20,8 @@ from gateway_tap.settings import BudgetSettings, PluginConfig, RateLimitSettings
 T = TypeVar("T")
 
 _APP_COLUMNS = "id, name, allowed_llms, metadata, enabled, created_s, updated_s"
-_KEY_COLUMNS = "id, app_id, key_hash, prefix, created_s, expires_s, revoked_s, last_used_s, name, rate_limits"
+_KEY_COLUMNS = ("id, app_id, key_hash, prefix, created_s, expires_s, revoked_s, last_used_s, name, rate_limits, "
+                "lineage_id")
 
 
 class NotFound(LookupError):
@@ -49,7 +51,7 @@ def _app(row: tuple[Any, ...]) -> ManagedApp:
 
 def _key(row: tuple[Any, ...]) -> ManagedKey:
     return ManagedKey(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8] or "",
-                      orjson.loads(row[9]) if row[9] else None)
+                      orjson.loads(row[9]) if row[9] else None, row[10])
 
 
 def _parsed(rows: list[tuple[Any, ...]], parse: Callable[[tuple[Any, ...]], T], entry: Callable[[tuple[Any, ...]], str],
@@ -96,13 +98,14 @@ class _StateRows:
     plugin_configs: list[tuple[Any, ...]]
     plugins: list[tuple[Any, ...]]
     rate_limits: list[tuple[Any, ...]]
+    key_budgets: list[tuple[Any, ...]]
 
     def state(self, version: int) -> AdminState:
         unreadable: list[Rejected] = []
         apps = _parsed(self.apps, _app, lambda r: f"apps/{r[0]}", unreadable)
         keys = [_key(r) for r in self.keys]
-        budgets = _parsed(self.budgets, lambda r: BudgetSettings.model_validate_json(r[0]),
-                          lambda r: f"apps/{r[1]}/budgets/{r[1]}{'/' + r[2] if r[2] else ''}:{r[3]}", unreadable)
+        budgets = _parsed(self.budgets, budget_rows.app_budget, budget_rows.app_budget_entry, unreadable)
+        budgets += _parsed(self.key_budgets, budget_rows.key_budget, budget_rows.key_budget_entry, unreadable)
         configs = _parsed(self.plugin_configs, lambda r: (r[0], _object(r[1])), lambda r: f"plugins/{r[0]}/config",
                           unreadable)
         plugins = _parsed(self.plugins, lambda r: PluginConfig.model_validate_json(r[0]), lambda r: f"plugins/{r[1]}",
@@ -142,11 +145,11 @@ class AdminStore:
             rows = _StateRows(
                 await tx.fetch(f"SELECT {_APP_COLUMNS} FROM admin_apps ORDER BY id"),
                 await tx.fetch(f"SELECT {_KEY_COLUMNS} FROM admin_keys ORDER BY created_s, id"),
-                await tx.fetch("SELECT settings, app_id, llm_id, period FROM admin_budgets "
-                               "ORDER BY app_id, llm_id, period"),
+                await tx.fetch(budget_rows.APP_BUDGETS),
                 await tx.fetch("SELECT name, config FROM admin_plugin_configs ORDER BY name"),
                 await tx.fetch("SELECT settings, name FROM admin_plugins ORDER BY created_s, name"),
-                await tx.fetch("SELECT settings, app_id, scope FROM admin_rate_limits ORDER BY scope"))
+                await tx.fetch("SELECT settings, app_id, scope FROM admin_rate_limits ORDER BY scope"),
+                await tx.fetch(budget_rows.KEY_BUDGETS))
         return await asyncio.to_thread(rows.state, int(row[0]) if row else 0)
 
     async def taps(self) -> list[TapVersion]:
@@ -217,6 +220,7 @@ class AdminStore:
             before = await self._get_app(tx, app_id)
             await tx.execute("DELETE FROM admin_keys WHERE app_id = ?", app_id)
             await tx.execute("DELETE FROM admin_budgets WHERE app_id = ?", app_id)
+            await tx.execute("DELETE FROM admin_key_budgets WHERE app_id = ?", app_id)
             await tx.execute("DELETE FROM admin_apps WHERE id = ?", app_id)
             return before
 
@@ -234,13 +238,14 @@ class AdminStore:
         return await self._change(run)
 
     async def _insert_key(self, tx: Tx, app_id: str, name: str = "", expires_s: float | None = None,
-                          rate_limits: Mapping[str, int] | None = None) -> tuple[ManagedKey, str]:
+                          rate_limits: Mapping[str, int] | None = None,
+                          lineage_id: str | None = None) -> tuple[ManagedKey, str]:
         secret, digest, prefix = new_key()
         key = ManagedKey("key_" + secrets.token_hex(8), app_id, digest, prefix, self.clock(), expires_s,
-                         name=name, rate_limits=dict(rate_limits) if rate_limits else None)
-        await tx.execute(f"INSERT INTO admin_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         name=name, rate_limits=dict(rate_limits) if rate_limits else None, lineage_id=lineage_id)
+        await tx.execute(f"INSERT INTO admin_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          key.id, key.app_id, key.key_hash, key.prefix, key.created_s, expires_s, None, None, name,
-                         orjson.dumps(key.rate_limits).decode() if key.rate_limits else None)
+                         orjson.dumps(key.rate_limits).decode() if key.rate_limits else None, lineage_id)
         return key, secret
 
     async def update_key(self, app_id: str, key_id: str, changes: Mapping[str, Any]) -> tuple[
@@ -314,7 +319,8 @@ class AdminStore:
             if old.expires_s is not None:
                 expires = min(expires, old.expires_s)
             await tx.execute("UPDATE admin_keys SET expires_s = ? WHERE id = ?", expires, key_id)
-            new, secret = await self._insert_key(tx, app_id, old.name, None, old.rate_limits)  # its successor
+            # Its successor: the same name and limits, and the same lineage, so the key's budgets and spend go on.
+            new, secret = await self._insert_key(tx, app_id, old.name, None, old.rate_limits, old.lineage)
             return ManagedKey(**{**asdict(old), "expires_s": expires}), new, secret
 
         return await self._change(run)
@@ -327,32 +333,47 @@ class AdminStore:
         return [_key(r) for r in rows]
 
     async def set_budget(self, budget: BudgetSettings) -> tuple[BudgetSettings | None, int]:
-        """Create or replace the budget of (app, LLM, period); returns the one it replaced."""
+        """Create or replace the budget of (app, LLM, period), or of (app, key, LLM, period) when ``budget.key_id``
+        is set (the key's lineage id: :attr:`ManagedKey.lineage`); returns the one it replaced."""
 
         async def run(tx: Tx) -> BudgetSettings | None:
             await self._get_app(tx, budget.app_id)
             llm = budget.llm_id or ""
-            row = await tx.fetchone("SELECT settings FROM admin_budgets WHERE app_id = ? AND llm_id = ? "
-                                    "AND period = ?", budget.app_id, llm, budget.period)
+            if budget.key_id is None:
+                row = await tx.fetchone("SELECT settings FROM admin_budgets WHERE app_id = ? AND llm_id = ? "
+                                        "AND period = ?", budget.app_id, llm, budget.period)
+                await tx.execute(
+                    "INSERT INTO admin_budgets (app_id, llm_id, period, settings, updated_s) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (app_id, llm_id, period) DO UPDATE SET settings = excluded.settings, "
+                    "updated_s = excluded.updated_s",
+                    budget.app_id, llm, budget.period, budget.model_dump_json(), self.clock())
+                return BudgetSettings.model_validate_json(row[0]) if row else None
+            row = await tx.fetchone("SELECT settings FROM admin_key_budgets WHERE app_id = ? AND key_id = ? "
+                                    "AND llm_id = ? AND period = ?", budget.app_id, budget.key_id, llm, budget.period)
             await tx.execute(
-                "INSERT INTO admin_budgets (app_id, llm_id, period, settings, updated_s) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (app_id, llm_id, period) DO UPDATE SET settings = excluded.settings, "
-                "updated_s = excluded.updated_s",
-                budget.app_id, llm, budget.period, budget.model_dump_json(), self.clock())
+                "INSERT INTO admin_key_budgets (app_id, key_id, llm_id, period, settings, updated_s) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (app_id, key_id, llm_id, period) DO UPDATE SET "
+                "settings = excluded.settings, updated_s = excluded.updated_s",
+                budget.app_id, budget.key_id, llm, budget.period, budget.model_dump_json(), self.clock())
             return BudgetSettings.model_validate_json(row[0]) if row else None
 
         return await self._change(run)
 
-    async def delete_budget(self, app_id: str, llm_id: str | None, period: str) -> tuple[BudgetSettings, int]:
+    async def delete_budget(self, app_id: str, llm_id: str | None, period: str,
+                            key_id: str | None = None) -> tuple[BudgetSettings, int]:
+        """Delete the app's budget of (LLM, period), or its key ``key_id``'s (a lineage id)."""
+        table, where, args = (("admin_budgets", "", ()) if key_id is None
+                              else ("admin_key_budgets", " AND key_id = ?", (key_id,)))
 
         async def run(tx: Tx) -> BudgetSettings:
-            row = await tx.fetchone("SELECT settings FROM admin_budgets WHERE app_id = ? AND llm_id = ? "
-                                    "AND period = ?", app_id, llm_id or "", period)
+            row = await tx.fetchone(f"SELECT settings FROM {table} WHERE app_id = ? AND llm_id = ? AND period = ?"
+                                    f"{where}", app_id, llm_id or "", period, *args)
             if row is None:
-                scope = f"app {app_id!r}" + (f" x LLM {llm_id!r}" if llm_id else "")
+                scope = (f"key {key_id!r} of app {app_id!r}" if key_id else f"app {app_id!r}") + (
+                    f" x LLM {llm_id!r}" if llm_id else "")
                 raise NotFound(f"no API-managed {period} budget for {scope}")
-            await tx.execute("DELETE FROM admin_budgets WHERE app_id = ? AND llm_id = ? AND period = ?",
-                             app_id, llm_id or "", period)
+            await tx.execute(f"DELETE FROM {table} WHERE app_id = ? AND llm_id = ? AND period = ?{where}",
+                             app_id, llm_id or "", period, *args)
             return BudgetSettings.model_validate_json(row[0])
 
         return await self._change(run)

@@ -18,6 +18,11 @@ Overspend bound (one tap): the final spend exceeds ``L`` by at most the sum of
 request was admitted (that one included). With ``e = 0`` that is the cost of
 the requests in flight at once; with estimates that never undershoot it is 0.
 
+Key budgets (``budgets[].key_id``) limit the requests made with one key of an app. Every view above is
+kept per *scope*: ``(app_id, "")`` for the whole app (every key's requests, and those a plugin authenticated),
+``(app_id, key_id)`` for a key with a budget of its own; a request counts in the scope of each budget that
+applies to it, and must pass all of them.
+
 Across taps (``budget_enforcement.leases``, the default): a hard budget's requests are also admitted
 only against a *lease*, a slice of the budget's room granted by the store's database
 (:meth:`BudgetStore.claim`, one claimer per app at a time). Each worker keeps its claims there (per app x
@@ -46,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -59,7 +64,7 @@ from gateway_tap.budgets.periods import (
     usd_to_micros,
     utc_clock,
 )
-from gateway_tap.budgets.store import BudgetStore, BudgetStoreError, Claim, ClaimKey, DailyTotal
+from gateway_tap.budgets.store import BudgetStore, BudgetStoreError, Claim, ClaimKey, DailyTotal, Scope
 from gateway_tap.settings import BudgetEnforcementSettings, BudgetSettings, Period
 
 log = logging.getLogger("gateway_tap.budgets")
@@ -93,7 +98,9 @@ class SettledUsage(Protocol):
     def prompt_tokens(self) -> int: ...
     @property
     def completion_tokens(self) -> int: ...
-_Key = tuple[str, date]  # (llm_id, day) inside one app
+
+
+_Key = tuple[str, date]  # (llm_id, day) inside one scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,7 @@ class BudgetStatus:
     reserved_usd: float
     reserved_tokens: int
     exceeded: bool
+    key_id: str | None = None
 
     @property
     def used_ratio(self) -> float:
@@ -128,7 +136,8 @@ class BudgetStatus:
         ratio = self.used_ratio
         return {
             "used_ratio": ratio, "percent_used": round(ratio * 100, 2),
-            "app_id": self.app_id, "llm_id": self.llm_id, "period": self.period, "mode": self.mode,
+            "app_id": self.app_id, "key_id": self.key_id, "llm_id": self.llm_id, "period": self.period,
+            "mode": self.mode,
             "period_start": self.period_start.isoformat(), "resets_at": self.resets_at.isoformat(),
             "limit_usd": self.limit_usd, "limit_tokens": self.limit_tokens, "spent_usd": self.spent_usd,
             "spent_tokens": self.spent_tokens, "reserved_usd": self.reserved_usd,
@@ -163,15 +172,17 @@ class Decision:
 class Reservation:
     """An admitted request's claim on its budgets. Call :meth:`settle` exactly once when it ends."""
 
-    __slots__ = ("_enforcer", "_id", "app_id", "cost_micros", "day", "done", "leased", "llm_id", "tokens")
+    __slots__ = ("_enforcer", "_id", "app_id", "cost_micros", "day", "done", "leased", "llm_id", "scopes", "tokens")
 
     def __init__(self, enforcer: BudgetEnforcer | None, rid: int, app_id: str, llm_id: str, day: date,
-                 cost_micros: int, tokens: int, leased: bool = False) -> None:
+                 cost_micros: int, tokens: int, scopes: tuple[Scope, ...] = (),
+                 leased: tuple[Scope, ...] = ()) -> None:
         self._enforcer = enforcer
         self._id = rid
         self.app_id, self.llm_id, self.day = app_id, llm_id, day
         self.cost_micros, self.tokens = cost_micros, tokens
-        self.leased = leased  # drawn from this worker's lease: its settlement corrects the lease
+        self.scopes = scopes  # where the request counts: its app, and its key when the key has a budget
+        self.leased = leased  # scopes whose lease it drew from: its settlement corrects those leases
         self.done = enforcer is None
 
     def settle(self, usage: SettledUsage | None) -> None:
@@ -243,7 +254,7 @@ def _bounds(period: Period, day: date) -> tuple[date, date, datetime]:
 
 @dataclass(slots=True)
 class _Pending:
-    app_id: str
+    scopes: tuple[Scope, ...]
     key: _Key
     cost: int
     tokens: int
@@ -286,8 +297,31 @@ class _Metrics:
         return metrics
 
 
+class _Plan(NamedTuple):
+    """What applies to a request of one app x LLM x key, resolved once per combination and configuration."""
+
+    budgets: tuple[BudgetSettings, ...]
+    scopes: tuple[Scope, ...]
+    """Where the request counts: the scope of each budget, once each."""
+    hard: tuple[Scope, ...]
+    """The scopes with a hard budget: the request draws from the lease of each."""
+    limited: tuple[tuple[bool, bool], ...]
+    """Per scope of :attr:`hard`: whether its hard budgets limit USD, tokens."""
+
+
+def _plan_of(budgets: tuple[BudgetSettings, ...]) -> _Plan:
+    hard = tuple(dict.fromkeys(b.scope for b in budgets if b.mode == "hard"))
+    limited = tuple((any(b.limit_usd is not None for b in budgets if b.mode == "hard" and b.scope == s),
+                     any(b.limit_tokens is not None for b in budgets if b.mode == "hard" and b.scope == s))
+                    for s in hard)
+    return _Plan(budgets, tuple(dict.fromkeys(b.scope for b in budgets)), hard, limited)
+
+
 _NEEDS_LEASE = Decision(False)
-"""Internal answer of ``_decide``: admitted if this worker's lease covered the estimate, which it does not."""
+"""Internal answer of ``_decide``: admitted if this worker's leases covered the estimate, which they do not."""
+
+_GRANTS_PER_ADMISSION = 8
+"""Lease requests one admission may make (one per scope, again when concurrent admissions drew a new lease first)."""
 
 
 class BudgetEnforcer:
@@ -314,15 +348,17 @@ class BudgetEnforcer:
         self._metrics = _Metrics.get(registry)
         self.budgets: tuple[BudgetSettings, ...] = ()
         self._by_app: dict[str, list[BudgetSettings]] = {}
-        self._applicable: dict[tuple[str, str | None], tuple[BudgetSettings, ...]] = {}
+        self._key_scopes: frozenset[Scope] = frozenset()
+        self._hard_scopes: frozenset[Scope] = frozenset()
+        self._plans: dict[tuple[str, str | None, str | None], _Plan] = {}
         self._limit_micros: dict[int, int] = {}
         self.reconfigure(budgets)
-        self._stored: dict[str, _Sums] = {}
-        self._local: dict[str, _Sums] = {}  # pending (settled, not yet in the store)
-        self._reserved: dict[str, _Sums] = {}  # in flight
+        self._stored: dict[Scope, _Sums] = {}
+        self._local: dict[Scope, _Sums] = {}  # pending (settled, not yet in the store)
+        self._reserved: dict[Scope, _Sums] = {}  # in flight
         self._pending: dict[str, _Pending] = {}
-        self._lease: dict[str, _Sums] = {}  # granted and not drawn yet (negative: overshoot beyond it)
-        self._drawn: set[tuple[str, _Key]] = set()  # leases drawn from since the last refresh
+        self._lease: dict[Scope, _Sums] = {}  # granted and not drawn yet (negative: overshoot beyond it)
+        self._drawn: set[tuple[Scope, _Key]] = set()  # leases drawn from since the last refresh
         self._claim_locks: dict[str, asyncio.Lock] = {}  # one lease request per app at a time
         self._claims_written = asyncio.Lock()  # this worker's claim rows are rewritten by one call at a time
         self.holder = holder or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
@@ -342,7 +378,7 @@ class BudgetEnforcer:
     def reconfigure(self, budgets: Sequence[BudgetSettings], settings: BudgetEnforcementSettings | None = None) -> None:
         """Take new budgets (and enforcement settings) live, e.g. on a config reload.
 
-        Decisions from now on use them; the spend views (store, pending, reserved) are per app and
+        Decisions from now on use them; the spend views (store, pending, reserved) are per app (or key) and
         LLM, not per budget, so they carry over; reservations in flight settle as usual.
         """
         by_app: dict[str, list[BudgetSettings]] = {}
@@ -351,10 +387,12 @@ class BudgetEnforcer:
             by_app.setdefault(budget.app_id, []).append(budget)
             if budget.limit_usd is not None:
                 limits[id(budget)] = usd_to_micros(budget.limit_usd)
-        gone = {(b.app_id, b.llm_id or "", b.period) for b in self.budgets} - {
-            (b.app_id, b.llm_id or "", b.period) for b in budgets}
+        gone = {_gauge_labels(b) for b in self.budgets if b.key_id is None} - {
+            _gauge_labels(b) for b in budgets if b.key_id is None}
         self.budgets, self._by_app, self._limit_micros = tuple(budgets), by_app, limits
-        self._applicable = {}
+        self._key_scopes = frozenset(b.scope for b in budgets if b.key_id is not None)
+        self._hard_scopes = frozenset(b.scope for b in budgets if b.mode == "hard")
+        self._plans = {}
         if settings is not None:
             self.settings = settings
         for labels in gone:
@@ -406,13 +444,14 @@ class BudgetEnforcer:
                 await self.store.migrate()
                 self._migrated = True
             since = period_start("monthly", self._clock())  # every daily period lies inside its month
-            snap = await self.store.snapshot(since, list(self._by_app), list(self._pending))
+            snap = await self.store.snapshot(since, list(self._by_app), list(self._pending),
+                                             sorted(self._key_scopes))
         except BudgetStoreError as exc:
             self._store_failed(str(exc))
             raise
-        stored: dict[str, _Sums] = {}
+        stored: dict[Scope, _Sums] = {}
         for row in snap.totals:
-            stored.setdefault(row.app_id, _Sums()).add((row.llm_id, row.day), row.cost_micros, row.total_tokens)
+            stored.setdefault(row.scope, _Sums()).add((row.llm_id, row.day), row.cost_micros, row.total_tokens)
         self._stored = stored
         for event_id in snap.recorded_ids:
             self._forget_pending(event_id)
@@ -443,11 +482,13 @@ class BudgetEnforcer:
         self.update_gauges()
 
     def update_gauges(self) -> None:
-        """Set ``gateway_tap_budget_used_ratio`` for every budget (the refresh loop calls this)."""
+        """Set ``gateway_tap_budget_used_ratio`` for every app budget (the refresh loop calls this). Key budgets
+        have no series: one per key would grow without bound (``GET /budget`` and ``status`` show them)."""
         now = self._clock()
         for budget in self.budgets:
-            status = self._status(budget, now)
-            self._metrics.used_ratio.labels(budget.app_id, budget.llm_id or "", budget.period).set(status.used_ratio)
+            if budget.key_id is None:
+                status = self._status(budget, now)
+                self._metrics.used_ratio.labels(*_gauge_labels(budget)).set(status.used_ratio)
 
     def _store_failed(self, message: str) -> None:
         if self.last_error != message:
@@ -470,93 +511,107 @@ class BudgetEnforcer:
         return self._failing_since is None or time.monotonic() - self._failing_since < self.settings.store_error_grace_s
 
     # -- decisions ---------------------------------------------------------------------------------------
-    def applicable(self, app_id: str, llm_id: str | None) -> tuple[BudgetSettings, ...]:
-        """Budgets that apply to a call of ``llm_id`` by ``app_id`` (resolved once per pair and configuration)."""
-        key = (app_id, llm_id)
-        found = self._applicable.get(key)
+    def applicable(self, app_id: str, llm_id: str | None, key_id: str | None = None) -> tuple[BudgetSettings, ...]:
+        """Budgets that apply to a call of ``llm_id`` by ``app_id`` with the key ``key_id`` (its id; None: no key):
+        the app's, and the key's own (resolved once per combination and configuration)."""
+        return self._plan(app_id, llm_id, key_id).budgets
+
+    def _plan(self, app_id: str, llm_id: str | None, key_id: str | None) -> _Plan:
+        key = (app_id, llm_id, key_id)
+        found = self._plans.get(key)
         if found is None:
-            found = tuple(b for b in self._by_app.get(app_id, ())
-                          if b.llm_id is None or llm_id is None or b.llm_id == llm_id)
-            if len(self._applicable) < 10_000:  # app ids come from auth plugins too: keep the table bounded
-                self._applicable[key] = found
+            found = _plan_of(tuple(b for b in self._by_app.get(app_id, ())
+                                   if (b.llm_id is None or llm_id is None or b.llm_id == llm_id)
+                                   and (b.key_id is None or b.key_id == key_id)))
+            if len(self._plans) < 10_000:  # app and key ids come from auth plugins too: keep the table bounded
+                self._plans[key] = found
         return found
 
-    def status(self, app_id: str, llm_id: str | None = None, now: datetime | None = None) -> list[BudgetStatus]:
-        """Spend, limits and reset time of the app's budgets (all of them when ``llm_id`` is None)."""
+    def status(self, app_id: str, llm_id: str | None = None, now: datetime | None = None,
+               key_id: str | None = None) -> list[BudgetStatus]:
+        """Spend, limits and reset time of the app's budgets (all of them when ``llm_id`` is None), and of the
+        key ``key_id``'s own."""
         now = now or self._clock()
-        return [self._status(b, now) for b in self.applicable(app_id, llm_id)]
+        return [self._status(b, now) for b in self.applicable(app_id, llm_id, key_id)]
 
-    def check(self, app_id: str, llm_id: str, now: datetime | None = None) -> Decision:
+    def check(self, app_id: str, llm_id: str, now: datetime | None = None, key_id: str | None = None) -> Decision:
         """Would a request be admitted now? Reserves nothing (use :meth:`admit` in the request path)."""
-        return self._decide(app_id, llm_id, 0, 0, now or self._clock(), reserve=False)
+        return self._decide(app_id, llm_id, key_id, 0, 0, now or self._clock(), reserve=False)
 
     def admit(self, app_id: str, llm_id: str, *, estimated_cost_usd: float = 0.0, estimated_tokens: int = 0,
-              now: datetime | None = None, estimated_cost_micros: int | None = None) -> Decision:
+              now: datetime | None = None, estimated_cost_micros: int | None = None,
+              key_id: str | None = None) -> Decision:
         """Decide and, when allowed, reserve the estimate until ``decision.reservation.settle(...)``.
 
         Check and reservation happen in one synchronous step, so concurrent
         requests cannot all see the same remaining budget. The estimate is given in USD or, from the
         tap's precomputed price tables, in integer micro-USD (``estimated_cost_micros`` wins).
+        ``key_id`` is the id of the key the request was made with (its own budgets apply too).
         An admitted decision carries no ``budgets`` statuses (the hot path needs none; :meth:`check`
         and refusals have them).
         """
         cost = usd_to_micros(estimated_cost_usd) if estimated_cost_micros is None else estimated_cost_micros
-        return self._decide(app_id, llm_id, cost, estimated_tokens, now or self._clock(), reserve=True)
+        return self._decide(app_id, llm_id, key_id, cost, estimated_tokens, now or self._clock(), reserve=True)
 
     async def admit_leased(self, app_id: str, llm_id: str, *, estimated_cost_micros: int, estimated_tokens: int,
-                           now: datetime | None = None) -> Decision:
+                           now: datetime | None = None, key_id: str | None = None) -> Decision:
         """:meth:`admit` for a tap among others: a hard budget's request is admitted only against this worker's
-        lease, asking the store for more when it does not cover the estimate (the only case that waits for the
-        database; concurrent requests of one app share one such call). Without leases the same as :meth:`admit`.
+        leases (the app's, and the key's when the key has a hard budget of its own), asking the store for more
+        when one does not cover the estimate (the only case that waits for the database; concurrent requests of
+        one app share one such call). Without leases the same as :meth:`admit`.
 
         When the store cannot grant (unreachable), the request is decided like without leases
         (``on_store_error``, this worker's own view); a lease already granted keeps admitting during an outage.
         """
         now = now or self._clock()
-        decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
-                                lease=self.leasing)
+        cost, tokens = estimated_cost_micros, estimated_tokens
+        decision = self._decide(app_id, llm_id, key_id, cost, tokens, now, True, lease=self.leasing)
         if decision is not _NEEDS_LEASE:
             return decision
         lock = self._claim_locks.get(app_id)
         if lock is None:
             lock = self._claim_locks[app_id] = asyncio.Lock()
+        room: tuple[BudgetSettings, bool] | None = None
         async with lock:
-            decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
-                                    lease=True)  # a request that held the lock before may have leased enough
-            if decision is not _NEEDS_LEASE:
-                return decision
-            try:
-                room = await self._grant(app_id, llm_id, now, estimated_cost_micros, estimated_tokens)
-            except BudgetStoreError as exc:
-                self._leases["error"].inc()
-                self._store_failed(str(exc))
-                return self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True, lease=False)
-            if room is None:  # granted: decided at once, still under the lock, so nobody drew the new lease first
-                decision = self._decide(app_id, llm_id, estimated_cost_micros, estimated_tokens, now, True,
-                                        lease=True)
+            for _ in range(_GRANTS_PER_ADMISSION):
+                # A request that held the lock before may have leased enough; a grant is decided at once, still
+                # under the lock, so nobody of this app drew the new lease first.
+                decision = self._decide(app_id, llm_id, key_id, cost, tokens, now, True, lease=True)
                 if decision is not _NEEDS_LEASE:
                     return decision
-                room = (next(b for b in self.applicable(app_id, llm_id) if b.mode == "hard"), False)
+                scope = self._uncovered(self._plan(app_id, llm_id, key_id), (llm_id, now.date()), cost, tokens)
+                assert scope is not None  # _decide said a lease does not cover it
+                try:
+                    room = await self._grant(app_id, llm_id, scope, now, cost, tokens)
+                except BudgetStoreError as exc:
+                    self._leases["error"].inc()
+                    self._store_failed(str(exc))
+                    return self._decide(app_id, llm_id, key_id, cost, tokens, now, True, lease=False)
+                if room is not None:
+                    break
         # No room: the budget is spent, or other workers hold the rest (they return what they do not use).
         self._count["blocked"].inc()
-        budgets = self.applicable(app_id, llm_id)
+        budgets = self.applicable(app_id, llm_id, key_id)
         statuses = tuple(self._status(b, now) for b in budgets)
+        if room is None:  # concurrent admissions kept drawing every lease granted: retry after the next refresh
+            room = (next(b for b in budgets if b.mode == "hard"), False)
         blocking, reset = room
         index = next(i for i, b in enumerate(budgets) if b is blocking)
         retry = (max(1, math.ceil((statuses[index].resets_at - now).total_seconds())) if reset
                  else max(1, math.ceil(self.settings.staleness_s)))
         return Decision(False, "budget_exceeded", retry, statuses[index], statuses)
 
-    def _decide(self, app_id: str, llm_id: str, est_cost: int, est_tokens: int, now: datetime,
-                reserve: bool, *, lease: bool = False) -> Decision:
-        budgets = self.applicable(app_id, llm_id)
+    def _decide(self, app_id: str, llm_id: str, key_id: str | None, est_cost: int, est_tokens: int,
+                now: datetime, reserve: bool, *, lease: bool = False) -> Decision:
+        plan = self._plan(app_id, llm_id, key_id)
+        budgets = plan.budgets
         stale = bool(budgets) and not self.store_available
-        hard = any(b.mode == "hard" for b in budgets)
+        hard = bool(plan.hard)
         key = (llm_id, now.date())
         leased = lease and hard and reserve
         if leased and stale:
             # A lease granted before is good during an outage too; without one, the on_store_error rule decides.
-            leased = self._lease_covers(app_id, key, budgets, est_cost, est_tokens)
+            leased = self._uncovered(plan, key, est_cost, est_tokens) is None
         if stale and not leased and self.settings.on_store_error == "fail_closed" and hard:
             self._count["store_error_closed"].inc()
             every = tuple(self._status(b, now) for b in budgets)
@@ -570,42 +625,34 @@ class BudgetEnforcer:
                 self._count["blocked"].inc()
                 statuses = tuple(self._status(b, now) for b in budgets)
                 return Decision(False, "budget_exceeded", retry, statuses[i], statuses, store_stale=stale)
-        if leased and not self._lease_covers(app_id, key, budgets, est_cost, est_tokens):
+        if leased and self._uncovered(plan, key, est_cost, est_tokens) is not None:
             return _NEEDS_LEASE
         self._count["store_error_open" if stale and not leased else "allowed"].inc()
         if reserve:
-            reservation = self._reserve(app_id, llm_id, now.date() if budgets else None, est_cost, est_tokens,
-                                        leased=leased)
+            reservation = self._reserve(app_id, llm_id, now.date(), plan, est_cost, est_tokens, leased=leased)
             return Decision(True, reservation=reservation, store_stale=stale)
         return Decision(True, budgets=tuple(self._status(b, now) for b in budgets), store_stale=stale)
 
-    @staticmethod
-    def _limited(budgets: Sequence[BudgetSettings]) -> tuple[bool, bool]:
-        """Whether any hard budget of ``budgets`` limits (USD, tokens)."""
-        return (any(b.mode == "hard" and b.limit_usd is not None for b in budgets),
-                any(b.mode == "hard" and b.limit_tokens is not None for b in budgets))
-
-    def _lease_covers(self, app_id: str, key: _Key, budgets: Sequence[BudgetSettings], cost: int,
-                      tokens: int) -> bool:
-        sums = self._lease.get(app_id)
-        lease_cost, lease_tokens = sums.get(key) if sums is not None else (0, 0)
-        usd, toks = self._limited(budgets)
-        return (not usd or lease_cost >= cost) and (not toks or lease_tokens >= tokens)
+    def _uncovered(self, plan: _Plan, key: _Key, cost: int, tokens: int) -> Scope | None:
+        """The first hard scope of ``plan`` whose lease does not cover the estimate, or None."""
+        for scope, (usd, toks) in zip(plan.hard, plan.limited, strict=True):
+            sums = self._lease.get(scope)
+            lease_cost, lease_tokens = sums.get(key) if sums is not None else (0, 0)
+            if (usd and lease_cost < cost) or (toks and lease_tokens < tokens):
+                return scope
+        return None
 
     # -- leases across taps --------------------------------------------------------------------------------
     def _claims(self, app_id: str | None = None) -> dict[ClaimKey, tuple[int, int]]:
-        """This worker's claims (per app x LLM x day): unused lease (never below 0) + in flight + not recorded."""
+        """This worker's claims (per scope x LLM x day): unused lease (never below 0) + in flight + not recorded.
+        Only scopes with a hard budget are claimed."""
         out: dict[ClaimKey, list[int]] = {}
-        apps = [app_id] if app_id is not None else list({*self._lease, *self._reserved, *self._local})
-        for app in apps:
-            if not any(b.mode == "hard" for b in self._by_app.get(app, ())):
-                continue
-            for views, clamp in ((self._lease, True), (self._reserved, False), (self._local, False)):
-                sums = views.get(app)
-                if sums is None:
+        for views, clamp in ((self._lease, True), (self._reserved, False), (self._local, False)):
+            for scope, sums in views.items():
+                if scope not in self._hard_scopes or (app_id is not None and scope[0] != app_id):
                     continue
                 for (llm, day), (cost, tokens) in sums.by_key.items():
-                    entry = out.setdefault((app, llm, day), [0, 0])
+                    entry = out.setdefault((scope[0], scope[1], llm, day), [0, 0])
                     entry[0] += max(0, cost) if clamp else cost
                     entry[1] += max(0, tokens) if clamp else tokens
         return {k: (v[0], v[1]) for k, v in out.items() if v[0] > 0 or v[1] > 0}
@@ -618,15 +665,17 @@ class BudgetEnforcer:
 
     def _return_unused_leases(self) -> None:
         """A lease not drawn from since the last refresh goes back (another worker may need the room)."""
-        for app, sums in self._lease.items():
-            for key in [k for k, (c, t) in sums.by_key.items() if (app, k) not in self._drawn and (c > 0 or t > 0)]:
+        for scope, sums in self._lease.items():
+            for key in [k for k, (c, t) in sums.by_key.items()
+                        if (scope, k) not in self._drawn and (c > 0 or t > 0)]:
                 cost, tokens = sums.get(key)
                 sums.add(key, -max(0, cost), -max(0, tokens))
         self._drawn.clear()
 
-    async def _grant(self, app_id: str, llm_id: str, now: datetime, need_cost: int,
+    async def _grant(self, app_id: str, llm_id: str, scope: Scope, now: datetime, need_cost: int,
                      need_tokens: int) -> tuple[BudgetSettings, bool] | None:
-        """Ask the store for a lease covering (``need_cost``, ``need_tokens``) on today's ``llm_id``.
+        """Ask the store for a lease of ``scope`` (the app, or one of its keys) covering (``need_cost``,
+        ``need_tokens``) on today's ``llm_id``.
 
         :returns: None when granted (the lease is updated), else the budget without room and whether only
             its period's reset can help (the ledger alone fills it).
@@ -634,14 +683,15 @@ class BudgetEnforcer:
         """
         day = now.date()
         key = (llm_id, day)
-        budgets = [b for b in self.applicable(app_id, llm_id) if b.mode == "hard"]
+        budgets = [b for b in self.applicable(app_id, llm_id, scope[1] or None)
+                   if b.mode == "hard" and b.scope == scope]
         since = period_start("monthly", now)  # every daily period lies inside its month
         fraction = self.settings.lease_fraction
         outcome: list[Any] = []
 
         def decide(totals: list[DailyTotal], others: list[Claim]) -> dict[ClaimKey, tuple[int, int]]:
             mine = self._claims(app_id)
-            lease_cost, lease_tokens = self._lease[app_id].get(key) if app_id in self._lease else (0, 0)
+            lease_cost, lease_tokens = self._lease[scope].get(key) if scope in self._lease else (0, 0)
             short_cost, short_tokens = need_cost - max(0, lease_cost), need_tokens - max(0, lease_tokens)
             grant = [0, 0]
             blocked: tuple[BudgetSettings, bool] | None = None
@@ -655,16 +705,16 @@ class BudgetEnforcer:
 
                 ledger = [0, 0]
                 for row in totals:
-                    if inside(row.llm_id, row.day):
+                    if row.scope == scope and inside(row.llm_id, row.day):
                         ledger[0] += row.cost_micros
                         ledger[1] += row.total_tokens
                 claimed = [ledger[0], ledger[1]]
                 for c in others:
-                    if inside(c.llm_id, c.day):
+                    if c.scope == scope and inside(c.llm_id, c.day):
                         claimed[0] += c.cost_micros
                         claimed[1] += c.tokens
-                for (_, llm, d), (cost, tokens) in mine.items():
-                    if inside(llm, d):
+                for (app, key_id, llm, d), (cost, tokens) in mine.items():
+                    if (app, key_id) == scope and inside(llm, d):
                         claimed[0] += cost
                         claimed[1] += tokens
                 limits: tuple[int | None, int | None] = (self._limit_micros.get(id(budget)), budget.limit_tokens)
@@ -683,20 +733,22 @@ class BudgetEnforcer:
                     if left is not None and left > 0:
                         grant[dim] = min(left, max(short, math.ceil(left * fraction)))
                 if grant != [0, 0]:
-                    entry = list(mine.get((app_id, llm_id, day), (0, 0)))
-                    mine[(app_id, llm_id, day)] = (entry[0] + grant[0], entry[1] + grant[1])
+                    claim_key = (scope[0], scope[1], llm_id, day)
+                    entry = mine.get(claim_key, (0, 0))
+                    mine[claim_key] = (entry[0] + grant[0], entry[1] + grant[1])
             outcome[:] = [blocked, grant]
             return mine
 
         async with self._claims_written:
             now_s = time.time()
             await self.store.claim(self.holder, app_id, since, decide, now_s=now_s,
-                                   expires_s=now_s + self.settings.claim_ttl_s)
+                                   expires_s=now_s + self.settings.claim_ttl_s,
+                                   key_ids=(scope[1],) if scope[1] else ())
         blocked, grant = outcome
         if blocked is not None:
             self._leases["refused"].inc()
             return blocked  # type: ignore[no-any-return]
-        sums = self._lease.setdefault(app_id, _Sums())
+        sums = self._lease.setdefault(scope, _Sums())
         cost, tokens = sums.get(key)
         # An overshoot beyond the lease was already claimed as usage: the new lease starts from zero.
         sums.add(key, grant[0] - min(0, cost), grant[1] - min(0, tokens))
@@ -720,11 +772,11 @@ class BudgetEnforcer:
 
     def _measure(self, budget: BudgetSettings, now: datetime) -> _Measure:
         start, end, reset = _bounds(budget.period, now.date())
-        app = budget.app_id
-        s_cost, s_tokens = self._stored[app].total(budget.llm_id, start, end) if app in self._stored else (0, 0)
-        p_cost, p_tokens = self._local[app].total(budget.llm_id, start, end) if app in self._local else (0, 0)
-        r_cost, r_tokens = (self._reserved[app].total(budget.llm_id, start, end)
-                            if app in self._reserved else (0, 0))
+        scope = budget.scope
+        s_cost, s_tokens = self._stored[scope].total(budget.llm_id, start, end) if scope in self._stored else (0, 0)
+        p_cost, p_tokens = self._local[scope].total(budget.llm_id, start, end) if scope in self._local else (0, 0)
+        r_cost, r_tokens = (self._reserved[scope].total(budget.llm_id, start, end)
+                            if scope in self._reserved else (0, 0))
         return _Measure(start, reset, s_cost + p_cost, s_tokens + p_tokens, r_cost, r_tokens)
 
     def _status(self, budget: BudgetSettings, now: datetime, m: _Measure | None = None) -> BudgetStatus:
@@ -735,41 +787,50 @@ class BudgetEnforcer:
             app_id=budget.app_id, llm_id=budget.llm_id, period=budget.period, mode=budget.mode,
             period_start=m.start, resets_at=m.resets_at, limit_usd=budget.limit_usd,
             limit_tokens=budget.limit_tokens, spent_usd=micros_to_usd(m.spent_cost), spent_tokens=m.spent_tokens,
-            reserved_usd=micros_to_usd(m.reserved_cost), reserved_tokens=m.reserved_tokens, exceeded=exceeded)
+            reserved_usd=micros_to_usd(m.reserved_cost), reserved_tokens=m.reserved_tokens, exceeded=exceeded,
+            key_id=budget.key_id)
 
     # -- reservations ------------------------------------------------------------------------------------
-    def _reserve(self, app_id: str, llm_id: str, day: date | None, cost: int, tokens: int, *,
+    def _reserve(self, app_id: str, llm_id: str, day: date, plan: _Plan, cost: int, tokens: int, *,
                  leased: bool = False) -> Reservation:
-        if day is None:  # no budget applies: nothing to track
+        if not plan.budgets:  # no budget applies: nothing to track
             return Reservation(None, 0, app_id, llm_id, date.min, 0, 0)
-        reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens, leased)
-        self._reserved.setdefault(app_id, _Sums()).add((llm_id, day), cost, tokens)
-        if leased:
-            self._lease.setdefault(app_id, _Sums()).add((llm_id, day), -cost, -tokens)
-            self._drawn.add((app_id, (llm_id, day)))
+        scopes = plan.scopes
+        drawn = plan.hard if leased else ()
+        reservation = Reservation(self, next(self._ids), app_id, llm_id, day, cost, tokens, scopes, drawn)
+        key = (llm_id, day)
+        for scope in scopes:
+            self._reserved.setdefault(scope, _Sums()).add(key, cost, tokens)
+        for scope in drawn:
+            self._lease.setdefault(scope, _Sums()).add(key, -cost, -tokens)
+            self._drawn.add((scope, key))
         self._inflight += 1
         return reservation
 
     def _settle(self, reservation: Reservation, usage: SettledUsage | None) -> None:
-        app = reservation.app_id
-        self._reserved[app].add((reservation.llm_id, reservation.day), -reservation.cost_micros,
-                                -reservation.tokens)
+        reserved_key = (reservation.llm_id, reservation.day)
+        for scope in reservation.scopes:
+            self._reserved[scope].add(reserved_key, -reservation.cost_micros, -reservation.tokens)
         self._inflight -= 1
         if usage is None or usage.id in self._pending:
-            if reservation.leased:  # nothing consumed: the estimate goes back to the lease
-                self._lease[app].add((reservation.llm_id, reservation.day), reservation.cost_micros,
-                                     reservation.tokens)
+            for scope in reservation.leased:  # nothing consumed: the estimate goes back to the lease
+                self._lease[scope].add(reserved_key, reservation.cost_micros, reservation.tokens)
             return
         key = (usage.llm_id, usage_day(usage.period, usage.period_start, usage.emitted_at))
         cost = usage.cost_micros if usage.cost_micros is not None else usd_to_micros(usage.cost)
         tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
-        if reservation.leased:  # the estimate's error goes to the lease: an overshoot is taken from it
-            self._lease[app].add((reservation.llm_id, reservation.day), reservation.cost_micros - cost,
-                                 reservation.tokens - tokens)
-        self._pending[usage.id] = _Pending(usage.app_id, key, cost, tokens, time.monotonic())
-        self._local.setdefault(usage.app_id, _Sums()).add(key, cost, tokens)
+        for scope in reservation.leased:  # the estimate's error goes to the lease: an overshoot is taken from it
+            self._lease[scope].add(reserved_key, reservation.cost_micros - cost, reservation.tokens - tokens)
+        self._pending[usage.id] = _Pending(reservation.scopes, key, cost, tokens, time.monotonic())
+        for scope in reservation.scopes:
+            self._local.setdefault(scope, _Sums()).add(key, cost, tokens)
 
     def _forget_pending(self, event_id: str) -> None:
         pending = self._pending.pop(event_id, None)
         if pending is not None:
-            self._local[pending.app_id].add(pending.key, -pending.cost, -pending.tokens)
+            for scope in pending.scopes:
+                self._local[scope].add(pending.key, -pending.cost, -pending.tokens)
+
+
+def _gauge_labels(budget: BudgetSettings) -> tuple[str, str, str]:
+    return budget.app_id, budget.llm_id or "", budget.period

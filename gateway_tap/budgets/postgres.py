@@ -11,7 +11,7 @@ retried.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
@@ -27,6 +27,7 @@ from gateway_tap.budgets.store import (
     ClaimKey,
     DailyTotal,
     RecordResult,
+    Scope,
     Spend,
     SpendSnapshot,
     StoreUnavailable,
@@ -34,31 +35,39 @@ from gateway_tap.budgets.store import (
 )
 from gateway_tap.settings import BudgetStoreSettings
 
-_RECORD = """
+_ADD = ("cost_micros = t.cost_micros + EXCLUDED.cost_micros, prompt_tokens = t.prompt_tokens + EXCLUDED.prompt_tokens, "
+        "completion_tokens = t.completion_tokens + EXCLUDED.completion_tokens, "
+        "total_tokens = t.total_tokens + EXCLUDED.total_tokens, requests = t.requests + EXCLUDED.requests")
+"""Adds a new totals row (``EXCLUDED``) to the stored one (``t``)."""
+_RECORD = f"""
 WITH stage AS (
     SELECT DISTINCT ON (event_id) *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[], $7::bigint[],
-                $8::bigint[], $9::int[])
-         AS s(event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests)
+                $8::bigint[], $9::int[], $10::text[])
+         AS s(event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests,
+              key_id)
     ORDER BY event_id
 ), ins AS (
     INSERT INTO budget_ledger (event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens,
-                               total_tokens, requests)
+                               total_tokens, requests, key_id)
     SELECT * FROM stage ORDER BY event_id
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests
+    RETURNING app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests, key_id
+), key_totals AS (
+    INSERT INTO budget_key_totals AS t (app_id, key_id, day, llm_id, cost_micros, prompt_tokens, completion_tokens,
+                                        total_tokens, requests)
+    SELECT app_id, key_id, day, llm_id, sum(cost_micros)::bigint, sum(prompt_tokens)::bigint,
+           sum(completion_tokens)::bigint, sum(total_tokens)::bigint, sum(requests)::bigint
+    FROM ins WHERE key_id <> '' GROUP BY app_id, key_id, day, llm_id ORDER BY app_id, key_id, day, llm_id
+    ON CONFLICT (app_id, key_id, day, llm_id) DO UPDATE SET {_ADD}
+    RETURNING 1
 ), totals AS (
     INSERT INTO budget_totals AS t (app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens,
                                     total_tokens, requests)
     SELECT app_id, llm_id, day, sum(cost_micros)::bigint, sum(prompt_tokens)::bigint,
            sum(completion_tokens)::bigint, sum(total_tokens)::bigint, sum(requests)::bigint
     FROM ins GROUP BY app_id, day, llm_id ORDER BY app_id, day, llm_id
-    ON CONFLICT (app_id, day, llm_id) DO UPDATE SET
-        cost_micros = t.cost_micros + EXCLUDED.cost_micros,
-        prompt_tokens = t.prompt_tokens + EXCLUDED.prompt_tokens,
-        completion_tokens = t.completion_tokens + EXCLUDED.completion_tokens,
-        total_tokens = t.total_tokens + EXCLUDED.total_tokens,
-        requests = t.requests + EXCLUDED.requests
+    ON CONFLICT (app_id, day, llm_id) DO UPDATE SET {_ADD}
     RETURNING 1
 )
 SELECT count(*) FROM ins
@@ -66,13 +75,17 @@ SELECT count(*) FROM ins
 _TOTALS = ("SELECT app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests "
            "FROM budget_totals WHERE day >= $1 AND ($2::date IS NULL OR day < $2) "
            "AND ($3::text[] IS NULL OR app_id = ANY($3))")
+_KEY_TOTALS = ("SELECT app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests, "
+               "key_id FROM budget_key_totals WHERE day >= $1 AND ($2::date IS NULL OR day < $2) "
+               "AND (app_id, key_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))")
 _MIGRATION_LOCK = 0x6761746577  # advisory lock id: one migrator at a time
 _CLAIM_LOCK = 0x676174  # advisory lock class of the claims: (class, hashtext(app_id)), one claimer per app
-_OTHER_CLAIMS = ("SELECT holder, app_id, llm_id, day, cost_micros, tokens FROM budget_claims "
+_OTHER_CLAIMS = ("SELECT holder, app_id, llm_id, day, cost_micros, tokens, key_id FROM budget_claims "
                  "WHERE app_id = $1 AND day >= $2 AND holder <> $3 AND expires_s > $4")
-_INSERT_CLAIMS = ("INSERT INTO budget_claims (holder, app_id, llm_id, day, cost_micros, tokens, expires_s) "
-                  "SELECT $1::text, * FROM unnest($2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[]) "
-                  "AS c(app_id, llm_id, day, cost_micros, tokens), (SELECT $7::double precision) AS e(expires_s)")
+_INSERT_CLAIMS = ("INSERT INTO budget_claims (holder, app_id, llm_id, day, cost_micros, tokens, key_id, expires_s) "
+                  "SELECT $1::text, * FROM unnest($2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[], "
+                  "$7::text[]) AS c(app_id, llm_id, day, cost_micros, tokens, key_id), "
+                  "(SELECT $8::double precision) AS e(expires_s)")
 _RETRIES = 5
 
 
@@ -137,10 +150,10 @@ class PostgresBudgetStore(BudgetStore):
     async def record_batch(self, usages: Sequence[UsageRecord]) -> RecordResult:
         if not usages:
             return RecordResult(0, 0)
-        columns: list[list[Any]] = [[] for _ in range(9)]
+        columns: list[list[Any]] = [[] for _ in range(10)]
         for u in usages:
             for i, value in enumerate((u.event_id, u.app_id, u.llm_id, u.day, u.cost_micros, u.prompt_tokens,
-                                       u.completion_tokens, u.total_tokens, u.requests)):
+                                       u.completion_tokens, u.total_tokens, u.requests, u.key_id)):
                 columns[i].append(value)
         for attempt in range(_RETRIES):
             try:
@@ -162,14 +175,29 @@ class PostgresBudgetStore(BudgetStore):
         rows = await conn.fetch(_TOTALS, since, until, list(app_ids) if app_ids is not None else None)
         return [DailyTotal(*r) for r in rows]
 
+    @staticmethod
+    async def _key_totals(conn: asyncpg.Connection, since: date, until: date | None,
+                          scopes: Iterable[Scope]) -> list[DailyTotal]:
+        wanted = list(scopes)
+        if not wanted:
+            return []
+        rows = await conn.fetch(_KEY_TOTALS, since, until, [s[0] for s in wanted], [s[1] for s in wanted])
+        return [DailyTotal(*r) for r in rows]
+
     async def daily_totals(self, since: date, until: date | None = None,
                            app_ids: Iterable[str] | None = None) -> list[DailyTotal]:
         async with self._connection() as conn:
             return await self._totals(conn, since, until, app_ids)
 
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
+    async def key_totals(self, since: date, until: date | None, scopes: Iterable[Scope]) -> list[DailyTotal]:
+        async with self._connection() as conn:
+            return await self._key_totals(conn, since, until, scopes)
+
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str],
+                       key_scopes: Iterable[Scope] = ()) -> SpendSnapshot:
         async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             totals = await self._totals(conn, since, None, app_ids)
+            totals += await self._key_totals(conn, since, None, key_scopes)
             recorded: set[str] = set()
             if event_ids:
                 rows = await conn.fetch("SELECT event_id FROM budget_ledger WHERE event_id = ANY($1::text[])",
@@ -182,14 +210,16 @@ class PostgresBudgetStore(BudgetStore):
                             expires_s: float) -> None:
         rows = sorted((k, v) for k, v in claims.items() if v != (0, 0))
         if rows:
-            await conn.execute(_INSERT_CLAIMS, holder, [k[0] for k, _ in rows], [k[1] for k, _ in rows],
-                               [k[2] for k, _ in rows], [v[0] for _, v in rows], [v[1] for _, v in rows], expires_s)
+            await conn.execute(_INSERT_CLAIMS, holder, [k[0] for k, _ in rows], [k[2] for k, _ in rows],
+                               [k[3] for k, _ in rows], [v[0] for _, v in rows], [v[1] for _, v in rows],
+                               [k[1] for k, _ in rows], expires_s)
 
     async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
-                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
+                    expires_s: float, key_ids: Collection[str] = ()) -> Mapping[ClaimKey, tuple[int, int]]:
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, app_id)
             totals = await self._totals(conn, since, None, [app_id])
+            totals += await self._key_totals(conn, since, None, [(app_id, k) for k in key_ids])
             others = [Claim(*r) for r in await conn.fetch(_OTHER_CLAIMS, app_id, since, holder, now_s)]
             mine = decide(totals, others)
             await conn.execute("DELETE FROM budget_claims WHERE app_id = $1 AND holder = $2", app_id, holder)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
 from pathlib import Path
@@ -29,6 +29,7 @@ from gateway_tap.budgets.store import (
     ClaimKey,
     DailyTotal,
     RecordResult,
+    Scope,
     Spend,
     SpendSnapshot,
     StoreUnavailable,
@@ -36,11 +37,18 @@ from gateway_tap.budgets.store import (
 )
 from gateway_tap.settings import BudgetStoreSettings
 
-_STAGE = """CREATE TEMP TABLE IF NOT EXISTS budget_stage (
+_STAGE = """CREATE TEMP TABLE IF NOT EXISTS budget_stage_v6 (
     event_id TEXT PRIMARY KEY, app_id TEXT, llm_id TEXT, day TEXT, cost_micros INTEGER,
-    prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, requests INTEGER)"""
-_COLUMNS = "event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests"
+    prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, requests INTEGER, key_id TEXT)"""
+_COLUMNS = ("event_id, app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests, "
+            "key_id")
 _TOTALS_COLUMNS = "app_id, llm_id, day, cost_micros, prompt_tokens, completion_tokens, total_tokens, requests"
+_SUMS = ("SUM(cost_micros), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(requests) "
+         "FROM budget_stage_v6")
+_ADD = ("cost_micros = cost_micros + excluded.cost_micros, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "total_tokens = total_tokens + excluded.total_tokens, requests = requests + excluded.requests")
+_CLAIM_COLUMNS = "holder, app_id, llm_id, day, cost_micros, tokens, key_id"
 
 
 def _translate(exc: Exception, what: str = "budget store") -> BudgetStoreError:
@@ -150,26 +158,24 @@ class SqliteBudgetStore(BudgetStore):
         if not usages:
             return RecordResult(0, 0)
         rows = [(u.event_id, u.app_id, u.llm_id, u.day.isoformat(), u.cost_micros, u.prompt_tokens,
-                 u.completion_tokens, u.total_tokens, u.requests) for u in usages]
+                 u.completion_tokens, u.total_tokens, u.requests, u.key_id) for u in usages]
         async with self._transaction("IMMEDIATE") as conn:
-            await conn.execute("DELETE FROM budget_stage")
+            await conn.execute("DELETE FROM budget_stage_v6")
             # OR IGNORE drops repeats inside the batch; the DELETE drops events recorded earlier.
-            await conn.executemany(f"INSERT OR IGNORE INTO budget_stage ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                                   rows)
-            await conn.execute("DELETE FROM budget_stage WHERE event_id IN (SELECT event_id FROM budget_ledger)")
-            cur = await conn.execute(f"INSERT INTO budget_ledger ({_COLUMNS}) SELECT {_COLUMNS} FROM budget_stage")
+            await conn.executemany(
+                f"INSERT OR IGNORE INTO budget_stage_v6 ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            await conn.execute("DELETE FROM budget_stage_v6 WHERE event_id IN (SELECT event_id FROM budget_ledger)")
+            cur = await conn.execute(
+                f"INSERT INTO budget_ledger ({_COLUMNS}) SELECT {_COLUMNS} FROM budget_stage_v6")
             inserted = cur.rowcount
             await conn.execute(
-                f"INSERT INTO budget_totals ({_TOTALS_COLUMNS}) "
-                "SELECT app_id, llm_id, day, SUM(cost_micros), SUM(prompt_tokens), SUM(completion_tokens), "
-                "SUM(total_tokens), SUM(requests) FROM budget_stage WHERE true GROUP BY app_id, day, llm_id "
-                "ON CONFLICT (app_id, day, llm_id) DO UPDATE SET "
-                "cost_micros = cost_micros + excluded.cost_micros, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "total_tokens = total_tokens + excluded.total_tokens, "
-                "requests = requests + excluded.requests")
-            await conn.execute("DELETE FROM budget_stage")
+                f"INSERT INTO budget_totals ({_TOTALS_COLUMNS}) SELECT app_id, llm_id, day, {_SUMS} "
+                f"WHERE true GROUP BY app_id, day, llm_id ON CONFLICT (app_id, day, llm_id) DO UPDATE SET {_ADD}")
+            await conn.execute(
+                f"INSERT INTO budget_key_totals (key_id, {_TOTALS_COLUMNS}) SELECT key_id, app_id, llm_id, day, "
+                f"{_SUMS} WHERE key_id <> '' GROUP BY app_id, key_id, day, llm_id "
+                f"ON CONFLICT (app_id, key_id, day, llm_id) DO UPDATE SET {_ADD}")
+            await conn.execute("DELETE FROM budget_stage_v6")
         return RecordResult(inserted, len(usages) - inserted)
 
     async def _totals(self, conn: aiosqlite.Connection, since: date, until: date | None,
@@ -185,14 +191,34 @@ class SqliteBudgetStore(BudgetStore):
         async with conn.execute(sql, params) as cur:
             return [DailyTotal(r[0], r[1], date.fromisoformat(r[2]), *r[3:]) for r in await cur.fetchall()]
 
+    @staticmethod
+    async def _key_totals(conn: aiosqlite.Connection, since: date, until: date | None,
+                          scopes: Iterable[Scope]) -> list[DailyTotal]:
+        wanted = [list(s) for s in scopes]
+        if not wanted:
+            return []
+        sql = (f"SELECT {_TOTALS_COLUMNS}, key_id FROM budget_key_totals WHERE day >= ? AND day < ? "
+               "AND (app_id, key_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') "
+               "FROM json_each(?))")
+        params = (since.isoformat(), until.isoformat() if until is not None else "9999-12-31",
+                  orjson.dumps(wanted).decode())
+        async with conn.execute(sql, params) as cur:
+            return [DailyTotal(r[0], r[1], date.fromisoformat(r[2]), *r[3:]) for r in await cur.fetchall()]
+
     async def daily_totals(self, since: date, until: date | None = None,
                            app_ids: Iterable[str] | None = None) -> list[DailyTotal]:
         async with self._transaction() as conn:
             return await self._totals(conn, since, until, app_ids)
 
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
+    async def key_totals(self, since: date, until: date | None, scopes: Iterable[Scope]) -> list[DailyTotal]:
+        async with self._transaction() as conn:
+            return await self._key_totals(conn, since, until, scopes)
+
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str],
+                       key_scopes: Iterable[Scope] = ()) -> SpendSnapshot:
         async with self._transaction() as conn:
             totals = await self._totals(conn, since, None, app_ids)
+            totals += await self._key_totals(conn, since, None, key_scopes)
             recorded: set[str] = set()
             if event_ids:
                 async with conn.execute(
@@ -205,21 +231,22 @@ class SqliteBudgetStore(BudgetStore):
     async def _write_claims(conn: aiosqlite.Connection, holder: str, claims: Mapping[ClaimKey, tuple[int, int]],
                             expires_s: float) -> None:
         await conn.executemany(
-            "INSERT INTO budget_claims (holder, app_id, llm_id, day, cost_micros, tokens, expires_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(holder, k[0], k[1], k[2].isoformat(), v[0], v[1], expires_s) for k, v in sorted(claims.items())
+            f"INSERT INTO budget_claims ({_CLAIM_COLUMNS}, expires_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(holder, k[0], k[2], k[3].isoformat(), v[0], v[1], k[1], expires_s) for k, v in sorted(claims.items())
              if v != (0, 0)])
 
     async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
-                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
+                    expires_s: float, key_ids: Collection[str] = ()) -> Mapping[ClaimKey, tuple[int, int]]:
         # BEGIN IMMEDIATE takes the file's write lock first: every claimer, of any process, runs alone.
         async with self._transaction("IMMEDIATE") as conn:
             totals = await self._totals(conn, since, None, [app_id])
+            totals += await self._key_totals(conn, since, None, [(app_id, k) for k in key_ids])
             async with conn.execute(
-                    "SELECT holder, app_id, llm_id, day, cost_micros, tokens FROM budget_claims "
+                    f"SELECT {_CLAIM_COLUMNS} FROM budget_claims "
                     "WHERE app_id = ? AND day >= ? AND holder <> ? AND expires_s > ?",
                     (app_id, since.isoformat(), holder, now_s)) as cur:
-                others = [Claim(r[0], r[1], r[2], date.fromisoformat(r[3]), r[4], r[5]) for r in await cur.fetchall()]
+                others = [Claim(r[0], r[1], r[2], date.fromisoformat(r[3]), r[4], r[5], r[6])
+                          for r in await cur.fetchall()]
             mine = decide(totals, others)
             await conn.execute("DELETE FROM budget_claims WHERE app_id = ? AND holder = ?", (app_id, holder))
             await self._write_claims(conn, holder, {k: v for k, v in mine.items() if k[0] == app_id}, expires_s)

@@ -3,14 +3,16 @@
 Recording is keyed by event id: a ledger row per event (PRIMARY KEY), and per
 ``(app_id, llm_id, day)`` totals updated in the same transaction only for the
 ledger rows that were newly inserted, so redelivering any batch changes nothing.
-Days (UTC) are the storage unit; a daily or monthly period's spend is the sum
-of its days. Money is integer micro-USD (exact sums).
+A usage that names the key it was made with (``key_id``) is also added to that key's
+``(app_id, key_id, llm_id, day)`` totals, kept apart so that reading an app's totals never
+reads a row per key. Days (UTC) are the storage unit; a daily or monthly period's spend is
+the sum of its days. Money is integer micro-USD (exact sums).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -44,6 +46,8 @@ class UsageRecord:
     completion_tokens: int = 0
     total_tokens: int = 0
     requests: int = 1
+    key_id: str = ""
+    """The key the call was made with (its id, as events name it); empty when unknown."""
 
     @classmethod
     def from_event(cls, event: BudgetUsage) -> UsageRecord:
@@ -59,6 +63,7 @@ class UsageRecord:
             completion_tokens=event.completion_tokens,
             total_tokens=event.total_tokens or event.prompt_tokens + event.completion_tokens,
             requests=event.requests,
+            key_id=event.key_id or "",
         )
 
 
@@ -75,9 +80,13 @@ class Spend:
                      self.requests + other.requests)
 
 
+Scope = tuple[str, str]
+"""Whose spend: ``(app_id, key_id)``, the key id empty for the whole app (every key's and keyless spend)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DailyTotal:
-    """One totals row."""
+    """One totals row: of the whole app when ``key_id`` is empty, else of that key of the app."""
 
     app_id: str
     llm_id: str
@@ -87,6 +96,11 @@ class DailyTotal:
     completion_tokens: int
     total_tokens: int
     requests: int
+    key_id: str = ""
+
+    @property
+    def scope(self) -> Scope:
+        return self.app_id, self.key_id
 
     @property
     def spend(self) -> Spend:
@@ -109,13 +123,14 @@ class SpendSnapshot:
     recorded_ids: set[str]
 
 
-ClaimKey = tuple[str, str, date]
-"""(app_id, llm_id, UTC day): what a claim is kept per."""
+ClaimKey = tuple[str, str, str, date]
+"""(app_id, key_id, llm_id, UTC day): what a claim is kept per (key id empty: a claim on the app's budgets)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """One holder's claim on one app x LLM x day: spend the ledger does not show yet (see :meth:`BudgetStore.claim`)."""
+    """One holder's claim on one app (or key of the app) x LLM x day: spend the ledger does not show yet (see
+    :meth:`BudgetStore.claim`)."""
 
     holder: str
     app_id: str
@@ -123,6 +138,11 @@ class Claim:
     day: date
     cost_micros: int
     tokens: int
+    key_id: str = ""
+
+    @property
+    def scope(self) -> Scope:
+        return self.app_id, self.key_id
 
 
 ClaimDecision = Callable[[list[DailyTotal], list[Claim]], Mapping[ClaimKey, tuple[int, int]]]
@@ -147,18 +167,25 @@ class BudgetStore(ABC):
     @abstractmethod
     async def daily_totals(self, since: date, until: date | None = None,
                            app_ids: Iterable[str] | None = None) -> list[DailyTotal]:
-        """Totals rows with ``since <= day < until`` (all apps when ``app_ids`` is None)."""
+        """Apps' totals rows with ``since <= day < until`` (all apps when ``app_ids`` is None)."""
 
     @abstractmethod
-    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str]) -> SpendSnapshot:
-        """Daily totals since ``since`` for ``app_ids`` plus which ``event_ids`` are recorded, read atomically."""
+    async def key_totals(self, since: date, until: date | None, scopes: Iterable[Scope]) -> list[DailyTotal]:
+        """The totals rows of the keys ``scopes`` names (``(app_id, key_id)``) with ``since <= day < until``."""
+
+    @abstractmethod
+    async def snapshot(self, since: date, app_ids: Iterable[str], event_ids: Sequence[str],
+                       key_scopes: Iterable[Scope] = ()) -> SpendSnapshot:
+        """Daily totals since ``since`` for ``app_ids`` and the keys ``key_scopes`` names, plus which ``event_ids``
+        are recorded, read atomically."""
 
     @abstractmethod
     async def claim(self, holder: str, app_id: str, since: date, decide: ClaimDecision, *, now_s: float,
-                    expires_s: float) -> Mapping[ClaimKey, tuple[int, int]]:
-        """Replace ``holder``'s claims on ``app_id`` by what ``decide`` returns, in one transaction that no other
-        :meth:`claim` of the same app interleaves with: ``decide`` gets the app's daily totals since ``since`` and
-        the other holders' claims on it since then that expire after ``now_s``. Rows of (0, 0) are not kept."""
+                    expires_s: float, key_ids: Collection[str] = ()) -> Mapping[ClaimKey, tuple[int, int]]:
+        """Replace ``holder``'s claims on ``app_id`` (and its keys) by what ``decide`` returns, in one transaction
+        that no other :meth:`claim` of the same app interleaves with: ``decide`` gets the daily totals since
+        ``since`` of the app and of its keys ``key_ids``, and the other holders' claims on the app and its keys
+        since then that expire after ``now_s``. Rows of (0, 0) are not kept."""
 
     @abstractmethod
     async def put_claims(self, holder: str, claims: Mapping[ClaimKey, tuple[int, int]], *, now_s: float,
@@ -174,10 +201,15 @@ class BudgetStore(ABC):
     async def close(self) -> None:
         """Release connections; safe to call twice."""
 
-    async def spend(self, app_id: str, llm_id: str | None, period: Period, start: date) -> Spend:
-        """Spend of an app (one LLM, or all when ``llm_id`` is None) in the period starting at ``start``."""
+    async def spend(self, app_id: str, llm_id: str | None, period: Period, start: date,
+                    key_id: str | None = None) -> Spend:
+        """Spend of an app, or of one of its keys (one LLM, or all when ``llm_id`` is None) in the period starting at
+        ``start``."""
         total = Spend()
-        for row in await self.daily_totals(start, period_end(period, start), [app_id]):
+        end = period_end(period, start)
+        rows = (await self.key_totals(start, end, [(app_id, key_id)]) if key_id
+                else await self.daily_totals(start, end, [app_id]))
+        for row in rows:
             if llm_id is None or row.llm_id == llm_id:
                 total += row.spend
         return total

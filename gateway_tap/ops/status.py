@@ -100,6 +100,8 @@ class BudgetLine:
     spent_usd: float
     spent_tokens: int
     used_pct: float
+    key_id: str | None = None
+    """A key's own budget: the key's id."""
 
 
 @dataclass
@@ -306,13 +308,13 @@ async def _budget_part(config: GatewayConfig, report: StatusReport, now: datetim
     try:
         for b in budgets:
             start = period_start(b.period, now)
-            spend = await store.spend(b.app_id, b.llm_id, b.period, start)
+            spend = await store.spend(b.app_id, b.llm_id, b.period, start, b.key_id)
             spent_usd = micros_to_usd(spend.cost_micros)
             used = [spent_usd / b.limit_usd if b.limit_usd else None,
                     spend.total_tokens / b.limit_tokens if b.limit_tokens else None]
             pct = max((u for u in used if u is not None), default=0.0) * 100
             report.budgets.append(BudgetLine(b.app_id, b.llm_id, b.period, b.mode, start.isoformat(), b.limit_usd,
-                                             b.limit_tokens, spent_usd, spend.total_tokens, round(pct, 2)))
+                                             b.limit_tokens, spent_usd, spend.total_tokens, round(pct, 2), b.key_id))
     except BudgetStoreError as exc:
         report.budget_error = f"budget store unavailable: {exc}"
         report.budgets = []
@@ -396,14 +398,14 @@ def render_status(report: StatusReport, console: Console) -> None:
         console.print(f"[yellow]Budgets: {report.budget_error}[/]")
     elif report.budgets:
         budgets = Table(title="Budgets (current period)", title_justify="left")
-        for col in ("app", "llm", "period", "mode", "spent / limit USD", "tokens / limit", "used"):
+        for col in ("app", "key", "llm", "period", "mode", "spent / limit USD", "tokens / limit", "used"):
             budgets.add_column(col, justify="right" if col in ("used",) else "left")
         for b in report.budgets:
             colour = "red" if b.used_pct >= 100 else "yellow" if b.used_pct >= 80 else "green"
             usd = f"{b.spent_usd:,.4f} / {b.limit_usd:,.2f}" if b.limit_usd is not None else f"{b.spent_usd:,.4f}"
             tokens = f"{b.spent_tokens:,} / {b.limit_tokens:,}" if b.limit_tokens is not None else f"{b.spent_tokens:,}"
-            budgets.add_row(b.app_id, b.llm_id or "*", f"{b.period} from {b.period_start}", b.mode, usd, tokens,
-                            f"[{colour}]{b.used_pct:.1f}%[/]")
+            budgets.add_row(b.app_id, b.key_id or "*", b.llm_id or "*", f"{b.period} from {b.period_start}", b.mode,
+                            usd, tokens, f"[{colour}]{b.used_pct:.1f}%[/]")
         console.print(budgets)
     else:
         console.print("[dim]Budgets: none configured[/]")

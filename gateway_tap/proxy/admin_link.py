@@ -212,9 +212,10 @@ class AdminLink:
     async def check_plugin(self, plugin: PluginConfig) -> list[str]:
         return await trial_plugin(plugin, self.tap.gateway)
 
-    def budget_report(self, app_id: str, llm_id: str | None) -> dict[str, Any] | None:
+    def budget_report(self, app_id: str, llm_id: str | None, key_id: str | None = None) -> dict[str, Any] | None:
         budget = self.tap.budget
-        return budget.report(app_id, llm_id) if budget is not None else unenforced_report(app_id, llm_id)
+        return (budget.report(app_id, llm_id, key_id) if budget is not None
+                else unenforced_report(app_id, llm_id, key_id))
 
     def audit(self, record: Mapping[str, Any]) -> None:
         self._control.send("admin", AUDIT_KIND, record)

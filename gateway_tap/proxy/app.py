@@ -168,15 +168,18 @@ class TapApp:
         return web.Response(body=self.metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def budget_endpoint(self, request: web.Request) -> web.Response:
-        """The calling app's budgets (spend, limits, % used, period, reset time); same auth as ``/llm``."""
+        """The calling app's budgets and its key's own (spend, limits, % used, period, reset time); same auth as
+        ``/llm``."""
         ex = exchange_of(request)
         key = presented_key(request.headers)
-        app = self.apps.app_for_key(key) if key is not None else None
-        if app is None:
+        found = self.apps.identify(key) if key is not None else None
+        if found is None:
             raise errors.missing_key() if key is None else errors.unknown_key()
+        app, ex.key_hash, ex.key_id = found
         ex.app_id = app.id
         llm_id = request.query.get("llm_id") or None
-        report = self.budget.report(app.id, llm_id) if self.budget is not None else unenforced_report(app.id, llm_id)
+        report = (self.budget.report(app.id, llm_id, ex.key_id) if self.budget is not None
+                  else unenforced_report(app.id, llm_id, ex.key_id))
         return _json(report, 200)
 
     async def not_found(self, request: web.Request) -> web.Response:

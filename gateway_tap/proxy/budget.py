@@ -134,7 +134,7 @@ class BudgetGate:
         app_id = ex.app_id
         if app_id is None:
             return
-        budgets = self.enforcer.applicable(app_id, ex.llm_id)
+        budgets = self.enforcer.applicable(app_id, ex.llm_id, ex.key_id)
         if not budgets:
             return
         now = self.clock()
@@ -144,7 +144,7 @@ class BudgetGate:
             parsed = None
         cost_micros, tokens = estimate(parsed, ex.prices, now)
         decision = await self.enforcer.admit_leased(app_id, ex.llm_id, estimated_cost_micros=cost_micros,
-                                                    estimated_tokens=tokens, now=now)
+                                                    estimated_tokens=tokens, now=now, key_id=ex.key_id)
         if not decision.allowed:
             raise _refusal(decision, now)
         ex.budget = decision.reservation
@@ -162,20 +162,22 @@ class BudgetGate:
         usage = next((e for e in events if isinstance(e, WireBudgetUsage)), None)
         reservation.settle(usage)  # type: ignore[arg-type]  # a generated struct with the SettledUsage fields
 
-    def report(self, app_id: str, llm_id: str | None = None) -> dict[str, Any]:
-        """What ``GET /budget`` and the plugins' ``budget_status`` return for an app."""
-        return {"app_id": app_id, "llm_id": llm_id, "enforced": True,
+    def report(self, app_id: str, llm_id: str | None = None, key_id: str | None = None) -> dict[str, Any]:
+        """What ``GET /budget`` and the plugins' ``budget_status`` return for an app (and for the key ``key_id``:
+        its own budgets too)."""
+        return {"app_id": app_id, "key_id": key_id, "llm_id": llm_id, "enforced": True,
                 "store_available": self.enforcer.store_available,
-                "budgets": [s.to_dict() for s in self.enforcer.status(app_id, llm_id)]}
+                "budgets": [s.to_dict() for s in self.enforcer.status(app_id, llm_id, key_id=key_id)]}
 
     async def status_for(self, app_id: str, llm_id: str | None = None) -> Mapping[str, Any] | None:
         """:data:`gateway_tap.services.BudgetStatusFn` for the plugins' gateway services."""
         return self.report(app_id, llm_id)
 
 
-def unenforced_report(app_id: str, llm_id: str | None = None) -> dict[str, Any]:
+def unenforced_report(app_id: str, llm_id: str | None = None, key_id: str | None = None) -> dict[str, Any]:
     """``GET /budget`` when no budget is enforced by this tap."""
-    return {"app_id": app_id, "llm_id": llm_id, "enforced": False, "store_available": None, "budgets": []}
+    return {"app_id": app_id, "key_id": key_id, "llm_id": llm_id, "enforced": False, "store_available": None,
+            "budgets": []}
 
 
 def _refusal(decision: Decision, now: datetime) -> errors.TapError:
@@ -184,7 +186,8 @@ def _refusal(decision: Decision, now: datetime) -> errors.TapError:
         return errors.budget_store_unavailable(retry_after)
     b = decision.budget
     assert b is not None
-    scope = f"app {b.app_id!r}" + (f" on LLM {b.llm_id!r}" if b.llm_id else "")
+    scope = (f"key {b.key_id!r} of app {b.app_id!r}" if b.key_id else f"app {b.app_id!r}") + (
+        f" on LLM {b.llm_id!r}" if b.llm_id else "")
     used = []
     if b.limit_usd is not None:
         used.append(f"${b.spent_usd:.6f} of ${b.limit_usd:g} spent")

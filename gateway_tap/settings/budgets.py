@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from gateway_tap.settings.apps import KeyId
 from gateway_tap.settings.base import Id, Section
 
 Period = Literal["monthly", "daily"]
 
 
 class BudgetSettings(Section):
-    """One budget: per app, or per app x LLM when ``llm_id`` is set."""
+    """One budget: per app, or per app x LLM when ``llm_id`` is set; one key's own when ``key_id`` is set."""
 
     app_id: Id = Field(description="The app this budget applies to.")
     llm_id: Id | None = Field(default=None, description="Limit only this LLM of the app (default: all its LLMs).")
+    key_id: KeyId | None = Field(
+        default=None,
+        description="Limit only the requests made with this key of the app: its id as events name it (an issued "
+                    "key's id, apps[].key_ids, or 'sha256:' and the first 12 hex digits of its hash). The app's "
+                    "own budgets apply to those requests too.")
     limit_usd: float | None = Field(default=None, ge=0, description="Spend limit per period in USD.")
     limit_tokens: int | None = Field(default=None, ge=0, description="Total-token limit per period.")
     period: Period = Field(default="monthly", description="monthly (calendar month, UTC) or daily (UTC day).")
@@ -35,8 +42,14 @@ class BudgetSettings(Section):
 
     @property
     def key(self) -> str:
-        """Stable identity of this budget (used to persist alert state): ``app[/llm]:period``."""
-        return f"{self.app_id}{'/' + self.llm_id if self.llm_id else ''}:{self.period}"
+        """Stable identity of this budget (used to persist alert state): ``app[@key][/llm]:period``."""
+        return f"{self.app_id}{'@' + self.key_id if self.key_id else ''}{'/' + self.llm_id if self.llm_id else ''}" \
+               f":{self.period}"
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        """Whose spend it limits: ``(app_id, key_id)``, the key id empty for the whole app."""
+        return self.app_id, self.key_id or ""
 
 
 class BudgetStoreSettings(Section):
@@ -90,22 +103,27 @@ class BudgetEnforcementSettings(Section):
                                            "for this long: what a dead worker held is freed.")
 
 
-def check_budget_references(budgets: list[BudgetSettings], app_ids: set[str], llm_ids: set[str]) -> list[str]:
+def check_budget_references(budgets: list[BudgetSettings], app_ids: set[str], llm_ids: set[str],
+                            key_ids: Mapping[str, set[str]] | None = None) -> list[str]:
     """Cross-section problems of the ``budgets`` list, one ``key.path: message`` line each.
 
-    Duplicates of (app, LLM, period) are errors (their alerts would share one state);
-    unknown apps and LLMs are errors when the file declares ``apps`` / ``llms`` at all.
+    Duplicates of (app, key, LLM, period) are errors (their alerts would share one state);
+    unknown apps and LLMs are errors when the file declares ``apps`` / ``llms`` at all, and a key budget's key must
+    be one of its app's (``key_ids``: the ids of each app's keys, :meth:`AppConfig.all_key_ids`) when given.
     """
     problems: list[str] = []
-    seen: set[tuple[str, str | None, str]] = set()
+    seen: set[str] = set()
     for i, budget in enumerate(budgets):
-        key = (budget.app_id, budget.llm_id, budget.period)
-        if key in seen:
+        if budget.key in seen:
             problems.append(f"budgets[{i}]: duplicate budget for app {budget.app_id!r}"
+                            f"{f' key {budget.key_id!r}' if budget.key_id else ''}"
                             f"{f' x LLM {budget.llm_id!r}' if budget.llm_id else ''} ({budget.period})")
-        seen.add(key)
+        seen.add(budget.key)
         if app_ids and budget.app_id not in app_ids:
             problems.append(f"budgets[{i}].app_id: unknown app {budget.app_id!r}")
         if llm_ids and budget.llm_id is not None and budget.llm_id not in llm_ids:
             problems.append(f"budgets[{i}].llm_id: unknown LLM {budget.llm_id!r}")
+        if (budget.key_id is not None and key_ids is not None and budget.app_id in key_ids
+                and budget.key_id not in key_ids[budget.app_id]):
+            problems.append(f"budgets[{i}].key_id: app {budget.app_id!r} has no key {budget.key_id!r}")
     return problems

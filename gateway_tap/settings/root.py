@@ -37,7 +37,8 @@ class GatewayConfig(Section):
     llms: list[LLMConfig] = Field(default_factory=list, description="Upstreams, by id.")
     apps: list[AppConfig] = Field(default_factory=list, description="Client applications, by id.")
     plugins: list[PluginConfig] = Field(default_factory=list, description="The hook chain, by name.")
-    budgets: list[BudgetSettings] = Field(default_factory=list, description="Spend/token budgets per app (x LLM).")
+    budgets: list[BudgetSettings] = Field(default_factory=list,
+                                          description="Spend/token budgets per app (x LLM), and per key of an app.")
     budget_store: Annotated[BudgetStoreSettings, RESTART] = Field(
         default_factory=BudgetStoreSettings)  # type: ignore[arg-type]
     budget_enforcement: BudgetEnforcementSettings = Field(
@@ -99,7 +100,8 @@ def parse_config(data: Any, source: str | Path = "<config>") -> GatewayConfig:
     except ValidationError as exc:
         raise ConfigFileError(source, format_validation_error(exc)) from None
     app_ids, llm_ids = {a.id for a in config.apps}, {llm.id for llm in config.llms}
-    problems = (_check_tap_references(config) + check_budget_references(config.budgets, app_ids, llm_ids)
+    key_ids = {a.id: a.all_key_ids() for a in config.apps}
+    problems = (_check_tap_references(config) + check_budget_references(config.budgets, app_ids, llm_ids, key_ids)
                 + check_rate_limit_references(config.rate_limits, app_ids, llm_ids))
     if problems:
         raise ConfigFileError(source, problems)

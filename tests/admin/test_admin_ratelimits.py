@@ -54,8 +54,9 @@ async def test_key_name_expiry_and_limits_and_app_limits_through_the_api(
         await tap.wait_version(2)
         answers = [await chat(tap, key["key"]) for _ in range(3)]
         assert [s for s, _ in answers] == [200, 200, 429]  # the key's own limit, across both workers
-        assert answers[2][1]["error"]["code"] == "rate_limit_exceeded" and "key sha256:" in \
-            answers[2][1]["error"]["message"]
+        # The refusal names the key by its id, never by its hash.
+        assert answers[2][1]["error"]["code"] == "rate_limit_exceeded" and f"for key {key['id']} on" in \
+            answers[2][1]["error"]["message"] and "sha256" not in answers[2][1]["error"]["message"]
 
         # The app's limits, through the CLI (one validation path: the API's), and read back.
         def cli(*args: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from gateway_tap.admin.state import AdminState
 from gateway_tap.admin.store import AdminStore
 from gateway_tap.admin.sync import StateSync
 from gateway_tap.budgets.store import StoreUnavailable
-from gateway_tap.settings import BudgetStoreSettings, parse_config
+from gateway_tap.settings import BudgetSettings, BudgetStoreSettings, parse_config
 from tests.support.tap import tap_config
 
 
@@ -81,5 +81,30 @@ async def test_a_database_down_at_start_is_retried(budget_store_settings: Budget
         assert applied == [0] and len(attempts) == 2
         await sync.poll()
         assert len(attempts) == 2  # migrated once, never again
+    finally:
+        await store.close()
+
+
+async def test_key_ids_and_key_budgets_follow_the_lineage(budget_store_settings: BudgetStoreSettings,
+                                                          tmp_path: Path) -> None:
+    """The overlay names an API app's keys by their lineage (a rotation's successor shares it) and applies a key's
+    budgets; a key budget naming no key of its app is left out and reported, the rest applies."""
+    store = AdminStore(await connect(budget_store_settings))
+    config = parse_config(tap_config("http://127.0.0.1:9", "127.0.0.1:9", "t", tmp_path))
+    try:
+        await store.create_app("team", "Team", ["*"], {})
+        ((old, _), _) = await store.issue_key("team")
+        await store.set_budget(BudgetSettings(app_id="team", key_id=old.id, limit_usd=1, period="daily"))
+        await store.set_budget(BudgetSettings(app_id="team", key_id="key_nobody", limit_usd=1))
+        (_, new, _), _ = await store.rotate_key("team", old.id, overlap_s=60)
+        overlay = (await store.state()).overlay(config, new.created_s + 1)
+        team = next(a for a in overlay.config.apps if a.id == "team")
+        assert team.key_ids == {old.key_hash: old.id, new.key_hash: old.id}
+        assert [b.key for b in overlay.config.budgets if b.key_id] == [f"team@{old.id}:daily"]
+        assert [(r.entry, r.error) for r in overlay.rejected] == [
+            ("apps/team/keys/key_nobody/budgets/team@key_nobody:monthly",
+             "key_id: app 'team' has no key 'key_nobody'")]
+        _, version = await store.delete_budget("team", None, "daily", old.id)
+        assert not [b for b in (await store.state()).budgets if b.key_id == old.id] and version > 0
     finally:
         await store.close()

@@ -248,3 +248,51 @@ def test_usd_to_micros_is_the_decimal_half_up_rule() -> None:
         assert periods.usd_to_micros(value) == decimal_rule(value), value
         assert periods.usd_to_micros(value) == decimal_rule(value), value  # from the memo this time
     assert len(periods._MICROS) <= periods._MICROS_MAX
+
+
+async def test_a_key_budget_limits_that_key_only_and_the_app_budget_every_key(budget_store: BudgetStore) -> None:
+    """A key's own hard budget refuses that key's requests (429 budget_exceeded) while another key of the same app
+    is admitted; its spend counts from the store (the key's totals), from this tap's pending usage and from its
+    requests in flight, and also counts against the app's budget."""
+    budgets = [BudgetSettings(app_id="app", limit_usd=10.0),
+               BudgetSettings(app_id="app", key_id="key_small", limit_usd=1.0, period="daily")]
+    await budget_store.record_batch([UsageRecord.from_event(usage(cost=0.7, at=NOW, key_id="key_small")),
+                                     UsageRecord.from_event(usage(cost=2.0, at=NOW, key_id="key_big"))])
+    e = enforcer(budgets, budget_store)
+    await e.start()
+    try:
+        [app_budget, key_budget] = e.status("app", key_id="key_small")
+        assert (app_budget.key_id, app_budget.spent_usd) == (None, 2.7)
+        assert (key_budget.key_id, key_budget.spent_usd, key_budget.period) == ("key_small", 0.7, "daily")
+        assert [b.key_id for b in e.status("app", key_id="key_big")] == [None]
+        held = e.admit("app", "llm", estimated_cost_usd=0.25, key_id="key_small")
+        assert held.allowed and held.reservation is not None
+        refused = e.admit("app", "llm", estimated_cost_usd=0.1, key_id="key_small")  # 0.7 + 0.25 in flight + 0.1
+        assert not refused.allowed and refused.reason == "budget_exceeded"
+        assert refused.budget is not None and refused.budget.key_id == "key_small"
+        assert refused.retry_after == MANUAL.staleness_s  # only the request in flight holds the rest (may settle lower)
+        other = e.admit("app", "llm", estimated_cost_usd=0.1, key_id="key_big")
+        assert other.allowed and other.reservation is not None
+        other.reservation.settle(usage(cost=0.1, at=NOW, key_id="key_big"))
+        held.reservation.settle(usage(cost=0.4, at=NOW, key_id="key_small"))  # 1.1 of 1.0 spent
+        refused = e.admit("app", "llm", estimated_cost_usd=0.0, key_id="key_small")
+        assert not refused.allowed and refused.retry_after == (datetime(2026, 3, 16, tzinfo=UTC) - NOW).total_seconds()
+        assert e.check("app", "llm").allowed  # a request without that key (another key, a plugin's auth)
+        assert e.status("app")[0].spent_usd == pytest.approx(3.2)
+        await e.refresh()  # nothing recorded yet: the tap's own usage still counts, per key and per app
+        assert e.status("app", key_id="key_small")[1].spent_usd == pytest.approx(1.1)
+        assert e.status("app", key_id="key_small")[0].spent_usd == pytest.approx(3.2)
+    finally:
+        await e.stop()
+
+
+async def test_a_soft_key_budget_never_refuses(budget_store: BudgetStore) -> None:
+    e = enforcer([BudgetSettings(app_id="app", key_id="key_a", limit_tokens=10, mode="soft")], budget_store)
+    await budget_store.record_batch([UsageRecord.from_event(usage(tokens=50, at=NOW, key_id="key_a"))])
+    await e.start()
+    try:
+        decision = e.admit("app", "llm", estimated_tokens=20, key_id="key_a")
+        assert decision.allowed
+        assert e.status("app", key_id="key_a")[0].exceeded
+    finally:
+        await e.stop()

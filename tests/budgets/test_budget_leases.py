@@ -124,7 +124,7 @@ async def test_recorded_usage_leaves_the_claims_and_stopped_workers_free_theirs(
     event = usage(tokens=100, cost=0.0, at=NOW)
     d.reservation.settle(event)
     claims = one._claims()
-    assert claims == {("app", "llm", NOW.date()): (0, 200)}  # 100 used + 100 left of a 200 lease (10% of the room)
+    assert claims == {("app", "", "llm", NOW.date()): (0, 200)}  # 100 used + 100 left of a 200 lease (10% of the room)
     await budget_store.record_batch([UsageRecord.from_event(event)])
     one._drawn.clear()  # no request drew from the lease since: the next refresh returns it
     await one.refresh()
@@ -150,3 +150,46 @@ async def test_claims_of_a_dead_worker_expire(budget_store: BudgetStore) -> None
     assert not (await two.admit_leased("app", "llm", estimated_cost_micros=0, estimated_tokens=10, now=NOW)).allowed
     await asyncio.sleep(0.4)
     assert (await two.admit_leased("app", "llm", estimated_cost_micros=0, estimated_tokens=10, now=NOW)).allowed
+
+
+async def test_key_budgets_hold_across_workers_next_to_the_apps(budget_store: BudgetStore) -> None:
+    """Three workers, no collector: a key's own hard budget is admitted against leases of its own (claims with the
+    key's id), so its exact estimates never overspend it across the workers, while the app's budget, which every
+    request of the app draws from too, holds as well and the app's other key keeps being admitted."""
+    budgets = [BudgetSettings(app_id="app", limit_tokens=4 * LIMIT, period="daily"),
+               BudgetSettings(app_id="app", key_id="key_small", limit_tokens=LIMIT // 4, period="daily")]
+    s = BudgetEnforcementSettings(staleness_s=0.05)
+    workers = [BudgetEnforcer(budgets, budget_store, s, clock=lambda: NOW, registry=CollectorRegistry(),
+                              holder=f"tap-{i}") for i in range(3)]
+    spent = {"key_small": 0, "key_big": 0}
+    admitted_after_small_refused = []
+    small_refused = asyncio.Event()
+    deadline = time.monotonic() + 2.0
+
+    async def client(n: int) -> None:
+        e, key = workers[n % 3], ("key_small", "key_big")[n % 2]
+        while time.monotonic() < deadline:
+            d = await e.admit_leased("app", "llm", estimated_cost_micros=0, estimated_tokens=25, now=NOW, key_id=key)
+            if not d.allowed:
+                if key == "key_small":
+                    small_refused.set()
+                await asyncio.sleep(0.01)
+                continue
+            assert d.reservation is not None
+            await asyncio.sleep(random.uniform(0.001, 0.02))
+            d.reservation.settle(usage(tokens=25, cost=0.0, at=NOW, key_id=key))
+            spent[key] += 25
+            if key == "key_big" and small_refused.is_set():
+                admitted_after_small_refused.append(1)
+
+    for e in workers:
+        await e.start()
+    try:
+        await asyncio.gather(*(client(n) for n in range(24)))
+        assert await budget_store.key_totals(NOW.date(), None, [("app", "key_small")]) == []  # no collector
+    finally:
+        for e in workers:
+            await e.stop()
+    assert LIMIT // 4 - 3 * 25 * 2 <= spent["key_small"] <= LIMIT // 4, spent
+    assert spent["key_small"] + spent["key_big"] <= 4 * LIMIT, spent
+    assert admitted_after_small_refused, spent  # the app's other key went on after the small one was refused

@@ -90,6 +90,33 @@ async def test_recording_is_idempotent(budget_store: BudgetStore) -> None:
     assert await budget_store.summary("monthly", MARCH) == expected
 
 
+async def test_usage_with_a_key_is_also_totalled_per_key_idempotently(budget_store: BudgetStore) -> None:
+    """The ledger keeps each event's key; a key's totals hold exactly its events' cost, apart from the app's (which
+    hold every event), and redelivering changes neither."""
+    rng = random.Random(23)
+    keys = ["key_aaaa", "sha256:9f86d081884c", None]
+    events = [usage(app_id=f"app{i % 2}", llm_id=f"llm{i % 3}", cost=round(rng.uniform(0, 0.05), 7),
+                    tokens=rng.randint(1, 900), key_id=keys[i % 3]) for i in range(240)]
+    await budget_store.record_batch(records(events))
+    again = await budget_store.record_batch(records(events[::2]))
+    assert again.inserted == 0
+    for app in ("app0", "app1"):
+        for key in ("key_aaaa", "sha256:9f86d081884c"):
+            mine = [e for e in events if e.app_id == app and e.key_id == key]
+            expected = Spend(sum(usd_to_micros(e.cost) for e in mine), sum(e.total_tokens for e in mine), len(mine))
+            assert await budget_store.spend(app, None, "monthly", MARCH, key_id=key) == expected
+            one_llm = [e for e in mine if e.llm_id == "llm1"]
+            assert (await budget_store.spend(app, "llm1", "monthly", MARCH, key_id=key)).requests == len(one_llm)
+        every = [e for e in events if e.app_id == app]
+        assert await budget_store.spend(app, None, "monthly", MARCH) == Spend(
+            sum(usd_to_micros(e.cost) for e in every), sum(e.total_tokens for e in every), len(every))
+    assert await budget_store.spend("app0", None, "monthly", MARCH, key_id="key_other") == Spend()
+    rows = await budget_store.key_totals(MARCH, None, [("app1", "key_aaaa")])
+    assert rows and {(r.app_id, r.key_id) for r in rows} == {("app1", "key_aaaa")}
+    snap = await budget_store.snapshot(MARCH, ["app0"], [], [("app0", "key_aaaa")])
+    assert {r.scope for r in snap.totals} == {("app0", ""), ("app0", "key_aaaa")}
+
+
 async def test_repeats_inside_one_batch_count_once(budget_store: BudgetStore) -> None:
     event = usage(cost=0.5, tokens=7)
     result = await budget_store.record_batch(records([event, event, event]))

@@ -20,12 +20,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway_tap.apps import hash_key
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import Spend, open_store
 from gateway_tap.dev.servers import free_port
 from gateway_tap.proxy.app import create_app
 from gateway_tap.proxy.protocol import TapRunner
-from gateway_tap.settings import BudgetStoreSettings, parse_config
+from gateway_tap.settings import BudgetStoreSettings, default_key_id, parse_config
 from schemas import Analytics, BudgetUsage, ProxyLog
 from tests.support.budget import TcpRelay
 from tests.support.collectors import collect_process, create_topics
@@ -214,7 +215,9 @@ async def test_concurrent_requests_exact_spend_bounded_overspend_and_get_budget(
             assert budget["percent_used"] == round(spent / limit * 100, 2) and budget["reserved_usd"] == 0
             assert (budget["period"], budget["period_start"]) == ("monthly", "2026-03-01")
             assert budget["resets_at"] == "2026-04-01T00:00:00+00:00"
-            assert await tap.tap.gateway.budget_status("test") == report  # the plugins' services: same data
+            assert report["key_id"] == default_key_id(hash_key(APP_KEY))  # the file key, named by its hash's prefix
+            # The plugins' services: the same data for the app (no key of its own).
+            assert await tap.tap.gateway.budget_status("test") == {**report, "key_id": None}
 
             gauge = 'gateway_tap_budget_used_ratio{app="test",llm="",period="monthly"}'
 
@@ -355,8 +358,8 @@ async def test_get_budget_auth_and_streams_cut_off_release_their_reservation(
         status, report = await get_budget(http, tap, {"x-api-key": APP_KEY})
         assert status == 200 and len(report["budgets"]) == 2
         status, report = await get_budget(http, tap, {"x-api-key": LIMITED_KEY})
-        assert status == 200 and report == {"app_id": "limited", "llm_id": None, "enforced": True,
-                                            "store_available": True, "budgets": []}
+        assert status == 200 and report == {"app_id": "limited", "key_id": default_key_id(hash_key(LIMITED_KEY)),
+                                            "llm_id": None, "enforced": True, "store_available": True, "budgets": []}
 
         # The client reads the first chunk of a slow stream and hangs up.
         assert tap.tap.budget is not None

@@ -15,10 +15,12 @@ import pytest
 from collectors import RetryLater
 from collectors.sinks.budget import BudgetCollector
 from collectors.testing import CollectorHarness
+from gateway_tap.admin.db import connect
+from gateway_tap.admin.store import AdminStore
 from gateway_tap.budgets.periods import usd_to_micros
 from gateway_tap.budgets.store import BudgetStore, Spend, open_store
 from gateway_tap.dev.servers import free_port
-from gateway_tap.settings import BudgetStoreSettings
+from gateway_tap.settings import BudgetSettings, BudgetStoreSettings
 from tests.support.budget import TcpRelay, usage
 from tests.support.collectors import collect_process, create_topics, produce_events
 
@@ -35,7 +37,8 @@ def config(settings: BudgetStoreSettings, budgets: list[dict[str, Any]] | None =
 
 def alert_count(h: CollectorHarness, threshold: str) -> float:
     value = h.registry.get_sample_value("gateway_tap_budget_alerts_total",
-                                        {"app": "app", "llm": "*", "period": "monthly", "threshold": threshold})
+                                        {"app": "app", "llm": "*", "period": "monthly", "threshold": threshold,
+                                         "scope": "app"})
     return value or 0.0
 
 
@@ -61,6 +64,39 @@ async def test_alerts_fire_once_per_threshold_per_period(budget_store_settings: 
     lines = [r.getMessage() for r in caplog.records if "budget alert" in r.getMessage()]
     assert len(lines) == 4
     assert "app:monthly reached 80% of its hard limit for the period starting 2026-03-01" in lines[0]
+
+
+async def test_api_budgets_alert_and_a_keys_budget_counts_only_that_key(budget_store_settings: BudgetStoreSettings,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Budgets set through the admin API (an app's, a key's) alert like the file's, picked up when the admin state's
+    version moves; a key's soft budget alerts on the usage of that key (its lineage: a rotation's successor too)
+    and not on the app's other keys."""
+    caplog.set_level(logging.WARNING)
+    admin = AdminStore(await connect(budget_store_settings))
+    try:
+        await admin.create_app("app", "", ["*"], {})
+        (key, _), _ = await admin.issue_key("app")
+        await admin.set_budget(BudgetSettings(app_id="app", key_id=key.lineage, limit_usd=1.0, mode="soft"))
+        async with CollectorHarness(BudgetCollector, config(budget_store_settings, []), name="budget") as h:
+            def key_alerts(threshold: str) -> float:
+                return h.registry.get_sample_value("gateway_tap_budget_alerts_total", {
+                    "app": "app", "llm": "*", "period": "monthly", "threshold": threshold, "scope": "key"}) or 0
+            await h.feed([usage(cost=5.0, at=NOW, key_id="key_someone_else"), usage(cost=5.0, at=NOW)])
+            assert key_alerts("0.8") == 0
+            await h.feed([usage(cost=0.85, at=NOW, key_id=key.lineage)])
+            assert (key_alerts("0.8"), key_alerts("1")) == (1, 0)
+            # An app budget set now is read with the next batch (the state's version moved) and alerts at once.
+            await admin.set_budget(BudgetSettings(app_id="app", limit_usd=10.0, alert_thresholds=(0.5,)))
+            (_, successor, _), _ = await admin.rotate_key("app", key.id, 60)
+            assert successor.lineage == key.lineage
+            await h.feed([usage(cost=0.2, at=NOW, key_id=successor.lineage)])
+            assert key_alerts("1") == 1
+            assert h.registry.get_sample_value("gateway_tap_budget_alerts_total", {
+                "app": "app", "llm": "*", "period": "monthly", "threshold": "0.5", "scope": "app"}) == 1
+    finally:
+        await admin.close()
+    lines = [r.getMessage() for r in caplog.records if "budget alert" in r.getMessage()]
+    assert any(f"app@{key.lineage}:monthly reached 80% of its soft limit" in line for line in lines), lines
 
 
 async def test_non_usd_usage_is_rejected_and_the_rest_recorded(budget_store_settings: BudgetStoreSettings) -> None:

@@ -44,10 +44,12 @@ async def budget_store(budget_store_settings: BudgetStoreSettings) -> AsyncItera
 
 def usage(app_id: str = "app", llm_id: str = "llm", cost: float = 0.01, tokens: int = 100,
           at: datetime | None = None, period: Period = "monthly", start: date | None = None,
-          event_id: str | None = None) -> BudgetUsage:
+          event_id: str | None = None, key_id: str | None = None) -> BudgetUsage:
     """A budget_usage event as the tap emits it (counted against the period containing ``at``)."""
     at = at or datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
-    fields = {} if event_id is None else {"id": event_id}
+    fields: dict[str, str] = {} if event_id is None else {"id": event_id}
+    if key_id is not None:
+        fields["key_id"] = key_id
     return BudgetUsage(gateway_id="test-tap", request_id=f"req-{next(_seq)}", app_id=app_id, llm_id=llm_id,
                        model="mock-model", prompt_tokens=tokens // 2, completion_tokens=tokens - tokens // 2,
                        total_tokens=tokens, cost=cost, period=period,
