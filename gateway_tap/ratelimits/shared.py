@@ -7,6 +7,11 @@ request ids scored by when their claim lapses (``rate_limiting.concurrency_lease
 whose tap died without settling). Settlements (the token estimate replaced by the actual usage, the
 concurrency claim ended) are not on any request's path: queued and sent in one pipeline per flush.
 
+Both scripts take a lean path (:class:`_ScriptLane`): a connection of their own each, the commands packed in one
+call of hiredis's C encoder, written in one write and read without redis-py's per-command machinery (the pool's
+checkout, the arguments' encoding in Python, the script object's retry wrapper), which cost more CPU than the rest
+of the tap did (BENCHMARKS.md, "Rate limits").
+
 Keys of one request live on one server (no Redis Cluster slots across keys): run one Redis or a replicated
 primary, not a cluster.
 """
@@ -15,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from typing import Any
 
-from redis.commands.core import AsyncScript
+import hiredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError
 
 from gateway_tap.ratelimits.limiter import CounterState, Decision, Plan
-from gateway_tap.redis_link import REDIS_ERRORS, RedisLink
+from gateway_tap.redis_link import REDIS_ERRORS, RedisLink, ResponseError
 
 log = logging.getLogger("gateway_tap.ratelimits")
 
@@ -103,6 +111,58 @@ return 0
 requests)."""
 
 
+class _ScriptLane:
+    """One script's calls on one connection kept for them: ``EVALSHA`` packed by hiredis in one C call per command,
+    a batch sent with one write, the answers read by the connection's parser (hiredis's, installed with
+    ``redis[hiredis]``). Calls are one at a time (the admissions' group commit and the settlements' flush each
+    batch what arrives meanwhile). A connection whose exchange was cut (an error, a timeout, a cancelled caller) is
+    closed and opened again by the next call; a script the server lost (a restart) is loaded again and repeated."""
+
+    def __init__(self, link: RedisLink, script: str) -> None:
+        self.link = link
+        self.script = script
+        self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        self._conn: AbstractConnection | None = None
+
+    async def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.link.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if not conn.is_connected:
+            await conn.connect()
+        return conn
+
+    async def call(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The script's answer to each ``(keys, args)``, in one write and one read of every answer; an error answer
+        is returned as its exception, in its place."""
+        conn = await self._connection()
+        packed = b"".join(hiredis.pack_command(("EVALSHA", self.sha, len(keys), *keys, *args)) for keys, args in calls)
+        done = False
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            out: list[Any] = []
+            for _ in calls:
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as exc:  # an error answer: the connection is in step, the others follow
+                    out.append(exc)
+            done = True
+        finally:
+            if not done:  # answers may be left unread on it: never reuse it
+                await conn.disconnect()
+        if any(isinstance(r, NoScriptError) for r in out):
+            await self.link.client.script_load(self.script)  # type: ignore[no-untyped-call]
+            again = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+            for i, r in zip(again, await self.call([calls[i] for i in again]), strict=True):
+                out[i] = r
+        return out
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+
 class SharedAdmission:
     """An admission of :class:`SharedLimiter`: its settlement is queued for the next flush."""
 
@@ -139,8 +199,8 @@ class SharedLimiter:
         self.link = link
         self.on_error = on_error
         self.lease_ms = int(lease_s * 1000)
-        self._admit: AsyncScript = link.client.register_script(_ADMIT)
-        self._settle: AsyncScript = link.client.register_script(_SETTLE)
+        self._admit = _ScriptLane(link, _ADMIT)
+        self._settle = _ScriptLane(link, _SETTLE)
         self._queue: list[tuple[list[str], list[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self.dropped_settlements = 0
@@ -182,16 +242,15 @@ class SharedLimiter:
         self._sending = True
         try:
             start = time.perf_counter()
-            out = await self._admit(keys, args)
+            [out] = await self._admit.call([(keys, args)])
             self.link.observe(USER, time.perf_counter() - start)
+            if isinstance(out, Exception):
+                raise out
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 start = time.perf_counter()
                 try:
-                    pipe = self.link.client.pipeline(transaction=False)
-                    for batch_keys, batch_args, _ in batch:
-                        await self._admit(batch_keys, batch_args, client=pipe)
-                    results = await pipe.execute(raise_on_error=False)
+                    results = await self._admit.call([(k, a) for k, a, _ in batch])
                 except BaseException as exc:
                     for _, _, future in batch:
                         if not future.done():
@@ -248,10 +307,10 @@ class SharedLimiter:
                 start = time.perf_counter()
                 try:
                     async with asyncio.timeout(self.link.settings.timeout_s * 4):
-                        pipe = self.link.client.pipeline(transaction=False)
-                        for keys, args in batch:
-                            await self._settle(keys, args, client=pipe)
-                        await pipe.execute()
+                        answers = await self._settle.call(batch)
+                    failed = next((a for a in answers if isinstance(a, Exception)), None)
+                    if failed is not None:
+                        raise failed
                 except REDIS_ERRORS as exc:
                     self.link.failed(USER, exc)
                     self._queue[:0] = batch[: self._MAX_QUEUED - len(self._queue)]
@@ -271,3 +330,5 @@ class SharedLimiter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self._admit.close()
+        await self._settle.close()
