@@ -184,9 +184,12 @@ def test_up_from_the_wheel_comes_up_healthy_serves_and_stops_cleanly(venv: Clean
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [c.cmdline() for c in children]
         ours = [c for c in commands if "gateway_tap" in c]
-        assert {tuple(c[3:5]) for c in ours} >= {("serve", "--config"), ("collect", "file"),
-                                                  ("collect", "elasticsearch"), ("collect", "budget"),
-                                                  ("mock-llm", "--port")}, commands
+        expected = {("serve", "--config"), ("collect", "file"), ("collect", "elasticsearch"), ("collect", "budget"),
+                    ("mock-llm", "--port")}
+        missing = expected - {tuple(c[3:5]) for c in ours}
+        logs = {name: (state / "logs" / f"collector-{name}.log").read_text(errors="replace")[-3000:]
+                for _, name in missing if (state / "logs" / f"collector-{name}.log").exists()}
+        assert not missing, f"not running: {sorted(missing)}\n{commands}\n{logs}\n{log.read_text()[-2000:]}"
         assert all(c[0] == str(venv.python) for c in ours), commands  # the wheel's interpreter, not the repo's
         assert any("noida" in part for c in commands for part in c), commands
 
