@@ -114,9 +114,10 @@ class RateLimitGate:
     async def admit(self, req: TapRequest, ex: Exchange) -> None:
         """Admit the request (its admission on ``ex.ratelimit``) or raise the 429/503 :class:`TapError`."""
         limits = self.limits
-        if not limits.applies(ex.app_id, ex.key_hash):
+        key = limits.key_name(ex.key_hash, ex.key_id)
+        if not limits.applies(ex.app_id, key):
             return
-        plan = limits.plan(ex.app_id, ex.key_hash, ex.llm_id, ex.model)
+        plan = limits.plan(ex.app_id, key, ex.llm_id, ex.model)
         if not plan:
             return
         tokens = 0

@@ -78,6 +78,13 @@ class Limits:
     def __bool__(self) -> bool:
         return bool(self.entries)
 
+    def key_name(self, key_hash: str | None, key_id: str | None) -> str | None:
+        """How the limits name a key, if any limit does: by its full ``sha256:<hex>`` hash (how the admin API stores a
+        key's own limits) or by its id (``apps[].key_ids``, or ``sha256:`` and the hash's first 12 hex digits)."""
+        if key_hash in self._keys:
+            return key_hash
+        return key_id if key_id in self._keys else None
+
     def applies(self, app_id: str | None, key_id: str | None) -> bool:
         """Whether any limit may apply to this app or key (cheap: the step's first check)."""
         return app_id in self._apps or key_id in self._keys

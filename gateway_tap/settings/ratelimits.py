@@ -22,8 +22,9 @@ class RateLimitSettings(Section):
                               description="With app_id and llm_id: only its requests for this model (the request's "
                                           "'model').")
     key_id: str | None = Field(default=None, min_length=1,
-                               description="Instead of app_id: limit one key (an admin-issued key's id, or a YAML "
-                                           "key as its 'sha256:<hex>' hash).")
+                               description="Instead of app_id: limit one key, named by its id (apps[].key_ids, or "
+                                           "'sha256:' and the first 12 hex digits of its hash) or by its whole "
+                                           "'sha256:<hex>' hash.")
     requests_per_minute: int | None = Field(default=None, ge=1, description="Requests admitted per minute.")
     tokens_per_minute: int | None = Field(
         default=None, ge=1,

@@ -41,6 +41,18 @@ def test_plan_resolves_app_llm_model_and_key_scopes_in_order() -> None:
     assert lim.applies("a", None) and lim.applies(None, "sha256:" + "0" * 64) and not lim.applies("c", "x")
 
 
+def test_a_key_is_limited_by_its_id_or_by_its_whole_hash() -> None:
+    whole = "sha256:" + "ab" * 32
+    by_hash = Limits([RateLimitSettings(key_id=whole, requests_per_minute=5)])
+    by_id = Limits([RateLimitSettings(key_id="ci-bot", requests_per_minute=5)])
+    by_short_id = Limits([RateLimitSettings(key_id=whole[:19], requests_per_minute=5)])
+    assert by_hash.key_name(whole, "ci-bot") == whole
+    assert by_id.key_name(whole, "ci-bot") == "ci-bot"
+    assert by_short_id.key_name(whole, whole[:19]) == whole[:19]
+    assert by_id.key_name(whole, "other") is None and by_hash.key_name(None, None) is None
+    assert [c.name for c in by_id.plan(None, "ci-bot", "openai", None)] == ["key=ci-bot:requests"]
+
+
 def test_settings_reject_ambiguous_or_empty_entries() -> None:
     for bad, message in (({"app_id": "a", "key_id": "k", "requests_per_minute": 1}, "exactly one of app_id"),
                          ({"app_id": "a"}, "set requests_per_minute"),
