@@ -4,6 +4,7 @@ load, an S3 outage, a missing bucket and wrong credentials, and a replay of the 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import subprocess
@@ -24,6 +25,7 @@ from schemas import Event
 from tests.support.collectors import analytics, collect_process, create_topics, produce_events, wait_for
 
 KILLS = 4
+S3_OUTAGE_S = float(os.environ.get("GATEWAY_TAP_TEST_S3_OUTAGE_S", "8"))
 
 
 def lake_config(bootstrap: str, prefix: str, s3: dict[str, Any], **own: Any) -> dict[str, Any]:
@@ -94,9 +96,9 @@ async def test_repeated_sigkill_mid_upload_under_load_keeps_every_event_exactly_
 
 async def test_s3_outage_pauses_within_the_bound_and_loses_nothing(
         kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A server of this test's own, stopped and started again on the same ports. The outage lasts 8 s here
-    # instead of the 30 s: the runtime's behaviour (retries with backoff capped at 1 s, partitions
-    # paused) is the same from the first failed request on.
+    # A server of this test's own, stopped and started again on the same ports. The outage lasts 8 s in the
+    # suite instead of the 30 s: the runtime's behaviour (retries with backoff capped at 1 s, partitions
+    # paused) is the same from the first failed request on. GATEWAY_TAP_TEST_S3_OUTAGE_S=30 runs the full length.
     server = SeaweedServer(data_dir=tmp_path / "weed", log_path=tmp_path / "weed.log").start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
@@ -116,7 +118,7 @@ async def test_s3_outage_pauses_within_the_bound_and_loses_nothing(
         await wait_for(lambda: len(lake_ids(store)) == 200, "the first events in the lake")
         await asyncio.to_thread(server.stop)
         await produce_events(kafka_bootstrap, topic_prefix, events[200:])  # ~470 B each: 1.8 MB, 3.5x the bound
-        await asyncio.sleep(8)
+        await asyncio.sleep(S3_OUTAGE_S)
         handled = metric(port, "gateway_tap_collector_events_handled_total")
         assert 200 < handled < 200 + 2 * (512 * 1024 // 400) + 400, "paused within max_in_flight_bytes"
         assert "collectors.lake.config.s3.endpoint_url: cannot reach" in proc.log_tail(200)
