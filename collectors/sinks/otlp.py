@@ -132,6 +132,7 @@ class _Call(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     cache_write_tokens: int | None = None
     reasoning_tokens: int | None = None
     tokens_estimated: bool = False
+    usage_invalid: bool = False
     cost: float = 0.0
     currency: str = "USD"
     cost_micros: int | None = None
@@ -266,6 +267,8 @@ def span_of(call: _Call, span: Span) -> None:
     _attr(a, "gateway_tap.llm.id", call.llm_id)
     if call.tokens_estimated:
         _attr(a, "gateway_tap.usage.estimated", True)
+    if call.usage_invalid:
+        _attr(a, "gateway_tap.usage.invalid", True)
     if call.cache_hit:
         _attr(a, "gateway_tap.cache_hit", True)
     _attr(a, "gateway_tap.blocked_by", call.blocked_by)

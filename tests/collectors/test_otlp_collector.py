@@ -64,7 +64,8 @@ async def test_one_span_per_event_with_the_conventions_exact_attributes_and_the_
                   cost_reasoning_micros=None, price_version=None, price_source=None, latency_ms=30.0, streamed=False,
                   request_stream=None, ttft_ms=None, response_id=None, finish_reasons=None, response_model=None,
                   user_id=None)
-    estimated = call(request_id="req_3", span_id="2222222222222222", tokens_estimated=True, latency_ms=5000.0)
+    estimated = call(request_id="req_3", span_id="2222222222222222", tokens_estimated=True, usage_invalid=True,
+                     latency_ms=5000.0)
     async with otlp_receiver() as rx, CollectorHarness(OtlpCollector, {"endpoint": rx.url}) as h:
         await h.feed([ok, failed, estimated])
         await h.flush()
@@ -128,6 +129,7 @@ async def test_one_span_per_event_with_the_conventions_exact_attributes_and_the_
     assert got["error.type"] == "500" and "gen_ai.usage.input_tokens" not in got
     assert "gateway_tap.cost.amount" not in got
     assert attributes(spans[2])["gateway_tap.usage.estimated"] is True
+    assert attributes(spans[2])["gateway_tap.usage.invalid"] is True and "gateway_tap.usage.invalid" not in got
 
     metrics = {m.name: m for m in rx.metrics()}
     assert set(metrics) == {"gen_ai.client.operation.duration", "gen_ai.client.token.usage"}
