@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway_tap.tracing import TRACEPARENT
 
@@ -187,3 +188,8 @@ def url_too_long(limit_bytes: int) -> TapError:
 
 def bad_http(reason: str) -> TapError:
     return TapError(400, "invalid_request_error", "bad_http_request", f"the request is not valid HTTP: {reason}")
+
+
+def bad_http_from(exc: HttpProcessingError) -> TapError:
+    """:func:`bad_http` for what aiohttp's parser raised: its first line, none of the client's bytes beyond it."""
+    return bad_http((exc.message or type(exc).__name__).splitlines()[0].rstrip(": ")[:200])

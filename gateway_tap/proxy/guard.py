@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import uuid_utils
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.errors import TapError
@@ -167,6 +168,9 @@ class RecordingGuard:
         except web.HTTPException as exc:
             ex = ex or self.open(request)
             resp = await self._fail(request, ex, http_error(exc, request, self._max_body_bytes))
+        except HttpProcessingError as exc:  # a body that broke HTTP's framing, read by a plugin endpoint or route
+            ex = ex or self.open(request)
+            resp = await self._fail(request, ex, errors.bad_http_from(exc))
         except Exception:
             # A bug of ours: a JSON 500 with the request id unless bytes went out (then the connection just ends).
             ex = ex or self.open(request)

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -199,6 +200,8 @@ class ProxyHandler:
             raise errors.body_too_large(self.max_body_bytes) from None
         except TimeoutError:
             raise errors.request_timeout(self.body_timeout_s) from None
+        except HttpProcessingError as exc:  # the body broke HTTP's framing (TapRequestHandler._body_broken)
+            raise errors.bad_http_from(exc) from None
         except CLIENT_GONE:  # the client aborted its upload: its doing, not a failure of the gateway
             log.debug("request %s: the client went away while sending its body", ex.request_id)
             raise errors.client_disconnected("client went away while sending the request body") from None

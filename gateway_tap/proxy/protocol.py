@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import _ErrInfo
 
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.errors import TapError
@@ -57,14 +58,14 @@ def protocol_error(exc: HttpProcessingError, max_header_bytes: int, max_header_c
         return errors.header_too_large(max_header_bytes, keys)
     if exc.message == TOO_MANY_HEADERS:
         return errors.too_many_headers(max_header_count)
-    reason = (exc.message or type(exc).__name__).splitlines()[0].rstrip(": ")
-    return errors.bad_http(reason[:200])
+    return errors.bad_http_from(exc)
 
 
 class TapRequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol; requests it cannot parse get the tap's JSON error, recorded by
     ``guard`` when the application has one (the proxy's; the admin API's has none), and a request head that takes
-    longer than ``header_timeout_s`` closes the connection (see the module)."""
+    longer than ``header_timeout_s`` closes the connection (see the module); a body that breaks HTTP's framing while its
+    handler reads it fails that read (:meth:`_body_broken`)."""
 
     def __init__(self, *args: Any, guard: RecordingGuard | None = None, header_timeout_s: float | None = None,
                  **kwargs: Any) -> None:
@@ -82,7 +83,23 @@ class TapRequestHandler(web.RequestHandler):
         waiter = self._waiter
         if data and not self._head_timed and waiter is not None and not waiter.done():
             self._head_deadline()
+        queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued and self._current_request is not None:
+            self._body_broken()
+
+    def _body_broken(self) -> None:
+        """A body that breaks HTTP's framing once its handler is reading it (a bad chunk size): aiohttp queues the
+        parser's error as if it were the next request and leaves this body waiting for bytes that never come
+        (until ``body_timeout_s``, a 408). The error goes to this body instead: its handler answers 400
+        ``bad_http_request``, recorded, and the connection closes after it (the parser has lost its place)."""
+        message, _ = self._messages[-1]
+        content = self._current_request.content if self._current_request is not None else None
+        if isinstance(message, _ErrInfo) and content is not None and not content.is_eof():
+            self._messages.pop()
+            content.set_exception(message.exc)
+            content.feed_eof()  # nothing more will come: aiohttp's lingering read after the answer must not wait
+            self.close()
 
     async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:

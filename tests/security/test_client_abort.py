@@ -60,3 +60,38 @@ async def test_an_aborted_upload_is_a_recorded_499_logged_quietly(
         metrics = await resp.text()
     assert 'status_class="5xx"' not in metrics
     assert 'gateway_tap_requests_total{app="none",llm="openai",model="other",status_class="4xx"} 2.0' in metrics
+
+
+async def _send_raw(url: str, head_lines: list[str], body: bytes, later: bytes) -> bytes:
+    """Sends the head and ``body``, then, once the tap is reading the body, ``later``; the tap's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = ["POST /llm/openai/v1/chat/completions HTTP/1.1", "Host: tap", "Content-Type: application/json",
+            *head_lines]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(later)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_chunked_body_is_a_recorded_400_with_a_request_id(
+        tap: RunningTap, kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway_tap")
+    part = b'{"model":"gpt-4o-mini","messages":[]}'
+    # The bad chunk size comes once the handler is reading the body (sent at once, the parser refuses the
+    # request before any handler runs: that answer is the HTTP parser's 400, tested in test_protocol_errors).
+    answer = await _send_raw(tap.url, ["Transfer-Encoding: chunked", f"Authorization: Bearer {APP_KEY}"],
+                             f"{len(part):x}\r\n".encode() + part + b"\r\n", b"zz-not-a-size\r\n")
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"x-request-id: req_" in rest.lower() and b'"code":"bad_http_request"' in rest, answer[:600]
+    logs = await all_proxy_logs(kafka_bootstrap, topic_prefix, count=1)
+    assert [(log.status_code, log.error.code if log.error else None) for log in logs] == [
+        (400, "bad_http_request")]
+    loud = [r for r in caplog.records if r.levelno > logging.INFO]
+    assert not loud, [(r.name, r.getMessage()) for r in loud]
