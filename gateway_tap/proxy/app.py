@@ -27,6 +27,7 @@ from gateway_tap.plugins.shared_kv import SharedKVStore
 from gateway_tap.proxy import errors
 from gateway_tap.proxy.bounds import MODEL_CHARS, clip
 from gateway_tap.proxy.budget import BudgetGate, unenforced_report
+from gateway_tap.proxy.client_address import ClientAddresses
 from gateway_tap.proxy.endpoints import EndpointServer, endpoints_app
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.proxy.guard import GUARD_KEY, RecordingGuard, exchange_of
@@ -80,7 +81,9 @@ class TapApp:
                                        handler_args=parser_limits(tap.limits))
         self.web_app[TAP_KEY] = self
         self.web_app[LIMITS_KEY] = tap.limits
-        self.guard = self.web_app[GUARD_KEY] = RecordingGuard(self.record_answer, tap.limits.max_body_bytes)
+        self.guard = self.web_app[GUARD_KEY] = RecordingGuard(
+            self.record_answer, tap.limits.max_body_bytes,
+            ClientAddresses(tap.trusted_proxies) if tap.trusted_proxies else None)
         self._routes()
         self.web_app.on_startup.append(self._on_startup)
         self.web_app.on_cleanup.append(self._on_cleanup)

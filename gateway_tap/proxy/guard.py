@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway_tap.proxy import errors
+from gateway_tap.proxy.client_address import ClientAddresses
 from gateway_tap.proxy.errors import TapError
 from gateway_tap.proxy.exchange import Exchange
 from gateway_tap.tracing import TRACEPARENT, continue_trace
@@ -136,11 +137,14 @@ class RecordingGuard:
 
     :param record: records an exchange nobody else recorded (its proxy_log, the access log line).
     :param max_body_bytes: ``tap.limits.max_body_bytes``, named in a 413.
+    :param clients: who the client is behind ``tap.trusted_proxies``; None: the connection's peer.
     """
 
-    def __init__(self, record: Callable[[Exchange], None], max_body_bytes: int) -> None:
+    def __init__(self, record: Callable[[Exchange], None], max_body_bytes: int,
+                 clients: ClientAddresses | None = None) -> None:
         self._record = record
         self._max_body_bytes = max_body_bytes
+        self._clients = clients
 
     def wrap(self, handler: Handler) -> Handler:
         async def guarded(request: web.BaseRequest) -> web.StreamResponse:
@@ -198,7 +202,8 @@ class RecordingGuard:
         headers = request.headers
         ex = Exchange(new_request_id(), request.method, request.rel_url.raw_path, "", time.perf_counter(),
                       continue_trace(headers.get(TRACEPARENT)))
-        ex.client_address = request.remote
+        clients = self._clients
+        ex.client_address = request.remote if clients is None else clients.client_of(request.remote, headers)
         ex.user_agent = headers.get("user-agent")
         ex.request_headers = headers
         request[_EXCHANGE] = ex

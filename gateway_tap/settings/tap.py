@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, IPvAnyNetwork, model_validator
 
 from gateway_tap.settings.admin import AdminSettings
 from gateway_tap.settings.base import RESTART, Section
@@ -79,6 +79,12 @@ class TapSettings(Section):
     admin: Annotated[AdminSettings, RESTART] = Field(default_factory=AdminSettings)  # type: ignore[arg-type]
     metrics: Annotated[TapMetricsSettings, RESTART] = Field(
         default_factory=TapMetricsSettings)  # type: ignore[arg-type]
+    trusted_proxies: Annotated[list[IPvAnyNetwork], RESTART] = Field(
+        default_factory=list,
+        description="Load balancers in front of the tap (addresses or CIDR networks, e.g. 10.0.0.0/8). For a "
+                    "connection from one of them, the client address recorded (proxy_log, access log, hooks' "
+                    "req.client_address) is the last X-Forwarded-For entry that is not itself a trusted proxy. "
+                    "Empty: always the connection's peer (X-Forwarded-For is never believed).")
 
     @model_validator(mode="after")
     def _admin_port_is_not_the_proxy_port(self) -> TapSettings:
