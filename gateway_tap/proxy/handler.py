@@ -194,8 +194,11 @@ class ProxyHandler:
         if length is not None and length > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
         try:
-            async with asyncio.timeout(self.body_timeout_s):
+            if request.content.is_eof():  # the whole body came with the head (the common case): nothing to wait for
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise errors.body_too_large(self.max_body_bytes) from None
         except TimeoutError:
