@@ -56,6 +56,9 @@ def test_make_run_piped_into_tee_stops_everything(tmp_path: Path, how: str) -> N
     master, slave = os.openpty()
 
     def controlling_terminal() -> None:
+        # A terminal's session starts with default dispositions; a runner started under nohup (or with SIGHUP
+        # ignored) would hand "ignore" down to the shell, which then outlives the hangup it must die of.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
