@@ -124,6 +124,7 @@ class MockLLM:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/_mock/stats", self.stats)
         return app
 
@@ -226,6 +227,53 @@ class MockLLM:
                      for i in range(len(items))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API: a whole response, or its typed events with ``usage`` in ``response.completed``."""
+        body, failure = await self._prelude(request, "openai")
+        if failure is not None:
+            return failure
+        model = str(body.get("model", "gpt-4o-mini"))
+        given = body.get("input", "")
+        prompt = prompt_tokens_for({"messages": given if isinstance(given, list) else [{"content": given}],
+                                    "system": body.get("instructions")})
+        completion = max(1, int(body.get("max_output_tokens") or DEFAULT_COMPLETION_TOKENS))
+        read, _, reasoning = _token_classes(request, prompt, completion)
+        rid = f"resp_mock{self.requests}"
+        words = _words(request, completion)
+        response: dict[str, Any] = {
+            "id": rid, "object": "response", "created_at": int(time.time()), "status": "completed", "model": model,
+            "error": None, "incomplete_details": None, "instructions": body.get("instructions"), "metadata": {},
+            "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+            "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": " ".join(words), "annotations": []}]}],
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": read},
+                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
+                      "total_tokens": prompt + completion}}
+        if not body.get("stream"):
+            return _json(response)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+        delay = float(request.headers.get("x-mock-chunk-delay-ms", self.options.chunk_delay_ms)) / 1000
+        write = _writer(request, resp)
+        sequence = 0
+
+        async def send(event: str, data: dict[str, Any]) -> None:
+            nonlocal sequence
+            data = {"type": event, "sequence_number": sequence, **data}
+            sequence += 1
+            await write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+        await send("response.created", {"response": {**response, "status": "in_progress", "output": [],
+                                                     "usage": None}})
+        for word in words:
+            if delay:
+                await asyncio.sleep(delay)
+            await send("response.output_text.delta", {"item_id": f"msg_{rid}", "output_index": 0,
+                                                      "content_index": 0, "delta": word + " "})
+        await send("response.completed", {"response": response})
+        await resp.write_eof()
+        return resp
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body, failure = await self._prelude(request, "anthropic")

@@ -201,6 +201,13 @@ def estimate_prompt_tokens(request: Any) -> int:
     return max(1, chars // CHARS_PER_TOKEN) if chars else 0
 
 
+def response_finish_reason(usage: Usage, response: Mapping[str, Any]) -> None:
+    """A Responses API response's finish reason: why it is incomplete (``max_output_tokens``...), else its status."""
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    usage.add_finish_reason(reason if reason is not None else response.get("status"))
+
+
 def usage_from_body(vendor: str, body: bytes) -> Usage:
     """Usage, model, choices and tool calls from a non-streamed JSON response (empty Usage if none)."""
     usage = Usage()
@@ -234,6 +241,8 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
     else:
         if isinstance(reported, dict):
             apply_openai_usage(usage, reported)
+        if data.get("object") == "response":  # the Responses API
+            response_finish_reason(usage, data)
         choices = data.get("choices")
         if isinstance(choices, list):
             usage.choices = len(choices)
@@ -374,6 +383,10 @@ class StreamAccounting:
                 self.usage.tool_calls = (self.usage.tool_calls or 0) + 1
 
     def _openai(self, payload: dict[str, Any]) -> bool:
+        kind = payload.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):  # the Responses API's typed events
+            self._responses(payload)
+            return True
         if self.usage.model is None and isinstance(payload.get("model"), str):
             self.usage.model = payload["model"]
             if isinstance(payload.get("id"), str):
@@ -390,6 +403,22 @@ class StreamAccounting:
             if self._strip and payload.get("choices") == []:
                 return False
         return True
+
+    def _responses(self, payload: dict[str, Any]) -> None:
+        """A Responses API event: ``response.created`` names the model, ``response.completed`` (or ``.incomplete``,
+        ``.failed``) carries the whole response with its ``usage``, read as a whole answer's."""
+        response = payload.get("response")
+        if not isinstance(response, dict):
+            return
+        if self.usage.model is None and isinstance(response.get("model"), str):
+            self.usage.model = response["model"]
+            if isinstance(response.get("id"), str):
+                self.usage.response_id = response["id"][:256]
+        reported = response.get("usage")
+        if isinstance(reported, dict):
+            apply_openai_usage(self.usage, reported)
+            response_finish_reason(self.usage, response)
+            self.complete = True
 
     def estimate_completion_tokens(self, events: int | None = None) -> int:
         """Without a usage report: one token per content event is how both vendors stream.

@@ -99,6 +99,23 @@ async def test_sdk_calls_with_cache_and_reasoning_tokens_agree_to_the_micro_usd(
                     pass
             calls.append((request_id, "claude-3-5-haiku-latest", PROMPT_TOKENS, 70, 200, 700, 0))
 
+            # The Responses API, whole and streamed (typed events: usage in response.completed).
+            answer = await oai.responses.with_raw_response.create(
+                model="gpt-4o-mini", input=PROMPT, max_output_tokens=30,  # type: ignore[arg-type]
+                extra_headers=mock_headers(read=400))
+            parsed_answer = answer.parse()
+            assert parsed_answer.usage is not None and parsed_answer.usage.input_tokens == PROMPT_TOKENS
+            calls.append((answer.headers["x-request-id"], "gpt-4o-mini", PROMPT_TOKENS, 30, 400, 0, 0))
+            events_seen: list[str] = []
+            async with oai.responses.with_streaming_response.create(
+                    model="o3-mini", input=PROMPT, max_output_tokens=90, stream=True,  # type: ignore[arg-type]
+                    extra_headers=mock_headers(read=256, reasoning=64)) as streamed_response:
+                request_id = streamed_response.headers["x-request-id"]
+                async for event in await streamed_response.parse():
+                    events_seen.append(event.type)
+            assert events_seen[0] == "response.created" and events_seen[-1] == "response.completed"
+            calls.append((request_id, "o3-mini", PROMPT_TOKENS, 90, 256, 0, 64))
+
             expected = {rid: cost_micros(CATALOG[model], prompt, completion, cache_read=read, cache_write=write,
                                          reasoning=reasoning)
                         for rid, model, prompt, completion, read, write, reasoning in calls}
@@ -128,6 +145,7 @@ async def test_sdk_calls_with_cache_and_reasoning_tokens_agree_to_the_micro_usd(
                     assert event.price_version == analytics.price_version
                 assert (analytics.request_model, analytics.operation) == (model, "chat")
                 assert analytics.finish_reasons and analytics.response_id
+                assert not analytics.tokens_estimated, model
 
             # The ledger (the budget collector's store) and GET /budget: the same micro-USD.
             async def recorded() -> bool:
