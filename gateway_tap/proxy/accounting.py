@@ -201,6 +201,14 @@ def estimate_prompt_tokens(request: Any) -> int:
     return max(1, chars // CHARS_PER_TOKEN) if chars else 0
 
 
+def name_answer(usage: Usage, source: Mapping[str, Any]) -> None:
+    """The answer's model and id as the response names them; the first naming wins (a stream repeats them)."""
+    if usage.model is None and isinstance(source.get("model"), str):
+        usage.model = source["model"]
+    if usage.response_id is None and isinstance(source.get("id"), str):
+        usage.response_id = source["id"][:256]
+
+
 def response_finish_reason(usage: Usage, response: Mapping[str, Any]) -> None:
     """A Responses API response's finish reason: why it is incomplete (``max_output_tokens``...), else its status."""
     details = response.get("incomplete_details")
@@ -223,10 +231,7 @@ def usage_from_body(vendor: str, body: bytes) -> Usage:
             return usage
     if not isinstance(data, dict):
         return usage
-    if isinstance(data.get("model"), str):
-        usage.model = data["model"]
-    if isinstance(data.get("id"), str):
-        usage.response_id = data["id"][:256]
+    name_answer(usage, data)
     reported = data.get("usage")
     completion_chars = 0
     if vendor == "anthropic":
@@ -364,10 +369,7 @@ class StreamAccounting:
         if kind == "message_start":
             message = payload.get("message")
             if isinstance(message, dict):
-                if isinstance(message.get("model"), str):
-                    self.usage.model = message["model"]
-                if isinstance(message.get("id"), str):
-                    self.usage.response_id = message["id"][:256]
+                name_answer(self.usage, message)
                 if isinstance(message.get("usage"), dict):
                     apply_anthropic_usage(self.usage, message["usage"])
         elif kind == "message_delta":
@@ -387,10 +389,7 @@ class StreamAccounting:
         if isinstance(kind, str) and kind.startswith("response."):  # the Responses API's typed events
             self._responses(payload)
             return True
-        if self.usage.model is None and isinstance(payload.get("model"), str):
-            self.usage.model = payload["model"]
-            if isinstance(payload.get("id"), str):
-                self.usage.response_id = payload["id"][:256]
+        name_answer(self.usage, payload)
         choices = payload.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -410,10 +409,7 @@ class StreamAccounting:
         response = payload.get("response")
         if not isinstance(response, dict):
             return
-        if self.usage.model is None and isinstance(response.get("model"), str):
-            self.usage.model = response["model"]
-            if isinstance(response.get("id"), str):
-                self.usage.response_id = response["id"][:256]
+        name_answer(self.usage, response)
         reported = response.get("usage")
         if isinstance(reported, dict):
             apply_openai_usage(self.usage, reported)

@@ -51,12 +51,6 @@ class EchoParams:
 
 
 @pytest.fixture(scope="module")
-async def upstream() -> AsyncIterator[HostileUpstream]:
-    async with HostileUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 async def tap(upstream: HostileUpstream, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
               ) -> AsyncIterator[RunningTap]:
     os.environ["TAP_TEST_UPSTREAM_KEY"] = UPSTREAM_SECRET

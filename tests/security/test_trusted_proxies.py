@@ -6,7 +6,6 @@ only when the connection comes from a proxy the operator trusts. Against the rea
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -48,12 +47,6 @@ def test_the_client_is_the_last_forwarded_address_that_is_not_a_trusted_proxy() 
 def test_a_bad_trusted_proxy_fails_at_start_naming_the_key() -> None:
     with pytest.raises(Exception, match="trusted_proxies"):
         _clients("10.0.0.0/33")
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[HostileUpstream]:
-    async with HostileUpstream() as up:
-        yield up
 
 
 async def _chat(tap: RunningTap, **headers: str) -> RawResponse:
