@@ -210,8 +210,10 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def wrk(url: str, concurrency: int, duration: int, script: Path) -> Result:
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "-s", str(script), url],
+def wrk(url: str, concurrency: int, duration: int, script: Path, cpus: str | None = None) -> Result:
+    """One wrk run (1 thread) of ``script``; ``cpus`` (taskset syntax) pins wrk to those cores."""
+    prefix = ["taskset", "-c", cpus] if cpus is not None else []
+    out = subprocess.run([*prefix, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("BENCH "))
     requests, duration_us, p50, p95, p99, errors = (int(x) for x in line.split()[1:])

@@ -28,11 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
-from bench.tap_bench import ROOT, VARIANTS, Bench, Result, cpu_seconds, tap_config
+from bench.tap_bench import ROOT, VARIANTS, Bench, Result, cpu_seconds, tap_config, wrk
 from gateway_tap.dev.servers import ManagedProcess, free_port, http_ok
 
 
@@ -42,15 +41,6 @@ def pin(pid: int, cpus: str) -> None:
     procs += procs[0].children(recursive=True)
     for proc in procs:
         subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(proc.pid)], check=True, capture_output=True)
-
-
-def wrk(url: str, concurrency: int, duration: int, script: Path, cpus: str | None) -> Result:
-    prefix = ["taskset", "-c", cpus] if cpus is not None else []
-    out = subprocess.run([*prefix, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
-    line = next(line for line in out.splitlines() if line.startswith("BENCH "))
-    requests, duration_us, p50, p95, p99, errors = (int(x) for x in line.split()[1:])
-    return Result(requests / (duration_us / 1e6), p50 / 1000, p95 / 1000, p99 / 1000, errors)
 
 
 def main() -> None:
